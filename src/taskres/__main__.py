@@ -1,0 +1,5 @@
+import sys
+
+from taskres.cli import main
+
+sys.exit(main())

@@ -1,0 +1,345 @@
+"""CLIP backbones through open_clip: OpenAI weights by name or file, open_clip ``model:pretrained`` pairs, local files.
+
+``load_backbone(spec)`` accepts
+- an OpenAI model name (``RN50``, ``RN101``, ``ViT-B/32``, ``ViT-B/16``, ``RN50x16`` ...): OpenAI's weights, QuickGELU;
+- an open_clip pair ``MODEL:PRETRAINED`` where PRETRAINED is a tag (``ViT-B-32:laion2b_s34b_b79k``) or a weights file
+  (``ViT-B-32-quickgelu:/path/model.safetensors``); the model config decides the activation;
+- a path to an OpenAI-format checkpoint (TorchScript archive or plain state dict): the architecture is inferred from
+  the tensors and QuickGELU is used, as OpenAI trained these models;
+- a model shipped with this package (``taskres-demo``).
+
+Nothing is downloaded when the weights are on disk; when they are not and the network is unreachable, loading fails
+within seconds with a message that says where to put the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from taskres.errors import TaskResError, suggest
+
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHTS_ENV = "TASKRES_WEIGHTS"
+OFFLINE_ENV = "TASKRES_OFFLINE"
+
+# OpenAI's names (as the official CLIP package spells them) -> open_clip's model names.
+OPENAI_MODELS = {
+    "RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
+    "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336",
+}
+SHIPPED_MODELS = ("taskres-demo",)
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP model with its tokenizer and image geometry. Features come out un-normalised: (N, D)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    image_size: int
+    identity: dict
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    mean: tuple[float, ...] = OPENAI_MEAN
+    std: tuple[float, ...] = OPENAI_STD
+
+    @cached_property
+    def key(self) -> str:
+        """Hash of everything about the backbone that changes its features (weights, architecture, precision)."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
+
+    @property
+    def logit_scale(self) -> float:
+        """tau = exp(logit_scale), about 100 for OpenAI CLIP."""
+        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1]) if isinstance(self.model.text_projection, torch.Tensor) \
+            else int(self.model.text_projection.weight.shape[0])
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised pixels -> (N, D) float32 image features."""
+        return self.model.encode_image(images.to(self.device, self.dtype)).float()
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """List of N strings -> (N, D) float32 text features."""
+        tokens = self.tokenizer(texts).to(self.device)
+        return self.model.encode_text(tokens).float()
+
+
+def default_weights_dir() -> Path:
+    return Path(os.environ.get(WEIGHTS_ENV) or Path.home() / ".cache" / "taskres" / "weights")
+
+
+def known_backbones() -> list[str]:
+    import open_clip
+
+    return list(OPENAI_MODELS) + list(SHIPPED_MODELS) + [f"{m}:{t}" for m, t in open_clip.list_pretrained()]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_backbone(
+    spec: str, device: str | torch.device = "cpu", precision: str = "fp32", weights_dir: str | Path | None = None
+) -> Backbone:
+    """Load a frozen backbone in eval mode (see the module docstring for what ``spec`` may be)."""
+    import open_clip
+
+    if precision not in PRECISIONS:
+        raise TaskResError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}.")
+    device = torch.device(device)
+    weights_dir = Path(weights_dir) if weights_dir else default_weights_dir()
+    path = Path(spec).expanduser()
+    if spec in SHIPPED_MODELS:
+        model, tokenizer, identity = _load_shipped(spec)
+    elif spec in OPENAI_MODELS:
+        file = _find_openai_weights(spec, weights_dir)
+        model, identity = _load_openai_file(file)
+        identity.update(kind="openai", name=spec)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+    elif path.is_file():
+        model, identity = _load_openai_file(path)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+    elif ":" in spec:
+        model, tokenizer, identity = _load_open_clip_pair(spec, weights_dir)
+    elif path.suffix or os.sep in spec:
+        raise TaskResError(f"backbone file {spec!r} does not exist; pass --backbone an existing checkpoint file, "
+                           f"an OpenAI model name ({', '.join(OPENAI_MODELS)}) or an open_clip MODEL:PRETRAINED pair.")
+    else:
+        raise TaskResError(
+            f"unknown backbone {spec!r}; {suggest(spec, known_backbones())}known OpenAI names: "
+            f"{', '.join(OPENAI_MODELS)}; shipped: {', '.join(SHIPPED_MODELS)}; or an open_clip MODEL:PRETRAINED pair "
+            "(list them with `python -c \"import open_clip; print(open_clip.list_pretrained())\"`), or a checkpoint path."
+        )
+    identity = {**identity, "precision": precision, "spec": spec}
+    model = model.to(device=device, dtype=PRECISIONS[precision]).eval().requires_grad_(False)
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    mean = tuple(getattr(model.visual, "image_mean", None) or OPENAI_MEAN)
+    std = tuple(getattr(model.visual, "image_std", None) or OPENAI_STD)
+    identity.update(image_size=size, mean=list(mean), std=list(std))
+    logger.info("loaded backbone %s (%s, image size %d, dim %d)", spec, identity.get("arch"), size,
+                model.text_projection.shape[-1])
+    return Backbone(model, tokenizer, size, identity, device, PRECISIONS[precision], mean, std)
+
+
+# ---- OpenAI-format files -------------------------------------------------------------------------------------------
+
+def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of an OpenAI checkpoint: a TorchScript archive (as OpenAI distributes) or a plain state dict."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for a bad header
+            raise TaskResError(f"backbone file {str(path)!r} is not a readable safetensors file ({err}).") from None
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
+        if is_script:
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        raise TaskResError(
+            f"backbone file {str(path)!r} is not a checkpoint that can be read safely ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Expected an OpenAI CLIP .pt file (TorchScript or "
+            "state dict), or MODEL:FILE for open_clip weights."
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TaskResError(f"backbone file {str(path)!r} does not hold a state dict of tensors.")
+    if obj and next(iter(obj)).startswith("module."):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _openai_config(sd: dict[str, torch.Tensor], where: str) -> dict:
+    """Infer the CLIP architecture from OpenAI-layout tensors (the rules of OpenAI's build_model)."""
+    need = ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise TaskResError(f"backbone file {where!r} is not an OpenAI-format CLIP checkpoint (no {missing}); "
+                           "for open_clip weights pass MODEL:FILE, e.g. ViT-B-32:/path/weights.safetensors.")
+    if "visual.proj" in sd:
+        width = sd["visual.conv1.weight"].shape[0]
+        patch = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
+        vision = dict(layers=layers, width=width, patch_size=patch, image_size=patch * grid)
+        arch = f"ViT-w{width}-l{layers}-p{patch}-{patch * grid}"
+    else:
+        layers = tuple(len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.")}) for b in (1, 2, 3, 4))
+        width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        out = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = dict(layers=layers, width=width, image_size=out * 32)
+        arch = f"RN-w{width}-l{'-'.join(map(str, layers))}-{out * 32}"
+    twidth = sd["ln_final.weight"].shape[0]
+    text = dict(context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                width=twidth, heads=twidth // 64,
+                layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
+    return dict(embed_dim=int(sd["text_projection"].shape[1]), vision_cfg=vision, text_cfg=text, arch=arch)
+
+
+def _load_openai_file(path: Path) -> tuple[torch.nn.Module, dict]:
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    path = Path(path)
+    sd = _read_openai_state_dict(path)
+    cfg = _openai_config(sd, str(path))
+    # Scalars OpenAI's archives carry, and the causal mask (derived, not a weight) that traced archives may hold.
+    for k in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+        sd.pop(k, None)
+    # Built in fp32 (open_clip's own builder casts to fp16 first, which would round fp32 checkpoints).
+    model = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=True)
+    try:
+        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except RuntimeError as err:
+        raise TaskResError(f"backbone file {str(path)!r} does not match the CLIP architecture inferred from it "
+                           f"({cfg['arch']}): {str(err).splitlines()[0]}") from None
+    identity = {"kind": "file", "format": "openai", "arch": cfg["arch"], "quick_gelu": True,
+                "sha256": file_sha256(path)}
+    return model, identity
+
+
+def _find_openai_weights(name: str, weights_dir: Path) -> Path:
+    """Local file for an OpenAI model name; downloaded only when the network answers."""
+    import open_clip
+
+    url = open_clip.pretrained.get_pretrained_url(OPENAI_MODELS[name], "openai")
+    filename = os.path.basename(url)
+    candidates = [weights_dir / filename, Path.home() / ".cache" / "clip" / filename]
+    for c in candidates:
+        if c.is_file():
+            return c
+    if _network_reachable(url):
+        logger.warning("downloading %s weights to %s", name, weights_dir)
+        return Path(open_clip.pretrained.download_pretrained_from_url(url, cache_dir=str(weights_dir)))
+    raise TaskResError(
+        f"the weights of backbone {name!r} are not on disk and the network is unreachable. Put OpenAI's file "
+        f"{filename!r} in {str(weights_dir)!r} (set ${WEIGHTS_ENV} to use another folder, or pass --backbone "
+        f"/path/to/{filename}). On a connected machine fetch it with: python -c \"import open_clip; "
+        f"open_clip.pretrained.download_pretrained_from_url('{url}', cache_dir='weights')\" and copy weights/{filename}."
+    )
+
+
+def _network_reachable(url: str, timeout: float = 3.0) -> bool:
+    """True if a TCP connection to the URL's host opens within ``timeout`` seconds (DNS included)."""
+    if os.environ.get(OFFLINE_ENV) == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)  # getaddrinfo ignores the socket timeout, so bound the whole probe
+    return bool(result and result[0])
+
+
+# ---- open_clip pairs and shipped models ----------------------------------------------------------------------------
+
+def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module, Any, dict]:
+    import open_clip
+
+    model_name, pretrained = spec.split(":", 1)
+    if model_name not in open_clip.list_models():
+        raise TaskResError(f"unknown open_clip model {model_name!r} in backbone {spec!r}; "
+                           f"{suggest(model_name, open_clip.list_models())}see open_clip.list_models().")
+    file = Path(pretrained).expanduser()
+    if file.is_file():
+        identity = {"kind": "open_clip_file", "arch": model_name, "sha256": file_sha256(file)}
+        source = str(file)
+    elif open_clip.pretrained.is_pretrained_cfg(model_name, pretrained):
+        cfg = open_clip.pretrained.get_pretrained_cfg(model_name, pretrained)
+        source = _find_open_clip_weights(spec, cfg, weights_dir)
+        identity = {"kind": "open_clip", "arch": model_name, "tag": pretrained}
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise TaskResError(f"{pretrained!r} in backbone {spec!r} is neither a file nor a known tag of {model_name}; "
+                           f"{suggest(pretrained, tags)}known tags: {', '.join(tags) or 'none'}.")
+    try:
+        model = open_clip.create_model(model_name, pretrained=source, load_weights=True)
+    except RuntimeError as err:
+        raise TaskResError(f"could not load weights {source!r} into open_clip model {model_name!r}: "
+                           f"{str(err).splitlines()[0]}") from None
+    identity["quick_gelu"] = bool(open_clip.get_model_config(model_name).get("quick_gelu", False))
+    return model, open_clip.get_tokenizer(model_name), identity
+
+
+def _find_open_clip_weights(spec: str, cfg: dict, weights_dir: Path) -> str:
+    import open_clip
+
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        for name in ([filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str):
+                return hit
+    url = cfg.get("url", "")
+    if url and (weights_dir / os.path.basename(url)).is_file():
+        return str(weights_dir / os.path.basename(url))
+    probe = "https://huggingface.co" if hub else url
+    if probe and _network_reachable(probe):
+        return open_clip.pretrained.download_pretrained(cfg, cache_dir=None)
+    raise TaskResError(
+        f"the weights of backbone {spec!r} are not on disk and the network is unreachable. On a connected machine, "
+        f"run: python -c \"import open_clip; open_clip.create_model('{spec.split(':')[0]}', "
+        f"pretrained='{spec.split(':', 1)[1]}')\" and copy the Hugging Face cache (~/.cache/huggingface) here, or "
+        f"save the weights file and pass --backbone {spec.split(':')[0]}:/path/to/weights.safetensors."
+    )
+
+
+def _load_shipped(name: str) -> tuple[torch.nn.Module, Any, dict]:
+    import open_clip
+
+    config, weights = ASSETS / f"{name}.json", ASSETS / f"{name}.safetensors"
+    if not weights.is_file():
+        raise TaskResError(f"the shipped backbone {name!r} is missing its weights file {str(weights)!r}; "
+                           "reinstall taskres, or rebuild it with scripts/pretrain_demo.py.")
+    open_clip.add_model_config(config)
+    model = open_clip.create_model(name, pretrained=str(weights)).float()
+    identity = {"kind": "shipped", "arch": name, "sha256": file_sha256(weights)}
+    return model, open_clip.get_tokenizer(name), identity
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)

@@ -1,0 +1,154 @@
+"""Content-addressed feature cache: every image is encoded once per (backbone, transform, view).
+
+Layout: ``<cache_dir>/v<FORMAT>/<namespace>/chunk-*.safetensors``. The namespace hashes the backbone identity
+(weights hash or open_clip name and tag, architecture, precision), the transform and view, and the format version.
+Inside a namespace, each image's key hashes its absolute path, size and mtime, so a changed file is a miss.
+
+Chunks are written to a temporary file and renamed; each carries its image keys and a SHA-256 of its tensor bytes,
+checked on load. An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated
+chunk is reported, deleted and re-encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from taskres.backbones import Backbone
+from taskres.data.images import ImageViews, transform_spec
+from taskres.errors import TaskResError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+def image_key(path: str | Path) -> str:
+    """Identity of an image file's content: absolute path, size and modification time."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TaskResError(f"image {path!r} does not exist; check the data folder (--data/--root) and the split "
+                           "file's paths, which are relative to it.") from None
+    return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """Encode images through a backbone, reusing every feature already on disk. ``cache_dir=None`` keeps nothing."""
+
+    def __init__(self, cache_dir: str | Path | None, batch_size: int = 32, workers: int = 0, quiet: bool = False,
+                 chunk_size: int = 1024):
+        self.root = Path(cache_dir) / f"v{FORMAT}" if cache_dir is not None else None
+        self.batch_size, self.workers, self.quiet, self.chunk_size = batch_size, workers, quiet, chunk_size
+        self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
+
+    def namespace(self, backbone: Backbone, view: int | None) -> dict:
+        weights = {k: v for k, v in backbone.identity.items() if k != "spec"}  # same weights, any spelling
+        return {"format": FORMAT, "backbone": weights,
+                "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view)}
+
+    def features(self, backbone: Backbone, paths: Sequence[str | Path], view: int | None = None,
+                 skip_bad: bool = False, desc: str = "encoding") -> tuple[torch.Tensor, list[str]]:
+        """Features (N, D) float32 for ``paths`` in order, and the paths skipped as undecodable (rows of zeros)."""
+        paths = [str(p) for p in paths]
+        keys = [image_key(p) for p in paths]
+        ns = self.namespace(backbone, view)
+        folder = self._folder(ns)
+        store = self._load(folder) if folder else {}
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
+        bad: set[str] = set()
+        if todo:
+            bad = self._encode(backbone, [paths[i] for i in todo], [keys[i] for i in todo], view, skip_bad, store,
+                               folder, desc)
+        dim = backbone.embed_dim
+        out = torch.zeros(len(paths), dim)
+        skipped = []
+        for i, (p, k) in enumerate(zip(paths, keys)):
+            if k in store:
+                out[i] = store[k]
+            elif k in bad:
+                skipped.append(p)
+        return out, skipped
+
+    # ---- internals --------------------------------------------------------------------------------------------
+
+    def _folder(self, ns: dict) -> Path | None:
+        if self.root is None:
+            return None
+        digest = hashlib.sha256(json.dumps(ns, sort_keys=True).encode()).hexdigest()[:24]
+        folder = self.root / digest
+        folder.mkdir(parents=True, exist_ok=True)
+        info = folder / "namespace.json"
+        if not info.exists():
+            tmp = folder / f".namespace.{uuid.uuid4().hex}.tmp"
+            tmp.write_text(json.dumps(ns, indent=1, sort_keys=True))
+            os.replace(tmp, info)
+        return folder
+
+    def _load(self, folder: Path) -> dict[str, torch.Tensor]:
+        store: dict[str, torch.Tensor] = {}
+        for chunk in sorted(folder.glob("chunk-*.safetensors")):
+            try:
+                with safe_open(str(chunk), "pt") as f:
+                    meta, feats = f.metadata() or {}, f.get_tensor("features")
+                keys = json.loads(meta["keys"])
+                if _digest(feats) != meta["sha256"] or len(keys) != feats.shape[0]:
+                    raise ValueError("checksum mismatch")
+            except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+                logger.warning("feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded",
+                               chunk, err)
+                chunk.unlink(missing_ok=True)
+                continue
+            store.update(zip(keys, feats))
+        return store
+
+    def _encode(self, backbone, paths, keys, view, skip_bad, store, folder, desc) -> set[str]:
+        data = ImageViews(paths, backbone.image_size, backbone.mean, backbone.std, view, skip_bad)
+        loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, num_workers=self.workers,
+                                             shuffle=False)
+        pending_keys: list[str] = []
+        pending: list[torch.Tensor] = []
+        bad: set[str] = set()
+        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=self.quiet, leave=False)
+        for idx, pixels, ok in loader:
+            feats = backbone.encode_images(pixels).cpu()
+            self.encoded += len(idx)
+            for i, f, good in zip(idx.tolist(), feats, ok.tolist()):
+                if good:
+                    store[keys[i]] = f
+                    pending_keys.append(keys[i])
+                    pending.append(f)
+                else:
+                    bad.add(keys[i])
+                    logger.warning("skipping undecodable image %s", paths[i])
+            if folder is not None and len(pending) >= self.chunk_size:
+                _write_chunk(folder, pending_keys, pending)
+                pending_keys, pending = [], []
+            bar.update(len(idx))
+        bar.close()
+        if folder is not None and pending:
+            _write_chunk(folder, pending_keys, pending)
+        return bad
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _write_chunk(folder: Path, keys: list[str], feats: list[torch.Tensor]) -> None:
+    tensor = torch.stack(feats).float().contiguous()
+    name = f"chunk-{uuid.uuid4().hex}"
+    tmp = folder / f".{name}.tmp"
+    save_file({"features": tensor}, str(tmp), metadata={"keys": json.dumps(keys), "sha256": _digest(tensor)})
+    os.replace(tmp, folder / f"{name}.safetensors")

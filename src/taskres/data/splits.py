@@ -1,0 +1,195 @@
+"""Datasets as lists of split entries: CoOp's split-file format and a plain ImageFolder layout.
+
+An entry is ``(impath, label, classname)`` with ``impath`` relative to the dataset's image folder, exactly as in
+CoOp's ``split_zhou_<Name>.json`` files. Class names are kept as written (underscores included: SPEC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from taskres.errors import TaskResError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One labelled image: ``impath`` is relative to the dataset's image folder."""
+
+    impath: str
+    label: int
+    classname: str
+
+    def to_json(self) -> list:
+        return [self.impath, self.label, self.classname]
+
+    @classmethod
+    def from_json(cls, item: Sequence, where: str) -> "Entry":
+        if not (isinstance(item, (list, tuple)) and len(item) == 3):
+            raise TaskResError(f"{where}: an entry must be [relative_image_path, label, classname]; got {item!r}.")
+        impath, label, classname = item
+        if not isinstance(impath, str) or not isinstance(classname, str):
+            raise TaskResError(f"{where}: entry {item!r} needs a string path and a string class name.")
+        try:
+            label = int(label)
+        except (TypeError, ValueError):
+            raise TaskResError(f"{where}: entry {item!r} has a label that is not an integer.") from None
+        if label < 0:
+            raise TaskResError(f"{where}: entry {item!r} has a negative label; labels are 0..C-1.")
+        return cls(impath, label, classname)
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A dataset: its image folder, its train/val/test entries, class names ordered by label, default templates.
+
+    ``source`` says where the splits came from (a split file, an ImageFolder, a named benchmark) and is recorded
+    in run folders; ``split_hash`` identifies the exact entry lists.
+    """
+
+    name: str
+    image_dir: Path
+    train: tuple[Entry, ...]
+    val: tuple[Entry, ...]
+    test: tuple[Entry, ...]
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    source: dict = field(default_factory=dict)
+    # Few-shot val is drawn with min(K, 4) shots unless a dataset says otherwise (ImageNet draws none).
+    sample_val: bool = True
+    # Stable class identifiers (WordNet ids for ImageNet and its variants), ordered by label; empty if none.
+    class_ids: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def split_hash(self) -> str:
+        return entries_hash({"train": self.train, "val": self.val, "test": self.test})
+
+    def path(self, entry: Entry) -> Path:
+        return self.image_dir / entry.impath
+
+
+def entries_hash(splits: dict[str, Sequence[Entry]]) -> str:
+    """A short hash of entry lists, stable across runs and machines."""
+    payload = json.dumps({k: [e.to_json() for e in v] for k, v in sorted(splits.items())}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def classnames_from_entries(entries: Sequence[Entry], where: str) -> tuple[str, ...]:
+    """Class names ordered by label; every label 0..C-1 must be named, and named once."""
+    names: dict[int, str] = {}
+    for e in entries:
+        if names.setdefault(e.label, e.classname) != e.classname:
+            raise TaskResError(
+                f"{where}: label {e.label} is named both {names[e.label]!r} and {e.classname!r}; "
+                "each label needs exactly one class name."
+            )
+    if not names:
+        raise TaskResError(f"{where}: no entries; the dataset is empty.")
+    missing = sorted(set(range(max(names) + 1)) - set(names))
+    if missing:
+        raise TaskResError(
+            f"{where}: labels must run 0..{max(names)} with no gaps, but no entry has label(s) {missing[:10]}; "
+            "an empty class cannot be learned or evaluated. Remove the gap or add images for it."
+        )
+    return tuple(names[i] for i in range(len(names)))
+
+
+def load_split_file(
+    split_file: str | Path, image_dir: str | Path, templates: Sequence[str] = DEFAULT_TEMPLATES, name: str = ""
+) -> DatasetSplits:
+    """Read a CoOp split file (``{"train": [...], "val": [...], "test": [...]}``); paths are relative to image_dir."""
+    split_file, image_dir = Path(split_file), Path(image_dir)
+    if not image_dir.is_dir():
+        raise TaskResError(f"data folder {str(image_dir)!r} does not exist; pass --data the folder that the split "
+                           "file's image paths are relative to.")
+    if not split_file.is_file():
+        raise TaskResError(f"split file {str(split_file)!r} does not exist; pass --split-file a CoOp split JSON "
+                           "(split_zhou_<Name>.json), or leave it out to read --data as an ImageFolder.")
+    try:
+        raw = json.loads(split_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TaskResError(f"split file {str(split_file)!r} is not valid JSON ({err}); expected "
+                           '{"train": [...], "val": [...], "test": [...]}.') from None
+    if not isinstance(raw, dict) or not all(k in raw for k in ("train", "test")):
+        raise TaskResError(f"split file {str(split_file)!r} must be a JSON object with 'train', 'val' and 'test' "
+                           "lists of [relative_image_path, label, classname].")
+    splits = {}
+    for key in ("train", "val", "test"):
+        items = raw.get(key, [])
+        if not isinstance(items, list):
+            raise TaskResError(f"split file {str(split_file)!r}: '{key}' must be a list of entries.")
+        splits[key] = tuple(Entry.from_json(item, f"split file {str(split_file)!r} ({key})") for item in items)
+    classnames = classnames_from_entries(splits["train"] + splits["val"] + splits["test"], f"split file {split_file}")
+    for key in ("train", "test"):
+        if not splits[key]:
+            raise TaskResError(f"split file {str(split_file)!r} has no '{key}' entries.")
+    _check_every_class_present(splits["train"], classnames, f"split file {str(split_file)!r} (train)")
+    return DatasetSplits(
+        name=name or split_file.stem, image_dir=image_dir, classnames=classnames, templates=tuple(templates),
+        source={"kind": "split_file", "split_file": str(split_file.resolve()), "data": str(image_dir.resolve())},
+        **splits,
+    )
+
+
+def load_image_folder(root: str | Path, templates: Sequence[str] = DEFAULT_TEMPLATES, name: str = "") -> DatasetSplits:
+    """Read ``root/train/<class>/*`` and ``root/test/<class>/*`` (optional ``root/val/<class>/*``).
+
+    Classes are the sorted folder names of ``train/``; labels follow that order. Files are sorted by name.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TaskResError(f"data folder {str(root)!r} does not exist; pass --data an existing folder.")
+    train_dir = root / "train"
+    if not train_dir.is_dir() or not (root / "test").is_dir():
+        raise TaskResError(
+            f"data folder {str(root)!r} has no split file and is not an ImageFolder layout: expected "
+            f"{str(root / 'train')}/<class>/* and {str(root / 'test')}/<class>/* (optional val/). "
+            "Pass --split-file for CoOp-format data."
+        )
+    classnames = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
+    if not classnames:
+        raise TaskResError(f"{str(train_dir)!r} holds no class folders; expected train/<class>/<image>.")
+    splits = {}
+    for split in ("train", "val", "test"):
+        split_dir = root / split
+        entries = []
+        if split_dir.is_dir():
+            extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classnames)
+            if extra:
+                raise TaskResError(f"{str(split_dir)!r} has class folder(s) {extra} that train/ lacks; every class "
+                                   "must have training images.")
+            for label, cname in enumerate(classnames):
+                cdir = split_dir / cname
+                if not cdir.is_dir():
+                    continue
+                for f in sorted(cdir.iterdir()):
+                    if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                        entries.append(Entry(f"{split}/{cname}/{f.name}", label, cname))
+        splits[split] = tuple(entries)
+    _check_every_class_present(splits["train"], classnames, f"ImageFolder {str(train_dir)!r}")
+    if not splits["test"]:
+        raise TaskResError(f"{str(root / 'test')!r} holds no images; put test images in test/<class>/.")
+    return DatasetSplits(
+        name=name or root.name, image_dir=root, classnames=classnames, templates=tuple(templates),
+        source={"kind": "image_folder", "data": str(root.resolve())}, **splits,
+    )
+
+
+def _check_every_class_present(entries: Sequence[Entry], classnames: Sequence[str], where: str) -> None:
+    counts = [0] * len(classnames)
+    for e in entries:
+        counts[e.label] += 1
+    empty = [classnames[i] for i, c in enumerate(counts) if c == 0]
+    if empty:
+        raise TaskResError(f"{where}: class(es) {empty[:10]} have no training images; every class needs at "
+                           "least one. Add images or remove the class.")

@@ -1,0 +1,234 @@
+"""The workflow: dataset -> few-shot entries -> cached features -> base classifier -> head -> metrics -> run folder.
+
+Each function here wires the library's pieces; the CLI only parses arguments and calls these.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import taskres
+from taskres.backbones import Backbone, load_backbone
+from taskres.cache import FeatureCache
+from taskres.data.sampling import sample_fewshot
+from taskres.data.splits import DatasetSplits, Entry, load_image_folder, load_split_file
+from taskres.engine import OptimConfig, fit
+from taskres.errors import TaskResError
+from taskres.evaluate import accuracy_metrics, predict_logits
+from taskres.methods import get_method
+from taskres.methods.taskres import TaskResConfig, TaskResHead
+from taskres.runs import (CLASSIFIER, CONFIG, LOG, METRICS, SPLIT, EpochLog, load_classifier, prepare_run_dir,
+                          read_run, save_classifier, write_json)
+from taskres.text import build_base_classifier, check_templates
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How features are computed: device, precision, cache, encoder batch size, progress bars, bad images."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    cache_dir: str | None = None
+    batch_size: int = 32
+    workers: int = 0
+    quiet: bool = False
+    skip_bad_images: bool = False
+    weights_dir: str | None = None
+
+    def cache(self) -> FeatureCache:
+        return FeatureCache(self.cache_dir, batch_size=self.batch_size, workers=self.workers, quiet=self.quiet)
+
+
+def open_dataset(data: str | Path, split_file: str | Path | None = None,
+                 templates: Sequence[str] | None = None) -> DatasetSplits:
+    """A CoOp split-file dataset (``split_file`` given) or an ImageFolder (``data/train``, ``data/test``)."""
+    templates = check_templates(templates) if templates else ("a photo of a {}.",)
+    if split_file is not None:
+        return load_split_file(split_file, data, templates)
+    return load_image_folder(data, templates)
+
+
+def with_templates(dataset: DatasetSplits, templates: Sequence[str] | None) -> DatasetSplits:
+    if not templates:
+        return dataset
+    from dataclasses import replace
+
+    return replace(dataset, templates=check_templates(templates))
+
+
+def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[Entry], setup: Setup,
+                 cache: FeatureCache, view: int | None = None, desc: str = "encoding"):
+    """Features (N, D), labels (N,), skipped paths for entries; undecodable images are dropped when skipping."""
+    paths = [str(dataset.path(e)) for e in entries]
+    feats, skipped = cache.features(backbone, paths, view=view, skip_bad=setup.skip_bad_images, desc=desc)
+    labels = torch.tensor([e.label for e in entries], dtype=torch.long)
+    if skipped:
+        keep = torch.tensor([p not in set(skipped) for p in paths])
+        feats, labels = feats[keep], labels[keep]
+    return feats, labels, skipped
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A TaskRes training run. Presets for the paper's settings live in ``taskres.presets``."""
+
+    shots: int
+    seed: int
+    method: str = "taskres"
+    taskres: TaskResConfig = field(default_factory=TaskResConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    views: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
+            raise TaskResError(f"--shots must be an integer >= 1 (images per class); got {self.shots!r}.")
+        if not isinstance(self.seed, int):
+            raise TaskResError(f"--seed must be an integer; got {self.seed!r}.")
+        if self.views < 0:
+            raise TaskResError(f"--views must be >= 0 (0 = no augmentation); got {self.views!r}.")
+        get_method(self.method)
+
+
+def _run_config(kind: str, backbone: Backbone, dataset: DatasetSplits, setup: Setup, **extra) -> dict:
+    return {
+        "kind": kind, "taskres_version": taskres.__version__, "torch_version": torch.__version__,
+        "backbone": backbone.identity,
+        "dataset": {"name": dataset.name, **dataset.source, "num_classes": dataset.num_classes,
+                    "templates": list(dataset.templates), "split_hash": dataset.split_hash},
+        "setup": {"device": setup.device, "precision": setup.precision, "skip_bad_images": setup.skip_bad_images},
+        **extra,
+    }
+
+
+def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str | Path | None = None,
+             overwrite: bool = False) -> dict:
+    """Zero-shot accuracy of the base classifier on the test split; writes a run folder when ``out`` is given."""
+    run = prepare_run_dir(out, overwrite) if out is not None else None
+    base = build_base_classifier(backbone, dataset.classnames, dataset.templates)
+    head = TaskResHead(base, backbone.logit_scale)
+    feats, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+    metrics = accuracy_metrics(predict_logits(head, feats), labels, dataset.classnames)
+    metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped))
+    if run is not None:
+        write_json(run / CONFIG, _run_config("zeroshot", backbone, dataset, setup, method="zero-shot"))
+        save_classifier(run / CLASSIFIER, "taskres", head, list(dataset.classnames))
+        write_json(run / METRICS, metrics)
+    return metrics
+
+
+def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
+          out: str | Path | None = None, overwrite: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Sample K shots for the seed, train the head on cached features, evaluate on test; return (head, metrics)."""
+    run = prepare_run_dir(out, overwrite) if out is not None else None
+    t0 = time.perf_counter()
+    fewshot = sample_fewshot(dataset, config.shots, config.seed)
+    if run is not None:
+        write_json(run / SPLIT, {k: [e.to_json() for e in v] for k, v in fewshot.items()})
+    cache = setup.cache()
+    view_ids: list[int | None] = [None] if config.views == 0 else list(range(config.views))
+    views = []
+    for v in view_ids:
+        feats, labels, _ = encode_split(backbone, dataset, fewshot["train"], setup, cache, view=v,
+                                        desc="train" if v is None else f"train view {v + 1}/{config.views}")
+        views.append(feats)
+    train_views = torch.stack(views)  # (V, N, D)
+    test_feats, test_labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache, desc="test")
+    val_feats, val_labels, _ = encode_split(backbone, dataset, fewshot["val"], setup, cache, desc="val") \
+        if fewshot["val"] else (None, None, [])
+    t_features = time.perf_counter() - t0
+
+    base = build_base_classifier(backbone, dataset.classnames, dataset.templates)
+    spec = get_method(config.method)
+    head = spec.build(base, backbone.logit_scale, config.taskres)
+    zs_metrics = accuracy_metrics(predict_logits(head, test_feats), test_labels, dataset.classnames)
+
+    log = EpochLog(run / LOG) if run is not None else None
+    t1 = time.perf_counter()
+    try:
+        fit(head, train_views, labels, config.optim, seed=config.seed, device=setup.device, on_epoch=log,
+            quiet=setup.quiet)
+    finally:
+        if log is not None:
+            log.close()
+    t_train = time.perf_counter() - t1
+    head.cpu()
+    metrics = accuracy_metrics(predict_logits(head, test_feats), test_labels, dataset.classnames)
+    metrics.update(zero_shot_accuracy=zs_metrics["accuracy"], skipped_images=len(skipped),
+                   n_train=int(len(labels)), seconds_features=round(t_features, 3), seconds_train=round(t_train, 3))
+    if val_feats is not None and len(val_feats):
+        metrics["val_accuracy"] = accuracy_metrics(predict_logits(head, val_feats), val_labels,
+                                                   dataset.classnames)["accuracy"]
+    if hasattr(head, "text_feature_residuals"):
+        metrics["residual_mean_abs"] = float(head.text_feature_residuals.detach().abs().mean())
+    if run is not None:
+        write_json(run / CONFIG, _run_config("train", backbone, dataset, setup, method=config.method,
+                                             shots=config.shots, seed=config.seed, views=config.views,
+                                             method_config=asdict(config.taskres), optim=asdict(config.optim)))
+        save_classifier(run / CLASSIFIER, config.method, head, list(dataset.classnames))
+        write_json(run / METRICS, metrics)
+    return head, metrics
+
+
+def load_run_backbone(config: dict, setup: Setup) -> Backbone:
+    """Reload the backbone a run used and check it is the same weights."""
+    recorded = config["backbone"]
+    backbone = load_backbone(recorded["spec"], device=setup.device, precision=recorded["precision"],
+                             weights_dir=setup.weights_dir)
+    for key in ("sha256", "tag", "arch"):
+        if recorded.get(key) != backbone.identity.get(key):
+            raise TaskResError(f"the backbone {recorded['spec']!r} on this machine differs from the one the run used "
+                               f"({key}: {backbone.identity.get(key)!r} here, {recorded.get(key)!r} in the run).")
+    return backbone
+
+
+def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = None,
+                 out: str | Path | None = None) -> dict:
+    """Re-evaluate a run's classifier on its own test split, or on ``dataset``'s."""
+    run, config = read_run(run)
+    head, classnames, _ = load_classifier(run / CLASSIFIER)
+    if dataset is None:
+        src = config["dataset"]
+        if src.get("kind") == "split_file":
+            dataset = open_dataset(src["data"], src["split_file"], src["templates"])
+        elif src.get("kind") == "image_folder":
+            dataset = open_dataset(src["data"], None, src["templates"])
+        else:
+            raise TaskResError(f"run {str(run)!r} used dataset {src.get('name')!r}; pass --dataset/--root or "
+                               "--data/--split-file to say where it is.")
+    if list(dataset.classnames) != list(classnames):
+        raise TaskResError(f"dataset {dataset.name!r} has classes {list(dataset.classnames)[:5]}... but run "
+                           f"{str(run)!r} was trained on {classnames[:5]}...; evaluate on a dataset with the same "
+                           "classes in the same order.")
+    backbone = load_run_backbone(config, setup)
+    feats, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+    metrics = accuracy_metrics(predict_logits(head, feats), labels, dataset.classnames)
+    metrics.update(skipped_images=len(skipped), run=str(run), dataset=dataset.name)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / METRICS, metrics)
+    return metrics
+
+
+def predict(run: str | Path, images: Sequence[str | Path], setup: Setup, top_k: int = 5) -> list[dict]:
+    """Top-k classes with probabilities for each image: ``[{"image", "top": [{"class", "prob"}, ...]}, ...]``."""
+    run, config = read_run(run)
+    if top_k < 1:
+        raise TaskResError(f"--top-k must be >= 1; got {top_k!r}.")
+    head, classnames, _ = load_classifier(run / CLASSIFIER)
+    backbone = load_run_backbone(config, setup)
+    feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True).features(backbone, images)
+    probs = predict_logits(head, feats).softmax(dim=1)  # (N, C)
+    k = min(top_k, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    return [{"image": str(img), "top": [{"class": classnames[j], "prob": float(p)}
+                                        for p, j in zip(top.values[i].tolist(), top.indices[i].tolist())]}
+            for i, img in enumerate(images)]

@@ -1,0 +1,95 @@
+"""Offline fixtures: tiny CLIP checkpoints written by the tests and small generated image datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY_RN = dict(embed_dim=32, vision_cfg=dict(layers=[1, 1, 1, 1], width=8, image_size=32),
+               text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=1))
+TINY_VIT = dict(embed_dim=32, vision_cfg=dict(layers=1, width=64, patch_size=8, image_size=32),
+                text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=1))
+
+
+def tiny_clip(cfg: dict, seed: int = 0, quick_gelu: bool = True):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    model = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
+                 quick_gelu=quick_gelu)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def openai_rn_file(tmp_path_factory) -> Path:
+    """A tiny ModifiedResNet CLIP saved as a plain OpenAI-layout state dict (fp16, as OpenAI's)."""
+    path = tmp_path_factory.mktemp("weights") / "tiny-rn.pt"
+    torch.save({k: v.half() for k, v in tiny_clip(TINY_RN).state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def openai_vit_jit_file(tmp_path_factory) -> Path:
+    """A tiny ViT CLIP saved as a TorchScript archive, the format OpenAI distributes."""
+    path = tmp_path_factory.mktemp("weights") / "tiny-vit-jit.pt"
+    torch.jit.save(trace_clip(tiny_clip(TINY_VIT, seed=1)), str(path))
+    return path
+
+
+def trace_clip(model):
+    images = torch.ones(2, 3, 32, 32)
+    text = torch.zeros(2, model.context_length, dtype=torch.int)
+    return torch.jit.trace_module(model, dict(forward=(images, text), encode_text=(text,), encode_image=(images,)))
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def _image(colour, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    base = np.array(colour, dtype=np.float32)
+    arr = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def make_split_dataset(root: Path, n_train: int = 6, n_val: int = 3, n_test: int = 4, seed: int = 0,
+                       names=("red", "green", "blue")) -> tuple[Path, Path]:
+    """images/<split>/<class>_<i>.png and split_zhou_Tiny.json with [path, label, classname] entries."""
+    rng = np.random.default_rng(seed)
+    image_dir = root / "images"
+    splits = {"train": [], "val": [], "test": []}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        (image_dir / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            for label, name in enumerate(names):  # interleaved, so first-appearance order is exercised
+                rel = f"{split}/{name}_{i}.png"
+                _image(COLOURS[name], rng).save(image_dir / rel)
+                splits[split].append([rel, label, name])
+    split_file = root / "split_zhou_Tiny.json"
+    split_file.write_text(json.dumps(splits))
+    return image_dir, split_file
+
+
+def make_image_folder(root: Path, n_train: int = 5, n_test: int = 3, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for name, colour in COLOURS.items():
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _image(colour, rng).save(d / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture()
+def split_dataset(tmp_path) -> tuple[Path, Path]:
+    return make_split_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture()
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "folder")
