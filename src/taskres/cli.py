@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser, data: bool = True, backbone: bool = True
         p.add_argument("--data", help="dataset image folder (split-file paths are relative to it), or an ImageFolder "
                                        "root with train/<class>/ and test/<class>/")
         p.add_argument("--split-file", help="CoOp split JSON (split_zhou_<Name>.json); omit for an ImageFolder")
+        p.add_argument("--dataset", help="a benchmark by its CoOp config name (see `taskres datasets`), with --root")
+        p.add_argument("--root", help="the folder holding CoOp's dataset folders (with --dataset)")
         p.add_argument("--template", action="append", default=None,
                        help="prompt template with {} (repeatable); default 'a photo of a {}.'")
         p.add_argument("--skip-bad-images", action="store_true", help="skip undecodable images (counted in metrics)")
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=False, backbone=False)
 
     sub.add_parser("methods", help="list the methods")
+    p = sub.add_parser("datasets", help="list the benchmarks and, for a root, which are ready")
+    p.add_argument("--root", help="the folder holding CoOp's dataset folders")
     return parser
 
 
@@ -105,11 +109,27 @@ def _setup(args: argparse.Namespace):
 def _dataset(args: argparse.Namespace, required: bool = True):
     from taskres.pipeline import open_dataset
 
-    if args.data is None:
-        if args.split_file is not None or required:
-            raise TaskResError("pass --data DIR (with --split-file FILE for CoOp-format data).")
+    if not required and args.data is None and args.dataset is None and args.split_file is None:
         return None
-    return open_dataset(args.data, args.split_file, args.template)
+    return open_dataset(args.data, args.split_file, args.template, dataset=args.dataset, root=args.root)
+
+
+def _datasets(root: str | None) -> int:
+    from taskres.data.benchmarks import BENCHMARKS, benchmark_status
+
+    if root is None:
+        for name, spec in BENCHMARKS.items():
+            print(f"{name:<16} {spec.dataset_dir}/  templates: {len(spec.templates)}")
+        print("\npass --root ROOT to see which are installed there.")
+        return 0
+    rows = benchmark_status(root)
+    for row in rows:
+        print(f"{row['name']:<16} {row['status']:<11} {row['path']}")
+        if row["status"] != "ready":
+            print(f"{'':<16} {row['reason']}\n{'':<16} to install: {row['download']}")
+    ready = sum(r["status"] == "ready" for r in rows)
+    print(f"\n{ready} of {len(rows)} datasets ready under {root}")
+    return 0
 
 
 def _print_metrics(metrics: dict, keys: Sequence[str]) -> None:
@@ -126,6 +146,8 @@ def _run(args: argparse.Namespace) -> int:
         for name, spec in METHODS.items():
             print(f"{name:<16} {spec.summary}")
         return 0
+    if args.command == "datasets":
+        return _datasets(args.root)
     if args.command == "predict":
         from taskres.pipeline import predict
 
@@ -190,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TaskResError as err:
         print(f"taskres: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `taskres datasets | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("taskres: interrupted; finished cache chunks are kept and the next run resumes from them.",
               file=sys.stderr)

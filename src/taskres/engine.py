@@ -36,8 +36,8 @@ class OptimConfig:
                 raise TaskResError(f"--{name.replace('_', '-')} must be > 0; got {getattr(self, name)!r}.")
         if self.weight_decay < 0:
             raise TaskResError(f"--weight-decay must be >= 0; got {self.weight_decay!r}.")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise TaskResError(f"warm-up epochs must be in [0, epochs); got {self.warmup_epochs!r}.")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise TaskResError(f"warm-up epochs must be in [0, epochs]; got {self.warmup_epochs!r}.")
 
 
 def epoch_lr(config: OptimConfig, epoch: int) -> float:

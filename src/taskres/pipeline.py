@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -47,21 +47,38 @@ class Setup:
         return FeatureCache(self.cache_dir, batch_size=self.batch_size, workers=self.workers, quiet=self.quiet)
 
 
-def open_dataset(data: str | Path, split_file: str | Path | None = None,
-                 templates: Sequence[str] | None = None) -> DatasetSplits:
-    """A CoOp split-file dataset (``split_file`` given) or an ImageFolder (``data/train``, ``data/test``)."""
+def open_dataset(data: str | Path | None = None, split_file: str | Path | None = None,
+                 templates: Sequence[str] | None = None, dataset: str | None = None,
+                 root: str | Path | None = None) -> DatasetSplits:
+    """A named benchmark (``dataset`` under ``root``), a CoOp split-file dataset (``data`` + ``split_file``) or an
+    ImageFolder (``data/train``, ``data/test``). ``templates`` replace the dataset's default templates."""
+    if dataset is not None:
+        if data is not None or split_file is not None:
+            raise TaskResError("pass either --dataset NAME --root ROOT or --data DIR [--split-file FILE], not both.")
+        if root is None:
+            raise TaskResError(f"--dataset {dataset} needs --root, the folder that holds CoOp's dataset folders.")
+        from taskres.data.benchmarks import load_benchmark
+
+        ds = load_benchmark(dataset, root)
+        return replace(ds, templates=check_templates(templates)) if templates else ds
+    if data is None:
+        raise TaskResError("no dataset given: pass --data DIR (with --split-file FILE for CoOp-format data), "
+                           "or --dataset NAME --root ROOT for a benchmark.")
     templates = check_templates(templates) if templates else ("a photo of a {}.",)
     if split_file is not None:
         return load_split_file(split_file, data, templates)
     return load_image_folder(data, templates)
 
 
-def with_templates(dataset: DatasetSplits, templates: Sequence[str] | None) -> DatasetSplits:
-    if not templates:
-        return dataset
-    from dataclasses import replace
-
-    return replace(dataset, templates=check_templates(templates))
+def reopen_dataset(source: dict) -> DatasetSplits:
+    """The dataset a run recorded in its config."""
+    kind = source.get("kind")
+    if kind == "benchmark":
+        return open_dataset(dataset=source["dataset"], root=source["root"], templates=source["templates"])
+    if kind in ("split_file", "image_folder"):
+        return open_dataset(source["data"], source.get("split_file"), source["templates"])
+    raise TaskResError(f"the run's dataset {source.get('name')!r} cannot be found again; pass --dataset/--root or "
+                       "--data/--split-file to say where it is.")
 
 
 def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[Entry], setup: Setup,
@@ -119,7 +136,7 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
     metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped))
     if run is not None:
         write_json(run / CONFIG, _run_config("zeroshot", backbone, dataset, setup, method="zero-shot"))
-        save_classifier(run / CLASSIFIER, "taskres", head, list(dataset.classnames))
+        save_classifier(run / CLASSIFIER, "taskres", head, list(dataset.classnames), list(dataset.class_ids))
         write_json(run / METRICS, metrics)
     return metrics
 
@@ -127,6 +144,9 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
 def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
           out: str | Path | None = None, overwrite: bool = False) -> tuple[torch.nn.Module, dict]:
     """Sample K shots for the seed, train the head on cached features, evaluate on test; return (head, metrics)."""
+    if not dataset.train:
+        raise TaskResError(f"dataset {dataset.name!r} has no training split (it is an evaluation-only set); train "
+                           f"on imagenet and evaluate the run with `taskres eval --run RUN --dataset {dataset.name}`.")
     run = prepare_run_dir(out, overwrite) if out is not None else None
     t0 = time.perf_counter()
     fewshot = sample_fewshot(dataset, config.shots, config.seed)
@@ -172,7 +192,7 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
         write_json(run / CONFIG, _run_config("train", backbone, dataset, setup, method=config.method,
                                              shots=config.shots, seed=config.seed, views=config.views,
                                              method_config=asdict(config.taskres), optim=asdict(config.optim)))
-        save_classifier(run / CLASSIFIER, config.method, head, list(dataset.classnames))
+        save_classifier(run / CLASSIFIER, config.method, head, list(dataset.classnames), list(dataset.class_ids))
         write_json(run / METRICS, metrics)
     return head, metrics
 
@@ -193,20 +213,18 @@ def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = 
                  out: str | Path | None = None) -> dict:
     """Re-evaluate a run's classifier on its own test split, or on ``dataset``'s."""
     run, config = read_run(run)
-    head, classnames, _ = load_classifier(run / CLASSIFIER)
-    if dataset is None:
-        src = config["dataset"]
-        if src.get("kind") == "split_file":
-            dataset = open_dataset(src["data"], src["split_file"], src["templates"])
-        elif src.get("kind") == "image_folder":
-            dataset = open_dataset(src["data"], None, src["templates"])
-        else:
-            raise TaskResError(f"run {str(run)!r} used dataset {src.get('name')!r}; pass --dataset/--root or "
-                               "--data/--split-file to say where it is.")
-    if list(dataset.classnames) != list(classnames):
+    head, classnames, class_ids = load_classifier(run / CLASSIFIER)
+    dataset = dataset if dataset is not None else reopen_dataset(config["dataset"])
+    if class_ids and dataset.class_ids and list(dataset.class_ids) != class_ids:
+        from taskres.data.benchmarks import map_class_rows
+
+        # Domain generalisation: keep the rows of the target's classes, matched by WordNet id (SPEC).
+        head = head.select_classes(map_class_rows(class_ids, dataset.class_ids, config["dataset"]["name"],
+                                                  dataset.name))
+    elif list(dataset.classnames) != list(classnames):
         raise TaskResError(f"dataset {dataset.name!r} has classes {list(dataset.classnames)[:5]}... but run "
                            f"{str(run)!r} was trained on {classnames[:5]}...; evaluate on a dataset with the same "
-                           "classes in the same order.")
+                           "classes in the same order (or an ImageNet variant for an ImageNet run).")
     backbone = load_run_backbone(config, setup)
     feats, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
     metrics = accuracy_metrics(predict_logits(head, feats), labels, dataset.classnames)

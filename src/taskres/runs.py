@@ -47,18 +47,19 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
-def save_classifier(path: Path, method: str, head: torch.nn.Module, classnames: list[str]) -> None:
+def save_classifier(path: Path, method: str, head: torch.nn.Module, classnames: list[str],
+                    class_ids: list[str] | None = None) -> None:
     tensors, meta = head.export()
     metadata = {"method": method, "config": json.dumps(meta), "classnames": json.dumps(list(classnames)),
-                "format": "taskres-classifier-1"}
+                "class_ids": json.dumps(list(class_ids or [])), "format": "taskres-classifier-1"}
     metadata.update({k: str(v) for k, v in meta.items() if isinstance(v, (int, float, str, bool))})
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
-def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str], str]:
-    """(head, class names, method name) from a classifier.safetensors file."""
+def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str], list[str]]:
+    """(head, class names, class ids or []) from a classifier.safetensors file."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -68,7 +69,7 @@ def load_classifier(path: Path) -> tuple[torch.nn.Module, list[str], str]:
     if "method" not in meta:
         raise TaskResError(f"classifier file {str(path)!r} has no taskres metadata; it was not written by taskres.")
     head = get_method(meta["method"]).load(tensors, json.loads(meta["config"]))
-    return head, json.loads(meta["classnames"]), meta["method"]
+    return head, json.loads(meta["classnames"]), json.loads(meta.get("class_ids", "[]"))
 
 
 def read_run(run: str | Path) -> tuple[Path, dict]:

@@ -72,6 +72,13 @@ class TaskResHead(nn.Module):
             z = z + self.alpha * self.image_feature_residual
         return zero_shot_logits(z, self.classifier(), self.logit_scale)
 
+    def select_classes(self, rows: list[int]) -> "TaskResHead":
+        """A head over a subset of classes (rows of the classifier, in the given order), e.g. ImageNet-A's 200."""
+        tensors, meta = self.export()
+        for name in ("base_text_features", "text_feature_residuals"):
+            tensors[name] = tensors[name][rows]
+        return TaskResHead.from_export(tensors, meta)
+
     # ---- checkpoint -----------------------------------------------------------------------------------------------
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -80,7 +87,7 @@ class TaskResHead(nn.Module):
                    "text_feature_residuals": self.text_feature_residuals.detach()}
         if self.image_feature_residual is not None:
             tensors["image_feature_residual"] = self.image_feature_residual.detach()
-        meta = {**asdict(self.config), "alpha_init": self.config.alpha, "alpha": float(self.alpha),
+        meta = {**asdict(self.config), "alpha_init": self.config.alpha, "alpha": float(self.alpha.detach()),
                 "logit_scale": float(self.logit_scale)}
         return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, meta
 

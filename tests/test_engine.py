@@ -1,0 +1,106 @@
+"""The optimiser, schedule and batching against an independent re-derivation of the official computation."""
+
+import math
+
+import torch
+
+from taskres.engine import OptimConfig, epoch_lr, fit
+from taskres.methods.taskres import TaskResConfig, TaskResHead
+
+
+def official_lr(epoch, lr, epochs):
+    # Dassl: ConstantWarmupScheduler(cons_lr=1e-5, warmup_epoch=1) wrapping CosineAnnealingLR(T_max=epochs).
+    return 1e-5 if epoch == 0 else lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+
+def test_schedule_matches_torch_schedulers():
+    """Re-derive the schedule with torch's own CosineAnnealingLR stepped per epoch after one constant epoch."""
+    cfg = OptimConfig(lr=2e-3, epochs=12)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=cfg.lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    lrs = [1e-5]
+    for _ in range(1, cfg.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    for e in range(cfg.epochs):
+        assert math.isclose(epoch_lr(cfg, e), lrs[e], rel_tol=1e-9)
+        assert math.isclose(epoch_lr(cfg, e), official_lr(e, cfg.lr, cfg.epochs), rel_tol=1e-12)
+
+
+def reference_taskres(base, feats, labels, logit_scale, alpha, lr, epochs, weight_decay):
+    """Full-batch TaskRes written out: logits, cross-entropy, Adam with L2 decay, per-epoch schedule."""
+    x = torch.zeros_like(base)
+    m, v = torch.zeros_like(base), torch.zeros_like(base)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    z = feats / feats.norm(dim=-1, keepdim=True)
+    for step in range(1, epochs + 1):
+        x.requires_grad_(True)
+        t = base + alpha * x
+        t = t / t.norm(dim=-1, keepdim=True)
+        logits = logit_scale * z @ t.t()
+        loss = -(logits.log_softmax(dim=1)[torch.arange(len(labels)), labels]).mean()
+        (grad,) = torch.autograd.grad(loss, x)
+        x = x.detach()
+        g = grad + weight_decay * x
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** step), v / (1 - b2 ** step)
+        x = x - official_lr(step - 1, lr, epochs) * m_hat / (v_hat.sqrt() + eps)
+    return x
+
+
+def test_full_batch_training_matches_the_reference():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 24, generator=g)
+    feats = torch.randn(40, 24, generator=g)
+    labels = torch.arange(40) % 5
+    cfg = OptimConfig(lr=2e-3, epochs=30, batch_size=256, weight_decay=5e-4)
+    head = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5))
+    fit(head, feats, labels, cfg, seed=3, quiet=True)
+    expected = reference_taskres(base, feats, labels, 100.0, 0.5, cfg.lr, cfg.epochs, cfg.weight_decay)
+    assert expected.abs().max() > 1e-3  # the residual did move
+    torch.testing.assert_close(head.text_feature_residuals.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+class Recorder(torch.nn.Module):
+    """A head that records which rows each batch held."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4, 2))
+        self.batches = []
+
+    def forward(self, x):
+        self.batches.append(x[:, 0].long().tolist())
+        return x @ self.w.t()
+
+
+def run_batches(n, batch_size, epochs=2, views=None):
+    feats = torch.stack([torch.arange(n).float(), torch.ones(n)], dim=1)
+    if views:
+        feats = torch.stack([feats + 1000 * v * torch.tensor([1.0, 0.0]) for v in range(views)])
+    head = Recorder()
+    fit(head, feats, torch.zeros(n, dtype=torch.long), OptimConfig(epochs=epochs, batch_size=batch_size), seed=0,
+        quiet=True)
+    return head.batches
+
+
+def test_drop_last_only_when_a_full_batch_exists():
+    batches = run_batches(10, 4, epochs=1)
+    assert [len(b) for b in batches] == [4, 4]  # the partial batch of 2 is dropped
+    batches = run_batches(3, 4, epochs=1)
+    assert [len(b) for b in batches] == [3]  # fewer than one batch: kept
+    assert sorted(batches[0]) == [0, 1, 2]
+
+
+def test_shuffled_every_epoch_and_seeded():
+    first = run_batches(16, 16, epochs=3)
+    assert first == run_batches(16, 16, epochs=3)
+    assert first[0] != first[1] and sorted(first[0]) == list(range(16))
+
+
+def test_epochs_cycle_through_views():
+    batches = run_batches(4, 4, epochs=3, views=2)
+    assert [min(b) // 1000 for b in batches] == [0, 1, 0]

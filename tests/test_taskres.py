@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from taskres.engine import OptimConfig, fit
+from taskres.errors import TaskResError
+from taskres.methods.taskres import TaskResConfig, TaskResHead, zero_shot_logits
+
+
+def problem(n=24, c=3, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(c, d, generator=g) * 3
+    feats = torch.randn(n, d, generator=g) * 2
+    labels = torch.arange(n) % c
+    return base, feats, labels
+
+
+@pytest.mark.parametrize("variant", ["text", "image", "both"])
+@pytest.mark.parametrize("learn_alpha", [False, True])
+def test_identity_at_init(variant, learn_alpha):
+    base, feats, _ = problem()
+    head = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5, variant=variant, learn_alpha=learn_alpha))
+    expected = 100.0 * torch.nn.functional.normalize(feats, dim=-1) @ torch.nn.functional.normalize(base, dim=-1).t()
+    assert torch.equal(head(feats), zero_shot_logits(feats, base, 100.0))
+    torch.testing.assert_close(head(feats), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,learn_alpha,trainable", [
+    ("text", False, {"text_feature_residuals"}),
+    ("image", False, {"image_feature_residual"}),
+    ("both", True, {"text_feature_residuals", "image_feature_residual", "alpha"}),
+])
+def test_only_the_residuals_change(variant, learn_alpha, trainable):
+    base, feats, labels = problem()
+    head = TaskResHead(base, 100.0, TaskResConfig(variant=variant, learn_alpha=learn_alpha))
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    assert {n for n, p in head.named_parameters()} == trainable
+    fit(head, feats, labels, OptimConfig(lr=1e-2, epochs=5, batch_size=8), seed=0, quiet=True)
+    after = head.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == trainable
+    assert torch.equal(after["base_text_features"], base)
+    assert torch.isfinite(head(feats)).all()
+
+
+def test_training_improves_the_fit():
+    base, feats, labels = problem()
+    head = TaskResHead(base, 100.0)
+    loss0 = torch.nn.functional.cross_entropy(head(feats), labels).item()
+    fit(head, feats, labels, OptimConfig(lr=5e-2, epochs=100, batch_size=256), seed=0, quiet=True)
+    assert torch.nn.functional.cross_entropy(head(feats), labels).item() < loss0 * 0.5
+
+
+def test_export_round_trip():
+    base, feats, labels = problem()
+    head = TaskResHead(base, 50.0, TaskResConfig(alpha=0.7, variant="both", learn_alpha=True))
+    fit(head, feats, labels, OptimConfig(lr=1e-2, epochs=3, batch_size=8), seed=0, quiet=True)
+    tensors, meta = head.export()
+    assert tensors["text_feature_residuals"].shape == base.shape
+    assert tensors["image_feature_residual"].shape == (1, base.shape[1])
+    again = TaskResHead.from_export(tensors, meta)
+    assert torch.equal(again(feats), head(feats))
+
+
+def test_bad_config():
+    with pytest.raises(TaskResError, match="--variant must be one of text, image, both"):
+        TaskResConfig(variant="texts")
+    with pytest.raises(TaskResError, match="--alpha must be > 0"):
+        TaskResConfig(alpha=0)
