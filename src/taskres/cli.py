@@ -199,7 +199,7 @@ def _train_config(args: argparse.Namespace):
     epochs = args.epochs if args.epochs is not None else (100 if args.shots <= 4 else 200)
     return TrainConfig(
         shots=args.shots, seed=args.seed, method=args.method, views=args.views,
-        taskres=TaskResConfig(alpha=args.alpha, variant=args.variant, learn_alpha=args.learn_alpha),
+        method_config=TaskResConfig(alpha=args.alpha, variant=args.variant, learn_alpha=args.learn_alpha),
         optim=OptimConfig(lr=args.lr, epochs=epochs, batch_size=args.batch_size, weight_decay=args.weight_decay),
     )
 

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -18,10 +18,11 @@ from taskres.backbones import Backbone, load_backbone
 from taskres.cache import FeatureCache
 from taskres.data.sampling import sample_fewshot
 from taskres.data.splits import DatasetSplits, Entry, load_image_folder, load_split_file
-from taskres.engine import OptimConfig, fit
+from taskres.engine import OptimConfig
 from taskres.errors import TaskResError
 from taskres.evaluate import accuracy_metrics, predict_logits
 from taskres.methods import get_method
+from taskres.methods.base import FitContext
 from taskres.methods.taskres import TaskResConfig, TaskResHead
 from taskres.runs import (CLASSIFIER, CONFIG, LOG, METRICS, SPLIT, EpochLog, load_classifier, prepare_run_dir,
                           read_run, save_classifier, write_json)
@@ -100,7 +101,7 @@ class TrainConfig:
     shots: int
     seed: int
     method: str = "taskres"
-    taskres: TaskResConfig = field(default_factory=TaskResConfig)
+    method_config: Any = field(default_factory=TaskResConfig)  # the method's config dataclass
     optim: OptimConfig = field(default_factory=OptimConfig)
     views: int = 10
 
@@ -111,7 +112,10 @@ class TrainConfig:
             raise TaskResError(f"--seed must be an integer; got {self.seed!r}.")
         if self.views < 0:
             raise TaskResError(f"--views must be >= 0 (0 = no augmentation); got {self.views!r}.")
-        get_method(self.method)
+        spec = get_method(self.method)
+        if not isinstance(self.method_config, spec.config_cls):
+            raise TaskResError(f"method {self.method!r} takes a {spec.config_cls.__name__}, got "
+                               f"{type(self.method_config).__name__}.")
 
 
 def _run_config(kind: str, backbone: Backbone, dataset: DatasetSplits, setup: Setup, **extra) -> dict:
@@ -166,32 +170,33 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
     t_features = time.perf_counter() - t0
 
     base = build_base_classifier(backbone, dataset.classnames, dataset.templates)
-    spec = get_method(config.method)
-    head = spec.build(base, backbone.logit_scale, config.taskres)
-    zs_metrics = accuracy_metrics(predict_logits(head, test_feats), test_labels, dataset.classnames)
+    zs_head = TaskResHead(base, backbone.logit_scale)
+    zs_metrics = accuracy_metrics(predict_logits(zs_head, test_feats), test_labels, dataset.classnames)
 
+    spec = get_method(config.method)
     log = EpochLog(run / LOG) if run is not None else None
+    ctx = FitContext(base=base, logit_scale=backbone.logit_scale, train_views=train_views, train_labels=labels,
+                     val_features=val_feats, val_labels=val_labels, optim=config.optim, seed=config.seed,
+                     shots=config.shots, classnames=dataset.classnames, templates=dataset.templates,
+                     dataset=dataset.name, backbone=backbone, device=setup.device, quiet=setup.quiet, on_epoch=log)
     t1 = time.perf_counter()
     try:
-        fit(head, train_views, labels, config.optim, seed=config.seed, device=setup.device, on_epoch=log,
-            quiet=setup.quiet)
+        head = spec.fit(ctx, config.method_config).cpu()
     finally:
         if log is not None:
             log.close()
     t_train = time.perf_counter() - t1
-    head.cpu()
     metrics = accuracy_metrics(predict_logits(head, test_feats), test_labels, dataset.classnames)
     metrics.update(zero_shot_accuracy=zs_metrics["accuracy"], skipped_images=len(skipped),
                    n_train=int(len(labels)), seconds_features=round(t_features, 3), seconds_train=round(t_train, 3))
     if val_feats is not None and len(val_feats):
         metrics["val_accuracy"] = accuracy_metrics(predict_logits(head, val_feats), val_labels,
                                                    dataset.classnames)["accuracy"]
-    if hasattr(head, "text_feature_residuals"):
-        metrics["residual_mean_abs"] = float(head.text_feature_residuals.detach().abs().mean())
+    metrics.update(ctx.extras)
     if run is not None:
         write_json(run / CONFIG, _run_config("train", backbone, dataset, setup, method=config.method,
                                              shots=config.shots, seed=config.seed, views=config.views,
-                                             method_config=asdict(config.taskres), optim=asdict(config.optim)))
+                                             method_config=asdict(config.method_config), optim=asdict(config.optim)))
         save_classifier(run / CLASSIFIER, config.method, head, list(dataset.classnames), list(dataset.class_ids))
         write_json(run / METRICS, metrics)
     return head, metrics
