@@ -115,3 +115,9 @@ def test_base_classifier_is_the_mean_of_unnormalised_embeddings(backbone):
 def test_template_without_placeholder(backbone):
     with pytest.raises(TaskResError, match=r"template 'a photo' must contain exactly one '\{\}'"):
         build_base_classifier(backbone, ["cat"], ["a photo"])
+
+
+def test_bad_image_in_a_worker_process_keeps_its_message(backbone, images, tmp_path):
+    images[3].write_bytes(b"garbage")
+    with pytest.raises(TaskResError, match=r"^image '.*3.png' cannot be decoded"):
+        FeatureCache(tmp_path / "c", workers=1, quiet=True).features(backbone, images)

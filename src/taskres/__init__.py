@@ -1,3 +1,39 @@
-"""taskres: Task Residual tuning of CLIP-style vision-language models on cached features."""
+"""taskres: Task Residual tuning of CLIP-style vision-language models on cached features.
+
+The public API (imported lazily, so ``import taskres`` stays cheap):
+
+    load_backbone, Backbone                       backbones (OpenAI names/files, open_clip pairs, shipped models)
+    open_dataset, sample_fewshot, DatasetSplits   data (CoOp split files, ImageFolders, benchmarks)
+    FeatureCache                                  encode images once, verified on disk
+    build_base_classifier                         class names x templates -> (C, D)
+    TaskResHead, TaskResConfig                    the method
+    OptimConfig, fit                              the training loop
+    accuracy_metrics, predict_logits              evaluation
+    train, zeroshot, evaluate_run, predict        the whole workflow, as the CLI runs it
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_API = {
+    "load_backbone": "taskres.backbones", "Backbone": "taskres.backbones",
+    "open_dataset": "taskres.pipeline", "sample_fewshot": "taskres.data.sampling",
+    "DatasetSplits": "taskres.data.splits", "Entry": "taskres.data.splits",
+    "FeatureCache": "taskres.cache", "build_base_classifier": "taskres.text",
+    "TaskResHead": "taskres.methods.taskres", "TaskResConfig": "taskres.methods.taskres",
+    "OptimConfig": "taskres.engine", "fit": "taskres.engine",
+    "accuracy_metrics": "taskres.evaluate", "predict_logits": "taskres.evaluate",
+    "train": "taskres.pipeline", "zeroshot": "taskres.pipeline", "evaluate_run": "taskres.pipeline",
+    "predict": "taskres.pipeline", "Setup": "taskres.pipeline", "TrainConfig": "taskres.pipeline",
+    "TaskResError": "taskres.errors",
+}
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'taskres' has no attribute {name!r}")

@@ -114,18 +114,24 @@ class FeatureCache:
         return store
 
     def _encode(self, backbone, paths, keys, view, skip_bad, store, folder, desc) -> set[str]:
-        data = ImageViews(paths, backbone.image_size, backbone.mean, backbone.std, view, skip_bad)
+        data = ImageViews(paths, backbone.image_size, backbone.mean, backbone.std, view)
         loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, num_workers=self.workers,
                                              shuffle=False)
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []
         bad: set[str] = set()
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=self.quiet, leave=False)
-        for idx, pixels, ok in loader:
+        for idx, pixels, errors in loader:
+            first_error = next((e for e in errors if e), "")
+            if first_error and not skip_bad:
+                if folder is not None and pending:  # keep what is done, so that a rerun resumes
+                    _write_chunk(folder, pending_keys, pending)
+                bar.close()
+                raise TaskResError(first_error)
             feats = backbone.encode_images(pixels).cpu()
             self.encoded += len(idx)
-            for i, f, good in zip(idx.tolist(), feats, ok.tolist()):
-                if good:
+            for i, f, error in zip(idx.tolist(), feats, errors):
+                if not error:
                     store[keys[i]] = f
                     pending_keys.append(keys[i])
                     pending.append(f)

@@ -57,11 +57,12 @@ def read_image(path: str | Path) -> Image.Image:
 
 
 class ImageViews(torch.utils.data.Dataset):
-    """Transformed images for a list of paths; item = (index, pixels, ok). ``ok`` is False for a bad image when
-    ``skip_bad`` is set (its pixels are zeros), otherwise a bad image raises."""
+    """Transformed images for a list of paths; item = (index, pixels, error). ``error`` is "" for a good image; for
+    a missing or undecodable one it is the message, and the pixels are zeros. The caller decides whether to raise,
+    in the main process, so that the message reaches the user intact even from a worker process."""
 
-    def __init__(self, paths: Sequence[str], image_size: int, mean, std, view: int | None, skip_bad: bool = False):
-        self.paths, self.view, self.skip_bad, self.size = list(paths), view, skip_bad, image_size
+    def __init__(self, paths: Sequence[str], image_size: int, mean, std, view: int | None):
+        self.paths, self.view, self.size = list(paths), view, image_size
         self.transform = build_transform(image_size, mean, std, view)
 
     def __len__(self) -> int:
@@ -70,12 +71,10 @@ class ImageViews(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             img = read_image(self.paths[i])
-        except TaskResError:
-            if not self.skip_bad:
-                raise
-            return i, torch.zeros(3, self.size, self.size), False
+        except TaskResError as err:
+            return i, torch.zeros(3, self.size, self.size), str(err)
         if self.view is None:
-            return i, self.transform(img), True
+            return i, self.transform(img), ""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(view_seed(self.view, self.paths[i]))
-            return i, self.transform(img), True
+            return i, self.transform(img), ""
