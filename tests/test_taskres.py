@@ -66,3 +66,13 @@ def test_bad_config():
         TaskResConfig(variant="texts")
     with pytest.raises(TaskResError, match="--alpha must be > 0"):
         TaskResConfig(alpha=0)
+
+
+def test_paper_presets_per_dataset():
+    from taskres.pipeline import TrainConfig
+
+    pets = TrainConfig.preset("taskres", shots=16, seed=1, dataset="oxford_pets")
+    assert (pets.optim.lr, pets.optim.epochs, pets.method_config.alpha) == (2e-3, 200, 0.5)
+    assert TrainConfig.preset("taskres", shots=4, seed=1, dataset="imagenet").optim.lr == 2e-4
+    assert TrainConfig.preset("taskres", shots=4, seed=1, dataset="imagenet").optim.epochs == 100
+    assert TrainConfig.preset("taskres", shots=1, seed=1, dataset="oxford_flowers").method_config.alpha == 1.0

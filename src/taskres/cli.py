@@ -61,21 +61,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
-    p = sub.add_parser("train", help="train a task residual on K shots per class")
+    p = sub.add_parser("train", help="train a method (default TaskRes) on K shots per class")
     _common(p)
     p.add_argument("--shots", type=int, required=True, help="K, training images per class")
     p.add_argument("--seed", type=int, required=True, help="seed of the few-shot draw and of training")
-    p.add_argument("--method", default="taskres", help="method (default taskres)")
-    p.add_argument("--alpha", type=float, default=0.5, help="residual scale alpha (default 0.5; 1.0 for Flowers102)")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3; 2e-4 for ImageNet)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default 100 for K <= 4, 200 for K >= 8)")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size (default 256)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="Adam L2 weight decay (default 5e-4)")
-    p.add_argument("--views", type=int, default=10,
-                   help="augmented views per training image to encode; 0 = test transform only (default 10)")
-    p.add_argument("--variant", default="text", choices=["text", "image", "both"],
-                   help="TaskRes-T (text), TaskRes-I (image) or both (default text)")
-    p.add_argument("--learn-alpha", action="store_true", help="train alpha as a scalar parameter")
+    p.add_argument("--method", default="taskres", help="method (default taskres; see `taskres methods`)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's preset; TaskRes "
+                                                          "2e-3, use 2e-4 for ImageNet)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the method's preset; TaskRes 100 for "
+                                                            "K <= 4, 200 for K >= 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the method's "
+                                                                "preset; TaskRes 256)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the method's preset; "
+                                                                    "TaskRes 5e-4)")
+    p.add_argument("--views", type=int, default=None,
+                   help="augmented views per training image to encode; 0 = test transform only (default 10; "
+                        "linear-probe: 0)")
+    p.add_argument("--search", default=None, choices=["val", "none"],
+                   help="select hyper-parameters on the few-shot validation split (val, the default) or not (none): "
+                        "linear-probe's C, Tip-Adapter's a and b (and Tip-Adapter-F's epoch), --enhance-base's lr")
+    p.add_argument("--alpha", type=float, default=None, help="taskres: residual scale alpha (default 0.5; 1.0 for "
+                                                             "Flowers102)")
+    p.add_argument("--variant", default=None, choices=["text", "image", "both"],
+                   help="taskres: TaskRes-T (text), TaskRes-I (image) or both (default text)")
+    p.add_argument("--learn-alpha", action="store_true", help="taskres: train alpha as a scalar parameter")
+    p.add_argument("--base-weights", default=None, metavar="FILE",
+                   help="taskres (TaskRes*): rebuild the base with this text projection: a strong_base "
+                        ".../model.pth.tar or a text_projection.safetensors from --enhance-base")
+    p.add_argument("--enhance-base", action="store_true",
+                   help="taskres (TaskRes*): tune the text projection for 50 epochs first, save it as "
+                        "RUN/text_projection.safetensors and train the residual on the enhanced base")
+    p.add_argument("--lp-c", type=float, default=None, help="linear-probe: fixed inverse regularisation C "
+                                                            "(with --search none)")
+    p.add_argument("--tip-alpha", type=float, default=None, help="tip-adapter(-f): fixed a (with --search none)")
+    p.add_argument("--tip-beta", type=float, default=None, help="tip-adapter(-f): fixed b (with --search none)")
+    p.add_argument("--coop-n-ctx", type=int, default=None, help="coop: number of context vectors (default 16)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
@@ -90,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("images", nargs="+", help="image files")
     _common(p, data=False, backbone=False)
+
+    p = sub.add_parser("demo", help="the offline main job: a shipped mini CLIP on generated tasks")
+    p.add_argument("--out", default="taskres-demo", help="output folder (default ./taskres-demo)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per shot count (default 3: seeds 1..N)")
+    p.add_argument("--views", type=int, default=10, help="augmented views per training image (default 10)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
 
     sub.add_parser("methods", help="list the methods")
     p = sub.add_parser("datasets", help="list the benchmarks and, for a root, which are ready")
@@ -146,6 +173,14 @@ def _run(args: argparse.Namespace) -> int:
         for name, spec in METHODS.items():
             print(f"{name:<16} {spec.summary}")
         return 0
+    if args.command == "demo":
+        from taskres.demo.runner import DemoConfig, run_demo
+
+        if args.seeds < 1:
+            raise TaskResError(f"--seeds must be >= 1; got {args.seeds}.")
+        run_demo(args.out, DemoConfig(seeds=tuple(range(1, args.seeds + 1)), views=args.views),
+                 device=args.device or _default_device(), quiet=args.quiet)
+        return 0
     if args.command == "datasets":
         return _datasets(args.root)
     if args.command == "predict":
@@ -173,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     setup = _setup(args)
     dataset = _dataset(args)
     if args.command == "train":  # validate the cheap things before loading a backbone
-        config = _train_config(args)
+        config = _train_config(args, dataset.name)
     backbone = load_backbone(args.backbone, device=setup.device, precision=setup.precision,
                              weights_dir=setup.weights_dir)
     if args.command == "zeroshot":
@@ -183,25 +218,73 @@ def _run(args: argparse.Namespace) -> int:
         from taskres.pipeline import train
 
         _, metrics = train(backbone, dataset, config, setup, out=args.out, overwrite=args.overwrite)
-        _print_metrics(metrics, ["zero_shot_accuracy", "accuracy", "n_test", "n_train", "skipped_images",
-                                 "seconds_features", "seconds_train"])
+        _print_metrics(metrics, ["zero_shot_accuracy", "enhanced_base_accuracy", "accuracy", "n_test", "n_train",
+                                 "skipped_images", "seconds_features", "seconds_train", "text_projection_file"])
     print(f"{'run':>22}: {args.out}")
     return 0
 
 
-def _train_config(args: argparse.Namespace):
-    from taskres.engine import OptimConfig
-    from taskres.methods.taskres import TaskResConfig
+# Method options of `train` and the methods they apply to.
+_METHOD_OPTIONS = {
+    "alpha": ("taskres",), "variant": ("taskres",), "learn_alpha": ("taskres",), "base_weights": ("taskres",),
+    "enhance_base": ("taskres",), "lp_c": ("linear-probe",), "tip_alpha": ("tip-adapter", "tip-adapter-f"),
+    "tip_beta": ("tip-adapter", "tip-adapter-f"), "coop_n_ctx": ("coop",),
+    "search": ("linear-probe", "tip-adapter", "tip-adapter-f", "taskres"),
+}
+_OPTIM_OPTIONS = ("lr", "epochs", "batch_size", "weight_decay")
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    value = getattr(args, name)
+    return value is not None and value is not False
+
+
+def _train_config(args: argparse.Namespace, dataset_name: str = ""):
+    """The method's preset for the dataset, with the options given on the command line."""
+    from dataclasses import replace
+
+    from taskres.methods import get_method
+    from taskres.methods.enhanced_base import EnhancedBaseConfig, load_projection
     from taskres.pipeline import TrainConfig
 
     if args.shots is not None and args.shots < 1:
         raise TaskResError(f"--shots must be >= 1 (images per class); got {args.shots}.")
-    epochs = args.epochs if args.epochs is not None else (100 if args.shots <= 4 else 200)
-    return TrainConfig(
-        shots=args.shots, seed=args.seed, method=args.method, views=args.views,
-        method_config=TaskResConfig(alpha=args.alpha, variant=args.variant, learn_alpha=args.learn_alpha),
-        optim=OptimConfig(lr=args.lr, epochs=epochs, batch_size=args.batch_size, weight_decay=args.weight_decay),
-    )
+    spec = get_method(args.method)
+    for name, methods in _METHOD_OPTIONS.items():
+        if _given(args, name) and spec.name not in methods:
+            raise TaskResError(f"--{name.replace('_', '-')} applies to --method {' or '.join(methods)}; "
+                               f"got --method {spec.name}.")
+    if spec.optim_preset is None:
+        given = [f"--{n.replace('_', '-')}" for n in _OPTIM_OPTIONS if _given(args, n)]
+        if given:
+            raise TaskResError(f"{', '.join(given)}: method {spec.name!r} is training-free; drop the option(s).")
+    enhance = args.base_weights is not None or args.enhance_base
+    if spec.name == "taskres" and args.search is not None and not enhance:
+        raise TaskResError("--search applies to taskres only with --enhance-base (it picks the base's lr).")
+    config = TrainConfig.preset(spec.name, args.shots, args.seed, dataset_name)
+    mc, search = config.method_config, {"search": args.search} if args.search is not None else {}
+    if spec.name == "taskres":
+        mc = replace(mc, **{k: getattr(args, k) for k in ("alpha", "variant") if _given(args, k)},
+                     learn_alpha=args.learn_alpha)
+    elif spec.name == "linear-probe":
+        mc = replace(mc, c=args.lp_c, **search)
+    elif spec.name in ("tip-adapter", "tip-adapter-f"):
+        mc = replace(mc, alpha=args.tip_alpha, beta=args.tip_beta, **search)
+    elif spec.name == "coop" and args.coop_n_ctx is not None:
+        mc = replace(mc, n_ctx=args.coop_n_ctx)
+    optim = config.optim
+    if optim is not None:
+        optim = replace(optim, **{k: getattr(args, k) for k in _OPTIM_OPTIONS if _given(args, k)})
+    base = None
+    if enhance:
+        if args.base_weights is not None and args.enhance_base:
+            raise TaskResError("pass either --base-weights FILE (a released or saved projection) or --enhance-base "
+                               "(tune one now), not both.")
+        if args.base_weights is not None:
+            load_projection(args.base_weights)  # a bad file fails here, before any encoding
+        base = EnhancedBaseConfig(weights=args.base_weights, tune=args.enhance_base, **search)
+    views = args.views if args.views is not None else spec.views
+    return replace(config, method_config=mc, optim=optim, views=views, base=base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,13 @@
 """Training loop over cached features, method-agnostic: the official optimiser, schedule and batching (SPEC).
 
-Adam (betas 0.9/0.999, L2 weight decay), one constant warm-up epoch at 1e-5, then cosine from ``lr`` over E epochs,
-stepped once per epoch. Each epoch shuffles the training set with a seeded generator and drops the last partial
-batch only when the set holds at least one full batch. Epoch ``e`` reads view ``e % V`` of the cached features.
+The defaults are TaskRes's: Adam (betas 0.9/0.999, L2 weight decay), one constant warm-up epoch at 1e-5, then cosine
+from ``lr`` over E epochs, stepped once per epoch. Each epoch shuffles the training set with a seeded generator and
+drops the last partial batch only when the set holds at least one full batch (Dassl's rule). Epoch ``e`` reads view
+``e % V`` of the cached features.
+
+Other methods' public settings are options: SGD with momentum (Dassl's ``sgd``: CoOp, CLIP-Adapter), AdamW with its
+own eps (Tip-Adapter-F), cosine stepped per iteration without warm-up (Tip-Adapter-F's ``CosineAnnealingLR`` over
+``epochs * len(loader)``), and never dropping the partial batch (Tip-Adapter's loaders use ``drop_last=False``).
 """
 
 from __future__ import annotations
@@ -21,14 +26,32 @@ from taskres.errors import TaskResError
 logger = logging.getLogger(__name__)
 
 
+OPTIMIZERS = ("adam", "sgd", "adamw")
+SCHEDULES = ("epoch", "iteration")
+DROP_LAST = ("auto", "never")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
+    """How a head is trained. The defaults are TaskRes's published settings (SPEC: "Optimisation").
+
+    optimizer: "adam" (L2 weight decay), "sgd" (momentum, L2 weight decay, as Dassl) or "adamw" (decoupled decay).
+    schedule: "epoch" = ``warmup_epochs`` constant epochs at ``warmup_lr``, then cosine stepped once per epoch;
+              "iteration" = cosine from ``lr`` to 0 stepped after every batch, over all epochs (no warm-up).
+    drop_last: "auto" = drop the partial last batch only when a full batch exists (Dassl); "never".
+    """
+
     lr: float = 2e-3
     epochs: int = 200
     batch_size: int = 256
     weight_decay: float = 5e-4
     warmup_lr: float = 1e-5
     warmup_epochs: int = 1
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
+    eps: float = 1e-8  # adam and adamw only
+    schedule: str = "epoch"
+    drop_last: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("lr", "epochs", "batch_size"):
@@ -38,13 +61,35 @@ class OptimConfig:
             raise TaskResError(f"--weight-decay must be >= 0; got {self.weight_decay!r}.")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise TaskResError(f"warm-up epochs must be in [0, epochs]; got {self.warmup_epochs!r}.")
+        for name, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("drop_last", DROP_LAST)):
+            if getattr(self, name) not in known:
+                raise TaskResError(f"optimiser setting {name} must be one of {', '.join(known)}; "
+                                   f"got {getattr(self, name)!r}.")
+        if self.schedule == "iteration" and self.warmup_epochs:
+            raise TaskResError("the per-iteration cosine schedule has no warm-up; set warmup_epochs=0.")
+        if not (0 <= self.momentum < 1 and self.eps > 0):
+            raise TaskResError(f"momentum must be in [0, 1) and eps > 0; got {self.momentum!r} and {self.eps!r}.")
 
 
 def epoch_lr(config: OptimConfig, epoch: int) -> float:
-    """The learning rate that epoch ``epoch`` (0-based) trains at."""
+    """The learning rate that epoch ``epoch`` (0-based) trains at (``schedule="epoch"``)."""
     if epoch < config.warmup_epochs:
         return config.warmup_lr
     return config.lr * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs)) / 2
+
+
+def iteration_lr(config: OptimConfig, step: int, total_steps: int) -> float:
+    """``schedule="iteration"``: the learning rate of global step ``step`` (0-based) of ``total_steps``, as torch's
+    ``CosineAnnealingLR(T_max=total_steps)`` stepped after every batch."""
+    return config.lr * (1 + math.cos(math.pi * step / total_steps)) / 2
+
+
+def make_optimizer(params, config: OptimConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":  # Dassl's build_optimizer: dampening 0, no Nesterov
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=config.eps, weight_decay=config.weight_decay)
 
 
 def fit(
@@ -71,19 +116,25 @@ def fit(
         raise TaskResError("the method has no trainable parameters.")
     head.to(device).train()
     views, labels = views.to(device), labels.to(device)
-    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config)
     generator = torch.Generator().manual_seed(seed)
-    drop_last = n >= config.batch_size
+    drop_last = config.drop_last == "auto" and n >= config.batch_size
+    stop = n - n % config.batch_size if drop_last else n
+    steps_per_epoch = math.ceil(stop / config.batch_size)
     history = []
     for epoch in tqdm(range(config.epochs), desc="training", unit="epoch", disable=quiet, leave=False):
-        lr = epoch_lr(config, epoch)
+        lr = epoch_lr(config, epoch) if config.schedule == "epoch" else \
+            iteration_lr(config, epoch * steps_per_epoch, config.epochs * steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         feats = views[epoch % num_views]
         order = torch.randperm(n, generator=generator).to(device)
-        stop = n - n % config.batch_size if drop_last else n
         total_loss, correct, seen = 0.0, 0, 0
-        for start in range(0, stop, config.batch_size):
+        for step, start in enumerate(range(0, stop, config.batch_size)):
+            if config.schedule == "iteration":
+                for group in optimizer.param_groups:
+                    group["lr"] = iteration_lr(config, epoch * steps_per_epoch + step,
+                                               config.epochs * steps_per_epoch)
             idx = order[start:start + config.batch_size]
             logits = head(feats[idx])  # (B, C)
             loss = F.cross_entropy(logits, labels[idx])

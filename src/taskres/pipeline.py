@@ -5,6 +5,7 @@ Each function here wires the library's pieces; the CLI only parses arguments and
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +24,8 @@ from taskres.errors import TaskResError
 from taskres.evaluate import accuracy_metrics, predict_logits
 from taskres.methods import get_method
 from taskres.methods.base import FitContext
-from taskres.methods.taskres import TaskResConfig, TaskResHead
+from taskres.methods.enhanced_base import PROJECTION_FILE, EnhancedBaseConfig, enhanced_base, save_projection
+from taskres.methods.taskres import TaskResHead
 from taskres.runs import (CLASSIFIER, CONFIG, LOG, METRICS, SPLIT, EpochLog, load_classifier, prepare_run_dir,
                           read_run, save_classifier, write_json)
 from taskres.text import build_base_classifier, check_templates
@@ -96,14 +98,28 @@ def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[E
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A TaskRes training run. Presets for the paper's settings live in ``taskres.presets``."""
+    """A training run of one method. ``TrainConfig.preset(method, shots, seed, dataset)`` gives the method's
+    published settings; the plain defaults are TaskRes's.
+
+    ``method_config`` None means the method's default config; ``optim`` is None for training-free methods (it is
+    set so); ``base`` (TaskRes only) builds the enhanced base of TaskRes*.
+    """
 
     shots: int
     seed: int
     method: str = "taskres"
-    method_config: Any = field(default_factory=TaskResConfig)  # the method's config dataclass
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    method_config: Any = None  # the method's config dataclass
+    optim: OptimConfig | None = field(default_factory=OptimConfig)
     views: int = 10
+    base: EnhancedBaseConfig | None = None
+
+    @classmethod
+    def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> "TrainConfig":
+        """The method's published settings for ``dataset`` (a benchmark name, or "" for others)."""
+        spec = get_method(method)
+        optim = spec.optim_preset(shots, dataset) if spec.optim_preset is not None else None
+        values = dict(method_config=spec.default_config(dataset), optim=optim, views=spec.views)
+        return cls(shots=shots, seed=seed, method=method, **{**values, **overrides})
 
     def __post_init__(self) -> None:
         if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
@@ -113,9 +129,21 @@ class TrainConfig:
         if self.views < 0:
             raise TaskResError(f"--views must be >= 0 (0 = no augmentation); got {self.views!r}.")
         spec = get_method(self.method)
+        if self.method_config is None:
+            object.__setattr__(self, "method_config", spec.default_config())
         if not isinstance(self.method_config, spec.config_cls):
             raise TaskResError(f"method {self.method!r} takes a {spec.config_cls.__name__}, got "
                                f"{type(self.method_config).__name__}.")
+        if spec.optim_preset is None:
+            object.__setattr__(self, "optim", None)  # training-free: nothing is optimised
+        elif not isinstance(self.optim, OptimConfig):
+            raise TaskResError(f"method {self.method!r} is trained and needs an OptimConfig; got {self.optim!r}.")
+        if spec.test_view_only and self.views != 0:
+            raise TaskResError(f"method {self.method!r} trains on the test-transform features of the few-shot images "
+                               f"(no augmentation); pass --views 0 (its default); got --views {self.views}.")
+        if self.base is not None and self.method != "taskres":
+            raise TaskResError(f"--base-weights and --enhance-base build TaskRes*'s enhanced base and apply to "
+                               f"--method taskres only; got --method {self.method}.")
 
 
 def _run_config(kind: str, backbone: Backbone, dataset: DatasetSplits, setup: Setup, **extra) -> dict:
@@ -172,6 +200,19 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
     base = build_base_classifier(backbone, dataset.classnames, dataset.templates)
     zs_head = TaskResHead(base, backbone.logit_scale)
     zs_metrics = accuracy_metrics(predict_logits(zs_head, test_feats), test_labels, dataset.classnames)
+    base_info: dict = {}
+    if config.base is not None:  # TaskRes*: the base rebuilt with a loaded or tuned text projection
+        base, projection, base_info = enhanced_base(backbone, dataset.classnames, dataset.templates, config.base,
+                                                    train_views, labels, val_feats, val_labels, config.seed,
+                                                    setup.device, setup.quiet)
+        base_info["enhanced_base_accuracy"] = accuracy_metrics(
+            predict_logits(TaskResHead(base, backbone.logit_scale), test_feats), test_labels,
+            dataset.classnames)["accuracy"]
+        if run is not None and config.base.tune:
+            save_projection(run / PROJECTION_FILE, projection, {"backbone": json.dumps(backbone.identity),
+                                                                "dataset": dataset.name, "shots": str(config.shots),
+                                                                "seed": str(config.seed)})
+            base_info["text_projection_file"] = str(run / PROJECTION_FILE)
 
     spec = get_method(config.method)
     log = EpochLog(run / LOG) if run is not None else None
@@ -192,11 +233,14 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
     if val_feats is not None and len(val_feats):
         metrics["val_accuracy"] = accuracy_metrics(predict_logits(head, val_feats), val_labels,
                                                    dataset.classnames)["accuracy"]
+    metrics.update(base_info)
     metrics.update(ctx.extras)
     if run is not None:
-        write_json(run / CONFIG, _run_config("train", backbone, dataset, setup, method=config.method,
-                                             shots=config.shots, seed=config.seed, views=config.views,
-                                             method_config=asdict(config.method_config), optim=asdict(config.optim)))
+        write_json(run / CONFIG, _run_config(
+            "train", backbone, dataset, setup, method=config.method, shots=config.shots, seed=config.seed,
+            views=config.views, method_config=asdict(config.method_config),
+            optim=asdict(config.optim) if config.optim is not None else None,
+            base=asdict(config.base) if config.base is not None else None))
         save_classifier(run / CLASSIFIER, config.method, head, list(dataset.classnames), list(dataset.class_ids))
         write_json(run / METRICS, metrics)
     return head, metrics

@@ -16,11 +16,12 @@ from taskres.engine import OptimConfig
 class FitContext:
     base: torch.Tensor  # (C, D) base classifier: mean un-normalised text embedding over templates
     logit_scale: float  # tau = exp(logit_scale) of the backbone
-    train_views: torch.Tensor  # (V, N, D) cached features of the few-shot images, one slice per view
+    train_views: torch.Tensor  # (V, N, D) cached features of the few-shot images, one slice per view (V = 1, the
+    # test transform, with --views 0)
     train_labels: torch.Tensor  # (N,)
     val_features: torch.Tensor | None  # (M, D) few-shot validation features (test transform), or None
     val_labels: torch.Tensor | None  # (M,)
-    optim: OptimConfig
+    optim: OptimConfig | None  # None for training-free methods
     seed: int
     shots: int
     classnames: Sequence[str]

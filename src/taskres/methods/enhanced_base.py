@@ -1,0 +1,179 @@
+"""TaskRes* (the paper's enhanced base): the base classifier rebuilt after replacing CLIP's text projection.
+
+The projection is the text encoder's last operation, so the base for a projection P (W, D) is
+
+    t(P)_c = mean over templates of  h_{c,k} @ P        h_{c,k}: (W,) pre-projection feature of template k, class c
+
+and the h are computed once. ``--base-weights FILE`` reads P from the authors' released
+``strong_base/<Dataset>/rn50_<K>shots/model.pth.tar`` (``state_dict["weight"]`` is a linear layer's weight, (D, W),
+so P = weight.t(); the file also pickles optimiser and scheduler objects, read inertly by ``taskres.safe_load``) or
+from our own ``text_projection.safetensors``. The official code applies the file only when CLIP runs in fp16; here
+it applies in every precision (the projection is done in fp32).
+
+``--enhance-base`` tunes P itself, from CLIP's, on the few-shot training features for 50 epochs (the paper's only
+stated setting) by cross-entropy of ``tau * cos(f, t(P))``. The optimiser and learning rate are not public: Adam, the
+TaskRes schedule (warm-up epoch, cosine), batch 256, no weight decay, and the learning rate picked on the few-shot
+validation split from ``lrs`` (first best; ``search="none"`` or no validation split: ``lr``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from taskres.backbones import Backbone
+from taskres.engine import OptimConfig, fit
+from taskres.errors import TaskResError
+from taskres.methods.taskres import zero_shot_logits
+from taskres.safe_load import load_checkpoint
+from taskres.text import check_templates
+from taskres.text_tower import check_text_tower, pooled_text, projection
+
+logger = logging.getLogger(__name__)
+
+PROJECTION_FILE = "text_projection.safetensors"
+
+
+@dataclass(frozen=True)
+class EnhancedBaseConfig:
+    """Where the enhanced base's projection comes from: a file (``weights``) or tuning (``tune``)."""
+
+    weights: str | None = None
+    tune: bool = False
+    epochs: int = 50
+    lr: float = 1e-3  # used without a search (search="none" or no validation split)
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    search: str = "val"
+    batch_size: int = 256
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lrs", tuple(float(x) for x in self.lrs))
+        if (self.weights is None) == (not self.tune):
+            raise TaskResError("an enhanced base needs exactly one source: --base-weights FILE or --enhance-base.")
+        if self.search not in ("val", "none"):
+            raise TaskResError(f"--search must be 'val' or 'none'; got {self.search!r}.")
+        if self.epochs < 1 or not self.lr > 0 or not all(x > 0 for x in self.lrs):
+            raise TaskResError(f"the base tuning needs epochs >= 1 and positive learning rates; got {self.epochs!r}, "
+                               f"{self.lr!r}, {self.lrs!r}.")
+
+    def optim(self, lr: float) -> OptimConfig:
+        return OptimConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size, weight_decay=self.weight_decay)
+
+
+@torch.no_grad()
+def pre_projection_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(C, T, W) float32: the pooled text features before the projection, names as written (SPEC base)."""
+    model = check_text_tower(backbone, "the enhanced base")
+    templates = check_templates(templates)
+    rows = []
+    for name in classnames:
+        tokens = backbone.tokenizer([t.format(name) for t in templates]).to(backbone.device)
+        rows.append(pooled_text(model, tokens).float())  # (T, W)
+    return torch.stack(rows).cpu()
+
+
+def base_from_projection(pre: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """(C, T, W) x (W, D) -> (C, D): the mean over templates of the projected features, per class as the base."""
+    return torch.stack([(h @ proj).mean(dim=0) for h in pre.float()])
+
+
+def load_projection(path: str | Path) -> torch.Tensor:
+    """(W, D) float32 text projection from our safetensors export or a ``strong_base`` checkpoint."""
+    path = Path(path)
+    what = "--base-weights file"
+    if not path.is_file():
+        raise TaskResError(f"{what} {str(path)!r} does not exist; pass a strong_base .../model.pth.tar or a "
+                           f"{PROJECTION_FILE} written by --enhance-base.")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                if "text_projection" not in f.keys():
+                    raise TaskResError(f"{what} {str(path)!r} has no 'text_projection' tensor; pass a "
+                                       f"{PROJECTION_FILE} written by --enhance-base.")
+                proj = f.get_tensor("text_projection")
+        except (SafetensorError, OSError) as err:
+            raise TaskResError(f"{what} {str(path)!r} is not a readable safetensors file ({err}).") from None
+    else:
+        ckpt = load_checkpoint(path, what)
+        state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+        weight = state.get("weight") if isinstance(state, dict) else None
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TaskResError(f"{what} {str(path)!r} does not hold state_dict['weight'] as a 2-D tensor (the "
+                               "strong_base layout: a linear layer's (D, W) weight).")
+        proj = weight.t()
+    if proj.dim() != 2:
+        raise TaskResError(f"{what} {str(path)!r}: the text projection must be 2-D; got {tuple(proj.shape)}.")
+    return proj.float().contiguous()
+
+
+def save_projection(path: str | Path, proj: torch.Tensor, metadata: dict[str, str]) -> None:
+    save_file({"text_projection": proj.detach().float().contiguous().cpu()}, str(path),
+              metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection",
+                        **metadata})
+
+
+class ProjectionHead(nn.Module):
+    """logits = tau * cos(f, t(P)) with P trainable; templates averaged before projecting (equal by linearity)."""
+
+    def __init__(self, pre: torch.Tensor, proj: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.register_buffer("pre_mean", pre.float().mean(dim=1))  # (C, W)
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.text_projection = nn.Parameter(proj.detach().float().clone())  # (W, D)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return zero_shot_logits(image_features.float(), self.pre_mean @ self.text_projection, self.logit_scale)
+
+
+def tune_projection(pre: torch.Tensor, proj: torch.Tensor, logit_scale: float, train_views: torch.Tensor,
+                    train_labels: torch.Tensor, val_features: torch.Tensor | None, val_labels: torch.Tensor | None,
+                    config: EnhancedBaseConfig, seed: int, device: str = "cpu", quiet: bool = False
+                    ) -> tuple[torch.Tensor, dict]:
+    """Tune P on the training views; return (P (W, D), info with the chosen lr and the search)."""
+    has_val = val_features is not None and len(val_features) > 0
+    lrs = config.lrs if config.search == "val" and has_val else (config.lr,)
+    best: tuple[float, float, torch.Tensor] | None = None
+    search = []
+    for lr in lrs:
+        head = ProjectionHead(pre, proj, logit_scale)
+        fit(head, train_views, train_labels, config.optim(lr), seed=seed, device=device, quiet=quiet)
+        head = head.cpu()
+        acc = float("nan")
+        if has_val:
+            with torch.no_grad():
+                acc = 100.0 * float((head(val_features).argmax(1) == val_labels).float().mean())
+        search.append({"lr": lr, "val_accuracy": acc})
+        if best is None or acc > best[0]:
+            best = (acc, lr, head.text_projection.detach().clone())
+    return best[2], {"enhanced_base_lr": best[1], "enhanced_base_search": search}
+
+
+def enhanced_base(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
+                  config: EnhancedBaseConfig, train_views: torch.Tensor, train_labels: torch.Tensor,
+                  val_features: torch.Tensor | None, val_labels: torch.Tensor | None, seed: int,
+                  device: str = "cpu", quiet: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(base (C, D), projection (W, D), info for metrics.json)."""
+    pre = pre_projection_features(backbone, classnames, templates)
+    original = projection(backbone.model).detach().float().cpu()
+    if config.weights is not None:
+        proj = load_projection(config.weights)
+        if proj.shape != original.shape:
+            raise TaskResError(f"--base-weights file {config.weights!r} holds a ({proj.shape[0]}, {proj.shape[1]}) "
+                               f"text projection, but backbone {backbone.identity.get('spec')!r} needs "
+                               f"({original.shape[0]}, {original.shape[1]}) (text width, embedding dim); use the "
+                               "file made for this backbone (strong_base files are for RN50).")
+        info = {"base_weights_sha256": hashlib.sha256(Path(config.weights).read_bytes()).hexdigest()}
+    else:
+        proj, info = tune_projection(pre, original, backbone.logit_scale, train_views, train_labels, val_features,
+                                     val_labels, config, seed, device, quiet)
+    info["text_projection_change"] = float((proj - original).norm() / original.norm())
+    return base_from_projection(pre, proj), proj, info

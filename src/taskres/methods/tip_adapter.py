@@ -1,0 +1,173 @@
+"""Tip-Adapter (Zhang et al., ECCV 2022): zero-shot CLIP plus a key-value cache of the few-shot images, training-free.
+
+    logits = s * f W^T + a * exp(-b * (1 - f K^T)) V
+    f: (N, D) normalised image features;  W: (C, D) normalised base classifier;  s = exp(logit_scale)
+    K: (NK, D) cache keys = each support image's raw features averaged over its augmented views, then normalised
+    V: (NK, C) one-hot labels of the support images
+
+With a = 0 the head is zero-shot CLIP. a and b are searched on the few-shot validation split over the official grid
+(gaopengcuhk/Tip-Adapter ``utils.search_hp``): ``b_i = i * (scale_b - 0.1) / steps_b + 0.1`` for i < steps_b, the same
+for a, b in the outer loop, first best kept. Initial values and search scales are the public per-dataset configs
+(``configs/<dataset>.yaml``, RN50); ``search_step`` is [200, 20] in all of them. Tip-Adapter-F
+(``tip_adapter_f.py``) trains K with this same head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taskres.errors import TaskResError
+from taskres.methods.base import FitContext
+from taskres.methods.taskres import zero_shot_logits
+
+# Tip-Adapter's configs/<dataset>.yaml: (init_beta, init_alpha, search_scale [beta, alpha]), keyed by our names.
+PUBLIC_CONFIGS = {
+    "imagenet": (1.0, 1.17, (7.0, 3.0)),
+    "caltech101": (1.0, 3.0, (12.0, 5.0)),
+    "oxford_pets": (1.0, 1.17, (7.0, 3.0)),
+    "stanford_cars": (1.0, 3.0, (20.0, 10.0)),
+    "oxford_flowers": (1.0, 10.0, (50.0, 50.0)),
+    "food101": (1.0, 1.17, (10.0, 10.0)),
+    "fgvc_aircraft": (1.0, 5.0, (30.0, 30.0)),
+    "sun397": (1.0, 1.17, (12.0, 10.0)),
+    "dtd": (1.0, 2.0, (13.0, 13.0)),
+    "eurosat": (1.0, 2.0, (12.0, 10.0)),
+    "ucf101": (1.0, 3.0, (7.0, 3.0)),
+}
+# Our choice for datasets without a public config: the most common initial values and the Food101 grid (a and b up
+# to 10), which spans most of the published grids.
+GENERIC = (1.0, 1.17, (10.0, 10.0))
+
+
+@dataclass(frozen=True)
+class TipAdapterConfig:
+    alpha: float | None = None  # a; with --search none, None means init_alpha
+    beta: float | None = None  # b; with --search none, None means init_beta
+    init_alpha: float = GENERIC[1]
+    init_beta: float = GENERIC[0]
+    search: str = "val"  # "val": grid search on the few-shot validation split; "none"
+    search_scale: tuple[float, float] = GENERIC[2]  # (b, a) upper ends of the grids
+    search_step: tuple[int, int] = (200, 20)  # (b steps, a steps)
+    preset: str = "generic"  # the public config the values come from
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "search_scale", tuple(float(x) for x in self.search_scale))
+        object.__setattr__(self, "search_step", tuple(int(x) for x in self.search_step))
+        if self.search not in ("val", "none"):
+            raise TaskResError(f"--search must be 'val' or 'none'; got {self.search!r}.")
+        if self.search == "val" and (self.alpha is not None or self.beta is not None):
+            raise TaskResError("--tip-alpha/--tip-beta fix Tip-Adapter's a and b, which --search val would search; "
+                               "pass --search none with them.")
+        if any(v is not None and v < 0 for v in (self.alpha, self.beta)) or min(self.search_step) < 1:
+            raise TaskResError(f"--tip-alpha and --tip-beta must be >= 0 and the search steps >= 1; got a="
+                               f"{self.alpha!r}, b={self.beta!r}, steps={self.search_step!r}.")
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **overrides) -> "TipAdapterConfig":
+        """The public config of ``dataset`` (a benchmark name), or the generic one."""
+        beta, alpha, scale = PUBLIC_CONFIGS.get(dataset, GENERIC)
+        preset = dataset if dataset in PUBLIC_CONFIGS else "generic"
+        return cls(init_alpha=alpha, init_beta=beta, search_scale=scale, preset=preset, **overrides)
+
+
+class TipAdapterHead(nn.Module):
+    def __init__(self, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, logit_scale: float,
+                 alpha: float, beta: float, train_keys: bool = False, config: TipAdapterConfig | None = None):
+        super().__init__()
+        self.config = config
+        self.register_buffer("base_text_features", base.detach().float().clone())  # (C, D)
+        self.register_buffer("cache_values", values.detach().float().clone())  # (NK, C)
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        keys = keys.detach().float().clone()  # (NK, D)
+        if train_keys:
+            self.cache_keys = nn.Parameter(keys)
+        else:
+            self.register_buffer("cache_keys", keys)
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def affinity(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, NK): normalised features against the keys."""
+        return F.normalize(image_features.float(), dim=-1) @ self.cache_keys.t()
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(N, D) un-normalised image features -> (N, C) logits."""
+        clip_logits = zero_shot_logits(image_features.float(), self.base_text_features, self.logit_scale)
+        cache_logits = torch.exp(-(self.beta - self.beta * self.affinity(image_features))) @ self.cache_values
+        return clip_logits + self.alpha * cache_logits
+
+    def select_classes(self, rows: list[int]) -> "TipAdapterHead":
+        return TipAdapterHead(self.base_text_features[rows], self.cache_keys, self.cache_values[:, rows],
+                              float(self.logit_scale), self.alpha, self.beta, config=self.config)
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {"base_text_features": self.base_text_features, "cache_keys": self.cache_keys.detach(),
+                   "cache_values": self.cache_values}
+        meta = {"alpha": self.alpha, "beta": self.beta, "logit_scale": float(self.logit_scale),
+                "config": asdict(self.config) if self.config is not None else None}
+        return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, meta
+
+    @classmethod
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "TipAdapterHead":
+        config = TipAdapterConfig(**meta["config"]) if meta.get("config") else None
+        return cls(tensors["base_text_features"], tensors["cache_keys"], tensors["cache_values"],
+                   float(meta["logit_scale"]), float(meta["alpha"]), float(meta["beta"]), config=config)
+
+
+def build_cache(train_views: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, N, D) raw features -> keys (N, D): mean over views, normalised; values (N, C): one-hot labels."""
+    keys = F.normalize(train_views.float().mean(dim=0), dim=-1)
+    return keys, F.one_hot(labels, num_classes).float()
+
+
+def grid(scale: float, steps: int) -> list[float]:
+    return [i * (scale - 0.1) / steps + 0.1 for i in range(steps)]
+
+
+@torch.no_grad()
+def search_alpha_beta(head: TipAdapterHead, features: torch.Tensor, labels: torch.Tensor,
+                      config: TipAdapterConfig) -> tuple[float, float, float]:
+    """(a, b, accuracy %) with the best accuracy on (features, labels); b outer, a inner, first best kept."""
+    features, labels = features.to(head.cache_keys.device), labels.to(head.cache_keys.device)
+    clip_logits = zero_shot_logits(features.float(), head.base_text_features, head.logit_scale)  # (M, C)
+    affinity = head.affinity(features)  # (M, NK)
+    alpha_list = grid(config.search_scale[1], config.search_step[1])
+    alphas = torch.tensor(alpha_list, device=clip_logits.device)
+    best = (-1, 0.0, 0.0)
+    for beta in grid(config.search_scale[0], config.search_step[0]):
+        cache_logits = torch.exp(-(beta - beta * affinity)) @ head.cache_values  # (M, C)
+        logits = clip_logits + alphas.view(-1, 1, 1) * cache_logits  # (A, M, C)
+        correct = (logits.argmax(dim=-1) == labels).sum(dim=1)  # (A,)
+        i = int(correct.argmax())  # the first of the best a for this b
+        if int(correct[i]) > best[0]:
+            best = (int(correct[i]), alpha_list[i], beta)
+    return best[1], best[2], 100.0 * best[0] / len(labels)
+
+
+def require_val(ctx: FitContext) -> None:
+    if ctx.val_features is None or not len(ctx.val_features):
+        raise TaskResError("Tip-Adapter searches a and b on the few-shot validation split, and this dataset has "
+                           "none; pass --search none (with --tip-alpha A --tip-beta B, or the initial values).")
+
+
+def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterConfig) -> TipAdapterHead:
+    """Set the head's a and b: searched on the few-shot val split, or the fixed/initial values."""
+    if config.search == "val":
+        require_val(ctx)
+        head.alpha, head.beta, acc = search_alpha_beta(head, ctx.val_features, ctx.val_labels, config)
+        ctx.extras["tip_search_val_accuracy"] = acc
+    else:
+        head.alpha = config.init_alpha if config.alpha is None else config.alpha
+        head.beta = config.init_beta if config.beta is None else config.beta
+    ctx.extras.update(tip_alpha=head.alpha, tip_beta=head.beta)
+    return head
+
+
+def fit_tip_adapter(ctx: FitContext, config: TipAdapterConfig) -> TipAdapterHead:
+    keys, values = build_cache(ctx.train_views, ctx.train_labels, ctx.base.shape[0])
+    head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta,
+                          config=config)
+    return choose_alpha_beta(head, ctx, config)

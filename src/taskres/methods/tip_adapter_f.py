@@ -1,0 +1,54 @@
+"""Tip-Adapter-F: Tip-Adapter's cache keys K become trainable, initialised from the cache (gaopengcuhk/Tip-Adapter
+``main.py``, ``run_tip_adapter_F``).
+
+Trained with the initial a and b, by cross-entropy on the few-shot images, a fresh augmented view of every image
+each epoch (view ``e % V`` of the cached bank). AdamW (lr 1e-3, eps 1e-4, weight decay 0.01: torch's default, which
+the public code keeps), cosine over all iterations, batch 256, the partial batch kept, 20 epochs (EuroSAT: 100).
+The public code picks the epoch by test accuracy; here the epoch with the best few-shot validation accuracy is kept
+(first best), then a and b are searched on the validation split as for Tip-Adapter. Only K changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from taskres.engine import OptimConfig, fit
+from taskres.methods.base import FitContext
+from taskres.methods.tip_adapter import (TipAdapterConfig, TipAdapterHead, build_cache, choose_alpha_beta,
+                                          require_val)
+
+
+def optim_preset(shots: int, dataset: str) -> OptimConfig:
+    """Tip-Adapter-F's optimiser: ``taskres train --method tip-adapter-f`` (configs/<dataset>.yaml: train_epoch)."""
+    return OptimConfig(lr=1e-3, epochs=100 if dataset == "eurosat" else 20, batch_size=256, weight_decay=0.01,
+                       optimizer="adamw", eps=1e-4, schedule="iteration", warmup_epochs=0, drop_last="never")
+
+
+def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> TipAdapterHead:
+    keys, values = build_cache(ctx.train_views, ctx.train_labels, ctx.base.shape[0])
+    head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta,
+                          train_keys=True, config=config)
+    select = config.search == "val"
+    if select:
+        require_val(ctx)
+    best = {"accuracy": -1.0, "epoch": ctx.optim.epochs - 1, "keys": None}
+
+    def on_epoch(record: dict) -> None:
+        if select:
+            with torch.no_grad():
+                device = head.cache_keys.device
+                pred = head(ctx.val_features.to(device)).argmax(dim=1).cpu()
+            record["val_accuracy"] = 100.0 * float((pred == ctx.val_labels).float().mean())
+            if record["val_accuracy"] > best["accuracy"]:
+                best.update(accuracy=record["val_accuracy"], epoch=record["epoch"],
+                            keys=head.cache_keys.detach().clone())
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(record)
+
+    fit(head, ctx.train_views, ctx.train_labels, ctx.optim, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch,
+        quiet=ctx.quiet)
+    if best["keys"] is not None:
+        with torch.no_grad():
+            head.cache_keys.copy_(best["keys"])
+    ctx.extras["tip_f_epoch"] = best["epoch"]
+    return choose_alpha_beta(head.cpu(), ctx, config)
