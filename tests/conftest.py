@@ -93,3 +93,21 @@ def split_dataset(tmp_path) -> tuple[Path, Path]:
 @pytest.fixture()
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "folder")
+
+
+@pytest.fixture()
+def env(tmp_path, split_dataset, openai_rn_file):
+    """(tmp folder, the common CLI arguments for the generated split-file dataset, its image folder)."""
+    image_dir, split_file = split_dataset
+    base = ["--data", str(image_dir), "--split-file", str(split_file), "--backbone", str(openai_rn_file),
+            "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"]
+    return tmp_path, base, image_dir
+
+
+def run_cli(argv, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    from taskres.cli import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -7,21 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from taskres.cli import main
+from conftest import run_cli as run
 
 
-@pytest.fixture()
-def env(tmp_path, split_dataset, openai_rn_file):
-    image_dir, split_file = split_dataset
-    base = ["--data", str(image_dir), "--split-file", str(split_file), "--backbone", str(openai_rn_file),
-            "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"]
-    return tmp_path, base, image_dir
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 METHOD_ARGS = {

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from taskres.errors import TaskResError, suggest
 
@@ -341,5 +340,3 @@ def _load_shipped(name: str) -> tuple[torch.nn.Module, Any, dict]:
     return model, open_clip.get_tokenizer(name), identity
 
 
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)

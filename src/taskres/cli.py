@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, data=False, backbone=False)
 
     p = sub.add_parser("demo", help="the offline main job: a shipped mini CLIP on generated tasks")
-    p.add_argument("--out", default="taskres-demo", help="output folder (default ./taskres-demo)")
+    p.add_argument("--out", default="demo-out", help="output folder (default ./demo-out)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per shot count (default 3: seeds 1..N)")
     p.add_argument("--views", type=int, default=10, help="augmented views per training image (default 10)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -41,7 +41,7 @@ def plot_accuracy_vs_shots(records: Sequence[dict], path: str | Path) -> None:
 
     summary = summarise(records)
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for i, task in enumerate(tasks):
         colour = f"C{i}"
         ks = sorted(k for (t, m, k) in summary if t == task and m == "taskres")
@@ -55,7 +55,7 @@ def plot_accuracy_vs_shots(records: Sequence[dict], path: str | Path) -> None:
     ax.set_xlabel("shots per class")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("TaskRes against shots (dashed: zero-shot)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
