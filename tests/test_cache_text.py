@@ -86,7 +86,8 @@ def test_flipped_bytes_fail_the_checksum(backbone, images, tmp_path, caplog):
 
 def test_interrupted_extraction_resumes(backbone, images, tmp_path):
     images[5].write_bytes(b"not an image")
-    cache = FeatureCache(tmp_path / "c", chunk_size=2, batch_size=2, quiet=True)
+    # chunks hold up to 1024 images: the four encoded before the error are flushed when it stops
+    cache = FeatureCache(tmp_path / "c", batch_size=2, quiet=True)
     with pytest.raises(TaskResError, match=r"5.png' cannot be decoded"):
         cache.features(backbone, images)
     Image.new("RGB", (40, 40), (0, 0, 255)).save(images[5])

@@ -121,30 +121,29 @@ class FeatureCache:
         pending: list[torch.Tensor] = []
         bad: set[str] = set()
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=self.quiet, leave=False)
-        for idx, pixels, errors in loader:
-            first_error = next((e for e in errors if e), "")
-            if first_error and not skip_bad:
-                if folder is not None and pending:  # keep what is done, so that a rerun resumes
+        try:
+            for idx, pixels, errors in loader:
+                first_error = next((e for e in errors if e), "")
+                if first_error and not skip_bad:
+                    raise TaskResError(first_error)
+                feats = backbone.encode_images(pixels).cpu()
+                self.encoded += len(idx)
+                for i, f, error in zip(idx.tolist(), feats, errors):
+                    if not error:
+                        store[keys[i]] = f
+                        pending_keys.append(keys[i])
+                        pending.append(f)
+                    else:
+                        bad.add(keys[i])
+                        logger.warning("skipping undecodable image %s", paths[i])
+                if folder is not None and len(pending) >= self.chunk_size:
                     _write_chunk(folder, pending_keys, pending)
-                bar.close()
-                raise TaskResError(first_error)
-            feats = backbone.encode_images(pixels).cpu()
-            self.encoded += len(idx)
-            for i, f, error in zip(idx.tolist(), feats, errors):
-                if not error:
-                    store[keys[i]] = f
-                    pending_keys.append(keys[i])
-                    pending.append(f)
-                else:
-                    bad.add(keys[i])
-                    logger.warning("skipping undecodable image %s", paths[i])
-            if folder is not None and len(pending) >= self.chunk_size:
+                    pending_keys, pending = [], []
+                bar.update(len(idx))
+        finally:  # also on an error or Ctrl-C: what is encoded is kept, so that a rerun resumes from it
+            bar.close()
+            if folder is not None and pending:
                 _write_chunk(folder, pending_keys, pending)
-                pending_keys, pending = [], []
-            bar.update(len(idx))
-        bar.close()
-        if folder is not None and pending:
-            _write_chunk(folder, pending_keys, pending)
         return bad
 
 
