@@ -31,7 +31,7 @@ def random_backbone(name: str, device: str) -> Backbone:
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     return Backbone(model, open_clip.get_tokenizer(name), int(size), {"kind": "random", "arch": name},
-                    torch.device(device))
+                    device=torch.device(device))
 
 
 def extraction(name: str, paths: list[Path], device: str) -> tuple[float, float]:

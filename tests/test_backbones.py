@@ -117,3 +117,38 @@ def test_named_weights_found_in_weights_dir(tmp_path, monkeypatch, openai_rn_fil
     (tmp_path / "RN50.pt").write_bytes(openai_rn_file.read_bytes())
     b = load_backbone("RN50")
     assert b.identity["name"] == "RN50" and b.identity["kind"] == "openai"
+
+
+def test_open_clip_tag_keeps_the_tags_activation(tmp_path, monkeypatch):
+    """A tag trained with QuickGELU (as every 'openai' tag) gets it even though the config file says GELU."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = tmp_path / "tiny-test-tagged.json"
+    cfg.write_text(json.dumps(TINY_RN))
+    open_clip.add_model_config(cfg)
+    model = tiny_clip(TINY_RN, seed=7, quick_gelu=True)
+    weights = tmp_path / "tagged.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-test-tagged",
+                        {"quickish": {"file": str(weights), "quick_gelu": True}, "plain": {"file": str(weights)}})
+    b = load_backbone("tiny-test-tagged:quickish")
+    assert has_quick_gelu(b.model) and b.identity["quick_gelu"] is True
+    assert b.identity["sha256"] and b.identity["tag"] == "quickish"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(b.encode_images(x), model.encode_image(x))
+    assert not has_quick_gelu(load_backbone("tiny-test-tagged:plain").model)
+
+
+def test_logit_scale_is_read_before_casting(openai_rn_file):
+    fp32 = load_backbone(str(openai_rn_file))
+    bf16 = load_backbone(str(openai_rn_file), precision="bf16")
+    assert bf16.logit_scale == fp32.logit_scale
+    assert bf16.identity["precision"] == "bf16" and next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert bf16.encode_images(torch.randn(1, 3, 32, 32)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("device,match", [("foo", "is not a torch device"), ("cuda:99", "GPU")])
+def test_bad_device(openai_rn_file, device, match):
+    with pytest.raises(TaskResError, match=match):
+        load_backbone(str(openai_rn_file), device=device)

@@ -146,3 +146,48 @@ def test_eval_and_predict_refuse_incomplete_runs(env, capsys):
     (tmp / "half" / "config.json").write_text("{}")
     code, _, err = run(["predict", "--run", str(tmp / "half"), "x.png"], capsys)
     assert code == 2 and "incomplete (no metrics.json)" in err
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--encode-batch-size", "0", "--encode-batch-size must be >= 1"),
+    ("--workers", "-1", "--workers must be >= 0"),
+    ("--device", "foo", "is not a torch device"),
+    ("--template", "a {} of {x}", "has braces other than"),
+])
+def test_bad_option_values_exit_2(env, capsys, flag, value, match):
+    tmp, base, _ = env
+    args = ["zeroshot", *base, "--out", str(tmp / "zs")]
+    args = replace_arg(args, flag, value) if flag in args else [*args, flag, value]
+    code, _, err = run(args, capsys)
+    assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_eval_refuses_to_write_into_a_run_and_a_changed_dataset(env, capsys):
+    tmp, base, image_dir = env
+    assert run(["train", *base, "--shots", "2", "--seed", "1", "--epochs", "2", "--views", "0",
+                "--out", str(tmp / "r")], capsys)[0] == 0
+    before = (tmp / "r" / "metrics.json").read_text()
+    code, _, err = run(["eval", "--run", str(tmp / "r"), "--quiet", "--out", str(tmp / "r")], capsys)
+    assert code == 2 and "is a run folder" in err
+    assert (tmp / "r" / "metrics.json").read_text() == before
+    split_file = base[base.index("--split-file") + 1]
+    splits = json.loads(open(split_file).read())
+    splits["test"] = splits["test"][:-1]
+    open(split_file, "w").write(json.dumps(splits))
+    code, _, err = run(["eval", "--run", str(tmp / "r"), "--quiet"], capsys)
+    assert code == 2 and "has changed since it was trained" in err
+
+
+def test_coop_split_file_name_brings_the_benchmark_presets(tmp_path, openai_rn_file, capsys):
+    from conftest import make_split_dataset
+
+    image_dir, split_file = make_split_dataset(tmp_path / "flowers")
+    renamed = split_file.with_name("split_zhou_OxfordFlowers.json")
+    split_file.rename(renamed)
+    code, _, err = run(["train", "--data", str(image_dir), "--split-file", str(renamed), "--backbone",
+                        str(openai_rn_file), "--cache-dir", str(tmp_path / "c"), "--quiet", "--shots", "1",
+                        "--seed", "1", "--epochs", "2", "--views", "0", "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["dataset"]["name"] == "oxford_flowers" and config["method_config"]["alpha"] == 1.0
+    assert config["dataset"]["templates"] == ["a photo of a {}, a type of flower."]

@@ -55,6 +55,7 @@ class Backbone:
     tokenizer: Any
     image_size: int
     identity: dict
+    logit_scale: float = 100.0  # tau = exp(logit_scale), read in fp32 before any cast to a lower precision
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     mean: tuple[float, ...] = OPENAI_MEAN
@@ -65,15 +66,10 @@ class Backbone:
         """Hash of everything about the backbone that changes its features (weights, architecture, precision)."""
         return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
 
-    @property
-    def logit_scale(self) -> float:
-        """tau = exp(logit_scale), about 100 for OpenAI CLIP."""
-        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
-
-    @property
+    @cached_property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if isinstance(self.model.text_projection, torch.Tensor) \
-            else int(self.model.text_projection.weight.shape[0])
+        """D, read off the text encoder's output (works for every open_clip text tower)."""
+        return int(self.encode_text(["a"]).shape[-1])
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,7 +84,7 @@ class Backbone:
 
 
 def default_weights_dir() -> Path:
-    return Path(os.environ.get(WEIGHTS_ENV) or Path.home() / ".cache" / "taskres" / "weights")
+    return Path(os.environ.get(WEIGHTS_ENV) or Path.home() / ".cache" / "taskres" / "weights").expanduser()
 
 
 def known_backbones() -> list[str]:
@@ -113,8 +109,8 @@ def load_backbone(
 
     if precision not in PRECISIONS:
         raise TaskResError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}.")
-    device = torch.device(device)
-    weights_dir = Path(weights_dir) if weights_dir else default_weights_dir()
+    device = parse_device(device)
+    weights_dir = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
     path = Path(spec).expanduser()
     if spec in SHIPPED_MODELS:
         model, tokenizer, identity = _load_shipped(spec)
@@ -137,16 +133,41 @@ def load_backbone(
             f"{', '.join(OPENAI_MODELS)}; shipped: {', '.join(SHIPPED_MODELS)}; or an open_clip MODEL:PRETRAINED pair "
             "(list them with `python -c \"import open_clip; print(open_clip.list_pretrained())\"`), or a checkpoint path."
         )
-    identity = {**identity, "precision": precision, "spec": spec}
+    if not hasattr(model, "encode_text") or not hasattr(model, "logit_scale"):
+        raise TaskResError(f"backbone {spec!r} is not a CLIP-style model with a text encoder and a logit scale.")
+    # QuickGELU as built, not as configured: the activation changes every feature, so it must be visible.
+    identity = {**identity, "quick_gelu": _has_quick_gelu(model), "precision": precision, "spec": spec}
+    tau = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
     model = model.to(device=device, dtype=PRECISIONS[precision]).eval().requires_grad_(False)
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     mean = tuple(getattr(model.visual, "image_mean", None) or OPENAI_MEAN)
     std = tuple(getattr(model.visual, "image_std", None) or OPENAI_STD)
     identity.update(image_size=size, mean=list(mean), std=list(std))
-    logger.info("loaded backbone %s (%s, image size %d, dim %d)", spec, identity.get("arch"), size,
-                model.text_projection.shape[-1])
-    return Backbone(model, tokenizer, size, identity, device, PRECISIONS[precision], mean, std)
+    logger.info("loaded backbone %s (%s, image size %d, logit scale %.2f)", spec, identity.get("arch"), size, tau)
+    return Backbone(model, tokenizer, size, identity, tau, device, PRECISIONS[precision], mean, std)
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here, or a TaskResError that says which ones do."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TaskResError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TaskResError(f"--device {device} asks for a GPU, but CUDA is not available here; use --device cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TaskResError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here.")
+    elif device.type not in ("cpu", "mps"):
+        raise TaskResError(f"--device {device} is not supported; use cpu or cuda[:N].")
+    return device
+
+
+def _has_quick_gelu(model: torch.nn.Module) -> bool:
+    from open_clip.model import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
 
 
 # ---- OpenAI-format files -------------------------------------------------------------------------------------------
@@ -225,8 +246,7 @@ def _load_openai_file(path: Path) -> tuple[torch.nn.Module, dict]:
     except RuntimeError as err:
         raise TaskResError(f"backbone file {str(path)!r} does not match the CLIP architecture inferred from it "
                            f"({cfg['arch']}): {str(err).splitlines()[0]}") from None
-    identity = {"kind": "file", "format": "openai", "arch": cfg["arch"], "quick_gelu": True,
-                "sha256": file_sha256(path)}
+    identity = {"kind": "file", "format": "openai", "arch": cfg["arch"], "sha256": file_sha256(path)}
     return model, identity
 
 
@@ -281,29 +301,34 @@ def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module,
         raise TaskResError(f"unknown open_clip model {model_name!r} in backbone {spec!r}; "
                            f"{suggest(model_name, open_clip.list_models())}see open_clip.list_models().")
     file = Path(pretrained).expanduser()
+    quick_gelu = False
     if file.is_file():
-        identity = {"kind": "open_clip_file", "arch": model_name, "sha256": file_sha256(file)}
+        identity = {"kind": "open_clip_file", "arch": model_name}
         source = str(file)
     elif open_clip.pretrained.is_pretrained_cfg(model_name, pretrained):
         cfg = open_clip.pretrained.get_pretrained_cfg(model_name, pretrained)
         source = _find_open_clip_weights(spec, cfg, weights_dir)
+        # Loaded from a file path, open_clip would not apply the tag's activation (e.g. QuickGELU for 'openai').
+        quick_gelu = bool(cfg.get("quick_gelu", False))
         identity = {"kind": "open_clip", "arch": model_name, "tag": pretrained}
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise TaskResError(f"{pretrained!r} in backbone {spec!r} is neither a file nor a known tag of {model_name}; "
                            f"{suggest(pretrained, tags)}known tags: {', '.join(tags) or 'none'}.")
     try:
-        model = open_clip.create_model(model_name, pretrained=source, load_weights=True)
+        model = open_clip.create_model(model_name, pretrained=source, load_weights=True, force_quick_gelu=quick_gelu)
     except RuntimeError as err:
         raise TaskResError(f"could not load weights {source!r} into open_clip model {model_name!r}: "
                            f"{str(err).splitlines()[0]}") from None
-    identity["quick_gelu"] = bool(open_clip.get_model_config(model_name).get("quick_gelu", False))
+    identity["sha256"] = file_sha256(Path(source))
     return model, open_clip.get_tokenizer(model_name), identity
 
 
 def _find_open_clip_weights(spec: str, cfg: dict, weights_dir: Path) -> str:
     import open_clip
 
+    if cfg.get("file") and Path(cfg["file"]).is_file():  # a tag registered with a local file
+        return str(cfg["file"])
     hub = cfg.get("hf_hub", "")
     if hub:
         from huggingface_hub import try_to_load_from_cache

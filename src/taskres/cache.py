@@ -30,7 +30,7 @@ from taskres.errors import TaskResError
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 
 
 def image_key(path: str | Path) -> str:
@@ -49,12 +49,13 @@ class FeatureCache:
 
     def __init__(self, cache_dir: str | Path | None, batch_size: int = 32, workers: int = 0, quiet: bool = False,
                  chunk_size: int = 1024):
-        self.root = Path(cache_dir) / f"v{FORMAT}" if cache_dir is not None else None
+        self.root = Path(cache_dir).expanduser() / f"v{FORMAT}" if cache_dir is not None else None
         self.batch_size, self.workers, self.quiet, self.chunk_size = batch_size, workers, quiet, chunk_size
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
 
     def namespace(self, backbone: Backbone, view: int | None) -> dict:
-        weights = {k: v for k, v in backbone.identity.items() if k != "spec"}  # same weights, any spelling
+        # The same weights give the same features however they were named (RN50, a path, a MODEL:FILE pair).
+        weights = {k: v for k, v in backbone.identity.items() if k not in ("spec", "kind", "name")}
         return {"format": FORMAT, "backbone": weights,
                 "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view)}
 
@@ -103,7 +104,7 @@ class FeatureCache:
                 with safe_open(str(chunk), "pt") as f:
                     meta, feats = f.metadata() or {}, f.get_tensor("features")
                 keys = json.loads(meta["keys"])
-                if _digest(feats) != meta["sha256"] or len(keys) != feats.shape[0]:
+                if _digest(feats, meta["keys"]) != meta["sha256"] or len(keys) != feats.shape[0]:
                     raise ValueError("checksum mismatch")
             except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
                 logger.warning("feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded",
@@ -147,13 +148,17 @@ class FeatureCache:
         return bad
 
 
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+def _digest(t: torch.Tensor, keys: str) -> str:
+    """SHA-256 of a chunk: its image keys (as stored) and its feature bytes."""
+    h = hashlib.sha256(keys.encode())
+    h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _write_chunk(folder: Path, keys: list[str], feats: list[torch.Tensor]) -> None:
     tensor = torch.stack(feats).float().contiguous()
     name = f"chunk-{uuid.uuid4().hex}"
     tmp = folder / f".{name}.tmp"
-    save_file({"features": tensor}, str(tmp), metadata={"keys": json.dumps(keys), "sha256": _digest(tensor)})
+    keys_json = json.dumps(keys)
+    save_file({"features": tensor}, str(tmp), metadata={"keys": keys_json, "sha256": _digest(tensor, keys_json)})
     os.replace(tmp, folder / f"{name}.safetensors")

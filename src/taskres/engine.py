@@ -115,7 +115,7 @@ def fit(
     if not params:
         raise TaskResError("the method has no trainable parameters.")
     head.to(device).train()
-    views, labels = views.to(device), labels.to(device)
+    labels = labels.to(device)  # views move one epoch at a time: V views of a large set may not fit the device
     optimizer = make_optimizer(params, config)
     generator = torch.Generator().manual_seed(seed)
     drop_last = config.drop_last == "auto" and n >= config.batch_size
@@ -127,7 +127,7 @@ def fit(
             iteration_lr(config, epoch * steps_per_epoch, config.epochs * steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        feats = views[epoch % num_views]
+        feats = views[epoch % num_views].to(device)
         order = torch.randperm(n, generator=generator).to(device)
         total_loss, correct, seen = 0.0, 0, 0
         for step, start in enumerate(range(0, stop, config.batch_size)):

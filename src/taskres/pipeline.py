@@ -46,6 +46,15 @@ class Setup:
     skip_bad_images: bool = False
     weights_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise TaskResError(f"--encode-batch-size must be >= 1; got {self.batch_size}.")
+        if self.workers < 0:
+            raise TaskResError(f"--workers must be >= 0 (0 = load images in the main process); got {self.workers}.")
+        from taskres.backbones import parse_device
+
+        parse_device(self.device)
+
     def cache(self) -> FeatureCache:
         return FeatureCache(self.cache_dir, batch_size=self.batch_size, workers=self.workers, quiet=self.quiet)
 
@@ -67,10 +76,17 @@ def open_dataset(data: str | Path | None = None, split_file: str | Path | None =
     if data is None:
         raise TaskResError("no dataset given: pass --data DIR (with --split-file FILE for CoOp-format data), "
                            "or --dataset NAME --root ROOT for a benchmark.")
-    templates = check_templates(templates) if templates else ("a photo of a {}.",)
     if split_file is not None:
-        return load_split_file(split_file, data, templates)
-    return load_image_folder(data, templates)
+        from taskres.data.benchmarks import BENCHMARKS, benchmark_for_split_file
+
+        # CoOp's own split file: the benchmark's name (its presets) and, unless given, its templates (SPEC).
+        known = benchmark_for_split_file(split_file)
+        if known is not None:
+            logger.info("%s is CoOp's split file of %s: using its presets and default templates", split_file, known)
+        default = BENCHMARKS[known].templates if known is not None else ("a photo of a {}.",)
+        return load_split_file(split_file, data, check_templates(templates) if templates else default,
+                               name=known or "")
+    return load_image_folder(data, check_templates(templates) if templates else ("a photo of a {}.",))
 
 
 def reopen_dataset(source: dict) -> DatasetSplits:
@@ -262,8 +278,16 @@ def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = 
                  out: str | Path | None = None) -> dict:
     """Re-evaluate a run's classifier on its own test split, or on ``dataset``'s."""
     run, config = read_run(run)
+    if out is not None and (Path(out) / CONFIG).exists():
+        raise TaskResError(f"--out {str(out)!r} is a run folder; its metrics.json would be replaced. Write the "
+                           f"evaluation elsewhere, e.g. --out {str(Path(run) / 'eval')}.")
     head, classnames, class_ids = load_classifier(run / CLASSIFIER)
-    dataset = dataset if dataset is not None else reopen_dataset(config["dataset"])
+    if dataset is None:
+        dataset = reopen_dataset(config["dataset"])
+        if dataset.split_hash != config["dataset"]["split_hash"]:
+            raise TaskResError(f"the dataset of run {str(run)!r} has changed since it was trained (its split "
+                               "entries differ from the ones recorded); pass --data/--split-file or --dataset/--root "
+                               "to evaluate on the dataset as it is now, knowingly.")
     if class_ids and dataset.class_ids and list(dataset.class_ids) != class_ids:
         from taskres.data.benchmarks import map_class_rows
 

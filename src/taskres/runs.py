@@ -24,6 +24,7 @@ from taskres.methods import get_method
 
 CONFIG, SPLIT, CLASSIFIER, LOG, METRICS = (
     "config.json", "fewshot_split.json", "classifier.safetensors", "log.jsonl", "metrics.json")
+PROJECTION = "text_projection.safetensors"  # TaskRes* with --enhance-base
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -42,7 +43,8 @@ def prepare_run_dir(out: str | Path, overwrite: bool = False) -> Path:
         raise TaskResError(f"run folder {str(out)!r} already holds a finished run (metrics.json); choose another "
                            "--out, or pass --overwrite to replace it.")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (METRICS, LOG):  # an unfinished or replaced run starts its log and completion marker afresh
+    # An unfinished or replaced run starts afresh: the completion marker first, then what it described.
+    for name in (METRICS, LOG, CONFIG, SPLIT, CLASSIFIER, PROJECTION):
         (out / name).unlink(missing_ok=True)
     return out
 

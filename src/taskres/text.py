@@ -18,6 +18,11 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
         if t.count("{}") != 1:
             raise TaskResError(f"template {t!r} must contain exactly one '{{}}' where the class name goes, "
                                "e.g. 'a photo of a {}.'")
+        try:
+            t.format("x")
+        except (KeyError, IndexError, ValueError):
+            raise TaskResError(f"template {t!r} has braces other than the one '{{}}'; write a literal brace as "
+                               "'{{' or '}}'.") from None
     return tuple(templates)
 
 

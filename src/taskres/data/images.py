@@ -39,7 +39,9 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
 
 
 def view_seed(view: int, path: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{view}|{path}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    """Seed of view ``view`` of an image, from its absolute path (as the cache key), however it was spelled."""
+    key = f"{view}|{os.path.abspath(path)}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -51,7 +53,7 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
         raise TaskResError(f"image {path!r} cannot be decoded ({err}); replace or remove the file, or pass "
                            "--skip-bad-images to leave such images out.") from None
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,13 +35,12 @@ from taskres.backbones import Backbone
 from taskres.engine import OptimConfig, fit
 from taskres.errors import TaskResError
 from taskres.methods.taskres import zero_shot_logits
+from taskres.runs import PROJECTION as PROJECTION_FILE
 from taskres.safe_load import load_checkpoint
 from taskres.text import check_templates
 from taskres.text_tower import check_text_tower, pooled_text, projection
 
 logger = logging.getLogger(__name__)
-
-PROJECTION_FILE = "text_projection.safetensors"
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,12 @@ def load_projection(path: str | Path) -> torch.Tensor:
 
 
 def save_projection(path: str | Path, proj: torch.Tensor, metadata: dict[str, str]) -> None:
-    save_file({"text_projection": proj.detach().float().contiguous().cpu()}, str(path),
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    save_file({"text_projection": proj.detach().float().contiguous().cpu()}, str(tmp),
               metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection",
                         **metadata})
+    os.replace(tmp, path)
 
 
 class ProjectionHead(nn.Module):

@@ -20,7 +20,7 @@ from taskres.data.splits import DatasetSplits
 from taskres.errors import TaskResError, suggest
 
 __all__ = ["BENCHMARKS", "BenchmarkSpec", "Published", "benchmark_status", "dg_row_index", "list_benchmarks",
-           "load_benchmark", "map_class_rows"]
+           "load_benchmark", "map_class_rows", "benchmark_for_split_file"]
 
 _ORDER = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
           "sun397", "dtd", "eurosat", "ucf101", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
@@ -37,6 +37,12 @@ def get_benchmark(name: str) -> BenchmarkSpec:
     if name not in BENCHMARKS:
         raise TaskResError(f"unknown dataset {name!r}; {suggest(name, BENCHMARKS)}known: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[name]
+
+
+def benchmark_for_split_file(split_file: str | Path) -> str | None:
+    """The benchmark whose CoOp split file has this file name (``split_zhou_OxfordPets.json`` -> oxford_pets)."""
+    name = Path(split_file).name
+    return next((spec.name for spec in BENCHMARKS.values() if spec.split_source == name), None)
 
 
 def _abs_root(root: str | Path) -> Path:
