@@ -152,3 +152,20 @@ def test_logit_scale_is_read_before_casting(openai_rn_file):
 def test_bad_device(openai_rn_file, device, match):
     with pytest.raises(TaskResError, match=match):
         load_backbone(str(openai_rn_file), device=device)
+
+
+def test_custom_text_tower_models_load(tmp_path):
+    """open_clip's CustomTextCLIP (the class of SigLIP/CoCa-style configs) has no top-level text_projection."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = tmp_path / "tiny-test-custom.json"
+    cfg.write_text(json.dumps({**TINY_RN, "custom_text": True}))
+    open_clip.add_model_config(cfg)
+    model = open_clip.create_model("tiny-test-custom")
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    b = load_backbone(f"tiny-test-custom:{weights}")
+    assert type(b.model).__name__ == "CustomTextCLIP" and b.embed_dim == 32
+    torch.testing.assert_close(b.encode_text(["a photo of a cat."]),
+                               model.encode_text(b.tokenizer(["a photo of a cat."])))
