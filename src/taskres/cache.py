@@ -52,6 +52,7 @@ class FeatureCache:
         self.root = Path(cache_dir).expanduser() / f"v{FORMAT}" if cache_dir is not None else None
         self.batch_size, self.workers, self.quiet, self.chunk_size = batch_size, workers, quiet, chunk_size
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
+        self._stores: dict[Path, dict[str, torch.Tensor]] = {}  # namespace folder -> features read or encoded
 
     def namespace(self, backbone: Backbone, view: int | None) -> dict:
         # The same weights give the same features however they were named (RN50, a path, a MODEL:FILE pair).
@@ -66,7 +67,12 @@ class FeatureCache:
         keys = [image_key(p) for p in paths]
         ns = self.namespace(backbone, view)
         folder = self._folder(ns)
-        store = self._load(folder) if folder else {}
+        if folder is None:
+            store: dict[str, torch.Tensor] = {}
+        elif folder in self._stores:  # read once per object: train, val and test often share a namespace
+            store = self._stores[folder]
+        else:
+            store = self._stores[folder] = self._load(folder)
         todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
         bad: set[str] = set()
         if todo:
