@@ -16,6 +16,18 @@ def has_quick_gelu(model):
     return any(isinstance(m, QuickGELU) for m in model.modules())
 
 
+def register_tiny(tmp_path, name, model, cfg=TINY_RN):
+    """Register an open_clip config ``name`` for a tiny model and save its weights; return the weights file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    weights = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return weights
+
+
 def test_openai_state_dict(openai_rn_file):
     b = load_backbone(str(openai_rn_file))
     reference = tiny_clip(TINY_RN)  # the same seed the file was written from, in fp32
@@ -40,15 +52,8 @@ def test_openai_torchscript_archive(openai_vit_jit_file):
 
 def test_open_clip_config_with_weights_file(tmp_path):
     """MODEL:FILE: an open_clip config registered by name, weights from safetensors; the config picks GELU."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    cfg = tmp_path / "tiny-test-gelu.json"
-    cfg.write_text(json.dumps(TINY_RN))
-    open_clip.add_model_config(cfg)
     model = tiny_clip(TINY_RN, seed=5, quick_gelu=False)
-    weights = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights = register_tiny(tmp_path, "tiny-test-gelu", model)
     b = load_backbone(f"tiny-test-gelu:{weights}")
     assert not has_quick_gelu(b.model) and b.identity["quick_gelu"] is False
     x = torch.randn(2, 3, 32, 32)
@@ -122,14 +127,9 @@ def test_named_weights_found_in_weights_dir(tmp_path, monkeypatch, openai_rn_fil
 def test_open_clip_tag_keeps_the_tags_activation(tmp_path, monkeypatch):
     """A tag trained with QuickGELU (as every 'openai' tag) gets it even though the config file says GELU."""
     import open_clip
-    from safetensors.torch import save_file
 
-    cfg = tmp_path / "tiny-test-tagged.json"
-    cfg.write_text(json.dumps(TINY_RN))
-    open_clip.add_model_config(cfg)
     model = tiny_clip(TINY_RN, seed=7, quick_gelu=True)
-    weights = tmp_path / "tagged.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    weights = register_tiny(tmp_path, "tiny-test-tagged", model)
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-test-tagged",
                         {"quickish": {"file": str(weights), "quick_gelu": True}, "plain": {"file": str(weights)}})
     b = load_backbone("tiny-test-tagged:quickish")
@@ -157,14 +157,13 @@ def test_bad_device(openai_rn_file, device, match):
 def test_custom_text_tower_models_load(tmp_path):
     """open_clip's CustomTextCLIP (the class of SigLIP/CoCa-style configs) has no top-level text_projection."""
     import open_clip
-    from safetensors.torch import save_file
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
-    cfg = tmp_path / "tiny-test-custom.json"
-    cfg.write_text(json.dumps({**TINY_RN, "custom_text": True}))
-    open_clip.add_model_config(cfg)
-    model = open_clip.create_model("tiny-test-custom")
-    weights = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    torch.manual_seed(0)
+    model = CustomTextCLIP(TINY_RN["embed_dim"], CLIPVisionCfg(**TINY_RN["vision_cfg"]),
+                           CLIPTextCfg(**TINY_RN["text_cfg"])).eval()
+    weights = register_tiny(tmp_path, "tiny-test-custom", model, {**TINY_RN, "custom_text": True})
+    assert open_clip.get_model_config("tiny-test-custom")["custom_text"]
     b = load_backbone(f"tiny-test-custom:{weights}")
     assert type(b.model).__name__ == "CustomTextCLIP" and b.embed_dim == 32
     torch.testing.assert_close(b.encode_text(["a photo of a cat."]),
