@@ -19,7 +19,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from taskres.backbones import Backbone
+from taskres.backbones import Backbone, BackboneIdentity
 from taskres.cache import FeatureCache
 from taskres.engine import OptimConfig, fit
 from taskres.methods.taskres import TaskResHead
@@ -30,8 +30,8 @@ def random_backbone(name: str, device: str) -> Backbone:
     model = open_clip.create_model(name, pretrained=None).to(device).eval().requires_grad_(False)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return Backbone(model, open_clip.get_tokenizer(name), int(size), {"kind": "random", "arch": name},
-                    device=torch.device(device))
+    identity = BackboneIdentity(spec=name, kind="random", arch=name, sha256="random-init", image_size=int(size))
+    return Backbone(model, open_clip.get_tokenizer(name), int(size), identity, device=torch.device(device))
 
 
 def extraction(name: str, paths: list[Path], device: str) -> tuple[float, float]:

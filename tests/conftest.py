@@ -106,7 +106,7 @@ def env(tmp_path, split_dataset, openai_rn_file):
 
 def run_cli(argv, capsys):
     """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    from taskres.cli import main
+    from taskres.app.cli import main
 
     code = main(argv)
     out, err = capsys.readouterr()

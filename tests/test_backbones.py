@@ -35,7 +35,7 @@ def test_openai_state_dict(openai_rn_file):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(b.encode_images(x), reference.encode_image(x), rtol=1e-5, atol=1e-5)
     assert has_quick_gelu(b.model)
-    assert b.identity["format"] == "openai" and b.identity["arch"].startswith("RN-w8")
+    assert b.identity.format == "openai" and b.identity.arch.startswith("RN-w8")
     assert b.image_size == 32 and b.embed_dim == 32
     assert b.logit_scale == pytest.approx(float(reference.logit_scale.exp()), rel=1e-3)
 
@@ -55,7 +55,7 @@ def test_open_clip_config_with_weights_file(tmp_path):
     model = tiny_clip(TINY_RN, seed=5, quick_gelu=False)
     weights = register_tiny(tmp_path, "tiny-test-gelu", model)
     b = load_backbone(f"tiny-test-gelu:{weights}")
-    assert not has_quick_gelu(b.model) and b.identity["quick_gelu"] is False
+    assert not has_quick_gelu(b.model) and b.identity.quick_gelu is False
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(b.encode_images(x), model.encode_image(x))
 
@@ -103,7 +103,8 @@ def test_named_weights_missing_offline_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("TASKRES_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setenv("TASKRES_OFFLINE", "1")
     start = time.monotonic()
-    with pytest.raises(TaskResError, match=r"weights of backbone 'ViT-B/16' are not on disk.*ViT-B-16.pt.*TASKRES_WEIGHTS"):
+    with pytest.raises(TaskResError, match=r"weights of backbone 'ViT-B/16' are not on "
+                                            "disk.*ViT-B-16.pt.*TASKRES_WEIGHTS"):
         load_backbone("ViT-B/16")
     with pytest.raises(TaskResError, match=r"weights of backbone 'ViT-B-32:laion2b_s34b_b79k' are not on disk"):
         load_backbone("ViT-B-32:laion2b_s34b_b79k")
@@ -121,7 +122,7 @@ def test_named_weights_found_in_weights_dir(tmp_path, monkeypatch, openai_rn_fil
     monkeypatch.setenv("TASKRES_WEIGHTS", str(tmp_path))
     (tmp_path / "RN50.pt").write_bytes(openai_rn_file.read_bytes())
     b = load_backbone("RN50")
-    assert b.identity["name"] == "RN50" and b.identity["kind"] == "openai"
+    assert b.identity.name == "RN50" and b.identity.kind == "openai"
 
 
 def test_open_clip_tag_keeps_the_tags_activation(tmp_path, monkeypatch):
@@ -133,8 +134,8 @@ def test_open_clip_tag_keeps_the_tags_activation(tmp_path, monkeypatch):
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-test-tagged",
                         {"quickish": {"file": str(weights), "quick_gelu": True}, "plain": {"file": str(weights)}})
     b = load_backbone("tiny-test-tagged:quickish")
-    assert has_quick_gelu(b.model) and b.identity["quick_gelu"] is True
-    assert b.identity["sha256"] and b.identity["tag"] == "quickish"
+    assert has_quick_gelu(b.model) and b.identity.quick_gelu is True
+    assert b.identity.sha256 and b.identity.tag == "quickish"
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(b.encode_images(x), model.encode_image(x))
     assert not has_quick_gelu(load_backbone("tiny-test-tagged:plain").model)
@@ -144,7 +145,7 @@ def test_logit_scale_is_read_before_casting(openai_rn_file):
     fp32 = load_backbone(str(openai_rn_file))
     bf16 = load_backbone(str(openai_rn_file), precision="bf16")
     assert bf16.logit_scale == fp32.logit_scale
-    assert bf16.identity["precision"] == "bf16" and next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert bf16.identity.precision == "bf16" and next(bf16.model.parameters()).dtype == torch.bfloat16
     assert bf16.encode_images(torch.randn(1, 3, 32, 32)).dtype == torch.float32
 
 

@@ -267,7 +267,7 @@ def test_reads_classes_splits_and_templates(name, fake_root):
     assert ds.class_ids == want["class_ids"]
     assert ds.templates == TEMPLATES[name]
     assert ds.image_dir == want["image_dir"]
-    assert ds.source == {"kind": "benchmark", "dataset": name, "root": str(root)}
+    assert ds.source.to_json() == {"kind": "benchmark", "dataset": name, "root": str(root)}
     for split in ("train", "val", "test"):
         assert _json(getattr(ds, split)) == want[split], split
     for e in ds.train + ds.val + ds.test:

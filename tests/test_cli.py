@@ -16,7 +16,7 @@ def test_zeroshot_train_eval_predict(env, capsys):
     code, out, _ = run(["zeroshot", *base, "--out", str(tmp / "zs")], capsys)
     assert code == 0
     zs = json.loads((tmp / "zs" / "metrics.json").read_text())
-    assert zs["n_test"] == 12 and 0 <= zs["accuracy"] <= 100
+    assert zs["n_test"] == 12 and zs["accuracy"] == pytest.approx(100 * zs["n_correct"] / 12)
 
     code, out, _ = run(["train", *base, "--shots", "4", "--seed", "1", "--epochs", "15", "--views", "2",
                         "--out", str(tmp / "run")], capsys)
@@ -25,7 +25,9 @@ def test_zeroshot_train_eval_predict(env, capsys):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["zero_shot_accuracy"] == pytest.approx(zs["accuracy"])
     assert metrics["n_test"] == 12 and metrics["n_train"] == 12
-    assert set(metrics["per_class_accuracy"]) == {"red", "green", "blue"}
+    per_class = metrics["per_class_accuracy"]
+    assert [(p["label"], p["class"], p["n"]) for p in per_class] == [(0, "red", 4), (1, "green", 4), (2, "blue", 4)]
+    assert metrics["mean_per_class_accuracy"] == pytest.approx(sum(p["accuracy"] for p in per_class) / 3)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["shots"] == 4 and config["seed"] == 1 and config["optim"]["epochs"] == 15
     assert config["backbone"]["sha256"] and config["taskres_version"]
@@ -93,7 +95,7 @@ def replace_arg(args, flag, value):
     ("bad_image", "image .*test/red_1.png' cannot be decoded.*--skip-bad-images"),
     ("unknown_backbone", "unknown backbone 'RN5'; did you mean 'RN50'"),
     ("not_checkpoint", "is not a checkpoint that can be read safely"),
-    ("zero_shots", "--shots must be >= 1"),
+    ("zero_shots", "--shots must be an integer >= 1"),
     ("empty_class", r"class\(es\) \['blue'\] have no training images"),
     ("bad_template", "template 'a photo' must contain exactly one"),
 ])

@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from taskres.cli import main
+from taskres.app.cli import main
 from test_benchmarks import A_WNIDS, WNIDS, make_imagenet, make_variant
 
 
@@ -29,7 +29,7 @@ def test_imagenet_run_evaluated_on_a_variant(tmp_path, openai_rn_file, capsys):
     from taskres.backbones import load_backbone
     from taskres.cache import FeatureCache
     from taskres.data.benchmarks import load_benchmark
-    from taskres.methods.taskres import zero_shot_logits
+    from taskres.methods.base import cosine_logits as zero_shot_logits
 
     with safe_open(str(tmp_path / "run" / "classifier.safetensors"), "pt") as f:
         t = f.get_tensor("base_text_features") + 0.5 * f.get_tensor("text_feature_residuals")

@@ -40,7 +40,9 @@ def test_every_method_trains_evaluates_and_predicts(env, capsys, method):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == method and metrics["n_test"] == 12 and metrics["n_train"] == 12
-    assert 0 <= metrics["accuracy"] <= 100 and "zero_shot_accuracy" in metrics
+    assert metrics["accuracy"] == pytest.approx(100 * metrics["n_correct"] / 12)
+    assert metrics["mean_per_class_accuracy"] == pytest.approx(
+        sum(p["accuracy"] for p in metrics["per_class_accuracy"]) / 3)
     assert json.loads((run_dir / "fewshot_split.json").read_text())["train"]
     with safe_open(str(run_dir / "classifier.safetensors"), "pt") as f:
         assert set(f.keys()) == TENSORS[method]
@@ -118,9 +120,9 @@ def test_malicious_base_weights_exit_2_naming_the_file(env, capsys):
 @pytest.mark.parametrize("extra,match", [
     (["--method", "taskres", "--lp-c", "1"], "--lp-c applies to --method linear-probe; got --method taskres"),
     (["--method", "tip-adapter", "--lr", "0.1"], "--lr: method 'tip-adapter' is training-free"),
-    (["--method", "linear-probe", "--views", "3"], "pass --views 0"),
-    (["--method", "linear-probe", "--lp-c", "1"], "pass --search none with it"),
-    (["--method", "tip-adapter", "--tip-alpha", "1"], "pass --search none with them"),
+    (["--method", "linear-probe", "--views", "3"], "set --views to 0"),
+    (["--method", "linear-probe", "--lp-c", "1"], "set --search none with it"),
+    (["--method", "tip-adapter", "--tip-alpha", "1"], "set --search none with them"),
     (["--method", "coop", "--base-weights", "x.pt"], "--base-weights applies to --method taskres"),
     (["--enhance-base", "--base-weights", "x.pt"], "not both"),
     (["--base-weights", "nowhere.pt"], "--base-weights file 'nowhere.pt' does not exist"),

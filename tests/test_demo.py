@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from taskres.cli import main
+from taskres.app.cli import main
 
 
 @pytest.mark.slow

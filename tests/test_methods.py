@@ -19,10 +19,11 @@ from taskres.methods.coop import CoOpConfig, CoOpHead, PromptLearner, fit_coop, 
 from taskres.methods.enhanced_base import (EnhancedBaseConfig, ProjectionHead, base_from_projection, enhanced_base,
                                            load_projection, pre_projection_features, save_projection)
 from taskres.methods.linear_probe import LinearProbeConfig, fit_linear_probe, fit_logistic, search_c
-from taskres.methods.taskres import zero_shot_logits
+from taskres.methods.base import cosine_logits as zero_shot_logits
+from taskres.methods.taskres import TaskResConfig
 from taskres.methods.tip_adapter import TipAdapterConfig, TipAdapterHead, fit_tip_adapter, grid, search_alpha_beta
 from taskres.methods.tip_adapter_f import fit_tip_adapter_f
-from taskres.pipeline import TrainConfig
+from taskres.workflow import TrainConfig
 from taskres.text import build_base_classifier
 from taskres.text_tower import pooled_text, projection
 
@@ -80,10 +81,10 @@ def test_training_free_methods_record_no_optimiser_and_linear_probe_needs_the_te
     assert TrainConfig.preset("tip-adapter", 4, 1).optim is None
     config = TrainConfig.preset("linear-probe", 4, 1)
     assert config.optim is None and config.views == 0
-    with pytest.raises(TaskResError, match="pass --views 0"):
+    with pytest.raises(TaskResError, match="set `views` to 0"):
         TrainConfig(shots=4, seed=1, method="linear-probe", views=10)
-    with pytest.raises(TaskResError, match="apply to --method taskres only"):
-        TrainConfig(shots=4, seed=1, method="coop", base=EnhancedBaseConfig(tune=True))
+    with pytest.raises(TaskResError, match="method 'coop' takes a CoOpConfig, got TaskResConfig"):
+        TrainConfig(shots=4, seed=1, method="coop", method_config=TaskResConfig(enhance_base=True))
 
 
 def test_iteration_schedule_matches_torch_cosine_annealing():
@@ -153,14 +154,15 @@ def reference_logistic(x, y, num_classes, c):
 
 def test_fixed_c_linear_probe_matches_an_independent_derivation():
     ctx = context(c=3, d=6, shots=10, views=1)
-    head = fit_linear_probe(ctx, LinearProbeConfig(c=0.5, search="none"))
+    fitted = fit_linear_probe(ctx, LinearProbeConfig(c=0.5, search="none"))
+    head = fitted.head
     w, b = reference_logistic(ctx.train_views[0], ctx.train_labels, 3, 0.5)
     x = ctx.val_features
     expected = (x.double() @ w.t() + b).softmax(1)
     # scikit-learn stops lbfgs at its default tolerance (tol 1e-4), so agreement is to about 1e-3
     torch.testing.assert_close(head(x).double().softmax(1), expected, atol=2e-3, rtol=0)
     assert torch.equal(head(x).argmax(1), expected.argmax(1))
-    assert ctx.extras["lp_c"] == 0.5
+    assert fitted.info["lp_c"] == 0.5
 
 
 def test_two_class_probe_gives_the_logits_of_scikit_learn():
@@ -184,13 +186,14 @@ def test_c_search_finds_the_known_best():
 
 def test_linear_probe_search_runs_on_val_and_needs_it():
     ctx = context(views=1)
-    head = fit_linear_probe(ctx, LinearProbeConfig())
-    assert len(ctx.extras["lp_search"]) == 23 and ctx.extras["lp_c"] == head.c
-    again = get_method("linear-probe").load(*head.export())
+    fitted = fit_linear_probe(ctx, LinearProbeConfig())
+    head = fitted.head
+    assert len(fitted.info["lp_search"]) == 23 and fitted.info["lp_c"] == head.c
+    again = get_method("linear-probe").head_cls.from_export(*head.export())
     assert torch.equal(again(ctx.val_features), head(ctx.val_features))
-    with pytest.raises(TaskResError, match="pass --lp-c C --search none"):
+    with pytest.raises(TaskResError, match="set `search` none and a fixed `c`"):
         fit_linear_probe(context(views=1, val_features=None, val_labels=None), LinearProbeConfig())
-    with pytest.raises(TaskResError, match="pass --search none with it"):
+    with pytest.raises(ValueError, match="set `search` none with it"):
         LinearProbeConfig(c=1.0)
 
 
@@ -198,13 +201,15 @@ def test_linear_probe_search_runs_on_val_and_needs_it():
 
 def test_tip_adapter_with_zero_alpha_is_zero_shot():
     ctx = context()
-    head = fit_tip_adapter(ctx, TipAdapterConfig(alpha=0.0, beta=5.0, search="none"))
+    fitted = fit_tip_adapter(ctx, TipAdapterConfig(alpha=0.0, beta=5.0, search="none"))
+    head = fitted.head
     assert torch.equal(head(ctx.val_features), zero_shot_logits(ctx.val_features, ctx.base, 100.0))
 
 
 def test_tip_adapter_logits_match_an_independent_derivation():
     ctx = context(views=4)
-    head = fit_tip_adapter(ctx, TipAdapterConfig(alpha=1.7, beta=5.5, search="none"))
+    fitted = fit_tip_adapter(ctx, TipAdapterConfig(alpha=1.7, beta=5.5, search="none"))
+    head = fitted.head
     x = ctx.val_features.double()
     keys = ctx.train_views.double().mean(0)
     keys = keys / keys.norm(dim=1, keepdim=True)
@@ -236,7 +241,8 @@ def test_tip_adapter_search_finds_the_known_best():
 def test_tip_adapter_search_matches_a_brute_force_search():
     ctx = context(c=4, d=8, shots=4, views=2, val=3, seed=3)
     config = TipAdapterConfig(search_scale=(7.0, 3.0), search_step=(15, 6))
-    head = fit_tip_adapter(ctx, config)
+    fitted = fit_tip_adapter(ctx, config)
+    head = fitted.head
     best, found = -1, None
     for beta in grid(7.0, 15):
         for alpha in grid(3.0, 6):
@@ -245,16 +251,16 @@ def test_tip_adapter_search_matches_a_brute_force_search():
             if correct > best:
                 best, found = correct, (alpha, beta)
     assert (head.alpha, head.beta) == found
-    assert ctx.extras["tip_alpha"] == found[0] and ctx.extras["tip_beta"] == found[1]
+    assert fitted.info["tip_alpha"] == found[0] and fitted.info["tip_beta"] == found[1]
 
 
 def test_tip_adapter_public_presets_and_errors():
     cfg = TipAdapterConfig.for_dataset("fgvc_aircraft")
     assert (cfg.init_beta, cfg.init_alpha, cfg.search_scale, cfg.search_step) == (1.0, 5.0, (30.0, 30.0), (200, 20))
     assert TipAdapterConfig.for_dataset("my_data").preset == "generic"
-    with pytest.raises(TaskResError, match="pass --search none with them"):
+    with pytest.raises(TaskResError, match="set `search` none with them"):
         TipAdapterConfig(alpha=1.0)
-    with pytest.raises(TaskResError, match="pass --search none"):
+    with pytest.raises(TaskResError, match="set `search` none"):
         fit_tip_adapter(context(val_features=None, val_labels=None), TipAdapterConfig())
 
 
@@ -263,14 +269,15 @@ def test_tip_adapter_f_trains_only_the_keys_and_keeps_the_best_val_epoch():
     ctx = context(optim=get_method("tip-adapter-f").optim_preset(8, ""), on_epoch=records.append)
     ctx.optim = OptimConfig(**{**ctx.optim.__dict__, "epochs": 6, "lr": 5e-2})
     config = TipAdapterConfig(search_scale=(7.0, 3.0), search_step=(20, 10))
-    cache_only = fit_tip_adapter(context(), config)
-    head = fit_tip_adapter_f(ctx, config)
+    cache_only = fit_tip_adapter(context(), config).head
+    fitted = fit_tip_adapter_f(ctx, config)
+    head = fitted.head
     assert torch.equal(head.base_text_features, cache_only.base_text_features)
     assert torch.equal(head.cache_values, cache_only.cache_values)
     assert not torch.equal(head.cache_keys, cache_only.cache_keys)
     assert [n for n, _ in head.named_parameters()] == ["cache_keys"]
     accs = [r["val_accuracy"] for r in records]
-    assert len(accs) == 6 and ctx.extras["tip_f_epoch"] == int(np.argmax(accs))
+    assert len(accs) == 6 and fitted.info["tip_f_epoch"] == int(np.argmax(accs))
     at_init = TipAdapterHead(head.base_text_features, head.cache_keys, head.cache_values, 100.0,
                              config.init_alpha, config.init_beta)
     val_acc = 100.0 * float((at_init(ctx.val_features).argmax(1) == ctx.val_labels).float().mean())
@@ -290,10 +297,10 @@ def test_clip_adapter_trains_only_the_mlp():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         before = state(ClipAdapterHead(ctx.base, 100.0))
-    head = fit_clip_adapter(ctx, ClipAdapterConfig())
+    head = fit_clip_adapter(ctx, ClipAdapterConfig()).head
     assert changed(before, head) == {"adapter.0.weight", "adapter.2.weight"}
     assert head.adapter[0].weight.shape == (4, 16) and head.adapter[0].bias is None
-    again = get_method("clip-adapter").load(*head.export())
+    again = get_method("clip-adapter").head_cls.from_export(*head.export())
     assert torch.equal(again(ctx.val_features), head(ctx.val_features))
     assert torch.equal(again.select_classes([2, 0])(ctx.val_features), head(ctx.val_features)[:, [2, 0]])
 
@@ -320,7 +327,7 @@ def test_coop_trains_only_the_context_and_reloads_without_the_encoder(tiny_backb
     model_before = state(tiny_backbone.model)
     ctx = context(d=32, backbone=tiny_backbone, classnames=["red", "green", "blue"],
                   optim=OptimConfig(lr=0.5, epochs=3, batch_size=8, optimizer="sgd"))
-    head = fit_coop(ctx, CoOpConfig(n_ctx=4))
+    head = fit_coop(ctx, CoOpConfig(n_ctx=4)).head
     assert not changed(model_before, tiny_backbone.model)
     init = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.02
     assert head.ctx.shape == (4, 64) and not torch.allclose(head.ctx, init)
@@ -371,9 +378,8 @@ def test_strong_base_layout_round_trip(tmp_path, tiny_backbone):
     assert torch.equal(load_projection(tmp_path / "model.pth.tar"), proj)
     save_projection(tmp_path / "p.safetensors", proj, {"dataset": "x"})
     assert torch.equal(load_projection(tmp_path / "p.safetensors"), proj)
-    base, used, info = enhanced_base(tiny_backbone, ["red", "blue"], ["a photo of a {}."],
-                                     EnhancedBaseConfig(weights=str(tmp_path / "model.pth.tar")), None, None, None,
-                                     None, seed=0)
+    ctx = context(c=2, d=32, backbone=tiny_backbone, classnames=["red", "blue"])
+    base, used, info = enhanced_base(ctx, EnhancedBaseConfig(weights=str(tmp_path / "model.pth.tar")))
     assert torch.equal(used, proj) and len(info["base_weights_sha256"]) == 64
     pre = pre_projection_features(tiny_backbone, ["red", "blue"], ["a photo of a {}."])
     torch.testing.assert_close(base, base_from_projection(pre, proj))
@@ -401,8 +407,8 @@ def test_enhanced_base_applies_in_every_precision(openai_rn_file, tmp_path):
     bb = load_backbone(str(openai_rn_file), precision="bf16")
     proj = projection(bb.model).detach().float() * 2
     save_projection(tmp_path / "p.safetensors", proj, {})
-    base, _, _ = enhanced_base(bb, ["red", "blue"], ["a photo of a {}."],
-                               EnhancedBaseConfig(weights=str(tmp_path / "p.safetensors")), None, None, None, None, 0)
+    ctx = context(c=2, d=32, backbone=bb, classnames=["red", "blue"])
+    base, _, _ = enhanced_base(ctx, EnhancedBaseConfig(weights=str(tmp_path / "p.safetensors")))
     pre = pre_projection_features(bb, ["red", "blue"], ["a photo of a {}."])
     torch.testing.assert_close(base, 2 * base_from_projection(pre, projection(bb.model).float()))
 
@@ -412,21 +418,17 @@ def test_tuning_the_projection_changes_only_the_projection(tiny_backbone):
     proj0 = projection(tiny_backbone.model).detach().float()
     head = ProjectionHead(pre, proj0, 100.0)
     before = state(head)
-    ctx = context(d=32)
+    ctx = context(d=32, backbone=tiny_backbone, classnames=["red", "green", "blue"])
     fit(head, ctx.train_views, ctx.train_labels, EnhancedBaseConfig(tune=True).optim(1e-3), seed=0, quiet=True)
     assert changed(before, head) == {"text_projection"}
-    base, proj, info = enhanced_base(tiny_backbone, ["red", "green", "blue"], ["a photo of a {}."],
-                                     EnhancedBaseConfig(tune=True, epochs=3), ctx.train_views, ctx.train_labels,
-                                     ctx.val_features, ctx.val_labels, seed=0)
+    base, proj, info = enhanced_base(ctx, EnhancedBaseConfig(tune=True, epochs=3))
     search = info["enhanced_base_search"]
     assert [s["lr"] for s in search] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
     best = max(s["val_accuracy"] for s in search)
     assert info["enhanced_base_lr"] == next(s["lr"] for s in search if s["val_accuracy"] == best)
     torch.testing.assert_close(base, base_from_projection(pre, proj))
     assert info["text_projection_change"] > 0
-    _, _, info = enhanced_base(tiny_backbone, ["red", "green", "blue"], ["a photo of a {}."],
-                               EnhancedBaseConfig(tune=True, epochs=2, search="none"), ctx.train_views,
-                               ctx.train_labels, ctx.val_features, ctx.val_labels, seed=0)
+    _, _, info = enhanced_base(ctx, EnhancedBaseConfig(tune=True, epochs=2, search="none"))
     assert info["enhanced_base_lr"] == 1e-3 and len(info["enhanced_base_search"]) == 1
 
 

@@ -3,7 +3,8 @@ import torch
 
 from taskres.engine import OptimConfig, fit
 from taskres.errors import TaskResError
-from taskres.methods.taskres import TaskResConfig, TaskResHead, zero_shot_logits
+from taskres.methods.base import cosine_logits as zero_shot_logits
+from taskres.methods.taskres import TaskResConfig, TaskResHead
 
 
 def problem(n=24, c=3, d=16, seed=0):
@@ -61,15 +62,17 @@ def test_export_round_trip():
     assert torch.equal(again(feats), head(feats))
 
 
-def test_bad_config():
-    with pytest.raises(TaskResError, match="--variant must be one of text, image, both"):
+def test_bad_config_names_the_parameter_and_is_a_value_error():
+    with pytest.raises(ValueError, match="^variant must be one of text, image, both") as err:
         TaskResConfig(variant="texts")
-    with pytest.raises(TaskResError, match="--alpha must be > 0"):
+    assert isinstance(err.value, TaskResError) and err.value.param == "variant"
+    with pytest.raises(ValueError, match="^alpha must be > 0") as err:
         TaskResConfig(alpha=0)
+    assert err.value.param == "alpha"
 
 
 def test_paper_presets_per_dataset():
-    from taskres.pipeline import TrainConfig
+    from taskres.workflow import TrainConfig
 
     pets = TrainConfig.preset("taskres", shots=16, seed=1, dataset="oxford_pets")
     assert (pets.optim.lr, pets.optim.epochs, pets.method_config.alpha) == (2e-3, 200, 0.5)

@@ -10,6 +10,8 @@ The public API (imported lazily, so ``import taskres`` stays cheap):
     OptimConfig, fit                              the training loop
     accuracy_metrics, predict_logits              evaluation
     train, zeroshot, evaluate_run, predict        the whole workflow, as the CLI runs it
+    encode_features, fit_method, evaluate         its steps, one at a time
+    get_method, register_method, Method           the method registry
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ __version__ = "0.1.0"
 
 _API = {
     "load_backbone": "taskres.backbones", "Backbone": "taskres.backbones",
-    "open_dataset": "taskres.pipeline", "sample_fewshot": "taskres.data.sampling",
+    "open_dataset": "taskres.data.sources", "sample_fewshot": "taskres.data.sampling",
     "DatasetSplits": "taskres.data.splits", "Entry": "taskres.data.splits",
     "FeatureCache": "taskres.cache", "build_base_classifier": "taskres.text",
     "TaskResHead": "taskres.methods.taskres", "TaskResConfig": "taskres.methods.taskres",
     "OptimConfig": "taskres.engine", "fit": "taskres.engine",
     "accuracy_metrics": "taskres.evaluate", "predict_logits": "taskres.evaluate",
-    "train": "taskres.pipeline", "zeroshot": "taskres.pipeline", "evaluate_run": "taskres.pipeline",
-    "predict": "taskres.pipeline", "Setup": "taskres.pipeline", "TrainConfig": "taskres.pipeline",
+    "train": "taskres.workflow", "zeroshot": "taskres.workflow", "evaluate_run": "taskres.workflow",
+    "predict": "taskres.workflow", "Setup": "taskres.workflow", "TrainConfig": "taskres.workflow",
     "TaskResError": "taskres.errors",
+    # added with the method registry and the typed workflow steps
+    "Features": "taskres.workflow", "encode_features": "taskres.workflow", "fit_method": "taskres.workflow",
+    "evaluate": "taskres.evaluate", "get_method": "taskres.methods", "register_method": "taskres.methods",
+    "Method": "taskres.methods", "BackboneIdentity": "taskres.backbones",
 }
 __all__ = sorted(_API) + ["__version__"]
 

@@ -1,5 +1,5 @@
 import sys
 
-from taskres.cli import main
+from taskres.app.cli import main
 
 sys.exit(main())

@@ -14,21 +14,21 @@ within seconds with a message that says where to put the file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import os
 import socket
 import threading
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from taskres.errors import TaskResError, suggest
+from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError, check_choice, suggest
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,55 @@ OPENAI_MODELS = {
 SHIPPED_MODELS = ("taskres-demo",)
 
 
+@dataclass(frozen=True)
+class BackboneIdentity:
+    """What makes a backbone's features what they are, recorded in every run's config.json.
+
+    ``kind``: "openai" (an OpenAI name), "file" (an OpenAI-format file), "open_clip" (a MODEL:TAG pair),
+    "open_clip_file" (MODEL:FILE) or "shipped". ``sha256`` hashes the weights file; ``tag`` is the open_clip tag.
+    """
+
+    spec: str  # as the user wrote it: RN50, a path, MODEL:TAG
+    kind: str
+    arch: str
+    sha256: str
+    precision: str = "fp32"
+    quick_gelu: bool = False  # as built, not as configured: the activation changes every feature
+    image_size: int = 224
+    mean: tuple[float, ...] = OPENAI_MEAN
+    std: tuple[float, ...] = OPENAI_STD
+    name: str | None = None  # the OpenAI name, for kind "openai"
+    format: str | None = None  # "openai" for OpenAI-format files
+    tag: str | None = None  # the open_clip tag, for kind "open_clip"
+
+    def to_json(self) -> dict:
+        """The record in config.json (fields that do not apply are left out)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out.update(mean=list(self.mean), std=list(self.std))
+        return out
+
+    @classmethod
+    def from_json(cls, record: dict) -> "BackboneIdentity":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        for k in ("mean", "std"):
+            if k in values:
+                values[k] = tuple(values[k])
+        return cls(**values)
+
+    def weights_key(self) -> dict:
+        """Everything that changes the features, and nothing about how the weights were named (cache keys): the
+        same weights give the same features as RN50, as a path or as a MODEL:FILE pair."""
+        return {k: v for k, v in self.to_json().items() if k not in ("spec", "kind", "name")}
+
+    def difference(self, other: "BackboneIdentity") -> str | None:
+        """The first of sha256, tag, arch that differs from ``other``, as "field: here vs there", or None."""
+        for key in ("sha256", "tag", "arch"):
+            if getattr(self, key) != getattr(other, key):
+                return f"{key}: {getattr(self, key)!r} here, {getattr(other, key)!r} in the run"
+        return None
+
+
 @dataclass
 class Backbone:
     """A frozen CLIP model with its tokenizer and image geometry. Features come out un-normalised: (N, D)."""
@@ -54,17 +103,12 @@ class Backbone:
     model: torch.nn.Module
     tokenizer: Any
     image_size: int
-    identity: dict
+    identity: BackboneIdentity
     logit_scale: float = 100.0  # tau = exp(logit_scale), read in fp32 before any cast to a lower precision
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
-
-    @cached_property
-    def key(self) -> str:
-        """Hash of everything about the backbone that changes its features (weights, architecture, precision)."""
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
 
     @cached_property
     def embed_dim(self) -> int:
@@ -107,8 +151,7 @@ def load_backbone(
     """Load a frozen backbone in eval mode (see the module docstring for what ``spec`` may be)."""
     import open_clip
 
-    if precision not in PRECISIONS:
-        raise TaskResError(f"unknown precision {precision!r}; use one of {sorted(PRECISIONS)}.")
+    check_choice("precision", precision, sorted(PRECISIONS))
     device = parse_device(device)
     weights_dir = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
     path = Path(spec).expanduser()
@@ -125,27 +168,29 @@ def load_backbone(
     elif ":" in spec:
         model, tokenizer, identity = _load_open_clip_pair(spec, weights_dir)
     elif path.suffix or os.sep in spec:
-        raise TaskResError(f"backbone file {spec!r} does not exist; pass --backbone an existing checkpoint file, "
-                           f"an OpenAI model name ({', '.join(OPENAI_MODELS)}) or an open_clip MODEL:PRETRAINED pair.")
+        raise TaskResFileNotFoundError(f"backbone file {spec!r} does not exist; pass --backbone an existing "
+                                       "checkpoint file, "
+                                       f"an OpenAI model name ({', '.join(OPENAI_MODELS)}) or an open_clip "
+                                       "MODEL:PRETRAINED pair.")
     else:
-        raise TaskResError(
+        raise TaskResValueError(
             f"unknown backbone {spec!r}; {suggest(spec, known_backbones())}known OpenAI names: "
             f"{', '.join(OPENAI_MODELS)}; shipped: {', '.join(SHIPPED_MODELS)}; or an open_clip MODEL:PRETRAINED pair "
-            "(list them with `python -c \"import open_clip; print(open_clip.list_pretrained())\"`), or a checkpoint path."
+            "(list them with `python -c \"import open_clip; print(open_clip.list_pretrained())\"`), or a "
+            "checkpoint path."
         )
     if not hasattr(model, "encode_text") or not hasattr(model, "logit_scale"):
-        raise TaskResError(f"backbone {spec!r} is not a CLIP-style model with a text encoder and a logit scale.")
-    # QuickGELU as built, not as configured: the activation changes every feature, so it must be visible.
-    identity = {**identity, "quick_gelu": _has_quick_gelu(model), "precision": precision, "spec": spec}
+        raise TaskResValueError(f"backbone {spec!r} is not a CLIP-style model with a text encoder and a logit scale.")
     tau = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
     model = model.to(device=device, dtype=PRECISIONS[precision]).eval().requires_grad_(False)
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     mean = tuple(getattr(model.visual, "image_mean", None) or OPENAI_MEAN)
     std = tuple(getattr(model.visual, "image_std", None) or OPENAI_STD)
-    identity.update(image_size=size, mean=list(mean), std=list(std))
-    logger.info("loaded backbone %s (%s, image size %d, logit scale %.2f)", spec, identity.get("arch"), size, tau)
-    return Backbone(model, tokenizer, size, identity, tau, device, PRECISIONS[precision], mean, std)
+    ident = BackboneIdentity(spec=spec, precision=precision, quick_gelu=_has_quick_gelu(model), image_size=size,
+                             mean=mean, std=std, **identity)
+    logger.info("loaded backbone %s (%s, image size %d, logit scale %.2f)", spec, ident.arch, size, tau)
+    return Backbone(model, tokenizer, size, ident, tau, device, PRECISIONS[precision], mean, std)
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -153,14 +198,16 @@ def parse_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise TaskResError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N.") from None
+        raise TaskResValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N.",
+                                param="device") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise TaskResError(f"--device {device} asks for a GPU, but CUDA is not available here; use --device cpu.")
+            raise TaskResValueError(f"device {device} asks for a GPU, but CUDA is not available here; use cpu.",
+                                    param="device")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TaskResError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here.")
+            raise TaskResValueError(f"device {device}: only {torch.cuda.device_count()} GPU(s) here.", param="device")
     elif device.type not in ("cpu", "mps"):
-        raise TaskResError(f"--device {device} is not supported; use cpu or cuda[:N].")
+        raise TaskResValueError(f"device {device} is not supported; use cpu or cuda[:N].", param="device")
     return device
 
 
@@ -180,7 +227,7 @@ def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for a bad header
-            raise TaskResError(f"backbone file {str(path)!r} is not a readable safetensors file ({err}).") from None
+            raise TaskResValueError(f"backbone file {str(path)!r} is not a readable safetensors file ({err}).") from None
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
@@ -189,7 +236,7 @@ def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
-        raise TaskResError(
+        raise TaskResValueError(
             f"backbone file {str(path)!r} is not a checkpoint that can be read safely ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). Expected an OpenAI CLIP .pt file (TorchScript or "
             "state dict), or MODEL:FILE for open_clip weights."
@@ -197,7 +244,7 @@ def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise TaskResError(f"backbone file {str(path)!r} does not hold a state dict of tensors.")
+        raise TaskResValueError(f"backbone file {str(path)!r} does not hold a state dict of tensors.")
     if obj and next(iter(obj)).startswith("module."):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -208,8 +255,8 @@ def _openai_config(sd: dict[str, torch.Tensor], where: str) -> dict:
     need = ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
     missing = [k for k in need if k not in sd]
     if missing:
-        raise TaskResError(f"backbone file {where!r} is not an OpenAI-format CLIP checkpoint (no {missing}); "
-                           "for open_clip weights pass MODEL:FILE, e.g. ViT-B-32:/path/weights.safetensors.")
+        raise TaskResValueError(f"backbone file {where!r} is not an OpenAI-format CLIP checkpoint (no {missing}); "
+                                "for open_clip weights pass MODEL:FILE, e.g. ViT-B-32:/path/weights.safetensors.")
     if "visual.proj" in sd:
         width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
@@ -244,8 +291,8 @@ def _load_openai_file(path: Path) -> tuple[torch.nn.Module, dict]:
     try:
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     except RuntimeError as err:
-        raise TaskResError(f"backbone file {str(path)!r} does not match the CLIP architecture inferred from it "
-                           f"({cfg['arch']}): {str(err).splitlines()[0]}") from None
+        raise TaskResValueError(f"backbone file {str(path)!r} does not match the CLIP architecture inferred from it "
+                                f"({cfg['arch']}): {str(err).splitlines()[0]}") from None
     identity = {"kind": "file", "format": "openai", "arch": cfg["arch"], "sha256": file_sha256(path)}
     return model, identity
 
@@ -263,11 +310,12 @@ def _find_openai_weights(name: str, weights_dir: Path) -> Path:
     if _network_reachable(url):
         logger.warning("downloading %s weights to %s", name, weights_dir)
         return Path(open_clip.pretrained.download_pretrained_from_url(url, cache_dir=str(weights_dir)))
-    raise TaskResError(
+    raise TaskResValueError(
         f"the weights of backbone {name!r} are not on disk and the network is unreachable. Put OpenAI's file "
         f"{filename!r} in {str(weights_dir)!r} (set ${WEIGHTS_ENV} to use another folder, or pass --backbone "
         f"/path/to/{filename}). On a connected machine fetch it with: python -c \"import open_clip; "
-        f"open_clip.pretrained.download_pretrained_from_url('{url}', cache_dir='weights')\" and copy weights/{filename}."
+        f"open_clip.pretrained.download_pretrained_from_url('{url}', cache_dir='weights')\" and copy "
+        f"weights/{filename}."
     )
 
 
@@ -298,8 +346,8 @@ def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module,
 
     model_name, pretrained = spec.split(":", 1)
     if model_name not in open_clip.list_models():
-        raise TaskResError(f"unknown open_clip model {model_name!r} in backbone {spec!r}; "
-                           f"{suggest(model_name, open_clip.list_models())}see open_clip.list_models().")
+        raise TaskResValueError(f"unknown open_clip model {model_name!r} in backbone {spec!r}; "
+                                f"{suggest(model_name, open_clip.list_models())}see open_clip.list_models().")
     file = Path(pretrained).expanduser()
     quick_gelu = False
     if file.is_file():
@@ -313,13 +361,14 @@ def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module,
         identity = {"kind": "open_clip", "arch": model_name, "tag": pretrained}
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise TaskResError(f"{pretrained!r} in backbone {spec!r} is neither a file nor a known tag of {model_name}; "
-                           f"{suggest(pretrained, tags)}known tags: {', '.join(tags) or 'none'}.")
+        raise TaskResValueError(f"{pretrained!r} in backbone {spec!r} is neither a file nor a known tag of "
+                                f"{model_name}; "
+                                f"{suggest(pretrained, tags)}known tags: {', '.join(tags) or 'none'}.")
     try:
         model = open_clip.create_model(model_name, pretrained=source, load_weights=True, force_quick_gelu=quick_gelu)
     except RuntimeError as err:
-        raise TaskResError(f"could not load weights {source!r} into open_clip model {model_name!r}: "
-                           f"{str(err).splitlines()[0]}") from None
+        raise TaskResValueError(f"could not load weights {source!r} into open_clip model {model_name!r}: "
+                                f"{str(err).splitlines()[0]}") from None
     identity["sha256"] = file_sha256(Path(source))
     return model, open_clip.get_tokenizer(model_name), identity
 
@@ -344,7 +393,7 @@ def _find_open_clip_weights(spec: str, cfg: dict, weights_dir: Path) -> str:
     probe = "https://huggingface.co" if hub else url
     if probe and _network_reachable(probe):
         return open_clip.pretrained.download_pretrained(cfg, cache_dir=None)
-    raise TaskResError(
+    raise TaskResValueError(
         f"the weights of backbone {spec!r} are not on disk and the network is unreachable. On a connected machine, "
         f"run: python -c \"import open_clip; open_clip.create_model('{spec.split(':')[0]}', "
         f"pretrained='{spec.split(':', 1)[1]}')\" and copy the Hugging Face cache (~/.cache/huggingface) here, or "
@@ -352,14 +401,22 @@ def _find_open_clip_weights(spec: str, cfg: dict, weights_dir: Path) -> str:
     )
 
 
+@functools.cache
+def _register_shipped_config(config: Path) -> None:
+    """Add a shipped model's config to open_clip's registry, once per process."""
+    import open_clip
+
+    open_clip.add_model_config(config)
+
+
 def _load_shipped(name: str) -> tuple[torch.nn.Module, Any, dict]:
     import open_clip
 
     config, weights = ASSETS / f"{name}.json", ASSETS / f"{name}.safetensors"
     if not weights.is_file():
-        raise TaskResError(f"the shipped backbone {name!r} is missing its weights file {str(weights)!r}; "
-                           "reinstall taskres, or rebuild it with scripts/pretrain_demo.py.")
-    open_clip.add_model_config(config)
+        raise TaskResFileNotFoundError(f"the shipped backbone {name!r} is missing its weights file {str(weights)!r}; "
+                                       "reinstall taskres, or rebuild it with scripts/pretrain_demo.py.")
+    _register_shipped_config(config)
     model = open_clip.create_model(name, pretrained=str(weights)).float()
     identity = {"kind": "shipped", "arch": name, "sha256": file_sha256(weights)}
     return model, open_clip.get_tokenizer(name), identity

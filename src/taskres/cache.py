@@ -24,9 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from taskres.atomic import atomic_path, write_text
 from taskres.backbones import Backbone
 from taskres.data.images import ImageViews, transform_spec
-from taskres.errors import TaskResError
+from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ def image_key(path: str | Path) -> str:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise TaskResError(f"image {path!r} does not exist; check the data folder (--data/--root) and the split "
-                           "file's paths, which are relative to it.") from None
+        raise TaskResFileNotFoundError(f"image {path!r} does not exist; check the data folder (--data/--root) "
+                                       "and the split "
+                                       "file's paths, which are relative to it.") from None
     return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
@@ -55,9 +57,7 @@ class FeatureCache:
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}  # namespace folder -> features read or encoded
 
     def namespace(self, backbone: Backbone, view: int | None) -> dict:
-        # The same weights give the same features however they were named (RN50, a path, a MODEL:FILE pair).
-        weights = {k: v for k, v in backbone.identity.items() if k not in ("spec", "kind", "name")}
-        return {"format": FORMAT, "backbone": weights,
+        return {"format": FORMAT, "backbone": backbone.identity.weights_key(),
                 "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view)}
 
     def features(self, backbone: Backbone, paths: Sequence[str | Path], view: int | None = None,
@@ -98,9 +98,7 @@ class FeatureCache:
         folder.mkdir(parents=True, exist_ok=True)
         info = folder / "namespace.json"
         if not info.exists():
-            tmp = folder / f".namespace.{uuid.uuid4().hex}.tmp"
-            tmp.write_text(json.dumps(ns, indent=1, sort_keys=True))
-            os.replace(tmp, info)
+            write_text(info, json.dumps(ns, indent=1, sort_keys=True))
         return folder
 
     def _load(self, folder: Path) -> dict[str, torch.Tensor]:
@@ -132,7 +130,7 @@ class FeatureCache:
             for idx, pixels, errors in loader:
                 first_error = next((e for e in errors if e), "")
                 if first_error and not skip_bad:
-                    raise TaskResError(first_error)
+                    raise TaskResValueError(first_error)
                 feats = backbone.encode_images(pixels).cpu()
                 self.encoded += len(idx)
                 for i, f, error in zip(idx.tolist(), feats, errors):
@@ -163,8 +161,6 @@ def _digest(t: torch.Tensor, keys: str) -> str:
 
 def _write_chunk(folder: Path, keys: list[str], feats: list[torch.Tensor]) -> None:
     tensor = torch.stack(feats).float().contiguous()
-    name = f"chunk-{uuid.uuid4().hex}"
-    tmp = folder / f".{name}.tmp"
     keys_json = json.dumps(keys)
-    save_file({"features": tensor}, str(tmp), metadata={"keys": keys_json, "sha256": _digest(tensor, keys_json)})
-    os.replace(tmp, folder / f"{name}.safetensors")
+    with atomic_path(folder / f"chunk-{uuid.uuid4().hex}.safetensors") as tmp:
+        save_file({"features": tensor}, str(tmp), metadata={"keys": keys_json, "sha256": _digest(tensor, keys_json)})

@@ -1,4 +1,4 @@
-"""Training loop over cached features, method-agnostic: the official optimiser, schedule and batching (SPEC).
+"""Training loop over cached features, method-agnostic: the official optimiser, schedule and batching (docs/protocol.md#optimisation).
 
 The defaults are TaskRes's: Adam (betas 0.9/0.999, L2 weight decay), one constant warm-up epoch at 1e-5, then cosine
 from ``lr`` over E epochs, stepped once per epoch. Each epoch shuffles the training set with a seeded generator and
@@ -15,25 +15,26 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from taskres.errors import TaskResError
+from taskres.errors import TaskResValueError, check_choice, invalid
 
 logger = logging.getLogger(__name__)
 
 
-OPTIMIZERS = ("adam", "sgd", "adamw")
-SCHEDULES = ("epoch", "iteration")
-DROP_LAST = ("auto", "never")
+Optimizer = Literal["adam", "sgd", "adamw"]
+Schedule = Literal["epoch", "iteration"]
+DropLast = Literal["auto", "never"]
+OPTIMIZERS, SCHEDULES, DROP_LAST = get_args(Optimizer), get_args(Schedule), get_args(DropLast)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """How a head is trained. The defaults are TaskRes's published settings (SPEC: "Optimisation").
+    """How a head is trained. The defaults are TaskRes's published settings (docs/protocol.md#optimisation).
 
     optimizer: "adam" (L2 weight decay), "sgd" (momentum, L2 weight decay, as Dassl) or "adamw" (decoupled decay).
     schedule: "epoch" = ``warmup_epochs`` constant epochs at ``warmup_lr``, then cosine stepped once per epoch;
@@ -47,28 +48,31 @@ class OptimConfig:
     weight_decay: float = 5e-4
     warmup_lr: float = 1e-5
     warmup_epochs: int = 1
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     momentum: float = 0.9  # sgd only
     eps: float = 1e-8  # adam and adamw only
-    schedule: str = "epoch"
-    drop_last: str = "auto"
+    schedule: Schedule = "epoch"
+    drop_last: DropLast = "auto"
 
     def __post_init__(self) -> None:
         for name in ("lr", "epochs", "batch_size"):
-            if not getattr(self, name) > 0:
-                raise TaskResError(f"--{name.replace('_', '-')} must be > 0; got {getattr(self, name)!r}.")
-        if self.weight_decay < 0:
-            raise TaskResError(f"--weight-decay must be >= 0; got {self.weight_decay!r}.")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise invalid(name, "be a finite number > 0", value)
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise invalid("weight_decay", "be a finite number >= 0", self.weight_decay)
         if not 0 <= self.warmup_epochs <= self.epochs:
-            raise TaskResError(f"warm-up epochs must be in [0, epochs]; got {self.warmup_epochs!r}.")
-        for name, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("drop_last", DROP_LAST)):
-            if getattr(self, name) not in known:
-                raise TaskResError(f"optimiser setting {name} must be one of {', '.join(known)}; "
-                                   f"got {getattr(self, name)!r}.")
+            raise invalid("warmup_epochs", "be in [0, epochs]", self.warmup_epochs)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("drop_last", self.drop_last, DROP_LAST)
         if self.schedule == "iteration" and self.warmup_epochs:
-            raise TaskResError("the per-iteration cosine schedule has no warm-up; set warmup_epochs=0.")
-        if not (0 <= self.momentum < 1 and self.eps > 0):
-            raise TaskResError(f"momentum must be in [0, 1) and eps > 0; got {self.momentum!r} and {self.eps!r}.")
+            raise invalid("warmup_epochs", "be 0 with the per-iteration cosine schedule (it has no warm-up)",
+                          self.warmup_epochs)
+        if not 0 <= self.momentum < 1:
+            raise invalid("momentum", "be in [0, 1)", self.momentum)
+        if not self.eps > 0:
+            raise invalid("eps", "be > 0", self.eps)
 
 
 def epoch_lr(config: OptimConfig, epoch: int) -> float:
@@ -110,10 +114,10 @@ def fit(
         views = views.unsqueeze(0)
     num_views, n, _ = views.shape
     if n == 0:
-        raise TaskResError("the training set is empty; check --shots and the split file's train entries.")
+        raise TaskResValueError("the training set is empty; check --shots and the split file's train entries.")
     params = [p for p in head.parameters() if p.requires_grad]
     if not params:
-        raise TaskResError("the method has no trainable parameters.")
+        raise TaskResValueError("the method has no trainable parameters.")
     head.to(device).train()
     labels = labels.to(device)  # views move one epoch at a time: V views of a large set may not fit the device
     optimizer = make_optimizer(params, config)

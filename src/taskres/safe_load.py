@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from taskres.errors import TaskResError
+from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError
 
 # Module prefixes whose classes appear in Dassl checkpoints as optimiser and scheduler objects. They become Inert.
 INERT = ("torch.optim.", "dassl.")
@@ -52,26 +52,27 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise TaskResError(f"{what} {str(path)!r} does not exist.")
+        raise TaskResFileNotFoundError(f"{what} {str(path)!r} does not exist.")
     extra: list = []
     if zipfile.is_zipfile(path):
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as err:  # torch raises RuntimeError, ValueError or pickle errors for damaged archives
-            raise TaskResError(f"{what} {str(path)!r} cannot be read safely ({type(err).__name__}: "
-                               f"{_first_line(err)}).") from None
+            raise TaskResValueError(f"{what} {str(path)!r} cannot be read safely ({type(err).__name__}: "
+                                    f"{_first_line(err)}).") from None
         refused = [n for n in names if n not in CONTAINERS and not n.startswith(INERT)]
         if refused:
-            raise TaskResError(f"{what} {str(path)!r} is refused: its pickle calls {', '.join(map(repr, refused))}, "
-                               "which could run code. Only tensors, containers and optimiser/scheduler state are "
-                               "read; re-save the weights with safetensors or as a plain dict of tensors.")
+            raise TaskResValueError(f"{what} {str(path)!r} is refused: its pickle calls "
+                                    f"{', '.join(map(repr, refused))}, "
+                                    "which could run code. Only tensors, containers and optimiser/scheduler state are "
+                                    "read; re-save the weights with safetensors or as a plain dict of tensors.")
         extra = [(CONTAINERS[n], n) if n in CONTAINERS else (type(n, (Inert,), {}), n) for n in names]
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # the weights-only unpickler raises UnpicklingError, RuntimeError or EOFError
-        raise TaskResError(f"{what} {str(path)!r} cannot be read safely ({type(err).__name__}: "
-                           f"{_first_line(err)}).") from None
+        raise TaskResValueError(f"{what} {str(path)!r} cannot be read safely ({type(err).__name__}: "
+                                f"{_first_line(err)}).") from None
 
 
 def _first_line(err: Exception) -> str:

@@ -1,4 +1,4 @@
-"""The base classifier: class names through prompt templates and the frozen text encoder (SPEC: "Base classifier")."""
+"""The base classifier: class names through prompt templates and the frozen text encoder (docs/protocol.md#base-classifier)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,22 @@ from typing import Sequence
 import torch
 
 from taskres.backbones import Backbone
-from taskres.errors import TaskResError
+from taskres.errors import TaskResValueError
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
     if not templates:
-        raise TaskResError("no prompt template given; pass --template with a string holding '{}', "
-                           "e.g. --template 'a photo of a {}.'")
+        raise TaskResValueError("no prompt template given; pass --template with a string holding '{}', "
+                                "e.g. --template 'a photo of a {}.'")
     for t in templates:
         if t.count("{}") != 1:
-            raise TaskResError(f"template {t!r} must contain exactly one '{{}}' where the class name goes, "
-                               "e.g. 'a photo of a {}.'")
+            raise TaskResValueError(f"template {t!r} must contain exactly one '{{}}' where the class name goes, "
+                                    "e.g. 'a photo of a {}.'")
         try:
             t.format("x")
         except (KeyError, IndexError, ValueError):
-            raise TaskResError(f"template {t!r} has braces other than the one '{{}}'; write a literal brace as "
-                               "'{{' or '}}'.") from None
+            raise TaskResValueError(f"template {t!r} has braces other than the one '{{}}'; write a literal brace as "
+                                    "'{{' or '}}'.") from None
     return tuple(templates)
 
 

@@ -12,7 +12,7 @@ import torch
 from open_clip.model import text_global_pool
 
 from taskres.backbones import Backbone
-from taskres.errors import TaskResError
+from taskres.errors import TaskResValueError
 
 
 def check_text_tower(backbone: Backbone, method: str) -> torch.nn.Module:
@@ -20,13 +20,15 @@ def check_text_tower(backbone: Backbone, method: str) -> torch.nn.Module:
     model = backbone.model
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
     if not all(hasattr(model, name) for name in needed):
-        raise TaskResError(f"{method} needs a CLIP text transformer (token embedding, transformer, ln_final, text "
-                           f"projection); backbone {backbone.identity.get('spec')!r} has another text tower. Use an "
-                           "OpenAI CLIP (RN50, ViT-B/16, ...) or an open_clip model with the CLIP text tower.")
+        raise TaskResValueError(f"{method} needs a CLIP text transformer (token embedding, transformer, ln_final, text "
+                                f"projection); backbone {backbone.identity.get('spec')!r} has another text "
+                                "tower. Use an "
+                                "OpenAI CLIP (RN50, ViT-B/16, ...) or an open_clip model with the CLIP text tower.")
     proj = model.text_projection
     if isinstance(proj, torch.nn.Linear) and proj.bias is not None:
-        raise TaskResError(f"{method} replaces the text projection, but backbone {backbone.identity.get('spec')!r} "
-                           "has a projection with a bias; use a backbone whose text projection is a matrix.")
+        raise TaskResValueError(f"{method} replaces the text projection, but backbone "
+                                f"{backbone.identity.get('spec')!r} "
+                                "has a projection with a bias; use a backbone whose text projection is a matrix.")
     return model
 
 

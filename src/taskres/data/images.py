@@ -1,4 +1,4 @@
-"""Reading images and CLIP's transforms (SPEC: "Images"), with reproducible augmented views.
+"""Reading images and CLIP's transforms (docs/protocol.md#images-and-transforms), with reproducible augmented views.
 
 View ``None`` is the test transform: resize the shorter side to the model's size (bicubic), centre crop, normalise.
 View ``v >= 0`` is the train transform (RandomResizedCrop scale (0.08, 1), bicubic, horizontal flip, normalise) drawn
@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from taskres.errors import TaskResError
+from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError
 
 BICUBIC = T.InterpolationMode.BICUBIC
 
@@ -48,14 +48,15 @@ def read_image(path: str | Path) -> Image.Image:
     """Open an image as RGB; a missing or undecodable file is a TaskResError that names it."""
     path = str(path)
     if not os.path.isfile(path):
-        raise TaskResError(f"image {path!r} does not exist; check the data folder (--data/--root) and the split "
-                           "file's paths, which are relative to it.")
+        raise TaskResFileNotFoundError(f"image {path!r} does not exist; check the data folder (--data/--root) "
+                                       "and the split "
+                                       "file's paths, which are relative to it.")
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-        raise TaskResError(f"image {path!r} cannot be decoded ({err}); replace or remove the file, or pass "
-                           "--skip-bad-images to leave such images out.") from None
+        raise TaskResValueError(f"image {path!r} cannot be decoded ({err}); replace or remove the file, or pass "
+                                "--skip-bad-images to leave such images out.") from None
 
 
 class ImageViews(torch.utils.data.Dataset):

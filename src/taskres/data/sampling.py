@@ -1,4 +1,4 @@
-"""Few-shot sampling, bit-for-bit as the official TaskRes/CoOp code draws it (SPEC: "Few-shot sampling").
+"""Few-shot sampling, bit-for-bit as the official TaskRes/CoOp code draws it (docs/protocol.md#few-shot-sampling).
 
 A pure function of (entries, K, seed): a private ``random.Random(seed)`` plays the role of the official code's
 freshly seeded global stream, so nothing drawn elsewhere can shift the selection.
@@ -10,7 +10,7 @@ import random
 from typing import Sequence
 
 from taskres.data.splits import DatasetSplits, Entry
-from taskres.errors import TaskResError
+from taskres.errors import TaskResValueError
 
 
 def _draw(rng: random.Random, entries: Sequence[Entry], shots: int) -> list[Entry]:
@@ -29,7 +29,7 @@ def sample_fewshot(splits: DatasetSplits, shots: int, seed: int) -> dict[str, li
     The val draw continues the same random stream after the train draw, as in the official code.
     """
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise TaskResError(f"--shots must be an integer >= 1 (images per class); got {shots!r}.")
+        raise TaskResValueError(f"--shots must be an integer >= 1 (images per class); got {shots!r}.")
     rng = random.Random(seed)
     train = _draw(rng, splits.train, shots)
     val = _draw(rng, splits.val, min(shots, 4)) if (splits.sample_val and splits.val) else []

@@ -1,18 +1,18 @@
 """Datasets as lists of split entries: CoOp's split-file format and a plain ImageFolder layout.
 
 An entry is ``(impath, label, classname)`` with ``impath`` relative to the dataset's image folder, exactly as in
-CoOp's ``split_zhou_<Name>.json`` files. Class names are kept as written (underscores included: SPEC).
+CoOp's ``split_zhou_<Name>.json`` files. Class names are kept as written (underscores included: docs/protocol.md#base-classifier).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
-from taskres.errors import TaskResError
+from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -32,17 +32,43 @@ class Entry:
     @classmethod
     def from_json(cls, item: Sequence, where: str) -> "Entry":
         if not (isinstance(item, (list, tuple)) and len(item) == 3):
-            raise TaskResError(f"{where}: an entry must be [relative_image_path, label, classname]; got {item!r}.")
+            raise TaskResValueError(f"{where}: an entry must be [relative_image_path, label, classname]; got {item!r}.")
         impath, label, classname = item
         if not isinstance(impath, str) or not isinstance(classname, str):
-            raise TaskResError(f"{where}: entry {item!r} needs a string path and a string class name.")
+            raise TaskResValueError(f"{where}: entry {item!r} needs a string path and a string class name.")
         try:
             label = int(label)
         except (TypeError, ValueError):
-            raise TaskResError(f"{where}: entry {item!r} has a label that is not an integer.") from None
+            raise TaskResValueError(f"{where}: entry {item!r} has a label that is not an integer.") from None
         if label < 0:
-            raise TaskResError(f"{where}: entry {item!r} has a negative label; labels are 0..C-1.")
+            raise TaskResValueError(f"{where}: entry {item!r} has a negative label; labels are 0..C-1.")
         return cls(impath, label, classname)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a dataset's splits came from, recorded in run folders so that ``eval`` can open it again.
+
+    kind "split_file": ``data`` (the image folder) and ``split_file``; "image_folder": ``data``; "benchmark":
+    ``dataset`` (a benchmark name) under ``root``. Paths are absolute.
+    """
+
+    kind: Literal["split_file", "image_folder", "benchmark"]
+    data: str | None = None
+    split_file: str | None = None
+    dataset: str | None = None
+    root: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "DatasetSource":
+        known = ("kind", "data", "split_file", "dataset", "root")
+        if record.get("kind") not in ("split_file", "image_folder", "benchmark"):
+            raise TaskResValueError(f"unknown dataset source kind {record.get('kind')!r} in a run's config; known: "
+                                    "split_file, image_folder, benchmark.", param="source")
+        return cls(**{k: record[k] for k in known if record.get(k) is not None})
 
 
 @dataclass(frozen=True)
@@ -60,7 +86,7 @@ class DatasetSplits:
     test: tuple[Entry, ...]
     classnames: tuple[str, ...]
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    source: dict = field(default_factory=dict)
+    source: DatasetSource | None = None
     # Few-shot val is drawn with min(K, 4) shots unless a dataset says otherwise (ImageNet draws none).
     sample_val: bool = True
     # Stable class identifiers (WordNet ids for ImageNet and its variants), ordered by label; empty if none.
@@ -89,15 +115,15 @@ def classnames_from_entries(entries: Sequence[Entry], where: str) -> tuple[str, 
     names: dict[int, str] = {}
     for e in entries:
         if names.setdefault(e.label, e.classname) != e.classname:
-            raise TaskResError(
+            raise TaskResValueError(
                 f"{where}: label {e.label} is named both {names[e.label]!r} and {e.classname!r}; "
                 "each label needs exactly one class name."
             )
     if not names:
-        raise TaskResError(f"{where}: no entries; the dataset is empty.")
+        raise TaskResValueError(f"{where}: no entries; the dataset is empty.")
     missing = sorted(set(range(max(names) + 1)) - set(names))
     if missing:
-        raise TaskResError(
+        raise TaskResValueError(
             f"{where}: labels must run 0..{max(names)} with no gaps, but no entry has label(s) {missing[:10]}; "
             "an empty class cannot be learned or evaluated. Remove the gap or add images for it."
         )
@@ -110,33 +136,35 @@ def load_split_file(
     """Read a CoOp split file (``{"train": [...], "val": [...], "test": [...]}``); paths are relative to image_dir."""
     split_file, image_dir = Path(split_file), Path(image_dir)
     if not image_dir.is_dir():
-        raise TaskResError(f"data folder {str(image_dir)!r} does not exist; pass --data the folder that the split "
-                           "file's image paths are relative to.")
+        raise TaskResFileNotFoundError(f"data folder {str(image_dir)!r} does not exist; pass --data the folder "
+                                       "that the split "
+                                       "file's image paths are relative to.")
     if not split_file.is_file():
-        raise TaskResError(f"split file {str(split_file)!r} does not exist; pass --split-file a CoOp split JSON "
-                           "(split_zhou_<Name>.json), or leave it out to read --data as an ImageFolder.")
+        raise TaskResFileNotFoundError(f"split file {str(split_file)!r} does not exist; pass --split-file a CoOp "
+                                       "split JSON "
+                                       "(split_zhou_<Name>.json), or leave it out to read --data as an ImageFolder.")
     try:
         raw = json.loads(split_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TaskResError(f"split file {str(split_file)!r} is not valid JSON ({err}); expected "
-                           '{"train": [...], "val": [...], "test": [...]}.') from None
+        raise TaskResValueError(f"split file {str(split_file)!r} is not valid JSON ({err}); expected "
+                                '{"train": [...], "val": [...], "test": [...]}.') from None
     if not isinstance(raw, dict) or not all(k in raw for k in ("train", "test")):
-        raise TaskResError(f"split file {str(split_file)!r} must be a JSON object with 'train', 'val' and 'test' "
-                           "lists of [relative_image_path, label, classname].")
+        raise TaskResValueError(f"split file {str(split_file)!r} must be a JSON object with 'train', 'val' and 'test' "
+                                "lists of [relative_image_path, label, classname].")
     splits = {}
     for key in ("train", "val", "test"):
         items = raw.get(key, [])
         if not isinstance(items, list):
-            raise TaskResError(f"split file {str(split_file)!r}: '{key}' must be a list of entries.")
+            raise TaskResValueError(f"split file {str(split_file)!r}: '{key}' must be a list of entries.")
         splits[key] = tuple(Entry.from_json(item, f"split file {str(split_file)!r} ({key})") for item in items)
     classnames = classnames_from_entries(splits["train"] + splits["val"] + splits["test"], f"split file {split_file}")
     for key in ("train", "test"):
         if not splits[key]:
-            raise TaskResError(f"split file {str(split_file)!r} has no '{key}' entries.")
+            raise TaskResValueError(f"split file {str(split_file)!r} has no '{key}' entries.")
     _check_every_class_present(splits["train"], classnames, f"split file {str(split_file)!r} (train)")
     return DatasetSplits(
         name=name or split_file.stem, image_dir=image_dir, classnames=classnames, templates=tuple(templates),
-        source={"kind": "split_file", "split_file": str(split_file.resolve()), "data": str(image_dir.resolve())},
+        source=DatasetSource("split_file", data=str(image_dir.resolve()), split_file=str(split_file.resolve())),
         **splits,
     )
 
@@ -148,17 +176,17 @@ def load_image_folder(root: str | Path, templates: Sequence[str] = DEFAULT_TEMPL
     """
     root = Path(root)
     if not root.is_dir():
-        raise TaskResError(f"data folder {str(root)!r} does not exist; pass --data an existing folder.")
+        raise TaskResFileNotFoundError(f"data folder {str(root)!r} does not exist; pass --data an existing folder.")
     train_dir = root / "train"
     if not train_dir.is_dir() or not (root / "test").is_dir():
-        raise TaskResError(
+        raise TaskResValueError(
             f"data folder {str(root)!r} has no split file and is not an ImageFolder layout: expected "
             f"{str(root / 'train')}/<class>/* and {str(root / 'test')}/<class>/* (optional val/). "
             "Pass --split-file for CoOp-format data."
         )
     classnames = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
     if not classnames:
-        raise TaskResError(f"{str(train_dir)!r} holds no class folders; expected train/<class>/<image>.")
+        raise TaskResValueError(f"{str(train_dir)!r} holds no class folders; expected train/<class>/<image>.")
     splits = {}
     for split in ("train", "val", "test"):
         split_dir = root / split
@@ -166,8 +194,9 @@ def load_image_folder(root: str | Path, templates: Sequence[str] = DEFAULT_TEMPL
         if split_dir.is_dir():
             extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classnames)
             if extra:
-                raise TaskResError(f"{str(split_dir)!r} has class folder(s) {extra} that train/ lacks; every class "
-                                   "must have training images.")
+                raise TaskResValueError(f"{str(split_dir)!r} has class folder(s) {extra} that train/ lacks; "
+                                        "every class "
+                                        "must have training images.")
             for label, cname in enumerate(classnames):
                 cdir = split_dir / cname
                 if not cdir.is_dir():
@@ -178,10 +207,10 @@ def load_image_folder(root: str | Path, templates: Sequence[str] = DEFAULT_TEMPL
         splits[split] = tuple(entries)
     _check_every_class_present(splits["train"], classnames, f"ImageFolder {str(train_dir)!r}")
     if not splits["test"]:
-        raise TaskResError(f"{str(root / 'test')!r} holds no images; put test images in test/<class>/.")
+        raise TaskResValueError(f"{str(root / 'test')!r} holds no images; put test images in test/<class>/.")
     return DatasetSplits(
         name=name or root.name, image_dir=root, classnames=classnames, templates=tuple(templates),
-        source={"kind": "image_folder", "data": str(root.resolve())}, **splits,
+        source=DatasetSource("image_folder", data=str(root.resolve())), **splits,
     )
 
 
@@ -191,5 +220,5 @@ def _check_every_class_present(entries: Sequence[Entry], classnames: Sequence[st
         counts[e.label] += 1
     empty = [classnames[i] for i, c in enumerate(counts) if c == 0]
     if empty:
-        raise TaskResError(f"{where}: class(es) {empty[:10]} have no training images; every class needs at "
-                           "least one. Add images or remove the class.")
+        raise TaskResValueError(f"{where}: class(es) {empty[:10]} have no training images; every class needs at "
+                                "least one. Add images or remove the class.")

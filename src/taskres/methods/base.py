@@ -1,34 +1,156 @@
-"""What every method receives: cached features, the base classifier, and the run's settings (DESIGN: a method sees
-features and the base classifier, never images or files; one that needs the text encoder gets the backbone)."""
+"""What a method is and what it receives and returns.
+
+A method sees features and the base classifier, never images or files (CoOp, which runs the text encoder in its
+loop, gets the backbone explicitly). It is one module that defines
+
+- a frozen **config** dataclass whose defaults are the published preset; a field that the user may set from the
+  command line carries ``metadata=option("--flag", "help")``;
+- a **head** (a :class:`Head`): ``(N, D)`` image features -> ``(N, C)`` logits, with ``export()`` /
+  ``from_export()`` and ``select_classes()``;
+- a **fit** function ``fit(ctx: FitContext, config) -> Fitted``;
+
+and registers them with ``register_method(Method(...))`` (``taskres.methods.registry``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from taskres.backbones import Backbone
-from taskres.engine import OptimConfig
+from taskres.engine import OptimConfig, fit
+
+
+def option(flag: str, help: str, **argparse_kwargs: Any) -> dict:
+    """Field metadata that exposes a config field on the command line as ``flag`` (types and choices are read off
+    the field's annotation by the CLI; ``argparse_kwargs`` such as ``metavar`` pass through)."""
+    return {"flag": flag, "help": help, **argparse_kwargs}
+
+
+def config_options(config_cls: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that carry an ``option(...)``."""
+    return [f for f in dataclasses.fields(config_cls) if "flag" in f.metadata]
+
+
+def cosine_logits(image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
+                  ) -> torch.Tensor:
+    """(N, D) x (C, D) -> (N, C): tau * cosine similarity; neither input needs to be normalised."""
+    return logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(classifier, dim=-1).t()
+
+
+class Head(nn.Module):
+    """A tuned classifier over cached image features: ``forward`` maps (N, D) un-normalised features to (N, C).
+
+    Saved as ``classifier.safetensors``: ``export()`` gives the tensors (float32, CPU) and a JSON-able metadata dict;
+    ``from_export`` rebuilds the head. ``class_rows`` / ``class_columns`` name the exported tensors indexed by class
+    on dim 0 / dim 1, which is all ``select_classes`` needs; ``frozen_tensors`` name those that training never
+    changes (the contract test checks it).
+    """
+
+    class_rows: ClassVar[tuple[str, ...]] = ()
+    class_columns: ClassVar[tuple[str, ...]] = ()
+    frozen_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def metadata(self) -> dict:
+        raise NotImplementedError
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {k: v.detach().float().contiguous().cpu() for k, v in self.tensors().items()}, self.metadata()
+
+    @classmethod
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "Head":
+        raise NotImplementedError
+
+    def select_classes(self, rows: Sequence[int]) -> "Head":
+        """A head over a subset of classes (in the given order), e.g. ImageNet-A's 200 of ImageNet's 1000."""
+        tensors, meta = self.export()
+        rows = list(rows)
+        for name in self.class_rows:
+            tensors[name] = tensors[name][rows]
+        for name in self.class_columns:
+            tensors[name] = tensors[name][:, rows]
+        return type(self).from_export(tensors, meta)
+
+
+class CosineHead(Head):
+    """The frozen base classifier t (C, D) and CLIP's logit scale tau: logits = tau * cos(image side, class side).
+    Subclasses change the class side (``classifier``) or the image side (``image_features``)."""
+
+    class_rows = ("base_text_features",)
+    frozen_tensors = ("base_text_features",)
+
+    def __init__(self, base_text_features: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.register_buffer("base_text_features", base_text_features.detach().float().clone())  # (C, D)
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    def classifier(self) -> torch.Tensor:
+        return self.base_text_features  # (C, D)
+
+    def image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        return image_features.float()  # (N, D)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(N, D) un-normalised image features -> (N, C) logits."""
+        return cosine_logits(self.image_features(image_features), self.classifier(), self.logit_scale)
 
 
 @dataclass
 class FitContext:
+    """What a method's fit receives."""
+
     base: torch.Tensor  # (C, D) base classifier: mean un-normalised text embedding over templates
     logit_scale: float  # tau = exp(logit_scale) of the backbone
-    train_views: torch.Tensor  # (V, N, D) cached features of the few-shot images, one slice per view (V = 1, the
-    # test transform, with --views 0)
+    train_views: torch.Tensor  # (V, N, D) features of the few-shot images, one slice per view (V = 1: test transform)
     train_labels: torch.Tensor  # (N,)
     val_features: torch.Tensor | None  # (M, D) few-shot validation features (test transform), or None
     val_labels: torch.Tensor | None  # (M,)
     optim: OptimConfig | None  # None for training-free methods
     seed: int
-    shots: int
-    classnames: Sequence[str]
-    templates: Sequence[str]
+    classnames: Sequence[str] = ()
+    templates: Sequence[str] = ()
+    shots: int = 0
     dataset: str = ""
     backbone: Backbone | None = None  # for methods with the text encoder in the loop
     device: str = "cpu"
     quiet: bool = False
     on_epoch: Callable[[dict], None] | None = None
-    extras: dict = field(default_factory=dict)  # what a method reports into metrics.json
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_features is not None and len(self.val_features) > 0
+
+    def train(self, module: nn.Module, optim: OptimConfig | None = None,
+              on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        """Train ``module``'s parameters on the training views with the run's optimiser, seed and device."""
+        return fit(module, self.train_views, self.train_labels, optim or self.optim, seed=self.seed,
+                   device=self.device, on_epoch=on_epoch or self.on_epoch, quiet=self.quiet)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file a method adds to the run folder; ``metrics_key`` records its path in metrics.json."""
+
+    filename: str
+    write: Callable[[Path], None]
+    metrics_key: str | None = None
+
+
+@dataclass
+class Fitted:
+    """What a method's fit returns: the trained head, values for metrics.json (``info``), heads to evaluate on the
+    test split beside it (``f"{name}_accuracy"`` in metrics.json), and files for the run folder."""
+
+    head: Head
+    info: dict[str, Any] = field(default_factory=dict)
+    extra_heads: dict[str, Head] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)

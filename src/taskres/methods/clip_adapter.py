@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from taskres.engine import OptimConfig, fit
-from taskres.errors import TaskResError
-from taskres.methods.base import FitContext
-from taskres.methods.taskres import zero_shot_logits
+from taskres.engine import OptimConfig
+from taskres.errors import TaskResValueError
+from taskres.methods.base import CosineHead, FitContext, Fitted
+from taskres.methods.registry import Method, register_method
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class ClipAdapterConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio <= 1 or self.reduction < 1:
-            raise TaskResError(f"CLIP-Adapter needs 0 <= ratio <= 1 and reduction >= 1; got {self.ratio!r}, "
-                               f"{self.reduction!r}.")
+            raise TaskResValueError(f"CLIP-Adapter needs 0 <= ratio <= 1 and reduction >= 1; got {self.ratio!r}, "
+                                    f"{self.reduction!r}.", param="ratio")
 
 
 def coop_schedule_epochs(shots: int) -> int:
@@ -44,34 +44,26 @@ def optim_preset(shots: int, dataset: str) -> OptimConfig:
                        optimizer="sgd", momentum=0.9)
 
 
-class ClipAdapterHead(nn.Module):
+class ClipAdapterHead(CosineHead):
     def __init__(self, base_text_features: torch.Tensor, logit_scale: float,
                  config: ClipAdapterConfig = ClipAdapterConfig()):
-        super().__init__()
+        super().__init__(base_text_features, logit_scale)
         self.config = config
         dim = base_text_features.shape[1]
-        self.register_buffer("base_text_features", base_text_features.detach().float().clone())  # (C, D)
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.adapter = nn.Sequential(nn.Linear(dim, dim // config.reduction, bias=False), nn.ReLU(),
                                      nn.Linear(dim // config.reduction, dim, bias=False), nn.ReLU())
 
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        """(N, D) raw image features -> (N, C) logits."""
-        f = image_features.float()
+    def image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        f = image_features.float()  # (N, D)
         r = self.config.ratio
-        f = r * self.adapter(f) + (1 - r) * f
-        return zero_shot_logits(f, self.base_text_features, self.logit_scale)
+        return r * self.adapter(f) + (1 - r) * f
 
-    def select_classes(self, rows: list[int]) -> "ClipAdapterHead":
-        tensors, meta = self.export()
-        tensors["base_text_features"] = tensors["base_text_features"][rows]
-        return ClipAdapterHead.from_export(tensors, meta)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"base_text_features": self.base_text_features,
+                **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}}
 
-    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {"base_text_features": self.base_text_features, **{f"adapter.{k}": v for k, v in
-                                                                      self.adapter.state_dict().items()}}
-        meta = {**asdict(self.config), "logit_scale": float(self.logit_scale)}
-        return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, meta
+    def metadata(self) -> dict:
+        return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
 
     @classmethod
     def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ClipAdapterHead":
@@ -81,10 +73,14 @@ class ClipAdapterHead(nn.Module):
         return head
 
 
-def fit_clip_adapter(ctx: FitContext, config: ClipAdapterConfig) -> ClipAdapterHead:
+def fit_clip_adapter(ctx: FitContext, config: ClipAdapterConfig) -> Fitted:
     with torch.random.fork_rng(devices=[]):  # the MLP's default init, drawn from the run's seed only
         torch.manual_seed(ctx.seed)
         head = ClipAdapterHead(ctx.base, ctx.logit_scale, config)
-    fit(head, ctx.train_views, ctx.train_labels, ctx.optim, seed=ctx.seed, device=ctx.device, on_epoch=ctx.on_epoch,
-        quiet=ctx.quiet)
-    return head.cpu()
+    ctx.train(head)
+    return Fitted(head.cpu())
+
+
+register_method(Method(
+    "clip-adapter", "CLIP-Adapter: residual MLP on the image feature, r * mlp(f) + (1 - r) * f (Gao et al.)",
+    ClipAdapterConfig, ClipAdapterHead, fit_clip_adapter, optim_preset=optim_preset))

@@ -15,29 +15,29 @@ need no text encoder.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from taskres.engine import OptimConfig, fit
-from taskres.errors import TaskResError
-from taskres.methods.base import FitContext
+from taskres.engine import OptimConfig
+from taskres.errors import TaskResValueError
+from taskres.methods.base import FitContext, Fitted, Head, cosine_logits, option
 from taskres.methods.clip_adapter import coop_schedule_epochs
-from taskres.methods.taskres import zero_shot_logits
+from taskres.methods.registry import Method, register_method
 from taskres.text_tower import check_text_tower, pooled_text, projection
 
 
 @dataclass(frozen=True)
 class CoOpConfig:
-    n_ctx: int = 16  # context vectors M
+    n_ctx: int = field(default=16, metadata=option("--coop-n-ctx", "number of context vectors (default 16)"))
     init_std: float = 0.02
     amp: bool = True  # bf16 autocast of the text encoder on CUDA (no effect on the CPU)
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or not self.init_std > 0:
-            raise TaskResError(f"CoOp needs --coop-n-ctx >= 1 and init_std > 0; got {self.n_ctx!r}, "
-                               f"{self.init_std!r}.")
+            raise TaskResValueError(f"CoOp needs `n_ctx` >= 1 and init_std > 0; got {self.n_ctx!r}, "
+                                    f"{self.init_std!r}.", param="n_ctx")
 
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:
@@ -46,8 +46,10 @@ def optim_preset(shots: int, dataset: str) -> OptimConfig:
     return OptimConfig(lr=2e-3, epochs=epochs, batch_size=32, weight_decay=5e-4, optimizer="sgd", momentum=0.9)
 
 
-class CoOpHead(nn.Module):
+class CoOpHead(Head):
     """The trained prompt's class text features: (N, D) features -> (N, C) logits, no text encoder needed."""
+
+    class_rows = ("text_features",)
 
     def __init__(self, text_features: torch.Tensor, ctx: torch.Tensor, logit_scale: float, config: CoOpConfig):
         super().__init__()
@@ -57,14 +59,13 @@ class CoOpHead(nn.Module):
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return zero_shot_logits(image_features.float(), self.text_features, self.logit_scale)
+        return cosine_logits(image_features.float(), self.text_features, self.logit_scale)
 
-    def select_classes(self, rows: list[int]) -> "CoOpHead":
-        return CoOpHead(self.text_features[rows], self.ctx, float(self.logit_scale), self.config)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"text_features": self.text_features, "ctx": self.ctx}
 
-    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {"text_features": self.text_features.contiguous(), "ctx": self.ctx.contiguous()}
-        return tensors, {**asdict(self.config), "logit_scale": float(self.logit_scale)}
+    def metadata(self) -> dict:
+        return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
 
     @classmethod
     def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "CoOpHead":
@@ -98,35 +99,40 @@ class PromptLearner(nn.Module):
             return (pooled_text(model, self.tokens, prompts) @ projection(model)).float()
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return zero_shot_logits(image_features.float(), self.text_features(), self.logit_scale)
+        return cosine_logits(image_features.float(), self.text_features(), self.logit_scale)
 
 
 def prompt_tokens(backbone, classnames, n_ctx: int) -> torch.Tensor:
     """(C, L) token ids of "X X ... X {name}." (CoOp's placeholder prompt), checking nothing is truncated."""
     tokenizer = backbone.tokenizer
     if not hasattr(tokenizer, "encode"):
-        raise TaskResError("CoOp builds prompts with CLIP's BPE tokenizer; this backbone's tokenizer is another.")
+        raise TaskResValueError("CoOp builds prompts with CLIP's BPE tokenizer; this backbone's tokenizer is another.")
     length = backbone.model.positional_embedding.shape[0]
     prompts = [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
     for name, prompt in zip(classnames, prompts):
         need = len(tokenizer.encode(prompt)) + 2
         if need > length:
-            raise TaskResError(f"CoOp's prompt for class {name!r} needs {need} tokens with {n_ctx} context vectors, "
-                               f"but the text encoder reads {length}; pass a smaller --coop-n-ctx "
-                               f"(at most {n_ctx - (need - length)}).")
+            raise TaskResValueError(f"CoOp's prompt for class {name!r} needs {need} tokens with {n_ctx} context "
+                                    f"vectors, but the text encoder reads {length}; use a smaller `n_ctx` (at most "
+                                    f"{n_ctx - (need - length)}).", param="n_ctx")
     return tokenizer(prompts)
 
 
-def fit_coop(ctx: FitContext, config: CoOpConfig) -> CoOpHead:
+def fit_coop(ctx: FitContext, config: CoOpConfig) -> Fitted:
     if ctx.backbone is None:
-        raise TaskResError("CoOp runs the text encoder in the training loop and needs the backbone in its context.")
+        raise TaskResValueError("CoOp runs the text encoder in the training loop and needs the backbone in its "
+                                "context.", param="backbone")
     model = check_text_tower(ctx.backbone, "CoOp")
     tokens = prompt_tokens(ctx.backbone, ctx.classnames, config.n_ctx).to(ctx.backbone.device)
     width = model.token_embedding.weight.shape[1]
     init = torch.randn(config.n_ctx, width, generator=torch.Generator().manual_seed(ctx.seed)) * config.init_std
     learner = PromptLearner(model, tokens, init.to(ctx.backbone.device), ctx.logit_scale, config.amp)
-    fit(learner, ctx.train_views, ctx.train_labels, ctx.optim, seed=ctx.seed, device=ctx.device,
-        on_epoch=ctx.on_epoch, quiet=ctx.quiet)
+    ctx.train(learner)
     with torch.no_grad():
         text = learner.text_features()
-    return CoOpHead(text.cpu(), learner.ctx.detach().cpu(), ctx.logit_scale, config)
+    return Fitted(CoOpHead(text.cpu(), learner.ctx.detach().cpu(), ctx.logit_scale, config))
+
+
+register_method(Method(
+    "coop", "CoOp: 16 learned context vectors through the frozen text encoder (Zhou et al. 2022)",
+    CoOpConfig, CoOpHead, fit_coop, optim_preset=optim_preset))

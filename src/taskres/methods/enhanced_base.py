@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,16 +29,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from taskres.atomic import atomic_path
 from taskres.backbones import Backbone
 from taskres.engine import OptimConfig, fit
-from taskres.errors import TaskResError
-from taskres.methods.taskres import zero_shot_logits
-from taskres.runs import PROJECTION as PROJECTION_FILE
+from taskres.errors import TaskResFileNotFoundError, TaskResValueError
+from taskres.methods.base import FitContext, cosine_logits
 from taskres.safe_load import load_checkpoint
 from taskres.text import check_templates
 from taskres.text_tower import check_text_tower, pooled_text, projection
 
 logger = logging.getLogger(__name__)
+
+PROJECTION_FILE = "text_projection.safetensors"  # RUN/ file of --enhance-base
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,13 @@ class EnhancedBaseConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "lrs", tuple(float(x) for x in self.lrs))
         if (self.weights is None) == (not self.tune):
-            raise TaskResError("an enhanced base needs exactly one source: --base-weights FILE or --enhance-base.")
+            raise TaskResValueError("an enhanced base needs exactly one source: --base-weights FILE or --enhance-base.")
         if self.search not in ("val", "none"):
-            raise TaskResError(f"--search must be 'val' or 'none'; got {self.search!r}.")
+            raise TaskResValueError(f"--search must be 'val' or 'none'; got {self.search!r}.")
         if self.epochs < 1 or not self.lr > 0 or not all(x > 0 for x in self.lrs):
-            raise TaskResError(f"the base tuning needs epochs >= 1 and positive learning rates; got {self.epochs!r}, "
-                               f"{self.lr!r}, {self.lrs!r}.")
+            raise TaskResValueError("the base tuning needs epochs >= 1 and positive learning rates; got "
+                                    f"{self.epochs!r}, "
+                                    f"{self.lr!r}, {self.lrs!r}.")
 
     def optim(self, lr: float) -> OptimConfig:
         return OptimConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size, weight_decay=self.weight_decay)
@@ -72,7 +73,7 @@ class EnhancedBaseConfig:
 
 @torch.no_grad()
 def pre_projection_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """(C, T, W) float32: the pooled text features before the projection, names as written (SPEC base)."""
+    """(C, T, W) float32: the pooled text features before the projection, names as written (docs/protocol.md#base-classifier)."""
     model = check_text_tower(backbone, "the enhanced base")
     templates = check_templates(templates)
     rows = []
@@ -92,37 +93,36 @@ def load_projection(path: str | Path) -> torch.Tensor:
     path = Path(path)
     what = "--base-weights file"
     if not path.is_file():
-        raise TaskResError(f"{what} {str(path)!r} does not exist; pass a strong_base .../model.pth.tar or a "
-                           f"{PROJECTION_FILE} written by --enhance-base.")
+        raise TaskResFileNotFoundError(f"{what} {str(path)!r} does not exist; pass a strong_base "
+                                       ".../model.pth.tar or a "
+                                       f"{PROJECTION_FILE} written by --enhance-base.")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), "pt") as f:
                 if "text_projection" not in f.keys():
-                    raise TaskResError(f"{what} {str(path)!r} has no 'text_projection' tensor; pass a "
-                                       f"{PROJECTION_FILE} written by --enhance-base.")
+                    raise TaskResValueError(f"{what} {str(path)!r} has no 'text_projection' tensor; pass a "
+                                            f"{PROJECTION_FILE} written by --enhance-base.")
                 proj = f.get_tensor("text_projection")
         except (SafetensorError, OSError) as err:
-            raise TaskResError(f"{what} {str(path)!r} is not a readable safetensors file ({err}).") from None
+            raise TaskResValueError(f"{what} {str(path)!r} is not a readable safetensors file ({err}).") from None
     else:
         ckpt = load_checkpoint(path, what)
         state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
         weight = state.get("weight") if isinstance(state, dict) else None
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise TaskResError(f"{what} {str(path)!r} does not hold state_dict['weight'] as a 2-D tensor (the "
-                               "strong_base layout: a linear layer's (D, W) weight).")
+            raise TaskResValueError(f"{what} {str(path)!r} does not hold state_dict['weight'] as a 2-D tensor (the "
+                                    "strong_base layout: a linear layer's (D, W) weight).")
         proj = weight.t()
     if proj.dim() != 2:
-        raise TaskResError(f"{what} {str(path)!r}: the text projection must be 2-D; got {tuple(proj.shape)}.")
+        raise TaskResValueError(f"{what} {str(path)!r}: the text projection must be 2-D; got {tuple(proj.shape)}.")
     return proj.float().contiguous()
 
 
 def save_projection(path: str | Path, proj: torch.Tensor, metadata: dict[str, str]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    save_file({"text_projection": proj.detach().float().contiguous().cpu()}, str(tmp),
-              metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection",
-                        **metadata})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"text_projection": proj.detach().float().contiguous().cpu()}, str(tmp),
+                  metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection",
+                            **metadata})
 
 
 class ProjectionHead(nn.Module):
@@ -135,7 +135,7 @@ class ProjectionHead(nn.Module):
         self.text_projection = nn.Parameter(proj.detach().float().clone())  # (W, D)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return zero_shot_logits(image_features.float(), self.pre_mean @ self.text_projection, self.logit_scale)
+        return cosine_logits(image_features.float(), self.pre_mean @ self.text_projection, self.logit_scale)
 
 
 def tune_projection(pre: torch.Tensor, proj: torch.Tensor, logit_scale: float, train_views: torch.Tensor,
@@ -161,23 +161,25 @@ def tune_projection(pre: torch.Tensor, proj: torch.Tensor, logit_scale: float, t
     return best[2], {"enhanced_base_lr": best[1], "enhanced_base_search": search}
 
 
-def enhanced_base(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
-                  config: EnhancedBaseConfig, train_views: torch.Tensor, train_labels: torch.Tensor,
-                  val_features: torch.Tensor | None, val_labels: torch.Tensor | None, seed: int,
-                  device: str = "cpu", quiet: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(base (C, D), projection (W, D), info for metrics.json)."""
-    pre = pre_projection_features(backbone, classnames, templates)
+def enhanced_base(ctx: FitContext, config: EnhancedBaseConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(base (C, D), projection (W, D), info for metrics.json) for the context's backbone, classes and templates."""
+    if ctx.backbone is None:
+        raise TaskResValueError("the enhanced base re-encodes the prompts and needs the backbone in the fit context.",
+                                param="backbone")
+    backbone = ctx.backbone
+    pre = pre_projection_features(backbone, ctx.classnames, ctx.templates)
     original = projection(backbone.model).detach().float().cpu()
     if config.weights is not None:
         proj = load_projection(config.weights)
         if proj.shape != original.shape:
-            raise TaskResError(f"--base-weights file {config.weights!r} holds a ({proj.shape[0]}, {proj.shape[1]}) "
-                               f"text projection, but backbone {backbone.identity.get('spec')!r} needs "
-                               f"({original.shape[0]}, {original.shape[1]}) (text width, embedding dim); use the "
-                               "file made for this backbone (strong_base files are for RN50).")
+            raise TaskResValueError(
+                f"base_weights file {config.weights!r} holds a ({proj.shape[0]}, {proj.shape[1]}) text projection, "
+                f"but backbone {backbone.identity.spec!r} needs ({original.shape[0]}, {original.shape[1]}) (text "
+                "width, embedding dim); use the file made for this backbone (strong_base files are for RN50).",
+                param="base_weights")
         info = {"base_weights_sha256": hashlib.sha256(Path(config.weights).read_bytes()).hexdigest()}
     else:
-        proj, info = tune_projection(pre, original, backbone.logit_scale, train_views, train_labels, val_features,
-                                     val_labels, config, seed, device, quiet)
+        proj, info = tune_projection(pre, original, ctx.logit_scale, ctx.train_views, ctx.train_labels,
+                                     ctx.val_features, ctx.val_labels, config, ctx.seed, ctx.device, ctx.quiet)
     info["text_projection_change"] = float((proj - original).norm() / original.norm())
     return base_from_projection(pre, proj), proj, info

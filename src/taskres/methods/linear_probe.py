@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,8 +24,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from taskres.errors import TaskResError
-from taskres.methods.base import FitContext
+from taskres.errors import TaskResValueError, check_choice, invalid
+from taskres.methods.base import FitContext, Fitted, Head, option
+from taskres.methods.registry import Method, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -33,26 +35,32 @@ COARSE_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    c: float | None = None  # inverse L2 strength; None: search it on the few-shot validation split
-    search: str = "val"  # "val": coarse grid + bisection on the few-shot val split; "none": use ``c``
+    # inverse L2 strength; None: search it on the few-shot validation split
+    c: float | None = field(default=None, metadata=option("--lp-c", "fixed inverse regularisation C (with --search "
+                                                                    "none)"))
+    # "val": coarse grid + bisection on the few-shot val split; "none": use ``c``
+    search: Literal["val", "none"] = field(default="val", metadata=option(
+        "--search", "select C on the few-shot validation split (val, the default) or not (none)"))
     steps: int = 8  # lpclip's --num_step
     max_iter: int = 1000
 
     def __post_init__(self) -> None:
-        if self.search not in ("val", "none"):
-            raise TaskResError(f"--search must be 'val' or 'none'; got {self.search!r}.")
+        check_choice("search", self.search, ("val", "none"))
         if self.search == "val" and self.c is not None:
-            raise TaskResError("--lp-c fixes the linear probe's C, which --search val would search; pass --search "
-                               "none with it.")
+            raise TaskResValueError("`c` fixes the linear probe's C, which `search` val would search; set `search` "
+                                    "none with it.", param="c")
         if self.search == "none" and self.c is None:
-            raise TaskResError("--search none needs a fixed C for the linear probe: pass --lp-c C (e.g. --lp-c 1).")
+            raise TaskResValueError("`search` none needs a fixed C for the linear probe: set `c` (e.g. 1).",
+                                    param="search")
         if self.c is not None and not self.c > 0:
-            raise TaskResError(f"--lp-c must be > 0; got {self.c!r}.")
+            raise invalid("c", "be > 0", self.c)
         if self.steps < 0:
-            raise TaskResError(f"the number of bisection steps must be >= 0; got {self.steps!r}.")
+            raise invalid("steps", "be >= 0 (bisection steps)", self.steps)
 
 
-class LinearProbeHead(nn.Module):
+class LinearProbeHead(Head):
+    class_rows = ("weight", "bias")
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, c: float, config: LinearProbeConfig):
         super().__init__()
         self.c, self.config = float(c), config
@@ -63,12 +71,11 @@ class LinearProbeHead(nn.Module):
         """(N, D) raw features -> (N, C) logits (scikit-learn's decision function)."""
         return image_features.float() @ self.weight.t() + self.bias
 
-    def select_classes(self, rows: list[int]) -> "LinearProbeHead":
-        return LinearProbeHead(self.weight[rows], self.bias[rows], self.c, self.config)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "bias": self.bias}
 
-    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, {"c": self.c,
-                                                                                     "config": asdict(self.config)}
+    def metadata(self) -> dict:
+        return {"c": self.c, "config": asdict(self.config)}
 
     @classmethod
     def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LinearProbeHead":
@@ -115,22 +122,28 @@ def search_c(fit_score, steps: int = 8) -> tuple[float, list[tuple[float, float]
     return chosen, tried
 
 
-def fit_linear_probe(ctx: FitContext, config: LinearProbeConfig) -> LinearProbeHead:
+def fit_linear_probe(ctx: FitContext, config: LinearProbeConfig) -> Fitted:
     if ctx.train_views.shape[0] != 1:
-        raise TaskResError("the linear probe trains on the test-transform features (lpclip); pass --views 0.")
+        raise TaskResValueError("the linear probe trains on the test-transform features (lpclip); set `views` to 0.",
+                                param="views")
     feats, labels = ctx.train_views[0], ctx.train_labels  # (N, D), (N,)
     num_classes = ctx.base.shape[0]
-    c = config.c
+    c, info = config.c, {}
     if config.search == "val":
-        if ctx.val_features is None or not len(ctx.val_features):
-            raise TaskResError("the linear probe searches C on the few-shot validation split, and this dataset has "
-                               "none; pass --lp-c C --search none (e.g. --lp-c 1).")
+        if not ctx.has_val:
+            raise TaskResValueError("the linear probe searches C on the few-shot validation split, and this dataset "
+                                    "has none; set `search` none and a fixed `c` (e.g. 1).", param="search")
 
         def val_accuracy(c: float) -> float:
             head = LinearProbeHead(*fit_logistic(feats, labels, num_classes, c, config.max_iter), c, config)
             return float((head(ctx.val_features).argmax(1) == ctx.val_labels).float().mean())
 
         c, tried = search_c(val_accuracy, config.steps)
-        ctx.extras["lp_search"] = [{"c": ci, "val_accuracy": 100.0 * a} for ci, a in tried]
-    ctx.extras["lp_c"] = c
-    return LinearProbeHead(*fit_logistic(feats, labels, num_classes, c, config.max_iter), c, config)
+        info["lp_search"] = [{"c": ci, "val_accuracy": 100.0 * a} for ci, a in tried]
+    info["lp_c"] = c
+    return Fitted(LinearProbeHead(*fit_logistic(feats, labels, num_classes, c, config.max_iter), c, config), info)
+
+
+register_method(Method(
+    "linear-probe", "Linear probe: logistic regression on raw image features, C searched on val (CoOp lpclip)",
+    LinearProbeConfig, LinearProbeHead, fit_linear_probe, views=0, test_view_only=True))

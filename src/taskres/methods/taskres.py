@@ -5,57 +5,92 @@
     logits = tau * cos(z', t')                     tau = exp(CLIP's logit_scale)
 
 At initialisation the head is exactly zero-shot CLIP. Only the residuals (and alpha, when learned) are trained.
+TaskRes* replaces t by an enhanced base (``enhanced_base.py``) before the residual is trained. The presets are the
+paper's (docs/protocol.md#optimisation): Adam, lr 2e-3 (2e-4 on ImageNet), batch 256, weight decay 5e-4, 100 epochs
+up to 4 shots and 200 above; alpha 0.5 (1.0 on Flowers102).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from taskres.errors import TaskResError
+from taskres.engine import OptimConfig
+from taskres.errors import TaskResValueError, check_choice, invalid
+from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, option
+from taskres.methods.enhanced_base import PROJECTION_FILE, EnhancedBaseConfig, enhanced_base, load_projection, \
+    save_projection
+from taskres.methods.registry import Method, register_method
 
-VARIANTS = ("text", "image", "both")
+Variant = Literal["text", "image", "both"]
+VARIANTS: tuple[str, ...] = ("text", "image", "both")
+IMAGENET_FAMILY = ("imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 @dataclass(frozen=True)
 class TaskResConfig:
-    alpha: float = 0.5
-    variant: str = "text"
-    learn_alpha: bool = False
+    alpha: float = field(default=0.5, metadata=option(
+        "--alpha", "residual scale alpha (default 0.5; 1.0 for Flowers102)"))
+    variant: Variant = field(default="text", metadata=option(
+        "--variant", "TaskRes-T (text), TaskRes-I (image) or both (default text)"))
+    learn_alpha: bool = field(default=False, metadata=option("--learn-alpha", "train alpha as a scalar parameter"))
+    # TaskRes*: the enhanced base, from a file or tuned now (at most one of the two).
+    base_weights: str | None = field(default=None, metadata=option(
+        "--base-weights", "(TaskRes*) rebuild the base with this text projection: a strong_base .../model.pth.tar "
+        "or a text_projection.safetensors from --enhance-base", metavar="FILE"))
+    enhance_base: bool = field(default=False, metadata=option(
+        "--enhance-base", "(TaskRes*) tune the text projection for 50 epochs first, save it as "
+        "RUN/text_projection.safetensors and train the residual on the enhanced base"))
+    search: Literal["val", "none"] | None = field(default=None, metadata=option(
+        "--search", "(TaskRes*, with --enhance-base) pick the base's lr on the few-shot validation split (val, the "
+        "default) or not (none)"))
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise TaskResError(f"--variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}.")
+        check_choice("variant", self.variant, VARIANTS)
         if not self.alpha > 0 and not self.learn_alpha:
-            raise TaskResError(f"--alpha must be > 0 (the residual scale); got {self.alpha!r}.")
+            raise invalid("alpha", "be > 0 (the residual scale)", self.alpha)
+        if self.base_weights is not None and self.enhance_base:
+            raise TaskResValueError("pass either `base_weights` (a released or saved projection) or "
+                                    "`enhance_base` (tune "
+                                    "one now), not both.", param="base_weights")
+        if self.search is not None:
+            check_choice("search", self.search, ("val", "none"))
+            if self.base_weights is None and not self.enhance_base:
+                raise TaskResValueError("`search` applies to taskres only with `enhance_base` (it picks the "
+                                        "base's lr).",
+                                        param="search")
+
+    @property
+    def enhanced_base(self) -> EnhancedBaseConfig | None:
+        """TaskRes*'s base settings, or None for the regular base."""
+        if self.base_weights is None and not self.enhance_base:
+            return None
+        return EnhancedBaseConfig(weights=self.base_weights, tune=self.enhance_base, search=self.search or "val")
+
+    def check(self) -> None:
+        """Checks that read files, run before any image is encoded: a bad --base-weights file fails early."""
+        if self.base_weights is not None:
+            load_projection(self.base_weights)
 
 
-def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """(N, D) x (C, D) -> (N, C): tau * cosine similarity."""
-    return logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(classifier, dim=-1).t()
+class TaskResHead(CosineHead):
+    class_rows = ("base_text_features", "text_feature_residuals")
 
-
-class TaskResHead(nn.Module):
     def __init__(self, base_text_features: torch.Tensor, logit_scale: float, config: TaskResConfig = TaskResConfig()):
-        super().__init__()
+        super().__init__(base_text_features, logit_scale)
         self.config = config
         num_classes, dim = base_text_features.shape
-        self.register_buffer("base_text_features", base_text_features.detach().float().clone())  # (C, D)
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
-        text = config.variant in ("text", "both")
-        image = config.variant in ("image", "both")
         residual = torch.zeros(num_classes, dim)
-        if text:
-            self.text_feature_residuals = nn.Parameter(residual)  # (C, D)
+        if config.variant in ("text", "both"):
+            self.text_feature_residuals = nn.Parameter(residual)  # x: (C, D)
         else:
             self.register_buffer("text_feature_residuals", residual)
-        if image:
-            self.image_feature_residual = nn.Parameter(torch.zeros(1, dim))  # (1, D)
-        else:
-            self.image_feature_residual = None
+        self.image_feature_residual = nn.Parameter(torch.zeros(1, dim)) if config.variant in ("image", "both") \
+            else None  # r: (1, D)
         if config.learn_alpha:
             self.alpha = nn.Parameter(torch.tensor(float(config.alpha)))
         else:
@@ -65,31 +100,26 @@ class TaskResHead(nn.Module):
         """The tuned classifier t + alpha * x, un-normalised: (C, D)."""
         return self.base_text_features + self.alpha * self.text_feature_residuals
 
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        """(N, D) un-normalised image features -> (N, C) logits."""
-        z = image_features.float()
+    def image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        z = image_features.float()  # (N, D)
         if self.image_feature_residual is not None:
             z = z + self.alpha * self.image_feature_residual
-        return zero_shot_logits(z, self.classifier(), self.logit_scale)
+        return z
 
-    def select_classes(self, rows: list[int]) -> "TaskResHead":
-        """A head over a subset of classes (rows of the classifier, in the given order), e.g. ImageNet-A's 200."""
-        tensors, meta = self.export()
-        for name in ("base_text_features", "text_feature_residuals"):
-            tensors[name] = tensors[name][rows]
-        return TaskResHead.from_export(tensors, meta)
+    def residual_mean_abs(self) -> float:
+        """Mean |x| over the residual's entries: the paper's residual magnitude (its Fig. 4)."""
+        return float(self.text_feature_residuals.detach().abs().mean())
 
-    # ---- checkpoint -----------------------------------------------------------------------------------------------
-
-    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Tensors named as in the official checkpoints, plus the config for the metadata."""
-        tensors = {"base_text_features": self.base_text_features,
-                   "text_feature_residuals": self.text_feature_residuals.detach()}
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Named as in the official checkpoints (plus the image residual of TaskRes-I)."""
+        out = {"base_text_features": self.base_text_features, "text_feature_residuals": self.text_feature_residuals}
         if self.image_feature_residual is not None:
-            tensors["image_feature_residual"] = self.image_feature_residual.detach()
-        meta = {**asdict(self.config), "alpha_init": self.config.alpha, "alpha": float(self.alpha.detach()),
-                "logit_scale": float(self.logit_scale)}
-        return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, meta
+            out["image_feature_residual"] = self.image_feature_residual
+        return out
+
+    def metadata(self) -> dict:
+        return {"alpha": float(self.alpha.detach()), "variant": self.config.variant,
+                "learn_alpha": self.config.learn_alpha, "logit_scale": float(self.logit_scale)}
 
     @classmethod
     def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "TaskResHead":
@@ -101,3 +131,41 @@ class TaskResHead(nn.Module):
             if head.image_feature_residual is not None:
                 head.image_feature_residual.copy_(tensors["image_feature_residual"])
         return head
+
+
+def optim_preset(shots: int, dataset: str) -> OptimConfig:
+    """``taskres train``: lr 2e-3 (2e-4 on ImageNet), batch 256, weight decay 5e-4, 100 epochs for K <= 4, else 200."""
+    lr = 2e-4 if dataset in IMAGENET_FAMILY else 2e-3
+    return OptimConfig(lr=lr, epochs=100 if shots <= 4 else 200, batch_size=256, weight_decay=5e-4)
+
+
+def config_preset(dataset: str) -> TaskResConfig:
+    """alpha 0.5, 1.0 for Flowers102 (the paper's configs)."""
+    return TaskResConfig(alpha=1.0 if dataset == "oxford_flowers" else 0.5)
+
+
+def init_head(ctx: FitContext, config: TaskResConfig) -> TaskResHead:
+    return TaskResHead(ctx.base, ctx.logit_scale, config)
+
+
+def fit_taskres(ctx: FitContext, config: TaskResConfig) -> Fitted:
+    base, info, extra_heads, artifacts = ctx.base, {}, {}, []
+    if config.enhanced_base is not None:  # TaskRes*
+        base, projection, info = enhanced_base(ctx, config.enhanced_base)
+        extra_heads["enhanced_base"] = TaskResHead(base, ctx.logit_scale)
+        if config.enhance_base:
+            meta = {"backbone": json.dumps(ctx.backbone.identity.to_json() if ctx.backbone is not None else None),
+                    "dataset": ctx.dataset, "shots": str(ctx.shots), "seed": str(ctx.seed)}
+            artifacts.append(Artifact(PROJECTION_FILE, lambda path: save_projection(path, projection, meta),
+                                      metrics_key="text_projection_file"))
+    head = TaskResHead(base, ctx.logit_scale, config)
+    ctx.train(head)
+    info["residual_mean_abs"] = head.residual_mean_abs()
+    return Fitted(head.cpu(), info, extra_heads, artifacts)
+
+
+register_method(Method(
+    "taskres", "Task Residual: frozen text classifier t plus a learned residual, t + alpha * x (Yu et al. 2023); "
+    "TaskRes* with --enhance-base or --base-weights",
+    TaskResConfig, TaskResHead, fit_taskres, optim_preset=optim_preset, config_preset=config_preset,
+    init_head=init_head, files=(PROJECTION_FILE,)))

@@ -14,15 +14,16 @@ for a, b in the outer loop, first best kept. Initial values and search scales ar
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taskres.errors import TaskResError
-from taskres.methods.base import FitContext
-from taskres.methods.taskres import zero_shot_logits
+from taskres.errors import TaskResValueError, check_choice
+from taskres.methods.base import CosineHead, FitContext, Fitted, cosine_logits, option
+from taskres.methods.registry import Method, register_method
 
 # Tip-Adapter's configs/<dataset>.yaml: (init_beta, init_alpha, search_scale [beta, alpha]), keyed by our names.
 PUBLIC_CONFIGS = {
@@ -45,11 +46,15 @@ GENERIC = (1.0, 1.17, (10.0, 10.0))
 
 @dataclass(frozen=True)
 class TipAdapterConfig:
-    alpha: float | None = None  # a; with --search none, None means init_alpha
-    beta: float | None = None  # b; with --search none, None means init_beta
+    alpha: float | None = field(default=None, metadata=option(
+        "--tip-alpha", "fixed a (with --search none; default: the preset's initial a)"))
+    beta: float | None = field(default=None, metadata=option(
+        "--tip-beta", "fixed b (with --search none; default: the preset's initial b)"))
     init_alpha: float = GENERIC[1]
     init_beta: float = GENERIC[0]
-    search: str = "val"  # "val": grid search on the few-shot validation split; "none"
+    search: Literal["val", "none"] = field(default="val", metadata=option(
+        "--search", "select a and b (and Tip-Adapter-F's epoch) on the few-shot validation split (val, the default) "
+        "or not (none)"))
     search_scale: tuple[float, float] = GENERIC[2]  # (b, a) upper ends of the grids
     search_step: tuple[int, int] = (200, 20)  # (b steps, a steps)
     preset: str = "generic"  # the public config the values come from
@@ -57,14 +62,14 @@ class TipAdapterConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "search_scale", tuple(float(x) for x in self.search_scale))
         object.__setattr__(self, "search_step", tuple(int(x) for x in self.search_step))
-        if self.search not in ("val", "none"):
-            raise TaskResError(f"--search must be 'val' or 'none'; got {self.search!r}.")
+        check_choice("search", self.search, ("val", "none"))
         if self.search == "val" and (self.alpha is not None or self.beta is not None):
-            raise TaskResError("--tip-alpha/--tip-beta fix Tip-Adapter's a and b, which --search val would search; "
-                               "pass --search none with them.")
+            raise TaskResValueError("`alpha`/`beta` fix Tip-Adapter's a and b, which `search` val would search; "
+                                    "set `search` "
+                                    "none with them.", param="alpha" if self.alpha is not None else "beta")
         if any(v is not None and v < 0 for v in (self.alpha, self.beta)) or min(self.search_step) < 1:
-            raise TaskResError(f"--tip-alpha and --tip-beta must be >= 0 and the search steps >= 1; got a="
-                               f"{self.alpha!r}, b={self.beta!r}, steps={self.search_step!r}.")
+            raise TaskResValueError(f"`alpha` and `beta` must be >= 0 and the search steps >= 1; got a={self.alpha!r}, "
+                                    f"b={self.beta!r}, steps={self.search_step!r}.", param="alpha")
 
     @classmethod
     def for_dataset(cls, dataset: str, **overrides) -> "TipAdapterConfig":
@@ -74,15 +79,15 @@ class TipAdapterConfig:
         return cls(init_alpha=alpha, init_beta=beta, search_scale=scale, preset=preset, **overrides)
 
 
-class TipAdapterHead(nn.Module):
+class TipAdapterHead(CosineHead):
+    class_columns = ("cache_values",)
+
     def __init__(self, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, logit_scale: float,
                  alpha: float, beta: float, train_keys: bool = False, config: TipAdapterConfig | None = None):
-        super().__init__()
+        super().__init__(base, logit_scale)
         self.config = config
-        self.register_buffer("base_text_features", base.detach().float().clone())  # (C, D)
-        self.register_buffer("cache_values", values.detach().float().clone())  # (NK, C)
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
-        keys = keys.detach().float().clone()  # (NK, D)
+        self.register_buffer("cache_values", values.detach().float().clone())  # V: (NK, C)
+        keys = keys.detach().float().clone()  # K: (NK, D)
         if train_keys:
             self.cache_keys = nn.Parameter(keys)
         else:
@@ -95,20 +100,17 @@ class TipAdapterHead(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """(N, D) un-normalised image features -> (N, C) logits."""
-        clip_logits = zero_shot_logits(image_features.float(), self.base_text_features, self.logit_scale)
+        clip_logits = cosine_logits(image_features.float(), self.base_text_features, self.logit_scale)
         cache_logits = torch.exp(-(self.beta - self.beta * self.affinity(image_features))) @ self.cache_values
         return clip_logits + self.alpha * cache_logits
 
-    def select_classes(self, rows: list[int]) -> "TipAdapterHead":
-        return TipAdapterHead(self.base_text_features[rows], self.cache_keys, self.cache_values[:, rows],
-                              float(self.logit_scale), self.alpha, self.beta, config=self.config)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"base_text_features": self.base_text_features, "cache_keys": self.cache_keys,
+                "cache_values": self.cache_values}
 
-    def export(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {"base_text_features": self.base_text_features, "cache_keys": self.cache_keys.detach(),
-                   "cache_values": self.cache_values}
-        meta = {"alpha": self.alpha, "beta": self.beta, "logit_scale": float(self.logit_scale),
+    def metadata(self) -> dict:
+        return {"alpha": self.alpha, "beta": self.beta, "logit_scale": float(self.logit_scale),
                 "config": asdict(self.config) if self.config is not None else None}
-        return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, meta
 
     @classmethod
     def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "TipAdapterHead":
@@ -132,7 +134,7 @@ def search_alpha_beta(head: TipAdapterHead, features: torch.Tensor, labels: torc
                       config: TipAdapterConfig) -> tuple[float, float, float]:
     """(a, b, accuracy %) with the best accuracy on (features, labels); b outer, a inner, first best kept."""
     features, labels = features.to(head.cache_keys.device), labels.to(head.cache_keys.device)
-    clip_logits = zero_shot_logits(features.float(), head.base_text_features, head.logit_scale)  # (M, C)
+    clip_logits = cosine_logits(features.float(), head.base_text_features, head.logit_scale)  # (M, C)
     affinity = head.affinity(features)  # (M, NK)
     alpha_list = grid(config.search_scale[1], config.search_step[1])
     alphas = torch.tensor(alpha_list, device=clip_logits.device)
@@ -148,26 +150,33 @@ def search_alpha_beta(head: TipAdapterHead, features: torch.Tensor, labels: torc
 
 
 def require_val(ctx: FitContext) -> None:
-    if ctx.val_features is None or not len(ctx.val_features):
-        raise TaskResError("Tip-Adapter searches a and b on the few-shot validation split, and this dataset has "
-                           "none; pass --search none (with --tip-alpha A --tip-beta B, or the initial values).")
+    if not ctx.has_val:
+        raise TaskResValueError("Tip-Adapter searches a and b on the few-shot validation split, and this dataset has "
+                                "none; set `search` none (with fixed `alpha` and `beta`, or the initial values).",
+                                param="search")
 
 
-def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterConfig) -> TipAdapterHead:
-    """Set the head's a and b: searched on the few-shot val split, or the fixed/initial values."""
+def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterConfig, info: dict) -> TipAdapterHead:
+    """Set the head's a and b: searched on the few-shot val split, or the fixed/initial values; record them."""
     if config.search == "val":
         require_val(ctx)
         head.alpha, head.beta, acc = search_alpha_beta(head, ctx.val_features, ctx.val_labels, config)
-        ctx.extras["tip_search_val_accuracy"] = acc
+        info["tip_search_val_accuracy"] = acc
     else:
         head.alpha = config.init_alpha if config.alpha is None else config.alpha
         head.beta = config.init_beta if config.beta is None else config.beta
-    ctx.extras.update(tip_alpha=head.alpha, tip_beta=head.beta)
+    info.update(tip_alpha=head.alpha, tip_beta=head.beta)
     return head
 
 
-def fit_tip_adapter(ctx: FitContext, config: TipAdapterConfig) -> TipAdapterHead:
+def fit_tip_adapter(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     keys, values = build_cache(ctx.train_views, ctx.train_labels, ctx.base.shape[0])
     head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta,
                           config=config)
-    return choose_alpha_beta(head, ctx, config)
+    info: dict = {}
+    return Fitted(choose_alpha_beta(head, ctx, config, info), info)
+
+
+register_method(Method(
+    "tip-adapter", "Tip-Adapter: training-free key-value cache of the few-shot features (Zhang et al. 2022)",
+    TipAdapterConfig, TipAdapterHead, fit_tip_adapter, config_preset=TipAdapterConfig.for_dataset))

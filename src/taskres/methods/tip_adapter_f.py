@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from taskres.engine import OptimConfig, fit
-from taskres.methods.base import FitContext
+from taskres.engine import OptimConfig
+from taskres.methods.base import FitContext, Fitted
+from taskres.methods.registry import Method, register_method
 from taskres.methods.tip_adapter import (TipAdapterConfig, TipAdapterHead, build_cache, choose_alpha_beta,
                                           require_val)
 
@@ -24,7 +25,7 @@ def optim_preset(shots: int, dataset: str) -> OptimConfig:
                        optimizer="adamw", eps=1e-4, schedule="iteration", warmup_epochs=0, drop_last="never")
 
 
-def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> TipAdapterHead:
+def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     keys, values = build_cache(ctx.train_views, ctx.train_labels, ctx.base.shape[0])
     head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta,
                           train_keys=True, config=config)
@@ -45,10 +46,15 @@ def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> TipAdapterHe
         if ctx.on_epoch is not None:
             ctx.on_epoch(record)
 
-    fit(head, ctx.train_views, ctx.train_labels, ctx.optim, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch,
-        quiet=ctx.quiet)
+    ctx.train(head, on_epoch=on_epoch)
     if best["keys"] is not None:
         with torch.no_grad():
             head.cache_keys.copy_(best["keys"])
-    ctx.extras["tip_f_epoch"] = best["epoch"]
-    return choose_alpha_beta(head.cpu(), ctx, config)
+    info = {"tip_f_epoch": best["epoch"]}
+    return Fitted(choose_alpha_beta(head.cpu(), ctx, config, info), info)
+
+
+register_method(Method(
+    "tip-adapter-f", "Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (Zhang et al. 2022)",
+    TipAdapterConfig, TipAdapterHead, fit_tip_adapter_f, optim_preset=optim_preset,
+    config_preset=TipAdapterConfig.for_dataset))

@@ -2,7 +2,7 @@
 
 ``load_benchmark("oxford_pets", root)`` reads ``root/oxford_pets/`` (CoOp's folder names, image folders and split
 files; CoOp's DATASETS.md describes the layouts) and returns a ``DatasetSplits`` named by the CoOp config name,
-with the dataset's default templates (SPEC). ``benchmark_status(root)`` says which datasets are installed.
+with the dataset's default templates (docs/protocol.md#base-classifier). ``benchmark_status(root)`` says which datasets are installed.
 ``dg_row_index`` maps an ImageNet-trained classifier onto a variant's classes by WordNet id.
 """
 
@@ -16,8 +16,8 @@ from typing import Mapping, Sequence
 from taskres.data.benchmarks import coop_splits, fgvc_aircraft, imagenet
 from taskres.data.benchmarks._base import BenchmarkSpec, Published, check_train_covers_classes, warn_on_counts
 from taskres.data.benchmarks._base import check_images as _check_image_files
-from taskres.data.splits import DatasetSplits
-from taskres.errors import TaskResError, suggest
+from taskres.data.splits import DatasetSource, DatasetSplits
+from taskres.errors import TaskResFileNotFoundError, TaskResValueError, suggest
 
 __all__ = ["BENCHMARKS", "BenchmarkSpec", "Published", "benchmark_status", "dg_row_index", "list_benchmarks",
            "load_benchmark", "map_class_rows", "benchmark_for_split_file"]
@@ -35,7 +35,7 @@ def list_benchmarks() -> list[str]:
 
 def get_benchmark(name: str) -> BenchmarkSpec:
     if name not in BENCHMARKS:
-        raise TaskResError(f"unknown dataset {name!r}; {suggest(name, BENCHMARKS)}known: {', '.join(BENCHMARKS)}")
+        raise TaskResValueError(f"unknown dataset {name!r}; {suggest(name, BENCHMARKS)}known: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[name]
 
 
@@ -68,8 +68,10 @@ def load_benchmark(name: str, root: str | Path, *, check_images: bool = True) ->
     root_abs = _abs_root(root)
     dataset_dir = root_abs / spec.dataset_dir
     if not root_abs.is_dir():
-        raise TaskResError(f"dataset {name!r}: data root {str(root_abs)!r} does not exist; pass --root the folder "
-                           f"that holds the dataset folders (this one is read from <root>/{spec.dataset_dir}/).")
+        raise TaskResFileNotFoundError(f"dataset {name!r}: data root {str(root_abs)!r} does not exist; pass "
+                                       "--root the folder "
+                                       "that holds the dataset folders (this one is read from "
+                                       f"<root>/{spec.dataset_dir}/).")
     if not dataset_dir.is_dir():
         raise spec.missing(dataset_dir, "dataset folder", dataset_dir)
     gap = _first_missing(spec, dataset_dir)
@@ -79,15 +81,15 @@ def load_benchmark(name: str, root: str | Path, *, check_images: bool = True) ->
     if not spec.test_only:
         check_train_covers_classes(spec, parts.train, parts.classnames)
     if not parts.test:
-        raise TaskResError(f"dataset {name!r}: the test split is empty ({spec.split_source} under "
-                           f"{str(dataset_dir)!r}); re-install the dataset: {spec.download_hint(dataset_dir)}.")
+        raise TaskResValueError(f"dataset {name!r}: the test split is empty ({spec.split_source} under "
+                                f"{str(dataset_dir)!r}); re-install the dataset: {spec.download_hint(dataset_dir)}.")
     splits = {"train": parts.train, "val": parts.val, "test": parts.test}
     if check_images and not spec.listed_images:
         _check_image_files(spec, dataset_dir, parts.image_dir, splits)
     warn_on_counts(spec, len(parts.classnames), {k: len(v) for k, v in splits.items()})
     return DatasetSplits(
         name=name, image_dir=parts.image_dir, classnames=parts.classnames, templates=spec.templates,
-        source={"kind": "benchmark", "dataset": name, "root": str(root_abs)}, sample_val=spec.sample_val,
+        source=DatasetSource("benchmark", dataset=name, root=str(root_abs)), sample_val=spec.sample_val,
         class_ids=parts.class_ids, **splits,
     )
 
@@ -127,9 +129,9 @@ def dg_row_index(source: DatasetSplits, target: DatasetSplits) -> list[int]:
     """
     for ds in (source, target):
         if not ds.class_ids:
-            raise TaskResError(f"dataset {ds.name!r} has no class ids (WordNet ids); mapping a classifier across "
-                               "datasets needs ImageNet or one of its variants (imagenetv2, imagenet_sketch, "
-                               "imagenet_a, imagenet_r).")
+            raise TaskResValueError(f"dataset {ds.name!r} has no class ids (WordNet ids); mapping a classifier across "
+                                    "datasets needs ImageNet or one of its variants (imagenetv2, imagenet_sketch, "
+                                    "imagenet_a, imagenet_r).")
     return map_class_rows(source.class_ids, target.class_ids, source.name, target.name)
 
 
@@ -138,10 +140,10 @@ def map_class_rows(source_ids: Sequence[str], target_ids: Sequence[str], source_
     """Rows of a classifier over ``source_ids`` for each of ``target_ids``, matched by id."""
     row = {wnid: i for i, wnid in enumerate(source_ids)}
     if len(row) != len(source_ids):
-        raise TaskResError(f"dataset {source_name!r} lists a WordNet id twice; class ids must be unique.")
+        raise TaskResValueError(f"dataset {source_name!r} lists a WordNet id twice; class ids must be unique.")
     absent = [w for w in target_ids if w not in row]
     if absent:
-        raise TaskResError(
+        raise TaskResValueError(
             f"{len(absent)} class(es) of {target_name!r} are not classes of {source_name!r}: {absent[:10]}; the "
             f"source classifier has no row for them. Train on a dataset whose classes include {target_name!r}'s."
         )

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from taskres.data.splits import Entry
-from taskres.errors import TaskResError
+from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 log = logging.getLogger(__name__)
 
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
-# The 8 ImageNet prompts of SPEC ("Base classifier"), shared by ImageNet and its four variants.
+# The 8 ImageNet prompts of docs/protocol.md#base-classifier, shared by ImageNet and its four variants.
 IMAGENET_TEMPLATES = (
     "itap of a {}.",
     "a bad photo of the {}.",
@@ -81,8 +81,8 @@ class BenchmarkSpec:
     def download_hint(self, dataset_dir: Path) -> str:
         return self.download.format(dir=str(dataset_dir)) + f" (layouts and split files: {COOP_DATASETS_MD})"
 
-    def missing(self, dataset_dir: Path, what: str, path: Path) -> TaskResError:
-        return TaskResError(
+    def missing(self, dataset_dir: Path, what: str, path: Path) -> TaskResFileNotFoundError:
+        return TaskResFileNotFoundError(
             f"dataset {self.name!r}: {what} {str(path)!r} does not exist. To install {self.coop_class}: "
             f"{self.download_hint(dataset_dir)}."
         )
@@ -105,7 +105,7 @@ def check_images(spec: BenchmarkSpec, dataset_dir: Path, image_dir: Path, splits
                 missing.append((split, e.impath))
     if missing:
         split, impath = missing[0]
-        raise TaskResError(
+        raise TaskResValueError(
             f"dataset {spec.name!r}: image {os.path.join(prefix, impath)!r} ({split} split of {spec.split_source}) "
             f"does not exist; {len(missing)} of {total} listed images are missing. The images must lie under "
             f"{prefix!r} at the paths the split lists. To install {spec.coop_class}: "
@@ -117,7 +117,7 @@ def check_train_covers_classes(spec: BenchmarkSpec, train: Sequence[Entry], clas
     seen = {e.label for e in train}
     empty = [c for i, c in enumerate(classnames) if i not in seen]
     if empty:
-        raise TaskResError(
+        raise TaskResValueError(
             f"dataset {spec.name!r}: class(es) {empty[:10]} have no training images in {spec.split_source}; "
             "every class needs at least one. The dataset is incomplete: re-install it."
         )
@@ -141,10 +141,10 @@ def read_text_lines(spec: BenchmarkSpec, path: Path) -> list[str]:
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError as err:
-        raise TaskResError(f"dataset {spec.name!r}: {str(path)!r} is not UTF-8 text ({err}).") from None
+        raise TaskResValueError(f"dataset {spec.name!r}: {str(path)!r} is not UTF-8 text ({err}).") from None
     while lines and not lines[-1]:
         lines.pop()
     if "" in lines:
-        raise TaskResError(f"dataset {spec.name!r}: {str(path)!r} has a blank line at line {lines.index('') + 1}; "
-                           "each line must name one entry. Remove the blank line.")
+        raise TaskResValueError(f"dataset {spec.name!r}: {str(path)!r} has a blank line at line {lines.index('') + 1}; "
+                                "each line must name one entry. Remove the blank line.")
     return lines

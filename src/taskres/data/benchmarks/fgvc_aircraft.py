@@ -13,7 +13,7 @@ from pathlib import Path
 
 from taskres.data.benchmarks._base import BenchmarkSpec, Parts, Published, read_text_lines
 from taskres.data.splits import Entry
-from taskres.errors import TaskResError
+from taskres.errors import TaskResValueError
 
 _SPLIT_FILES = {split: f"images_variant_{split}.txt" for split in ("train", "val", "test")}
 
@@ -24,8 +24,9 @@ def read_fgvc_aircraft(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     cname2lab: dict[str, int] = {}
     for label, cname in enumerate(classnames):
         if cname2lab.setdefault(cname, label) != label:
-            raise TaskResError(f"dataset {spec.name!r}: variant {cname!r} appears twice in {str(variants_file)!r}; "
-                               "each variant must be listed once.")
+            raise TaskResValueError(f"dataset {spec.name!r}: variant {cname!r} appears twice in "
+                                    f"{str(variants_file)!r}; "
+                                    "each variant must be listed once.")
     splits: dict[str, tuple[Entry, ...]] = {}
     for split, filename in _SPLIT_FILES.items():
         path = dataset_dir / filename
@@ -34,7 +35,7 @@ def read_fgvc_aircraft(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
             parts = line.split(" ")
             cname = " ".join(parts[1:])
             if cname not in cname2lab:
-                raise TaskResError(
+                raise TaskResValueError(
                     f"dataset {spec.name!r}: {str(path)!r} line {n} names variant {cname!r}, which "
                     f"{str(variants_file)!r} does not list; the two files come from the same archive: re-extract it."
                 )
@@ -43,7 +44,7 @@ def read_fgvc_aircraft(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     return Parts(dataset_dir / "images", splits["train"], splits["val"], splits["test"], classnames)
 
 
-# Layout and reading: CoOp datasets/fgvc_aircraft.py; template: SPEC; counts: CoOp paper.
+# Layout and reading: CoOp datasets/fgvc_aircraft.py; template: docs/protocol.md#base-classifier; counts: CoOp paper.
 SPEC = BenchmarkSpec(
     name="fgvc_aircraft", coop_class="FGVCAircraft", dataset_dir="fgvc_aircraft", image_dir="images",
     split_source="variants.txt + images_variant_{train,val,test}.txt",

@@ -31,7 +31,7 @@ from pathlib import Path
 from taskres.data.benchmarks._base import IMAGENET_TEMPLATES, BenchmarkSpec, Parts, Published, listdir_nohidden
 from taskres.data.benchmarks._base import read_text_lines
 from taskres.data.splits import Entry
-from taskres.errors import TaskResError
+from taskres.errors import TaskResValueError
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def read_classnames(spec: BenchmarkSpec, path: Path) -> dict[str, str]:
     for n, line in enumerate(read_text_lines(spec, path), start=1):
         wnid, _, name = line.partition(" ")
         if wnid in out:
-            raise TaskResError(f"dataset {spec.name!r}: {str(path)!r} lists {wnid!r} twice (line {n}); "
-                               "each WordNet id must appear once.")
+            raise TaskResValueError(f"dataset {spec.name!r}: {str(path)!r} lists {wnid!r} twice (line {n}); "
+                                    "each WordNet id must appear once.")
         out[wnid] = name
     return out
 
@@ -58,7 +58,7 @@ def _files(folder: Path) -> list[str]:
 
 def _lookup(spec: BenchmarkSpec, names: dict[str, str], wnid: str, where: Path, classnames_file: Path) -> str:
     if wnid not in names:
-        raise TaskResError(
+        raise TaskResValueError(
             f"dataset {spec.name!r}: class folder {str(where / wnid)!r} is not listed in {str(classnames_file)!r}; "
             "the folder names must be WordNet ids of ImageNet's classnames.txt (copy it from <root>/imagenet/)."
         )
@@ -81,14 +81,14 @@ def read_imagenet(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     train_dir, val_dir = image_dir / "train", image_dir / "val"
     wnids = _class_folders(train_dir)
     if not wnids:
-        raise TaskResError(f"dataset {spec.name!r}: {str(train_dir)!r} holds no class folders; expected "
-                           f"{str(train_dir)}/<wnid>/<image>. {spec.download_hint(dataset_dir)}.")
+        raise TaskResValueError(f"dataset {spec.name!r}: {str(train_dir)!r} holds no class folders; expected "
+                                f"{str(train_dir)}/<wnid>/<image>. {spec.download_hint(dataset_dir)}.")
     val_wnids = _class_folders(val_dir)
     if val_wnids != wnids:
         only_train = sorted(set(wnids) - set(val_wnids))[:5]
         only_val = sorted(set(val_wnids) - set(wnids))[:5]
         # CoOp labels train and val folders separately, so differing sets would silently shift test labels.
-        raise TaskResError(
+        raise TaskResValueError(
             f"dataset {spec.name!r}: {str(train_dir)!r} and {str(val_dir)!r} must hold the same wnid folders; "
             f"only in train: {only_train}, only in val: {only_val}. Sort the validation images into wnid folders."
         )
@@ -106,8 +106,8 @@ def read_sorted_variant(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     names = read_classnames(spec, names_file)
     wnids = _class_folders(image_dir)
     if not wnids:
-        raise TaskResError(f"dataset {spec.name!r}: {str(image_dir)!r} holds no class folders; expected "
-                           f"{str(image_dir)}/<wnid>/<image>. {spec.download_hint(dataset_dir)}.")
+        raise TaskResValueError(f"dataset {spec.name!r}: {str(image_dir)!r} holds no class folders; expected "
+                                f"{str(image_dir)}/<wnid>/<image>. {spec.download_hint(dataset_dir)}.")
     for wnid in wnids:
         _lookup(spec, names, wnid, image_dir, names_file)
     labels = {w: i for i, w in enumerate(wnids)}
@@ -134,7 +134,7 @@ def read_imagenetv2(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
 _COPY_NAMES = "; copy CoOp's classnames.txt from <root>/imagenet/ into {dir}/"
 
 # Layouts: CoOp datasets/imagenet.py, imagenet_a.py, imagenet_r.py, imagenet_sketch.py, imagenetv2.py;
-# templates: SPEC; counts: CoOp paper (ImageNet train 1,281,167 / test 50,000; V2 10,000; Sketch 50,889;
+# templates: docs/protocol.md#base-classifier; counts: CoOp paper (ImageNet train 1,281,167 / test 50,000; V2 10,000; Sketch 50,889;
 # A 7,500; R 30,000).
 SPECS = (
     BenchmarkSpec(

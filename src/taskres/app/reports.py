@@ -33,15 +33,18 @@ def accuracy_table(records: Sequence[dict], shots: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+def _figure(width: float, height: float):
+    """A figure and its axes, without pyplot: no global backend or figure registry is touched."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.add_subplot()
+
+
 def plot_accuracy_vs_shots(records: Sequence[dict], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     summary = summarise(records)
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = _figure(9, 4.5)
     for i, task in enumerate(tasks):
         colour = f"C{i}"
         ks = sorted(k for (t, m, k) in summary if t == task and m == "taskres")
@@ -59,17 +62,11 @@ def plot_accuracy_vs_shots(records: Sequence[dict], path: str | Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_residual_vs_difficulty(points: Sequence[dict], path: str | Path) -> None:
     """points: {"task", "difficulty" (relative transfer difficulty), "residual" (mean |x| at the top shot count)}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _figure(6, 4.5)
     for i, p in enumerate(points):
         ax.scatter(p["difficulty"], p["residual"], color=f"C{i}", s=40)
         ax.annotate(p["task"], (p["difficulty"], p["residual"]), fontsize=8, xytext=(4, 4),
@@ -80,4 +77,3 @@ def plot_residual_vs_difficulty(points: Sequence[dict], path: str | Path) -> Non
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from taskres.app.reports import accuracy_table, plot_accuracy_vs_shots, plot_residual_vs_difficulty
+from taskres.atomic import write_text
 from taskres.backbones import load_backbone
+from taskres.data.sources import open_dataset
 from taskres.demo.synthetic import write_demo_tasks
 from taskres.engine import OptimConfig
 from taskres.methods.taskres import TaskResConfig
-from taskres.pipeline import Setup, TrainConfig, open_dataset, train, zeroshot
-from taskres.reports import accuracy_table, plot_accuracy_vs_shots, plot_residual_vs_difficulty
+from taskres.workflow import Setup, TrainConfig, train, zeroshot
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +58,23 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), device: str = "
                 train_config = TrainConfig(
                     shots=shots, seed=seed, views=config.views, method_config=TaskResConfig(alpha=0.5),
                     optim=OptimConfig(lr=2e-3, epochs=100 if shots <= 4 else 200, batch_size=256))
-                _, metrics = train(backbone, data, train_config, setup, overwrite=True,
-                                   out=out / "runs" / task["name"] / f"taskres-{shots}shot-seed{seed}")
+                head, metrics = train(backbone, data, train_config, setup, overwrite=True,
+                                      out=out / "runs" / task["name"] / f"taskres-{shots}shot-seed{seed}")
                 records.append({"task": task["name"], "method": "taskres", "shots": shots, "seed": seed,
                                 "accuracy": metrics["accuracy"]})
                 if shots == max(config.shots):
-                    residuals.append(metrics["residual_mean_abs"])
+                    residuals.append(head.residual_mean_abs())
         difficulty = (1.0 / data.num_classes) / max(zs["accuracy"] / 100.0, 1e-6)
-        points.append({"task": task["name"], "role": task["role"], "difficulty": difficulty, "residual": sum(residuals) / len(residuals),
-                       "num_classes": data.num_classes, "zero_shot_accuracy": zs["accuracy"]})
+        points.append({"task": task["name"], "role": task["role"], "difficulty": difficulty,
+                       "residual": sum(residuals) / len(residuals), "num_classes": data.num_classes,
+                       "zero_shot_accuracy": zs["accuracy"]})
         if not quiet:
             echo(f"  {task['name']}: done ({time.perf_counter() - t0:.0f} s)")
     results = {"records": records, "tasks": [{k: str(v) if isinstance(v, Path) else v for k, v in t.items()}
                                              for t in tasks],
                "transfer": points, "config": {"seeds": list(config.seeds), "shots": list(config.shots),
                                               "views": config.views}, "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text(out / "results.json", json.dumps(results, indent=2))
     plot_accuracy_vs_shots(records, out / "accuracy_vs_shots.png")
     plot_residual_vs_difficulty(points, out / "residual_vs_difficulty.png")
     echo(accuracy_table(records, config.shots))

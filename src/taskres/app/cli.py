@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--shots", type=int, required=True, help="K, training images per class")
     p.add_argument("--seed", type=int, required=True, help="seed of the few-shot draw and of training")
-    p.add_argument("--method", default="taskres", help="method (default taskres; see `taskres methods`)")
+    p.add_argument("--method", default="taskres", help="method (default taskres; see `taskres methods`); each "
+                                                       "method's own options below name the methods they apply to")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's preset; TaskRes "
                                                           "2e-3, use 2e-4 for ImageNet)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the method's preset; TaskRes 100 for "
@@ -77,25 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=None,
                    help="augmented views per training image to encode; 0 = test transform only (default 10; "
                         "linear-probe: 0)")
-    p.add_argument("--search", default=None, choices=["val", "none"],
-                   help="select hyper-parameters on the few-shot validation split (val, the default) or not (none): "
-                        "linear-probe's C, Tip-Adapter's a and b (and Tip-Adapter-F's epoch), --enhance-base's lr")
-    p.add_argument("--alpha", type=float, default=None, help="taskres: residual scale alpha (default 0.5; 1.0 for "
-                                                             "Flowers102)")
-    p.add_argument("--variant", default=None, choices=["text", "image", "both"],
-                   help="taskres: TaskRes-T (text), TaskRes-I (image) or both (default text)")
-    p.add_argument("--learn-alpha", action="store_true", help="taskres: train alpha as a scalar parameter")
-    p.add_argument("--base-weights", default=None, metavar="FILE",
-                   help="taskres (TaskRes*): rebuild the base with this text projection: a strong_base "
-                        ".../model.pth.tar or a text_projection.safetensors from --enhance-base")
-    p.add_argument("--enhance-base", action="store_true",
-                   help="taskres (TaskRes*): tune the text projection for 50 epochs first, save it as "
-                        "RUN/text_projection.safetensors and train the residual on the enhanced base")
-    p.add_argument("--lp-c", type=float, default=None, help="linear-probe: fixed inverse regularisation C "
-                                                            "(with --search none)")
-    p.add_argument("--tip-alpha", type=float, default=None, help="tip-adapter(-f): fixed a (with --search none)")
-    p.add_argument("--tip-beta", type=float, default=None, help="tip-adapter(-f): fixed b (with --search none)")
-    p.add_argument("--coop-n-ctx", type=int, default=None, help="coop: number of context vectors (default 16)")
+    _method_options(p)
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
@@ -125,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup(args: argparse.Namespace):
-    from taskres.pipeline import Setup
+    from taskres.workflow import Setup
 
+    if args.encode_batch_size < 1:  # Setup's batch_size; --batch-size is the training batch
+        raise TaskResError(f"--encode-batch-size must be >= 1; got {args.encode_batch_size}.")
     cache_dir = None if args.no_cache else (args.cache_dir or _default_cache())
     return Setup(device=args.device or _default_device(), precision=getattr(args, "precision", "fp32"),
                  cache_dir=cache_dir, batch_size=args.encode_batch_size, workers=args.workers, quiet=args.quiet,
@@ -134,7 +119,7 @@ def _setup(args: argparse.Namespace):
 
 
 def _dataset(args: argparse.Namespace, required: bool = True):
-    from taskres.pipeline import open_dataset
+    from taskres.workflow import open_dataset
 
     if not required and args.data is None and args.dataset is None and args.split_file is None:
         return None
@@ -168,13 +153,13 @@ def _print_metrics(metrics: dict, keys: Sequence[str]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "methods":
-        from taskres.methods import METHODS
+        from taskres.methods import discover
 
-        for name, spec in METHODS.items():
+        for name, spec in discover().items():
             print(f"{name:<16} {spec.summary}")
         return 0
     if args.command == "demo":
-        from taskres.demo.runner import DemoConfig, run_demo
+        from taskres.app.demo import DemoConfig, run_demo
 
         if args.seeds < 1:
             raise TaskResError(f"--seeds must be >= 1; got {args.seeds}.")
@@ -184,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         return _datasets(args.root)
     if args.command == "predict":
-        from taskres.pipeline import predict
+        from taskres.workflow import predict
 
         results = predict(args.run, args.images, _setup(args), top_k=args.top_k)
         if args.json:
@@ -196,14 +181,14 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"  {t['prob']:7.2%}  {t['class']}")
         return 0
     if args.command == "eval":
-        from taskres.pipeline import evaluate_run
+        from taskres.workflow import evaluate_run
 
         metrics = evaluate_run(args.run, _setup(args), dataset=_dataset(args, required=False), out=args.out)
         _print_metrics(metrics, ["dataset", "accuracy", "n_test", "mean_per_class_accuracy", "skipped_images"])
         return 0
 
     from taskres.backbones import load_backbone
-    from taskres.pipeline import zeroshot
+    from taskres.workflow import zeroshot
 
     setup = _setup(args)
     dataset = _dataset(args)
@@ -215,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics = zeroshot(backbone, dataset, setup, out=args.out, overwrite=args.overwrite)
         _print_metrics(metrics, ["accuracy", "n_test", "skipped_images"])
     else:
-        from taskres.pipeline import train
+        from taskres.workflow import train
 
         _, metrics = train(backbone, dataset, config, setup, out=args.out, overwrite=args.overwrite)
         _print_metrics(metrics, ["zero_shot_accuracy", "enhanced_base_accuracy", "accuracy", "n_test", "n_train",
@@ -224,14 +209,59 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Method options of `train` and the methods they apply to.
-_METHOD_OPTIONS = {
-    "alpha": ("taskres",), "variant": ("taskres",), "learn_alpha": ("taskres",), "base_weights": ("taskres",),
-    "enhance_base": ("taskres",), "lp_c": ("linear-probe",), "tip_alpha": ("tip-adapter", "tip-adapter-f"),
-    "tip_beta": ("tip-adapter", "tip-adapter-f"), "coop_n_ctx": ("coop",),
-    "search": ("linear-probe", "tip-adapter", "tip-adapter-f", "taskres"),
-}
 _OPTIM_OPTIONS = ("lr", "epochs", "batch_size", "weight_decay")
+
+
+def _option_table() -> dict[str, dict]:
+    """Every method option flag: its argparse settings, the config field it sets and the methods that take it."""
+    import typing
+
+    from taskres.methods import discover
+
+    table: dict[str, dict] = {}
+    for method in discover().values():
+        hints = typing.get_type_hints(method.config_cls)
+        for f in method.options():
+            meta = dict(f.metadata)
+            flag = meta.pop("flag")
+            help = meta.pop("help")
+            entry = table.setdefault(flag, {"field": f.name, "methods": [], "helps": [],
+                                            "kwargs": {**_argparse_type(hints[f.name]), **meta}})
+            if entry["field"] != f.name:
+                raise RuntimeError(f"flag {flag} sets field {entry['field']!r} of one method and {f.name!r} of "
+                                   f"{method.name!r}; one flag must set one field name")
+            entry["methods"].append(method.name)
+            if help not in entry["helps"]:
+                entry["helps"].append(help)
+    return table
+
+
+def _argparse_type(annotation) -> dict:
+    """argparse settings for a config field's type: bool -> a switch; Literal -> choices; float/int/str."""
+    import typing
+
+    if annotation is bool:
+        return {"action": "store_true"}
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    # Optional[X]: X
+    inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return _argparse_type(inner[0]) if inner else {"type": annotation}
+
+
+def _method_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("method options (each applies to the methods it names)")
+    for flag, entry in _option_table().items():
+        kwargs = dict(entry["kwargs"])
+        if kwargs.get("action") != "store_true" and "choices" not in kwargs:
+            kwargs.setdefault("metavar", entry["field"].upper())
+        default = False if kwargs.get("action") == "store_true" else None
+        group.add_argument(flag, dest=_dest(flag), default=default,
+                           help=f"{', '.join(entry['methods'])}: {'; '.join(entry['helps'])}", **kwargs)
+
+
+def _dest(flag: str) -> str:
+    return "option_" + flag.lstrip("-").replace("-", "_")
 
 
 def _given(args: argparse.Namespace, name: str) -> bool:
@@ -244,47 +274,54 @@ def _train_config(args: argparse.Namespace, dataset_name: str = ""):
     from dataclasses import replace
 
     from taskres.methods import get_method
-    from taskres.methods.enhanced_base import EnhancedBaseConfig, load_projection
-    from taskres.pipeline import TrainConfig
+    from taskres.workflow import TrainConfig
 
-    if args.shots is not None and args.shots < 1:
-        raise TaskResError(f"--shots must be >= 1 (images per class); got {args.shots}.")
     spec = get_method(args.method)
-    for name, methods in _METHOD_OPTIONS.items():
-        if _given(args, name) and spec.name not in methods:
-            raise TaskResError(f"--{name.replace('_', '-')} applies to --method {' or '.join(methods)}; "
-                               f"got --method {spec.name}.")
-    if spec.optim_preset is None:
+    values = {}
+    for flag, entry in _option_table().items():
+        if not _given(args, _dest(flag)):
+            continue
+        if spec.name not in entry["methods"]:
+            raise TaskResError(f"{flag} applies to --method {' or '.join(entry['methods'])}; got --method "
+                               f"{spec.name}.")
+        values[entry["field"]] = getattr(args, _dest(flag))
+    if not spec.trained:
         given = [f"--{n.replace('_', '-')}" for n in _OPTIM_OPTIONS if _given(args, n)]
         if given:
             raise TaskResError(f"{', '.join(given)}: method {spec.name!r} is training-free; drop the option(s).")
-    enhance = args.base_weights is not None or args.enhance_base
-    if spec.name == "taskres" and args.search is not None and not enhance:
-        raise TaskResError("--search applies to taskres only with --enhance-base (it picks the base's lr).")
     config = TrainConfig.preset(spec.name, args.shots, args.seed, dataset_name)
-    mc, search = config.method_config, {"search": args.search} if args.search is not None else {}
-    if spec.name == "taskres":
-        mc = replace(mc, **{k: getattr(args, k) for k in ("alpha", "variant") if _given(args, k)},
-                     learn_alpha=args.learn_alpha)
-    elif spec.name == "linear-probe":
-        mc = replace(mc, c=args.lp_c, **search)
-    elif spec.name in ("tip-adapter", "tip-adapter-f"):
-        mc = replace(mc, alpha=args.tip_alpha, beta=args.tip_beta, **search)
-    elif spec.name == "coop" and args.coop_n_ctx is not None:
-        mc = replace(mc, n_ctx=args.coop_n_ctx)
+    method_config = spec.configure(config.method_config, **values)
     optim = config.optim
     if optim is not None:
         optim = replace(optim, **{k: getattr(args, k) for k in _OPTIM_OPTIONS if _given(args, k)})
-    base = None
-    if enhance:
-        if args.base_weights is not None and args.enhance_base:
-            raise TaskResError("pass either --base-weights FILE (a released or saved projection) or --enhance-base "
-                               "(tune one now), not both.")
-        if args.base_weights is not None:
-            load_projection(args.base_weights)  # a bad file fails here, before any encoding
-        base = EnhancedBaseConfig(weights=args.base_weights, tune=args.enhance_base, **search)
     views = args.views if args.views is not None else spec.views
-    return replace(config, method_config=mc, optim=optim, views=views, base=base)
+    return replace(config, method_config=method_config, optim=optim, views=views)
+
+
+def _flag_names(method: str | None) -> dict[str, str]:
+    """Library parameter names -> the flags that set them (for error messages); ``method``'s options win."""
+    flags = {"views": "--views", "shots": "--shots", "seed": "--seed", "lr": "--lr", "epochs": "--epochs",
+             "batch_size": "--batch-size", "weight_decay": "--weight-decay", "device": "--device",
+             "precision": "--precision", "top_k": "--top-k", "workers": "--workers", "out": "--out",
+             "run": "--run", "method": "--method", "data": "--data", "dataset": "--dataset", "root": "--root",
+             "split_file": "--split-file", "skip_bad_images": "--skip-bad-images"}
+    table = _option_table()
+    flags.update({entry["field"]: flag for flag, entry in table.items() if entry["field"] not in flags})
+    flags.update({entry["field"]: flag for flag, entry in table.items() if method in entry["methods"]})
+    return flags
+
+
+def _message(err: TaskResError, method: str | None = None) -> str:
+    """The library's message with parameters named as the flags the user typed: the leading parameter of
+    ``alpha must ...`` and every `name` in backquotes (``set `search` none`` -> ``set --search none``)."""
+    import re
+
+    flags = _flag_names(method)
+    text = str(err)
+    param = getattr(err, "param", None)
+    if param in flags and text.startswith(param + " "):
+        text = flags[param] + text[len(param):]
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -293,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except TaskResError as err:
-        print(f"taskres: error: {err}", file=sys.stderr)
+        print(f"taskres: error: {_message(err, getattr(args, 'method', None))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `taskres datasets | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,0 +1,93 @@
+"""The method registry: each method module registers itself by name (as timm's ``@register_model`` and PEFT's
+``register_peft_method``); the CLI, the workflow and ``taskres methods`` read it and nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from taskres.engine import OptimConfig
+from taskres.errors import TaskResValueError, suggest
+from taskres.methods.base import FitContext, Fitted, Head, config_options
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    ``config_preset(dataset)`` gives the method's config for a benchmark name ("" for others; default:
+    ``config_cls()``); ``optim_preset(shots, dataset)`` its published optimiser (None: training-free); ``views`` the
+    default number of augmented views per training image; ``test_view_only``: it trains on the test-transform
+    features only (views = 0). ``init_head(ctx, config)``, where given, is the head before training, for methods
+    that promise to start as zero-shot CLIP; ``files`` the names of the files its fit may add to a run folder.
+    """
+
+    name: str
+    summary: str
+    config_cls: type
+    head_cls: type[Head]
+    fit: Callable[[FitContext, Any], Fitted]
+    optim_preset: Callable[[int, str], OptimConfig] | None = None
+    config_preset: Callable[[str], Any] | None = None
+    views: int = 10
+    test_view_only: bool = False
+    init_head: Callable[[FitContext, Any], Head] | None = None
+    files: tuple[str, ...] = ()  # files its fit may add to a run folder (Artifact names)
+
+    @property
+    def trained(self) -> bool:
+        return self.optim_preset is not None
+
+    def default_config(self, dataset: str = "") -> Any:
+        return self.config_preset(dataset) if self.config_preset is not None else self.config_cls()
+
+    def options(self) -> list[dataclasses.Field]:
+        """The config fields the user may set (see ``taskres.methods.base.option``)."""
+        return config_options(self.config_cls)
+
+    def configure(self, config: Any, **values: Any) -> Any:
+        """``config`` with option values replaced (validated by the config's ``__post_init__``)."""
+        known = {f.name for f in self.options()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TaskResValueError(f"method {self.name!r} has no option(s) {unknown}; its options: "
+                                    f"{sorted(known) or 'none'}.", param=unknown[0])
+        return dataclasses.replace(config, **values) if values else config
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add a method under its name; a second method with the same name is an error."""
+    if method.name in METHODS and METHODS[method.name] is not method:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+_discovered = False
+
+
+def discover() -> dict[str, Method]:
+    """Import every module of ``taskres.methods`` once, so that each registers itself; return the registry."""
+    global _discovered
+    if not _discovered:
+        import taskres.methods as package
+
+        # TaskRes first (the default method, listed first by `taskres methods`), then by module name.
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: (m.name != "taskres", m.name)):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+        _discovered = True
+    return METHODS
+
+
+def get_method(name: str) -> Method:
+    methods = discover()
+    if name not in methods:
+        raise TaskResValueError(f"unknown method {name!r}; {suggest(name, methods)}known: {', '.join(methods)}.",
+                                param="method")
+    return methods[name]

@@ -1,0 +1,353 @@
+"""The workflow as typed steps, each a short function that can be called on its own:
+
+    sample_fewshot(dataset, K, seed)                        -> {"train": [...], "val": [...]} entries
+    encode_features(backbone, dataset, fewshot, views, ...) -> Features (train views, labels, val, test)
+    build_base_classifier(backbone, classnames, templates)  -> t (C, D)
+    fit_method(method, ..., features, base)                 -> Fitted (head, info, extra heads, files)
+    evaluate(head, features, labels, classnames)            -> metrics (the one evaluation of zeroshot, train, eval)
+    RunWriter                                               -> the run folder
+
+``zeroshot``, ``train``, ``evaluate_run`` and ``predict`` chain them as the CLI runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+import taskres
+from taskres.atomic import write_json
+from taskres.backbones import Backbone, BackboneIdentity, load_backbone, parse_device
+from taskres.cache import FeatureCache
+from taskres.data.sampling import sample_fewshot
+from taskres.data.sources import open_dataset, reopen_dataset
+from taskres.data.splits import DatasetSource, DatasetSplits, Entry
+from taskres.engine import OptimConfig
+from taskres.errors import TaskResValueError, invalid
+from taskres.evaluate import evaluate, predict_logits
+from taskres.methods import FitContext, Fitted, Head, Method, discover, get_method
+from taskres.methods.taskres import TaskResHead
+from taskres.runs import CLASSIFIER, CONFIG, METRICS, RunWriter, read_classifier, read_run
+from taskres.text import build_base_classifier
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Features", "Setup", "TrainConfig", "encode_features", "encode_split", "evaluate_run", "fit_method",
+           "load_run_backbone", "load_run_head", "open_dataset", "predict", "reopen_dataset", "train", "zeroshot"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How features are computed: device, precision, cache, encoder batch size, progress bars, bad images."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    cache_dir: str | None = None
+    batch_size: int = 32
+    workers: int = 0
+    quiet: bool = False
+    skip_bad_images: bool = False
+    weights_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise invalid("batch_size", "be >= 1 (images per encoder batch)", self.batch_size)
+        if self.workers < 0:
+            raise invalid("workers", "be >= 0 (0 = load images in the main process)", self.workers)
+        parse_device(self.device)
+
+    def cache(self) -> FeatureCache:
+        return FeatureCache(self.cache_dir, batch_size=self.batch_size, workers=self.workers, quiet=self.quiet)
+
+    def record(self) -> dict:
+        return {"device": self.device, "precision": self.precision, "skip_bad_images": self.skip_bad_images}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run of one method. ``TrainConfig.preset(method, shots, seed, dataset)`` gives the method's
+    published settings; the plain defaults are TaskRes's.
+
+    ``method_config`` None means the method's default config; ``optim`` is None for training-free methods (it is
+    set so).
+    """
+
+    shots: int
+    seed: int
+    method: str = "taskres"
+    method_config: Any = None  # the method's config dataclass
+    optim: OptimConfig | None = field(default_factory=OptimConfig)
+    views: int = 10
+
+    @classmethod
+    def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> "TrainConfig":
+        """The method's published settings for ``dataset`` (a benchmark name, or "" for others)."""
+        spec = get_method(method)
+        optim = spec.optim_preset(shots, dataset) if spec.optim_preset is not None else None
+        values = dict(method_config=spec.default_config(dataset), optim=optim, views=spec.views)
+        return cls(shots=shots, seed=seed, method=method, **{**values, **overrides})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
+            raise invalid("shots", "be an integer >= 1 (images per class)", self.shots)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise invalid("seed", "be an integer", self.seed)
+        if self.views < 0:
+            raise invalid("views", "be >= 0 (0 = no augmentation)", self.views)
+        spec = self.spec
+        if self.method_config is None:
+            object.__setattr__(self, "method_config", spec.default_config())
+        if not isinstance(self.method_config, spec.config_cls):
+            raise TaskResValueError(f"method {self.method!r} takes a {spec.config_cls.__name__}, got "
+                                    f"{type(self.method_config).__name__}.", param="method_config")
+        if not spec.trained:
+            object.__setattr__(self, "optim", None)  # training-free: nothing is optimised
+        elif not isinstance(self.optim, OptimConfig):
+            raise TaskResValueError(f"method {self.method!r} is trained and needs an OptimConfig; got "
+                                    f"{self.optim!r}.", param="optim")
+        if spec.test_view_only and self.views != 0:
+            raise TaskResValueError(f"method {self.method!r} trains on the test-transform features of the few-shot "
+                                    f"images (no augmentation); set `views` to 0 (its default); got {self.views}.",
+                                    param="views")
+
+    @property
+    def spec(self) -> Method:
+        return get_method(self.method)
+
+    def record(self) -> dict:
+        """The run's training settings for config.json."""
+        base = getattr(self.method_config, "enhanced_base", None)  # TaskRes*'s enhanced base, if any
+        return {"method": self.method, "shots": self.shots, "seed": self.seed, "views": self.views,
+                "method_config": asdict(self.method_config),
+                "optim": asdict(self.optim) if self.optim is not None else None,
+                "base": asdict(base) if base is not None else None}
+
+
+@dataclass(frozen=True)
+class Features:
+    """The cached features of one run: (V, N, D) train views with (N,) labels, few-shot val, and the test split."""
+
+    train_views: torch.Tensor
+    train_labels: torch.Tensor
+    val: torch.Tensor | None
+    val_labels: torch.Tensor | None
+    test: torch.Tensor
+    test_labels: torch.Tensor
+    skipped_test: int = 0  # undecodable test images left out (with skip_bad_images)
+    seconds: float = 0.0
+
+
+def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[Entry], setup: Setup,
+                 cache: FeatureCache, view: int | None = None, desc: str = "encoding"
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Features (N, D), labels (N,), skipped paths for entries; undecodable images are dropped when skipping."""
+    paths = [str(dataset.path(e)) for e in entries]
+    feats, skipped = cache.features(backbone, paths, view=view, skip_bad=setup.skip_bad_images, desc=desc)
+    labels = torch.tensor([e.label for e in entries], dtype=torch.long)
+    if skipped:
+        gone = set(skipped)
+        keep = torch.tensor([p not in gone for p in paths])
+        feats, labels = feats[keep], labels[keep]
+    return feats, labels, skipped
+
+
+def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[str, list[Entry]], views: int,
+                    setup: Setup, cache: FeatureCache | None = None) -> Features:
+    """Encode (or read from the cache) the training views, the test split and the few-shot val split.
+
+    ``views`` 0 encodes the training images with the test transform; V > 0 encodes V augmented views of each.
+    """
+    t0 = time.perf_counter()
+    cache = cache if cache is not None else setup.cache()
+    view_ids: list[int | None] = [None] if views == 0 else list(range(views))
+    train_views, train_labels = [], None
+    for v in view_ids:
+        feats, labels, _ = encode_split(backbone, dataset, fewshot["train"], setup, cache, view=v,
+                                        desc="train" if v is None else f"train view {v + 1}/{views}")
+        if train_labels is not None and not torch.equal(labels, train_labels):
+            raise TaskResValueError("the training images decoded differently across views; re-run without "
+                                    "skip_bad_images to see which image fails.", param="skip_bad_images")
+        train_views.append(feats)
+        train_labels = labels
+    test, test_labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache, desc="test")
+    val, val_labels = None, None
+    if fewshot["val"]:
+        val, val_labels, _ = encode_split(backbone, dataset, fewshot["val"], setup, cache, desc="val")
+    return Features(torch.stack(train_views), train_labels, val, val_labels, test, test_labels,  # (V, N, D)
+                    skipped_test=len(skipped), seconds=time.perf_counter() - t0)
+
+
+def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, backbone: Backbone,
+               dataset: DatasetSplits, setup: Setup, on_epoch: Callable[[dict], None] | None = None) -> Fitted:
+    """Fit the configured method on the features, starting from the base classifier (C, D)."""
+    ctx = FitContext(base=base, logit_scale=backbone.logit_scale, train_views=features.train_views,
+                     train_labels=features.train_labels, val_features=features.val, val_labels=features.val_labels,
+                     optim=config.optim, seed=config.seed, classnames=dataset.classnames,
+                     templates=dataset.templates, shots=config.shots, dataset=dataset.name, backbone=backbone,
+                     device=setup.device, quiet=setup.quiet, on_epoch=on_epoch)
+    fitted = config.spec.fit(ctx, config.method_config)
+    fitted.head = fitted.head.cpu()
+    return fitted
+
+
+def run_record(kind: str, backbone: Backbone, dataset: DatasetSplits, setup: Setup, **extra) -> dict:
+    """config.json: versions, backbone identity, dataset source and split hash, setup, and ``extra``."""
+    return {
+        "kind": kind, "taskres_version": taskres.__version__, "torch_version": torch.__version__,
+        "backbone": backbone.identity.to_json(),
+        "dataset": {"name": dataset.name, **(dataset.source.to_json() if dataset.source else {}),
+                    "num_classes": dataset.num_classes, "templates": list(dataset.templates),
+                    "split_hash": dataset.split_hash},
+        "setup": setup.record(),
+        **extra,
+    }
+
+
+def _all_method_files() -> list[str]:
+    return [name for method in discover().values() for name in method.files]
+
+
+def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str | Path | None = None,
+             overwrite: bool = False) -> dict:
+    """Zero-shot accuracy of the base classifier on the test split; writes a run folder when ``out`` is given."""
+    writer = RunWriter.create(out, overwrite, _all_method_files()) if out is not None else None
+    head = TaskResHead(build_base_classifier(backbone, dataset.classnames, dataset.templates), backbone.logit_scale)
+    test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+    metrics = evaluate(head, test, labels, dataset.classnames)
+    metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped))
+    if writer is not None:
+        writer.finish(run_record("zeroshot", backbone, dataset, setup, method="zero-shot"), head, "taskres",
+                      dataset.classnames, dataset.class_ids, metrics)
+    return metrics
+
+
+def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
+          out: str | Path | None = None, overwrite: bool = False) -> tuple[Head, dict]:
+    """Sample K shots for the seed, fit the method on cached features, evaluate on test; return (head, metrics)."""
+    if not dataset.train:
+        raise TaskResValueError(f"dataset {dataset.name!r} has no training split (it is an evaluation-only set); "
+                                "train on imagenet and evaluate the run with `taskres eval --run RUN --dataset "
+                                f"{dataset.name}`.", param="dataset")
+    check = getattr(config.method_config, "check", None)
+    if check is not None:  # checks that read files, before any encoding
+        check()
+    writer = RunWriter.create(out, overwrite, _all_method_files()) if out is not None else None
+    fewshot = sample_fewshot(dataset, config.shots, config.seed)
+    if writer is not None:
+        writer.write_split(fewshot)
+    features = encode_features(backbone, dataset, fewshot, config.views, setup)
+    base = build_base_classifier(backbone, dataset.classnames, dataset.templates)
+    zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
+                         dataset.classnames)
+    log = writer.epoch_log() if writer is not None else None
+    t0 = time.perf_counter()
+    try:
+        fitted = fit_method(config, features, base, backbone, dataset, setup, on_epoch=log)
+    finally:
+        if log is not None:
+            log.close()
+    seconds_train = time.perf_counter() - t0
+    metrics = train_metrics(fitted, features, dataset, zero_shot["accuracy"], seconds_train)
+    if writer is not None:
+        for artifact in fitted.artifacts:
+            path = writer.write_file(artifact.filename, artifact.write)
+            if artifact.metrics_key:
+                metrics[artifact.metrics_key] = str(path)
+        writer.finish(run_record("train", backbone, dataset, setup, **config.record()), fitted.head, config.method,
+                      dataset.classnames, dataset.class_ids, metrics)
+    return fitted.head, metrics
+
+
+def train_metrics(fitted: Fitted, features: Features, dataset: DatasetSplits, zero_shot_accuracy: float,
+                  seconds_train: float) -> dict:
+    """metrics.json of a trained run: test metrics, zero-shot accuracy, sizes, timings, val accuracy, the
+    accuracy of the method's extra heads and the method's own values."""
+    metrics = evaluate(fitted.head, features.test, features.test_labels, dataset.classnames)
+    metrics.update(zero_shot_accuracy=zero_shot_accuracy, skipped_images=features.skipped_test,
+                   n_train=int(len(features.train_labels)), seconds_features=round(features.seconds, 3),
+                   seconds_train=round(seconds_train, 3))
+    if features.val is not None and len(features.val):
+        metrics["val_accuracy"] = evaluate(fitted.head, features.val, features.val_labels,
+                                           dataset.classnames)["accuracy"]
+    for name, head in fitted.extra_heads.items():
+        metrics[f"{name}_accuracy"] = evaluate(head, features.test, features.test_labels,
+                                               dataset.classnames)["accuracy"]
+    metrics.update(fitted.info)
+    return metrics
+
+
+def load_run_backbone(config: dict, setup: Setup) -> Backbone:
+    """Reload the backbone a run used and check it is the same weights."""
+    recorded = BackboneIdentity.from_json(config["backbone"])
+    backbone = load_backbone(recorded.spec, device=setup.device, precision=recorded.precision,
+                             weights_dir=setup.weights_dir)
+    difference = backbone.identity.difference(recorded)
+    if difference is not None:
+        raise TaskResValueError(f"the backbone {recorded.spec!r} on this machine differs from the one the run used "
+                                f"({difference}).", param="backbone")
+    return backbone
+
+
+def load_run_head(run: Path) -> tuple[Head, list[str], list[str]]:
+    """(head, class names, class ids or []) of a run's classifier.safetensors, rebuilt by its method."""
+    method, tensors, meta, classnames, class_ids = read_classifier(run / CLASSIFIER)
+    return get_method(method).head_cls.from_export(tensors, meta), classnames, class_ids
+
+
+def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = None,
+                 out: str | Path | None = None) -> dict:
+    """Re-evaluate a run's classifier on its own test split, or on ``dataset``'s."""
+    run, config = read_run(run)
+    if out is not None and (Path(out) / CONFIG).exists():
+        raise TaskResValueError(f"out {str(out)!r} is a run folder; its metrics.json would be replaced. Write the "
+                                f"evaluation elsewhere, e.g. {str(Path(run) / 'eval')}.", param="out")
+    head, classnames, class_ids = load_run_head(run)
+    if dataset is None:
+        recorded = config["dataset"]
+        dataset = reopen_dataset(DatasetSource.from_json(recorded), recorded["templates"])
+        if dataset.split_hash != recorded["split_hash"]:
+            raise TaskResValueError(f"the dataset of run {str(run)!r} has changed since it was trained (its split "
+                                    "entries differ from the ones recorded); pass --data/--split-file or "
+                                    "--dataset/--root to evaluate on the dataset as it is now, knowingly.",
+                                    param="dataset")
+    if class_ids and dataset.class_ids and list(dataset.class_ids) != class_ids:
+        from taskres.data.benchmarks import map_class_rows
+
+        # Domain generalisation: keep the rows of the target's classes, matched by WordNet id
+        # (docs/protocol.md#evaluation).
+        head = head.select_classes(map_class_rows(class_ids, dataset.class_ids, config["dataset"]["name"],
+                                                  dataset.name))
+    elif list(dataset.classnames) != list(classnames):
+        raise TaskResValueError(f"dataset {dataset.name!r} has classes {list(dataset.classnames)[:5]}... but run "
+                                f"{str(run)!r} was trained on {classnames[:5]}...; evaluate on a dataset with the "
+                                "same classes in the same order (or an ImageNet variant for an ImageNet run).",
+                                param="dataset")
+    backbone = load_run_backbone(config, setup)
+    test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+    metrics = evaluate(head, test, labels, dataset.classnames)
+    metrics.update(skipped_images=len(skipped), run=str(run), dataset=dataset.name)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out) / METRICS, metrics)
+    return metrics
+
+
+def predict(run: str | Path, images: Sequence[str | Path], setup: Setup, top_k: int = 5) -> list[dict]:
+    """Top-k classes with probabilities for each image: ``[{"image", "top": [{"class", "prob"}, ...]}, ...]``."""
+    run, config = read_run(run)
+    if top_k < 1:
+        raise invalid("top_k", "be >= 1", top_k)
+    head, classnames, _ = load_run_head(run)
+    backbone = load_run_backbone(config, setup)
+    feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True).features(backbone, images)
+    probs = predict_logits(head, feats).softmax(dim=1)  # (N, C)
+    k = min(top_k, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    return [{"image": str(img), "top": [{"class": classnames[j], "prob": float(p)}
+                                        for p, j in zip(top.values[i].tolist(), top.indices[i].tolist())]}
+            for i, img in enumerate(images)]
