@@ -3,17 +3,25 @@
 
     python scripts/check_demo_taskres.py                  # 1/2/4/8/16 shots, seed 1
     python scripts/check_demo_taskres.py --shots 16       # the acceptance numbers only
+    python scripts/check_demo_taskres.py --shots 16 --weights DIR/taskres-demo.safetensors   # a rebuilt model
 
 Standalone on purpose (open_clip, numpy, PIL and taskres.demo.synthetic only), so it checks the assets
 independently of the library's own engine. TaskRes as in the paper: t' = t + alpha * x, logits =
 exp(logit_scale) * cos(z, t'), Adam (lr 2e-3, weight decay 5e-4), batch 256, 100 epochs for 1/2/4 shots and
 200 for 8/16, epoch 0 at lr 1e-5 then cosine; trained on cached test-transform features.
-Exits 1 if an acceptance check fails.
+
+A model is accepted by its quality, not by its hash: a rebuild by ``scripts/pretrain_demo.py`` is bit-identical to
+the shipped weights only on the same CPU model, thread count and library versions, so the checks are the demo's
+acceptance numbers (README, tests/test_demo.py): zero-shot >= 60% on the near task (color_shapes), and with 16
+shots a gain >= 10 points on the hardest task and >= 5 points averaged over the tasks. The sha256 is printed, and
+compared with the shipped recipe's, for information only. Exits 1 if an acceptance check fails; without 16 in
+``--shots`` only the zero-shot check runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -30,14 +38,34 @@ from taskres.demo import synthetic as S
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "taskres" / "assets"
 MODEL_NAME = "taskres-demo"
+# The demo's acceptance numbers (README "Demo"; tests/test_demo.py asserts the same on `taskres demo`).
+MIN_NEAR_ZERO_SHOT = 60.0  # zero-shot accuracy (%) on the near task
+MIN_HARDEST_GAIN = 10.0  # 16-shot TaskRes minus zero-shot (points) on the hardest task (highest rel. difficulty)
+MIN_MEAN_GAIN = 5.0  # 16-shot TaskRes minus zero-shot (points) averaged over the tasks
 
 
 def load_model(config: Path, weights: Path):
-    open_clip.add_model_config(config)
-    model = open_clip.create_model(MODEL_NAME, pretrained=str(weights)).float().eval()
+    open_clip.add_model_config(config)  # registered under the file's stem
+    model = open_clip.create_model(config.stem, pretrained=str(weights)).float().eval()
     preprocess = open_clip.image_transform(model.visual.image_size, is_train=False,
                                            mean=model.visual.image_mean, std=model.visual.image_std)
-    return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
+    return model, preprocess, open_clip.get_tokenizer(config.stem)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shipped_sha256() -> str | None:
+    """The sha256 the shipped recipe records for the shipped weights (None if it cannot be read)."""
+    try:
+        return json.loads((ASSETS / f"{MODEL_NAME}.recipe.json").read_text())["weights"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @torch.no_grad()
@@ -104,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    for path in (args.config, args.weights):
+        if not path.is_file():
+            ap.error(f"no such file: {path}")
 
     t0 = time.time()
     model, preprocess, tokenizer = load_model(args.config, args.weights)
@@ -141,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
 
     kmax = max(args.shots)
-    print(f"model {args.weights.name}: logit scale {scale:.1f}; seed {args.seed}; task seed {args.task_seed}")
+    digest, shipped = sha256(args.weights), shipped_sha256()
+    same = "unknown (no shipped recipe)" if shipped is None else ("yes" if digest == shipped else "no")
+    print(f"model {args.weights} (config {args.config.name}): logit scale {scale:.1f}; seed {args.seed}; "
+          f"task seed {args.task_seed}")
+    print(f"sha256 {digest}; bit-identical to the shipped weights: {same} (accepted by quality, not by hash)")
     head = f"{'task':18s} {'role':5s} {'C':>2s} {'zero-shot':>9s} " + " ".join(f"{f'{k}-shot':>7s}" for k in args.shots)
     print(head + f" {'gain@' + str(kmax):>8s} {'rel.diff':>8s} {'|ax|/|t|':>8s}")
     for r in rows:
@@ -157,13 +192,17 @@ def main(argv: list[str] | None = None) -> int:
 
     near = [r for r in rows if r["role"] == "near"]
     hardest = max(rows, key=lambda r: r["difficulty"])
-    checks = [("zero-shot on the near task >= 60", min(r["zero_shot"] for r in near), 60.0)]
+    checks = [(f"zero-shot on the near task ({', '.join(r['task'] for r in near)}) >= {MIN_NEAR_ZERO_SHOT:g}",
+               min(r["zero_shot"] for r in near), MIN_NEAR_ZERO_SHOT)]
     if 16 in args.shots:
         checks += [
-            (f"16-shot gain on the hardest task ({hardest['task']}) >= 10",
-             hardest["taskres"][16] - hardest["zero_shot"], 10.0),
-            ("16-shot gain averaged over tasks >= 5", mean([r["taskres"][16] - r["zero_shot"] for r in rows]), 5.0),
+            (f"16-shot gain on the hardest task ({hardest['task']}) >= {MIN_HARDEST_GAIN:g}",
+             hardest["taskres"][16] - hardest["zero_shot"], MIN_HARDEST_GAIN),
+            (f"16-shot gain averaged over tasks >= {MIN_MEAN_GAIN:g}",
+             mean([r["taskres"][16] - r["zero_shot"] for r in rows]), MIN_MEAN_GAIN),
         ]
+    else:
+        print("note: 16 not in --shots, so only the zero-shot check ran (not the full acceptance)")
     ok = True
     for name, value, bound in checks:
         ok &= value >= bound
