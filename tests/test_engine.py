@@ -77,12 +77,12 @@ class Recorder(torch.nn.Module):
         return x @ self.w.t()
 
 
-def run_batches(n, batch_size, epochs=2, views=None):
+def run_batches(n, batch_size, epochs=2, views=None, seed=0):
     feats = torch.stack([torch.arange(n).float(), torch.ones(n)], dim=1)
     if views:
         feats = torch.stack([feats + 1000 * v * torch.tensor([1.0, 0.0]) for v in range(views)])
     head = Recorder()
-    fit(head, feats, torch.zeros(n, dtype=torch.long), OptimConfig(epochs=epochs, batch_size=batch_size), seed=0,
+    fit(head, feats, torch.zeros(n, dtype=torch.long), OptimConfig(epochs=epochs, batch_size=batch_size), seed=seed,
         quiet=True)
     return head.batches
 
@@ -101,6 +101,19 @@ def test_shuffled_every_epoch_and_seeded():
     assert first[0] != first[1] and sorted(first[0]) == list(range(16))
 
 
-def test_epochs_cycle_through_views():
-    batches = run_batches(4, 4, epochs=3, views=2)
-    assert [min(b) // 1000 for b in batches] == [0, 1, 0]
+def views_seen(batches, n):
+    """(epochs, n): the view each image read in each epoch (one full batch per epoch)."""
+    rows = []
+    for batch in batches:
+        view_of = {x % 1000: x // 1000 for x in batch}
+        rows.append([view_of[i] for i in range(n)])
+    return torch.tensor(rows)
+
+
+def test_every_image_visits_each_view_once_per_cycle_in_a_seeded_order():
+    seen = views_seen(run_batches(8, 8, epochs=6, views=3, seed=1), 8)  # (6, 8)
+    for cycle in (seen[:3], seen[3:]):
+        assert all(sorted(cycle[:, i].tolist()) == [0, 1, 2] for i in range(8))
+    assert not all(len(set(seen[e].tolist())) == 1 for e in range(6))  # images do not move in lockstep
+    assert torch.equal(seen, views_seen(run_batches(8, 8, epochs=6, views=3, seed=1), 8))
+    assert not torch.equal(seen, views_seen(run_batches(8, 8, epochs=6, views=3, seed=2), 8))

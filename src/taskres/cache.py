@@ -2,7 +2,8 @@
 
 Layout: ``<cache_dir>/v<FORMAT>/<namespace>/chunk-*.safetensors``. The namespace hashes the backbone identity
 (weights hash or open_clip name and tag, architecture, precision), the transform and view, and the format version.
-Inside a namespace, each image's key hashes its absolute path, size and mtime, so a changed file is a miss.
+Inside a namespace, each image's key hashes its name (the path relative to the dataset's image folder; the absolute
+path for a loose image), size and mtime, so a changed file is a miss and a copied dataset (``cp -p``) is a hit.
 
 Chunks are written to a temporary file and renamed; each carries its image keys and a SHA-256 of its tensor bytes,
 checked on load. An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated
@@ -17,7 +18,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,16 +27,16 @@ from tqdm.auto import tqdm
 
 from taskres.atomic import atomic_path, write_text
 from taskres.backbones import Backbone
-from taskres.data.images import ImageViews, transform_spec
+from taskres.data.images import TRAIN_SCALE, ImageViews, transform_spec, view_seed
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3  # 3: images keyed by their path relative to the dataset folder
 
 
-def image_key(path: str | Path) -> str:
-    """Identity of an image file's content: absolute path, size and modification time."""
+def image_key(path: str | Path, name: str | None = None) -> str:
+    """Identity of an image file's content: its name (default: the absolute path), size and modification time."""
     path = os.path.abspath(path)
     try:
         st = os.stat(path)
@@ -43,7 +44,7 @@ def image_key(path: str | Path) -> str:
         raise TaskResFileNotFoundError(f"image {path!r} does not exist; check the data folder (--data/--root) "
                                        "and the split "
                                        "file's paths, which are relative to it.") from None
-    return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{name or path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
 class FeatureCache:
@@ -56,16 +57,24 @@ class FeatureCache:
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}  # namespace folder -> features read or encoded
 
-    def namespace(self, backbone: Backbone, view: int | None) -> dict:
+    def namespace(self, backbone: Backbone, view: int | None, scale: tuple[float, float] = TRAIN_SCALE) -> dict:
         return {"format": FORMAT, "backbone": backbone.identity.weights_key(),
-                "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view)}
+                "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view, scale)}
 
     def features(self, backbone: Backbone, paths: Sequence[str | Path], view: int | None = None,
-                 skip_bad: bool = False, desc: str = "encoding") -> tuple[torch.Tensor, list[str]]:
-        """Features (N, D) float32 for ``paths`` in order, and the paths skipped as undecodable (rows of zeros)."""
+                 skip_bad: bool = False, desc: str = "encoding", names: Sequence[str] | None = None,
+                 scale: tuple[float, float] = TRAIN_SCALE) -> tuple[torch.Tensor, list[str]]:
+        """Features (N, D) float32 for ``paths`` in order, and the paths skipped as undecodable (rows of zeros).
+
+        ``view`` None is the test transform; ``v >= 0`` the v-th augmented view (RandomResizedCrop at ``scale``)
+        of each image, seeded by (v, name). ``names`` (default: the absolute paths) identify the images: pass their
+        paths relative to the dataset's image folder, so that the views and the keys do not depend on where the
+        dataset lies.
+        """
         paths = [str(p) for p in paths]
-        keys = [image_key(p) for p in paths]
-        ns = self.namespace(backbone, view)
+        names = [os.path.abspath(p) for p in paths] if names is None else [str(n) for n in names]
+        keys = [image_key(p, n) for p, n in zip(paths, names)]
+        ns = self.namespace(backbone, view, scale)
         folder = self._folder(ns)
         if folder is None:
             store: dict[str, torch.Tensor] = {}
@@ -76,8 +85,10 @@ class FeatureCache:
         todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
         bad: set[str] = set()
         if todo:
-            bad = self._encode(backbone, [paths[i] for i in todo], [keys[i] for i in todo], view, skip_bad, store,
-                               folder, desc)
+            seeds = None if view is None else [view_seed(view, names[i]) for i in todo]
+            data = ImageViews([paths[i] for i in todo], backbone.image_size, backbone.mean, backbone.std, seeds,
+                              scale)
+            bad = self._encode(backbone, data, [keys[i] for i in todo], skip_bad, store, folder, desc)
         dim = backbone.embed_dim
         out = torch.zeros(len(paths), dim)
         skipped = []
@@ -118,38 +129,42 @@ class FeatureCache:
             store.update(zip(keys, feats))
         return store
 
-    def _encode(self, backbone, paths, keys, view, skip_bad, store, folder, desc) -> set[str]:
-        data = ImageViews(paths, backbone.image_size, backbone.mean, backbone.std, view)
-        loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, num_workers=self.workers,
-                                             shuffle=False)
+    def _encode(self, backbone: Backbone, data: ImageViews, keys: list[str], skip_bad: bool,
+                store: dict[str, torch.Tensor], folder: Path | None, desc: str) -> set[str]:
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []
         bad: set[str] = set()
-        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=self.quiet, leave=False)
         try:
-            for idx, pixels, errors in loader:
+            for idx, feats, errors in encode_batches(backbone, data, self.batch_size, self.workers, desc, self.quiet):
                 first_error = next((e for e in errors if e), "")
                 if first_error and not skip_bad:
                     raise TaskResValueError(first_error)
-                feats = backbone.encode_images(pixels).cpu()
                 self.encoded += len(idx)
-                for i, f, error in zip(idx.tolist(), feats, errors):
+                for i, f, error in zip(idx, feats, errors):
                     if not error:
                         store[keys[i]] = f
                         pending_keys.append(keys[i])
                         pending.append(f)
                     else:
                         bad.add(keys[i])
-                        logger.warning("skipping undecodable image %s", paths[i])
+                        logger.warning("skipping undecodable image %s", data.paths[i])
                 if folder is not None and len(pending) >= self.chunk_size:
                     _write_chunk(folder, pending_keys, pending)
                     pending_keys, pending = [], []
-                bar.update(len(idx))
         finally:  # also on an error or Ctrl-C: what is encoded is kept, so that a rerun resumes from it
-            bar.close()
             if folder is not None and pending:
                 _write_chunk(folder, pending_keys, pending)
         return bad
+
+
+def encode_batches(backbone: Backbone, data: ImageViews, batch_size: int = 32, workers: int = 0,
+                   desc: str = "encoding", quiet: bool = True) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+    """Run ``data`` through the image encoder in batches: (indices, (B, D) features on the CPU, error per item)."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=False)
+    with tqdm(total=len(data), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+        for idx, pixels, errors in loader:
+            yield idx.tolist(), backbone.encode_images(pixels).cpu(), list(errors)
+            bar.update(len(idx))
 
 
 def _digest(t: torch.Tensor, keys: str) -> str:

@@ -2,8 +2,8 @@
 
 The defaults are TaskRes's: Adam (betas 0.9/0.999, L2 weight decay), one constant warm-up epoch at 1e-5, then cosine
 from ``lr`` over E epochs, stepped once per epoch. Each epoch shuffles the training set with a seeded generator and
-drops the last partial batch only when the set holds at least one full batch (Dassl's rule). Epoch ``e`` reads view
-``e % V`` of the cached features.
+drops the last partial batch only when the set holds at least one full batch (Dassl's rule). Epoch ``e`` reads the
+features that the view source gives for it (``taskres.views``: a bank of cached views, or online augmentation).
 
 Other methods' public settings are options: SGD with momentum (Dassl's ``sgd``: CoOp, CLIP-Adapter), AdamW with its
 own eps (Tip-Adapter-F), cosine stepped per iteration without warm-up (Tip-Adapter-F's ``CosineAnnealingLR`` over
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from taskres.errors import TaskResValueError, check_choice, invalid
+from taskres.views import TrainViews, as_views
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def make_optimizer(params, config: OptimConfig) -> torch.optim.Optimizer:
 
 def fit(
     head: torch.nn.Module,
-    views: torch.Tensor,
+    views: torch.Tensor | TrainViews,
     labels: torch.Tensor,
     config: OptimConfig,
     seed: int,
@@ -108,11 +109,11 @@ def fit(
 ) -> list[dict]:
     """Train the head's parameters in place; return one log record per epoch.
 
-    views: (V, N, D) cached features, V >= 1 (view ``e % V`` in epoch e); labels: (N,) int64.
+    views: (V, N, D) or (N, D) cached features (a ``ViewBank`` drawn with ``seed``), or a view source with
+    ``epoch(e) -> (N, D)`` such as ``OnlineViews``; labels: (N,) int64.
     """
-    if views.dim() == 2:
-        views = views.unsqueeze(0)
-    num_views, n, _ = views.shape
+    source = as_views(views, seed)
+    n = source.num_samples
     if n == 0:
         raise TaskResValueError("the training set is empty; check --shots and the split file's train entries.")
     params = [p for p in head.parameters() if p.requires_grad]
@@ -131,7 +132,7 @@ def fit(
             iteration_lr(config, epoch * steps_per_epoch, config.epochs * steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        feats = views[epoch % num_views].to(device)
+        feats = source.epoch(epoch).to(device)
         order = torch.randperm(n, generator=generator).to(device)
         total_loss, correct, seen = 0.0, 0, 0
         for step, start in enumerate(range(0, stop, config.batch_size)):

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -34,8 +34,11 @@ from taskres.methods import FitContext, Fitted, Head, Method, discover, get_meth
 from taskres.methods.taskres import TaskResHead
 from taskres.runs import CLASSIFIER, CONFIG, METRICS, RunWriter, read_classifier, read_run
 from taskres.text import build_base_classifier
+from taskres.views import OnlineViews, ViewBank
 
 logger = logging.getLogger(__name__)
+
+ONLINE = "online"
 
 __all__ = ["Features", "Setup", "TrainConfig", "encode_features", "encode_split", "evaluate_run", "fit_method",
            "load_run_backbone", "load_run_head", "open_dataset", "predict", "reopen_dataset", "train", "zeroshot"]
@@ -82,7 +85,7 @@ class TrainConfig:
     method: str = "taskres"
     method_config: Any = None  # the method's config dataclass
     optim: OptimConfig | None = field(default_factory=OptimConfig)
-    views: int = 10
+    views: int | Literal["online"] = 10  # cached augmented views per image (0: test transform), or "online"
 
     @classmethod
     def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> "TrainConfig":
@@ -97,8 +100,9 @@ class TrainConfig:
             raise invalid("shots", "be an integer >= 1 (images per class)", self.shots)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise invalid("seed", "be an integer", self.seed)
-        if self.views < 0:
-            raise invalid("views", "be >= 0 (0 = no augmentation)", self.views)
+        if self.views != ONLINE and (isinstance(self.views, bool) or not isinstance(self.views, int)
+                                     or self.views < 0):
+            raise invalid("views", "be an integer >= 0 (0 = no augmentation) or 'online'", self.views)
         spec = self.spec
         if self.method_config is None:
             object.__setattr__(self, "method_config", spec.default_config())
@@ -110,6 +114,11 @@ class TrainConfig:
         elif not isinstance(self.optim, OptimConfig):
             raise TaskResValueError(f"method {self.method!r} is trained and needs an OptimConfig; got "
                                     f"{self.optim!r}.", param="optim")
+        if self.views == ONLINE and (not spec.trained or spec.test_view_only):
+            raise TaskResValueError(f"`views` online draws a fresh augmentation of every training image in every "
+                                    f"epoch, but method {self.method!r} "
+                                    f"{'is training-free' if not spec.trained else 'trains on the test transform'}; "
+                                    f"use `views` {spec.views} (its default).", param="views")
         if spec.test_view_only and self.views != 0:
             raise TaskResValueError(f"method {self.method!r} trains on the test-transform features of the few-shot "
                                     f"images (no augmentation); set `views` to 0 (its default); got {self.views}.",
@@ -130,9 +139,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Features:
-    """The cached features of one run: (V, N, D) train views with (N,) labels, few-shot val, and the test split."""
+    """The features of one run: the training views (a ViewBank of cached (V, N, D) views, or OnlineViews) with
+    (N,) labels, the few-shot val split and the test split."""
 
-    train_views: torch.Tensor
+    train_views: ViewBank | OnlineViews
     train_labels: torch.Tensor
     val: torch.Tensor | None
     val_labels: torch.Tensor | None
@@ -147,7 +157,8 @@ def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[E
                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Features (N, D), labels (N,), skipped paths for entries; undecodable images are dropped when skipping."""
     paths = [str(dataset.path(e)) for e in entries]
-    feats, skipped = cache.features(backbone, paths, view=view, skip_bad=setup.skip_bad_images, desc=desc)
+    feats, skipped = cache.features(backbone, paths, view=view, skip_bad=setup.skip_bad_images, desc=desc,
+                                    names=[e.impath for e in entries])
     labels = torch.tensor([e.label for e in entries], dtype=torch.long)
     if skipped:
         gone = set(skipped)
@@ -156,14 +167,32 @@ def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[E
     return feats, labels, skipped
 
 
-def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[str, list[Entry]], views: int,
-                    setup: Setup, cache: FeatureCache | None = None) -> Features:
+def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[str, list[Entry]],
+                    views: int | Literal["online"], setup: Setup, seed: int = 0,
+                    cache: FeatureCache | None = None) -> Features:
     """Encode (or read from the cache) the training views, the test split and the few-shot val split.
 
-    ``views`` 0 encodes the training images with the test transform; V > 0 encodes V augmented views of each.
+    ``views`` 0 encodes the training images with the test transform; V > 0 encodes V augmented views of each (a
+    ViewBank drawn with ``seed``); "online" encodes nothing for training now: each epoch encodes fresh
+    augmentations (OnlineViews, seeded by ``seed``).
     """
     t0 = time.perf_counter()
     cache = cache if cache is not None else setup.cache()
+    test, test_labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache, desc="test")
+    val, val_labels = None, None
+    if fewshot["val"]:
+        val, val_labels, _ = encode_split(backbone, dataset, fewshot["val"], setup, cache, desc="val")
+    if views == ONLINE:
+        if setup.skip_bad_images:
+            raise TaskResValueError("`skip_bad_images` cannot be used with `views` online (every epoch reads every "
+                                    "training image); fix or remove the bad images, or use cached views.",
+                                    param="skip_bad_images")
+        entries = fewshot["train"]
+        online = OnlineViews(backbone, [str(dataset.path(e)) for e in entries], [e.impath for e in entries], seed,
+                             setup.batch_size, setup.workers)
+        labels = torch.tensor([e.label for e in entries], dtype=torch.long)
+        return Features(online, labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
+                        seconds=time.perf_counter() - t0)
     view_ids: list[int | None] = [None] if views == 0 else list(range(views))
     train_views, train_labels = [], None
     for v in view_ids:
@@ -174,12 +203,9 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
                                     "skip_bad_images to see which image fails.", param="skip_bad_images")
         train_views.append(feats)
         train_labels = labels
-    test, test_labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache, desc="test")
-    val, val_labels = None, None
-    if fewshot["val"]:
-        val, val_labels, _ = encode_split(backbone, dataset, fewshot["val"], setup, cache, desc="val")
-    return Features(torch.stack(train_views), train_labels, val, val_labels, test, test_labels,  # (V, N, D)
-                    skipped_test=len(skipped), seconds=time.perf_counter() - t0)
+    bank = ViewBank(torch.stack(train_views), seed)  # (V, N, D)
+    return Features(bank, train_labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
+                    seconds=time.perf_counter() - t0)
 
 
 def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, backbone: Backbone,
@@ -240,7 +266,7 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
     fewshot = sample_fewshot(dataset, config.shots, config.seed)
     if writer is not None:
         writer.write_split(fewshot)
-    features = encode_features(backbone, dataset, fewshot, config.views, setup)
+    features = encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed)
     base = build_base_classifier(backbone, dataset.classnames, dataset.templates)
     zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
                          dataset.classnames)
@@ -269,7 +295,8 @@ def train_metrics(fitted: Fitted, features: Features, dataset: DatasetSplits, ze
     accuracy of the method's extra heads and the method's own values."""
     metrics = evaluate(fitted.head, features.test, features.test_labels, dataset.classnames)
     metrics.update(zero_shot_accuracy=zero_shot_accuracy, skipped_images=features.skipped_test,
-                   n_train=int(len(features.train_labels)), seconds_features=round(features.seconds, 3),
+                   n_train=int(len(features.train_labels)), train_encoder_passes=train_encoder_passes(features),
+                   seconds_features=round(features.seconds, 3),
                    seconds_train=round(seconds_train, 3))
     if features.val is not None and len(features.val):
         metrics["val_accuracy"] = evaluate(fitted.head, features.val, features.val_labels,
@@ -279,6 +306,13 @@ def train_metrics(fitted: Fitted, features: Features, dataset: DatasetSplits, ze
                                                dataset.classnames)["accuracy"]
     metrics.update(fitted.info)
     return metrics
+
+
+def train_encoder_passes(features: Features) -> int:
+    """Images run through the image encoder for training: V x N for a bank of V views (whether encoded now or
+    read from the cache), every online draw so far for online views."""
+    views = features.train_views
+    return views.encoded if isinstance(views, OnlineViews) else views.num_views * views.num_samples
 
 
 def load_run_backbone(config: dict, setup: Setup) -> Backbone:

@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "preset; TaskRes 256)")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the method's preset; "
                                                                     "TaskRes 5e-4)")
-    p.add_argument("--views", type=int, default=None,
-                   help="augmented views per training image to encode; 0 = test transform only (default 10; "
-                        "linear-probe: 0)")
+    p.add_argument("--views", type=_views_arg, default=None, metavar="V|online",
+                   help="augmented views per training image to encode once; 0 = test transform only; online = a "
+                        "fresh augmentation of every image in every epoch, encoded as it trains (the official "
+                        "protocol) (default 10; linear-probe: 0)")
     _method_options(p)
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -105,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datasets", help="list the benchmarks and, for a root, which are ready")
     p.add_argument("--root", help="the folder holding CoOp's dataset folders")
     return parser
+
+
+def _views_arg(value: str):
+    if value == "online":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'online'; got {value!r}") from None
 
 
 def _setup(args: argparse.Namespace):

@@ -25,6 +25,7 @@ from torch import nn
 
 from taskres.backbones import Backbone
 from taskres.engine import OptimConfig, fit
+from taskres.views import TrainViews
 
 
 def option(flag: str, help: str, **argparse_kwargs: Any) -> dict:
@@ -110,7 +111,9 @@ class FitContext:
 
     base: torch.Tensor  # (C, D) base classifier: mean un-normalised text embedding over templates
     logit_scale: float  # tau = exp(logit_scale) of the backbone
-    train_views: torch.Tensor  # (V, N, D) features of the few-shot images, one slice per view (V = 1: test transform)
+    # the few-shot images' features per epoch: a (V, N, D) tensor or ViewBank of cached views (V = 1: the test
+    # transform), or OnlineViews (fresh augmentations, encoded each epoch); see taskres.views
+    train_views: torch.Tensor | TrainViews
     train_labels: torch.Tensor  # (N,)
     val_features: torch.Tensor | None  # (M, D) few-shot validation features (test transform), or None
     val_labels: torch.Tensor | None  # (M,)

@@ -27,6 +27,7 @@ from torch import nn
 from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.methods.base import FitContext, Fitted, Head, option
 from taskres.methods.registry import Method, register_method
+from taskres.views import as_bank
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +124,11 @@ def search_c(fit_score, steps: int = 8) -> tuple[float, list[tuple[float, float]
 
 
 def fit_linear_probe(ctx: FitContext, config: LinearProbeConfig) -> Fitted:
-    if ctx.train_views.shape[0] != 1:
+    bank = as_bank(ctx.train_views, 1)
+    if bank.shape[0] != 1:
         raise TaskResValueError("the linear probe trains on the test-transform features (lpclip); set `views` to 0.",
                                 param="views")
-    feats, labels = ctx.train_views[0], ctx.train_labels  # (N, D), (N,)
+    feats, labels = bank[0], ctx.train_labels  # (N, D), (N,)
     num_classes = ctx.base.shape[0]
     c, info = config.c, {}
     if config.search == "val":

@@ -24,6 +24,7 @@ from torch import nn
 from taskres.errors import TaskResValueError, check_choice
 from taskres.methods.base import CosineHead, FitContext, Fitted, cosine_logits, option
 from taskres.methods.registry import Method, register_method
+from taskres.views import TrainViews, as_bank
 
 # Tip-Adapter's configs/<dataset>.yaml: (init_beta, init_alpha, search_scale [beta, alpha]), keyed by our names.
 PUBLIC_CONFIGS = {
@@ -119,9 +120,11 @@ class TipAdapterHead(CosineHead):
                    float(meta["logit_scale"]), float(meta["alpha"]), float(meta["beta"]), config=config)
 
 
-def build_cache(train_views: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(V, N, D) raw features -> keys (N, D): mean over views, normalised; values (N, C): one-hot labels."""
-    keys = F.normalize(train_views.float().mean(dim=0), dim=-1)
+def build_cache(train_views: torch.Tensor | TrainViews, labels: torch.Tensor, num_classes: int,
+                augment_epochs: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, N, D) raw features (or a view source: ``augment_epochs`` draws) -> keys (N, D): mean over views,
+    normalised; values (N, C): one-hot labels."""
+    keys = F.normalize(as_bank(train_views, augment_epochs).float().mean(dim=0), dim=-1)
     return keys, F.one_hot(labels, num_classes).float()
 
 

@@ -1,0 +1,114 @@
+"""Where a training epoch's image features come from: a bank of cached augmented views, or fresh augmentations
+encoded online (the official protocol, docs/protocol.md#images-and-transforms).
+
+Both give ``epoch(e)``: the (N, D) features of the N training images for epoch ``e``, and ``bank(count)``: a
+(V, N, D) stack of augmented views for methods that average views (Tip-Adapter's cache).
+
+- ``ViewBank``: V cached views per image. In each cycle of V epochs every image visits each of its views once, in
+  an order drawn per image from the run's seed: runs with different seeds share the cache but not the sequence.
+- ``OnlineViews``: every epoch draws a new RandomResizedCrop + flip of every image, seeded by (run seed, epoch,
+  image name), and runs it through the frozen image encoder, as the official trainer does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol, Sequence
+
+import torch
+
+from taskres.data.images import TRAIN_SCALE, ImageViews, online_seed
+from taskres.errors import TaskResValueError
+
+
+class TrainViews(Protocol):
+    num_samples: int
+
+    def epoch(self, epoch: int) -> torch.Tensor: ...
+
+    def bank(self, count: int) -> torch.Tensor: ...
+
+
+def _cycle_generator(seed: int, cycle: int) -> torch.Generator:
+    digest = hashlib.sha256(f"views|{seed}|{cycle}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class ViewBank:
+    """V cached views of N images, (V, N, D); with V = 1 every epoch reads the one view."""
+
+    def __init__(self, views: torch.Tensor, seed: int):
+        if views.dim() == 2:
+            views = views.unsqueeze(0)
+        self.views, self.seed = views, seed
+        self.num_views, self.num_samples = views.shape[0], views.shape[1]
+        self._cycle: tuple[int, torch.Tensor] | None = None
+
+    def order(self, cycle: int) -> torch.Tensor:
+        """(N, V): for each image, the order in which it visits its views during cycle ``cycle``."""
+        g = _cycle_generator(self.seed, cycle)
+        return torch.rand(self.num_samples, self.num_views, generator=g).argsort(dim=1)
+
+    def view_index(self, epoch: int) -> torch.Tensor:
+        """(N,) the view each image reads in epoch ``epoch``."""
+        cycle = epoch // self.num_views
+        if self._cycle is None or self._cycle[0] != cycle:
+            self._cycle = (cycle, self.order(cycle))
+        return self._cycle[1][:, epoch % self.num_views]
+
+    def epoch(self, epoch: int) -> torch.Tensor:
+        if self.num_views == 1:
+            return self.views[0]
+        return self.views[self.view_index(epoch), torch.arange(self.num_samples)]  # (N, D)
+
+    def bank(self, count: int | None = None) -> torch.Tensor:
+        return self.views
+
+
+class OnlineViews:
+    """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached)."""
+
+    def __init__(self, backbone, paths: Sequence[str], names: Sequence[str], seed: int, batch_size: int = 32,
+                 workers: int = 0, scale: tuple[float, float] = TRAIN_SCALE):
+        if len(paths) != len(names):
+            raise TaskResValueError(f"one name per image: {len(names)} names for {len(paths)} paths.")
+        self.backbone, self.paths, self.names, self.seed = backbone, list(paths), list(names), seed
+        self.batch_size, self.workers, self.scale = batch_size, workers, scale
+        self.num_samples = len(self.paths)
+        self.encoded = 0  # images run through the encoder (encoder passes)
+
+    def _encode(self, seeds: list[int]) -> torch.Tensor:
+        from taskres.cache import encode_batches
+
+        data = ImageViews(self.paths, self.backbone.image_size, self.backbone.mean, self.backbone.std, seeds,
+                          self.scale)
+        out = None
+        for idx, feats, errors in encode_batches(self.backbone, data, self.batch_size, self.workers):
+            first_error = next((e for e in errors if e), "")
+            if first_error:
+                raise TaskResValueError(first_error)
+            if out is None:
+                out = torch.empty(self.num_samples, feats.shape[1])
+            out[idx] = feats
+            self.encoded += len(idx)
+        return out if out is not None else torch.zeros(0, 0)
+
+    def epoch(self, epoch: int) -> torch.Tensor:
+        return self._encode([online_seed(self.seed, epoch, n) for n in self.names])  # (N, D)
+
+    def bank(self, count: int) -> torch.Tensor:
+        """``count`` augmented draws of every image, (count, N, D), from a stream apart from the epochs'."""
+        return torch.stack([self._encode([online_seed(self.seed, -1 - v, n) for n in self.names])
+                            for v in range(count)])
+
+
+def as_views(views: torch.Tensor | TrainViews, seed: int) -> TrainViews:
+    """A tensor of cached views, (V, N, D) or (N, D), as a ViewBank; view sources pass through."""
+    return ViewBank(views, seed) if isinstance(views, torch.Tensor) else views
+
+
+def as_bank(views: torch.Tensor | TrainViews, count: int) -> torch.Tensor:
+    """(V, N, D) views to average: a tensor as it is, a bank's views, or ``count`` online draws."""
+    if isinstance(views, torch.Tensor):
+        return views if views.dim() == 3 else views.unsqueeze(0)
+    return views.bank(count)
