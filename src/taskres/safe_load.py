@@ -14,6 +14,7 @@ Nothing from the file is imported or called, and there is no fallback to unrestr
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,38 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else ""
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the classes it is given (by their dotted name) and refuses every other global:
+    no module is imported and nothing the file names is called."""
+
+    def __init__(self, file, allowed: dict[str, type]):
+        super().__init__(file)
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str):
+        dotted = f"{module}.{name}"
+        if dotted in self.allowed:
+            return self.allowed[dotted]
+        raise pickle.UnpicklingError(f"refused global {dotted!r}")
+
+
+def load_plain_pickle(path: str | Path, allowed: dict[str, type], what: str = "file") -> Any:
+    """A plain pickle (not a torch archive) read with only ``allowed`` classes, each mapped to a stand-in record
+    class of ours; any other global (``os.system``, ``builtins.eval``) is refused, naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskResFileNotFoundError(f"{what} {str(path)!r} does not exist.")
+    try:
+        with open(path, "rb") as f:
+            return _AllowListUnpickler(f, allowed).load()
+    except pickle.UnpicklingError as err:
+        if str(err).startswith("refused global"):
+            raise TaskResValueError(f"{what} {str(path)!r} is refused: its pickle asks for {str(err)[15:]}, which "
+                                    "could run code; only plain data and the records listed in the docs are "
+                                    "read.") from None
+        raise TaskResValueError(f"{what} {str(path)!r} cannot be read ({_first_line(err)}).") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as err:
+        raise TaskResValueError(f"{what} {str(path)!r} cannot be read as a pickle ({type(err).__name__}: "
+                                f"{_first_line(err)}).") from None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+from typing import Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from taskres.backbones import Backbone
-from taskres.errors import TaskResValueError
+from taskres.errors import TaskResValueError, check_choice
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
@@ -27,14 +29,43 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def build_base_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def build_base_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
+                          text_precision: Literal["fp32", "fp16"] = "fp32") -> torch.Tensor:
     """(C, D) float32: per class, the mean over templates of the un-normalised text embeddings.
 
-    Class names are used exactly as given (underscores kept), as the official code does.
+    Class names are used exactly as given (underscores kept), as the official code does. ``text_precision`` "fp16"
+    runs the text encoder (and takes the mean) in half precision, as the official trainer, whose CLIP is fp16 when
+    the base is built (docs/protocol.md#images-and-transforms).
     """
+    templates = check_templates(templates)
+    check_choice("text_precision", text_precision, ("fp32", "fp16"))
+    encode = backbone.encode_text if text_precision == "fp32" else _half_text_encoder(backbone)
+    rows = []
+    for name in classnames:
+        emb = encode([t.format(name) for t in templates])  # (T, D)
+        rows.append(emb.mean(dim=0))
+    return torch.stack(rows).float().cpu()  # (C, D)
+
+
+def _half_text_encoder(backbone: Backbone):
+    """``texts -> (T, D)`` fp16 features from a half-precision copy of the backbone's model (the backbone stays)."""
+    model = copy.deepcopy(backbone.model).half()
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return model.encode_text(backbone.tokenizer(texts).to(backbone.device))
+
+    return encode
+
+
+@torch.no_grad()
+def normalized_text_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]
+                               ) -> torch.Tensor:
+    """(C, D) float32, unit rows: CoOp's ``ZeroshotCLIP`` and Tip-Adapter's text classifier (docs/protocol.md#coop-
+    zero-shot-clip). Class names with "_" replaced by a space; each prompt's feature normalised, averaged over the
+    templates, normalised again (with one template: that prompt's normalised feature)."""
     templates = check_templates(templates)
     rows = []
     for name in classnames:
-        emb = backbone.encode_text([t.format(name) for t in templates])  # (T, D)
-        rows.append(emb.mean(dim=0))
+        emb = backbone.encode_text([t.format(name.replace("_", " ")) for t in templates])  # (T, D)
+        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=-1))
     return torch.stack(rows).cpu()  # (C, D)

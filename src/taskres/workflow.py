@@ -24,16 +24,18 @@ import taskres
 from taskres.atomic import write_json
 from taskres.backbones import Backbone, BackboneIdentity, load_backbone, parse_device
 from taskres.cache import FeatureCache
+from taskres.data.fewshot_file import load_fewshot_file
+from taskres.data.images import TRAIN_SCALE
 from taskres.data.sampling import sample_fewshot
 from taskres.data.sources import open_dataset, reopen_dataset
 from taskres.data.splits import DatasetSource, DatasetSplits, Entry
 from taskres.engine import OptimConfig
-from taskres.errors import TaskResValueError, invalid
+from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.evaluate import evaluate, predict_logits
-from taskres.methods import FitContext, Fitted, Head, Method, discover, get_method
+from taskres.methods import FitContext, Fitted, Head, Method, OfficialVariant, discover, get_method
 from taskres.methods.taskres import TaskResHead
 from taskres.runs import CLASSIFIER, CONFIG, METRICS, RunWriter, read_classifier, read_run
-from taskres.text import build_base_classifier
+from taskres.text import build_base_classifier, normalized_text_classifier
 from taskres.views import OnlineViews, ViewBank
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ logger = logging.getLogger(__name__)
 ONLINE = "online"
 
 __all__ = ["Features", "Setup", "TrainConfig", "encode_features", "encode_split", "evaluate_run", "fit_method",
-           "load_run_backbone", "load_run_head", "open_dataset", "predict", "reopen_dataset", "train", "zeroshot"]
+           "import_official", "load_run_backbone", "load_run_head", "open_dataset", "predict", "reopen_dataset",
+           "train", "zeroshot"]
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,17 @@ class TrainConfig:
     method_config: Any = None  # the method's config dataclass
     optim: OptimConfig | None = field(default_factory=OptimConfig)
     views: int | Literal["online"] = 10  # cached augmented views per image (0: test transform), or "online"
+    fewshot_file: str | None = None  # the few-shot images from a file (Dassl's split_fewshot pickle, a run's split)
+    protocol: Literal["default", "official"] = "default"  # "official": the method as its public code runs it
 
     @classmethod
     def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> "TrainConfig":
-        """The method's published settings for ``dataset`` (a benchmark name, or "" for others)."""
+        """The method's published settings for ``dataset`` (a benchmark name, or "" for others); with
+        ``protocol="official"`` among the overrides, the views of its public code."""
         spec = get_method(method)
         optim = spec.optim_preset(shots, dataset) if spec.optim_preset is not None else None
-        values = dict(method_config=spec.default_config(dataset), optim=optim, views=spec.views)
+        views = spec.official.views if overrides.get("protocol") == "official" and spec.official else spec.views
+        values = dict(method_config=spec.default_config(dataset), optim=optim, views=views)
         return cls(shots=shots, seed=seed, method=method, **{**values, **overrides})
 
     def __post_init__(self) -> None:
@@ -119,6 +126,17 @@ class TrainConfig:
                                     f"epoch, but method {self.method!r} "
                                     f"{'is training-free' if not spec.trained else 'trains on the test transform'}; "
                                     f"use `views` {spec.views} (its default).", param="views")
+        check_choice("protocol", self.protocol, ("default", "official"))
+        if self.protocol == "official":
+            official = [name for name, m in discover().items() if m.official is not None]
+            if spec.official is None:
+                raise TaskResValueError(f"`protocol` official runs a method as its public code does; method "
+                                        f"{self.method!r} has no official variant (methods with one: "
+                                        f"{', '.join(official)}).", param="protocol")
+            if self.views != spec.official.views:
+                raise TaskResValueError(f"`protocol` official trains {self.method} on `views` "
+                                        f"{spec.official.views}, as its public code; got `views` {self.views}. "
+                                        "Drop the views setting.", param="views")
         if spec.test_view_only and self.views != 0:
             raise TaskResValueError(f"method {self.method!r} trains on the test-transform features of the few-shot "
                                     f"images (no augmentation); set `views` to 0 (its default); got {self.views}.",
@@ -128,10 +146,20 @@ class TrainConfig:
     def spec(self) -> Method:
         return get_method(self.method)
 
+    @property
+    def official(self) -> OfficialVariant | None:
+        return self.spec.official if self.protocol == "official" else None
+
+    @property
+    def view_scale(self) -> tuple[float, float]:
+        return self.official.view_scale if self.official is not None else TRAIN_SCALE
+
     def record(self) -> dict:
         """The run's training settings for config.json."""
         base = getattr(self.method_config, "enhanced_base", None)  # TaskRes*'s enhanced base, if any
         return {"method": self.method, "shots": self.shots, "seed": self.seed, "views": self.views,
+                "fewshot_file": self.fewshot_file, "protocol": self.protocol,
+                "view_scale": list(self.view_scale),
                 "method_config": asdict(self.method_config),
                 "optim": asdict(self.optim) if self.optim is not None else None,
                 "base": asdict(base) if base is not None else None}
@@ -153,12 +181,12 @@ class Features:
 
 
 def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[Entry], setup: Setup,
-                 cache: FeatureCache, view: int | None = None, desc: str = "encoding"
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                 cache: FeatureCache, view: int | None = None, desc: str = "encoding",
+                 scale: tuple[float, float] = TRAIN_SCALE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Features (N, D), labels (N,), skipped paths for entries; undecodable images are dropped when skipping."""
     paths = [str(dataset.path(e)) for e in entries]
     feats, skipped = cache.features(backbone, paths, view=view, skip_bad=setup.skip_bad_images, desc=desc,
-                                    names=[e.impath for e in entries])
+                                    names=[e.impath for e in entries], scale=scale)
     labels = torch.tensor([e.label for e in entries], dtype=torch.long)
     if skipped:
         gone = set(skipped)
@@ -169,12 +197,12 @@ def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[E
 
 def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[str, list[Entry]],
                     views: int | Literal["online"], setup: Setup, seed: int = 0,
-                    cache: FeatureCache | None = None) -> Features:
+                    cache: FeatureCache | None = None, scale: tuple[float, float] = TRAIN_SCALE) -> Features:
     """Encode (or read from the cache) the training views, the test split and the few-shot val split.
 
     ``views`` 0 encodes the training images with the test transform; V > 0 encodes V augmented views of each (a
     ViewBank drawn with ``seed``); "online" encodes nothing for training now: each epoch encodes fresh
-    augmentations (OnlineViews, seeded by ``seed``).
+    augmentations (OnlineViews, seeded by ``seed``). ``scale`` is RandomResizedCrop's scale range.
     """
     t0 = time.perf_counter()
     cache = cache if cache is not None else setup.cache()
@@ -189,7 +217,7 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
                                     param="skip_bad_images")
         entries = fewshot["train"]
         online = OnlineViews(backbone, [str(dataset.path(e)) for e in entries], [e.impath for e in entries], seed,
-                             setup.batch_size, setup.workers)
+                             setup.batch_size, setup.workers, scale)
         labels = torch.tensor([e.label for e in entries], dtype=torch.long)
         return Features(online, labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
                         seconds=time.perf_counter() - t0)
@@ -197,7 +225,7 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
     train_views, train_labels = [], None
     for v in view_ids:
         feats, labels, _ = encode_split(backbone, dataset, fewshot["train"], setup, cache, view=v,
-                                        desc="train" if v is None else f"train view {v + 1}/{views}")
+                                        desc="train" if v is None else f"train view {v + 1}/{views}", scale=scale)
         if train_labels is not None and not torch.equal(labels, train_labels):
             raise TaskResValueError("the training images decoded differently across views; re-run without "
                                     "skip_bad_images to see which image fails.", param="skip_bad_images")
@@ -210,12 +238,20 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
 
 def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, backbone: Backbone,
                dataset: DatasetSplits, setup: Setup, on_epoch: Callable[[dict], None] | None = None) -> Fitted:
-    """Fit the configured method on the features, starting from the base classifier (C, D)."""
+    """Fit the configured method on the features, starting from the base classifier (C, D). Under the official
+    protocol, a method whose public code selects on other splits gets them (the whole val split, the test split)."""
+    selection: dict[str, Any] = {}
+    if config.official is not None and config.official.selection == "public":
+        selection = dict(test_features=features.test, test_labels=features.test_labels)
+        if dataset.val:
+            val, val_labels, _ = encode_split(backbone, dataset, dataset.val, setup, setup.cache(), desc="full val")
+            selection.update(full_val_features=val, full_val_labels=val_labels)
     ctx = FitContext(base=base, logit_scale=backbone.logit_scale, train_views=features.train_views,
                      train_labels=features.train_labels, val_features=features.val, val_labels=features.val_labels,
                      optim=config.optim, seed=config.seed, classnames=dataset.classnames,
                      templates=dataset.templates, shots=config.shots, dataset=dataset.name, backbone=backbone,
-                     device=setup.device, quiet=setup.quiet, on_epoch=on_epoch)
+                     device=setup.device, quiet=setup.quiet, on_epoch=on_epoch, protocol=config.protocol,
+                     **selection)
     fitted = config.spec.fit(ctx, config.method_config)
     fitted.head = fitted.head.cpu()
     return fitted
@@ -239,16 +275,31 @@ def _all_method_files() -> list[str]:
 
 
 def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str | Path | None = None,
-             overwrite: bool = False) -> dict:
-    """Zero-shot accuracy of the base classifier on the test split; writes a run folder when ``out`` is given."""
+             overwrite: bool = False, protocol: Literal["default", "official"] = "default") -> dict:
+    """Zero-shot accuracy on the test split; writes a run folder when ``out`` is given.
+
+    ``protocol`` "default": the TaskRes base at initialisation (mean un-normalised embedding over the dataset's
+    templates, names as written). "official": CoOp's ``ZeroshotCLIP``, the paper's zero-shot row (one template per
+    benchmark, "_" replaced by a space, each prompt's feature normalised).
+    """
+    check_choice("protocol", protocol, ("default", "official"))
     writer = RunWriter.create(out, overwrite, _all_method_files()) if out is not None else None
-    head = TaskResHead(build_base_classifier(backbone, dataset.classnames, dataset.templates), backbone.logit_scale)
+    if protocol == "official":
+        from taskres.data.benchmarks import coop_zeroshot_templates
+
+        templates = coop_zeroshot_templates(dataset)
+        classifier = normalized_text_classifier(backbone, dataset.classnames, templates)
+    else:
+        templates = dataset.templates
+        classifier = build_base_classifier(backbone, dataset.classnames, templates)
+    head = TaskResHead(classifier, backbone.logit_scale)
     test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
     metrics = evaluate(head, test, labels, dataset.classnames)
-    metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped))
+    metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped), protocol=protocol)
     if writer is not None:
-        writer.finish(run_record("zeroshot", backbone, dataset, setup, method="zero-shot"), head, "taskres",
-                      dataset.classnames, dataset.class_ids, metrics)
+        writer.finish(run_record("zeroshot", backbone, dataset, setup, method="zero-shot", protocol=protocol,
+                                 zeroshot_templates=list(templates)),
+                      head, "taskres", dataset.classnames, dataset.class_ids, metrics)
     return metrics
 
 
@@ -262,12 +313,13 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
     check = getattr(config.method_config, "check", None)
     if check is not None:  # checks that read files, before any encoding
         check()
+    fewshot, fewshot_info = draw_fewshot(dataset, config)
     writer = RunWriter.create(out, overwrite, _all_method_files()) if out is not None else None
-    fewshot = sample_fewshot(dataset, config.shots, config.seed)
     if writer is not None:
         writer.write_split(fewshot)
-    features = encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed)
-    base = build_base_classifier(backbone, dataset.classnames, dataset.templates)
+    features = encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
+                               scale=config.view_scale)
+    base = base_classifier(backbone, dataset, config.official)
     zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
                          dataset.classnames)
     log = writer.epoch_log() if writer is not None else None
@@ -279,14 +331,40 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
             log.close()
     seconds_train = time.perf_counter() - t0
     metrics = train_metrics(fitted, features, dataset, zero_shot["accuracy"], seconds_train)
+    metrics.update(protocol=config.protocol, test_selected=bool(metrics.get("test_selected", False)))
     if writer is not None:
         for artifact in fitted.artifacts:
             path = writer.write_file(artifact.filename, artifact.write)
             if artifact.metrics_key:
                 metrics[artifact.metrics_key] = str(path)
-        writer.finish(run_record("train", backbone, dataset, setup, **config.record()), fitted.head, config.method,
+        record = run_record("train", backbone, dataset, setup, **config.record())
+        if fewshot_info:
+            record["fewshot_file_sha256"] = fewshot_info["fewshot_file_sha256"]
+        writer.finish(record, fitted.head, config.method,
                       dataset.classnames, dataset.class_ids, metrics)
     return fitted.head, metrics
+
+
+def base_classifier(backbone: Backbone, dataset: DatasetSplits, official: OfficialVariant | None = None
+                    ) -> torch.Tensor:
+    """The base classifier t (C, D): the mean text embedding over the dataset's templates, or what the method's
+    public code uses under the official protocol (the same in fp16, or per-template normalised with "_" replaced)."""
+    if official is not None and official.base == "normalized_templates":
+        return normalized_text_classifier(backbone, dataset.classnames, dataset.templates)
+    precision = "fp16" if official is not None and official.base == "fp16_text" else "fp32"
+    return build_base_classifier(backbone, dataset.classnames, dataset.templates, text_precision=precision)
+
+
+def draw_fewshot(dataset: DatasetSplits, config: TrainConfig) -> tuple[dict[str, list[Entry]], dict]:
+    """The few-shot entries of a run: the official draw for (K, seed), or the images of ``config.fewshot_file``
+    (whose K must be ``config.shots``); and the file's info (empty for a draw)."""
+    if config.fewshot_file is None:
+        return sample_fewshot(dataset, config.shots, config.seed), {}
+    fewshot, info = load_fewshot_file(config.fewshot_file, dataset)
+    if info["shots"] != config.shots:
+        raise invalid("shots", f"agree with the few-shot file, which holds up to {info['shots']} images per class",
+                      config.shots)
+    return fewshot, info
 
 
 def train_metrics(fitted: Fitted, features: Features, dataset: DatasetSplits, zero_shot_accuracy: float,
@@ -313,6 +391,59 @@ def train_encoder_passes(features: Features) -> int:
     read from the cache), every online draw so far for online views."""
     views = features.train_views
     return views.encoded if isinstance(views, OnlineViews) else views.num_views * views.num_samples
+
+
+def import_official(checkpoint: str | Path, backbone: Backbone, dataset: DatasetSplits, setup: Setup,
+                    alpha: float | None = None, out: str | Path | None = None, overwrite: bool = False
+                    ) -> tuple[TaskResHead, dict]:
+    """A residual trained by the official code (Dassl's ``prompt_learner/model.pth.tar-<epoch>``, read safely), as a
+    TaskRes head evaluated on ``dataset``'s test split; a run folder for ``eval`` and ``predict`` when ``out`` is
+    given. ``alpha`` is not in the file (docs/protocol.md#official-checkpoints): default the paper's, 0.5 (1.0 on
+    Flowers102)."""
+    from taskres.methods.taskres import TaskResConfig, config_preset
+    from taskres.safe_load import load_checkpoint
+
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint, "official checkpoint")
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    names = ("base_text_features", "text_feature_residuals")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor) for k in names):
+        raise TaskResValueError(f"official checkpoint {str(checkpoint)!r} has no state_dict with base_text_features "
+                                "and text_feature_residuals; pass a prompt_learner/model.pth.tar-<epoch> written by "
+                                "the official TaskRes trainer.", param="checkpoint")
+    base, residual = (state[k].float() for k in names)
+    want = (dataset.num_classes, backbone.embed_dim)
+    for name, t in zip(names, (base, residual)):
+        if tuple(t.shape) != want:
+            raise TaskResValueError(f"official checkpoint {str(checkpoint)!r}: {name} is {tuple(t.shape)}, but "
+                                    f"dataset {dataset.name!r} with backbone {backbone.identity.spec!r} needs {want} "
+                                    "(classes x embedding dim); use the checkpoint of this dataset and backbone.",
+                                    param="checkpoint")
+    config = TaskResConfig(alpha=alpha) if alpha is not None else config_preset(dataset.name)
+    writer = RunWriter.create(out, overwrite, _all_method_files()) if out is not None else None
+    head = TaskResHead(base, backbone.logit_scale, config)
+    with torch.no_grad():
+        head.text_feature_residuals.copy_(residual)
+    test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+    ours = build_base_classifier(backbone, dataset.classnames, dataset.templates)
+    metrics = evaluate(head, test, labels, dataset.classnames)
+    metrics.update(
+        zero_shot_accuracy=evaluate(TaskResHead(ours, backbone.logit_scale), test, labels,
+                                    dataset.classnames)["accuracy"],
+        imported_base_accuracy=evaluate(TaskResHead(base, backbone.logit_scale), test, labels,
+                                        dataset.classnames)["accuracy"],
+        # How far the file's base is from ours (fp16 text encoder, templates): a check of the setup.
+        base_relative_difference=float((base - ours).norm() / ours.norm()),
+        residual_mean_abs=head.residual_mean_abs(), skipped_images=len(skipped),
+        checkpoint_epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None)
+    if writer is not None:
+        import hashlib
+
+        record = run_record("import", backbone, dataset, setup, method="taskres",
+                            method_config=asdict(config), checkpoint=str(checkpoint.resolve()),
+                            checkpoint_sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+        writer.finish(record, head, "taskres", dataset.classnames, dataset.class_ids, metrics)
+    return head, metrics
 
 
 def load_run_backbone(config: dict, setup: Setup) -> Backbone:

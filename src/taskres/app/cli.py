@@ -58,13 +58,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy of the text classifier")
     _common(p)
+    p.add_argument("--protocol", default="default", choices=["default", "official"],
+                   help="default: the TaskRes base at initialisation (mean embedding over the dataset's templates); "
+                        "official: CoOp's ZeroshotCLIP, the paper's zero-shot row (one template per benchmark, '_' "
+                        "replaced by a space, each prompt's feature normalised)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
     p = sub.add_parser("train", help="train a method (default TaskRes) on K shots per class")
     _common(p)
-    p.add_argument("--shots", type=int, required=True, help="K, training images per class")
-    p.add_argument("--seed", type=int, required=True, help="seed of the few-shot draw and of training")
+    p.add_argument("--shots", type=int, default=None, help="K, training images per class (required unless "
+                                                           "--fewshot-file gives it)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the few-shot draw and of training (required "
+                                                          "unless --fewshot-file's name gives it: seed_<S>)")
+    p.add_argument("--fewshot-file", default=None, metavar="FILE",
+                   help="train on exactly these few-shot images: Dassl's split_fewshot/shot_<K>-seed_<S>.pkl (read "
+                        "safely; paths matched by their path relative to the image folder) or a run's "
+                        "fewshot_split.json")
+    p.add_argument("--protocol", default="default", choices=["default", "official"],
+                   help="official: the method as its public code runs it (taskres: --views online and the base "
+                        "from the fp16 text encoder; tip-adapter(-f): its cache views, text classifier and "
+                        "selection, on the test split where the public code selects there, labelled so)")
     p.add_argument("--method", default="taskres", help="method (default taskres; see `taskres methods`); each "
                                                        "method's own options below name the methods they apply to")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's preset; TaskRes "
@@ -80,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "fresh augmentation of every image in every epoch, encoded as it trains (the official "
                         "protocol) (default 10; linear-probe: 0)")
     _method_options(p)
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+    p = sub.add_parser("import-official", help="turn a checkpoint of the official TaskRes trainer into a run folder")
+    p.add_argument("checkpoint", help="Dassl's prompt_learner/model.pth.tar-<epoch> (read without running its pickle)")
+    _common(p)
+    p.add_argument("--alpha", type=float, default=None, help="the residual scale it was trained with (not in the file; "
+                                                             "default 0.5, 1.0 for Flowers102)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
@@ -203,16 +225,28 @@ def _run(args: argparse.Namespace) -> int:
     setup = _setup(args)
     dataset = _dataset(args)
     if args.command == "train":  # validate the cheap things before loading a backbone
+        _shots_and_seed(args, dataset)
         config = _train_config(args, dataset.name)
     backbone = load_backbone(args.backbone, device=setup.device, precision=setup.precision,
                              weights_dir=setup.weights_dir)
     if args.command == "zeroshot":
-        metrics = zeroshot(backbone, dataset, setup, out=args.out, overwrite=args.overwrite)
+        metrics = zeroshot(backbone, dataset, setup, out=args.out, overwrite=args.overwrite, protocol=args.protocol)
         _print_metrics(metrics, ["accuracy", "n_test", "skipped_images"])
+    elif args.command == "import-official":
+        from taskres.workflow import import_official
+
+        _, metrics = import_official(args.checkpoint, backbone, dataset, setup, alpha=args.alpha, out=args.out,
+                                     overwrite=args.overwrite)
+        _print_metrics(metrics, ["zero_shot_accuracy", "imported_base_accuracy", "accuracy", "n_test",
+                                 "base_relative_difference", "skipped_images"])
     else:
         from taskres.workflow import train
 
         _, metrics = train(backbone, dataset, config, setup, out=args.out, overwrite=args.overwrite)
+        if metrics.get("test_selected"):
+            print("taskres: warning: this number was selected on the test split, as the method's public code does "
+                  "(metrics.json: test_selected true); do not compare it with numbers selected without test.",
+                  file=sys.stderr)
         _print_metrics(metrics, ["zero_shot_accuracy", "enhanced_base_accuracy", "accuracy", "n_test", "n_train",
                                  "skipped_images", "seconds_features", "seconds_train", "text_projection_file"])
     print(f"{'run':>22}: {args.out}")
@@ -279,6 +313,24 @@ def _given(args: argparse.Namespace, name: str) -> bool:
     return value is not None and value is not False
 
 
+def _shots_and_seed(args: argparse.Namespace, dataset) -> None:
+    """--shots and --seed, or what --fewshot-file says of them (given ones are checked against it)."""
+    if args.fewshot_file is not None:
+        from taskres.data.fewshot_file import load_fewshot_file
+
+        _, info = load_fewshot_file(args.fewshot_file, dataset)
+        if args.shots is not None and args.shots != info["shots"]:
+            raise TaskResError(f"--shots {args.shots} disagrees with --fewshot-file, which holds up to "
+                               f"{info['shots']} images per class; drop --shots or pass --shots {info['shots']}.")
+        args.shots = info["shots"]
+        if args.seed is None:
+            args.seed = info["seed"]
+    if args.shots is None:
+        raise TaskResError("--shots is required (or --fewshot-file, which gives it).")
+    if args.seed is None:
+        raise TaskResError("--seed is required (the few-shot file's name gives none: pass --seed S).")
+
+
 def _train_config(args: argparse.Namespace, dataset_name: str = ""):
     """The method's preset for the dataset, with the options given on the command line."""
     from dataclasses import replace
@@ -304,8 +356,10 @@ def _train_config(args: argparse.Namespace, dataset_name: str = ""):
     optim = config.optim
     if optim is not None:
         optim = replace(optim, **{k: getattr(args, k) for k in _OPTIM_OPTIONS if _given(args, k)})
-    views = args.views if args.views is not None else spec.views
-    return replace(config, method_config=method_config, optim=optim, views=views)
+    views = args.views if args.views is not None else (spec.official.views if args.protocol == "official"
+                                                       and spec.official is not None else spec.views)
+    return replace(config, method_config=method_config, optim=optim, views=views, fewshot_file=args.fewshot_file,
+                   protocol=args.protocol)
 
 
 def _flag_names(method: str | None) -> dict[str, str]:
@@ -314,7 +368,8 @@ def _flag_names(method: str | None) -> dict[str, str]:
              "batch_size": "--batch-size", "weight_decay": "--weight-decay", "device": "--device",
              "precision": "--precision", "top_k": "--top-k", "workers": "--workers", "out": "--out",
              "run": "--run", "method": "--method", "data": "--data", "dataset": "--dataset", "root": "--root",
-             "split_file": "--split-file", "skip_bad_images": "--skip-bad-images"}
+             "split_file": "--split-file", "skip_bad_images": "--skip-bad-images",
+             "fewshot_file": "--fewshot-file", "checkpoint": "CHECKPOINT", "protocol": "--protocol"}
     table = _option_table()
     flags.update({entry["field"]: flag for flag, entry in table.items() if entry["field"] not in flags})
     flags.update({entry["field"]: flag for flag, entry in table.items() if method in entry["methods"]})

@@ -7,9 +7,9 @@ A new method is one new module in this package that ends with ``register_method(
 from __future__ import annotations
 
 from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, cosine_logits, option
-from taskres.methods.registry import METHODS, Method, discover, get_method, register_method
+from taskres.methods.registry import METHODS, Method, OfficialVariant, discover, get_method, register_method
 
 __all__ = ["Artifact", "CosineHead", "FitContext", "Fitted", "Head", "METHODS", "Method", "cosine_logits",
-           "discover", "get_method", "option", "register_method"]
+           "OfficialVariant", "discover", "get_method", "option", "register_method"]
 
 discover()  # every method module registers itself on import

@@ -127,6 +127,12 @@ class FitContext:
     device: str = "cpu"
     quiet: bool = False
     on_epoch: Callable[[dict], None] | None = None
+    # protocol "official": the method runs as its public code (Method.official); the splits it may select on then
+    protocol: str = "default"
+    full_val_features: torch.Tensor | None = None  # (M, D) the dataset's whole val split
+    full_val_labels: torch.Tensor | None = None
+    test_features: torch.Tensor | None = None  # (T, D) the test split, for public code that selects on it
+    test_labels: torch.Tensor | None = None
 
     @property
     def has_val(self) -> bool:

@@ -7,11 +7,28 @@ import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, suggest
 from taskres.methods.base import FitContext, Fitted, Head, config_options
+
+
+@dataclass(frozen=True)
+class OfficialVariant:
+    """What ``protocol="official"`` changes for a method: how its public code gets its training views, its base
+    classifier and its selection (docs/protocol.md).
+
+    ``views``: "online" (a fresh augmentation per epoch) or a number of cached views at ``view_scale``;
+    ``base``: "fp16_text" (the mean text embedding, computed in fp16) or "normalized_templates" (per-template
+    normalised, "_" replaced); ``selection``: "public" gives the fit the splits the public code selects on (the full
+    val split, and the test split where the public code uses it), and the fit reports ``test_selected``.
+    """
+
+    views: int | Literal["online"] = "online"
+    view_scale: tuple[float, float] = (0.08, 1.0)
+    base: Literal["fp16_text", "normalized_templates"] = "fp16_text"
+    selection: Literal["none", "public"] = "none"
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,7 @@ class Method:
     test_view_only: bool = False
     init_head: Callable[[FitContext, Any], Head] | None = None
     files: tuple[str, ...] = ()  # files its fit may add to a run folder (Artifact names)
+    official: OfficialVariant | None = None  # how --protocol official runs it; None: no official variant
 
     @property
     def trained(self) -> bool:

@@ -24,7 +24,7 @@ from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, option
 from taskres.methods.enhanced_base import PROJECTION_FILE, EnhancedBaseConfig, enhanced_base, load_projection, \
     save_projection
-from taskres.methods.registry import Method, register_method
+from taskres.methods.registry import Method, OfficialVariant, register_method
 
 Variant = Literal["text", "image", "both"]
 VARIANTS: tuple[str, ...] = ("text", "image", "both")
@@ -168,4 +168,6 @@ register_method(Method(
     "taskres", "Task Residual: frozen text classifier t plus a learned residual, t + alpha * x (Yu et al. 2023); "
     "TaskRes* with --enhance-base or --base-weights",
     TaskResConfig, TaskResHead, fit_taskres, optim_preset=optim_preset, config_preset=config_preset,
-    init_head=init_head, files=(PROJECTION_FILE,)))
+    init_head=init_head, files=(PROJECTION_FILE,),
+    # The official trainer: a fresh augmentation every epoch, the base from the fp16 text encoder.
+    official=OfficialVariant(views="online", base="fp16_text")))

@@ -23,7 +23,7 @@ from torch import nn
 
 from taskres.errors import TaskResValueError, check_choice
 from taskres.methods.base import CosineHead, FitContext, Fitted, cosine_logits, option
-from taskres.methods.registry import Method, register_method
+from taskres.methods.registry import Method, OfficialVariant, register_method
 from taskres.views import TrainViews, as_bank
 
 # Tip-Adapter's configs/<dataset>.yaml: (init_beta, init_alpha, search_scale [beta, alpha]), keyed by our names.
@@ -160,8 +160,18 @@ def require_val(ctx: FitContext) -> None:
 
 
 def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterConfig, info: dict) -> TipAdapterHead:
-    """Set the head's a and b: searched on the few-shot val split, or the fixed/initial values; record them."""
-    if config.search == "val":
+    """Set the head's a and b: searched on the few-shot val split, or the fixed/initial values; record them.
+
+    Under the official protocol, searched as the public code does: on the test split for ImageNet, on the dataset's
+    whole val split otherwise (docs/protocol.md#tip-adapter-protocol).
+    """
+    if ctx.protocol == "official":
+        features, labels, split = public_search_split(ctx)
+        head.alpha, head.beta, acc = search_alpha_beta(head, features, labels, config)
+        info.update(tip_search_split=split, tip_search_accuracy=acc)
+        if split == "test":
+            info["test_selected"] = True
+    elif config.search == "val":
         require_val(ctx)
         head.alpha, head.beta, acc = search_alpha_beta(head, ctx.val_features, ctx.val_labels, config)
         info["tip_search_val_accuracy"] = acc
@@ -172,6 +182,19 @@ def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterC
     return head
 
 
+def public_search_split(ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(features, labels, split name) that Tip-Adapter's public code searches a and b on."""
+    if ctx.dataset == "imagenet":
+        if ctx.test_features is None:
+            raise TaskResValueError("the official Tip-Adapter protocol searches ImageNet's a and b on the test split, "
+                                    "which the fit context lacks.", param="protocol")
+        return ctx.test_features, ctx.test_labels, "test"
+    if ctx.full_val_features is None or not len(ctx.full_val_features):
+        raise TaskResValueError("the official Tip-Adapter protocol searches a and b on the dataset's whole val "
+                                "split, and this dataset has none; use the default `protocol`.", param="protocol")
+    return ctx.full_val_features, ctx.full_val_labels, "full_val"
+
+
 def fit_tip_adapter(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     keys, values = build_cache(ctx.train_views, ctx.train_labels, ctx.base.shape[0])
     head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta,
@@ -180,6 +203,10 @@ def fit_tip_adapter(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     return Fitted(choose_alpha_beta(head, ctx, config, info), info)
 
 
+# The public code: a cache from 10 augmented epochs at RandomResizedCrop(scale=(0.5, 1)), a text classifier with
+# per-template normalisation, a and b searched on the whole val split (ImageNet: on test).
+PUBLIC = OfficialVariant(views=10, view_scale=(0.5, 1.0), base="normalized_templates", selection="public")
+
 register_method(Method(
     "tip-adapter", "Tip-Adapter: training-free key-value cache of the few-shot features (Zhang et al. 2022)",
-    TipAdapterConfig, TipAdapterHead, fit_tip_adapter, config_preset=TipAdapterConfig.for_dataset))
+    TipAdapterConfig, TipAdapterHead, fit_tip_adapter, config_preset=TipAdapterConfig.for_dataset, official=PUBLIC))

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from taskres.engine import OptimConfig
+from taskres.errors import TaskResValueError
 from taskres.methods.base import FitContext, Fitted
 from taskres.methods.registry import Method, register_method
-from taskres.methods.tip_adapter import (TipAdapterConfig, TipAdapterHead, build_cache, choose_alpha_beta,
+from taskres.methods.tip_adapter import (PUBLIC, TipAdapterConfig, TipAdapterHead, build_cache, choose_alpha_beta,
                                           require_val)
 
 
@@ -29,20 +30,25 @@ def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     keys, values = build_cache(ctx.train_views, ctx.train_labels, ctx.base.shape[0])
     head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta,
                           train_keys=True, config=config)
-    select = config.search == "val"
-    if select:
+    official = ctx.protocol == "official"  # the public code keeps the best test epoch
+    select = config.search == "val" or official
+    if official and ctx.test_features is None:
+        raise TaskResValueError("the official Tip-Adapter-F protocol keeps its best test epoch, and the fit context "
+                                "has no test split.", param="protocol")
+    if select and not official:
         require_val(ctx)
+    features, labels, key = ((ctx.test_features, ctx.test_labels, "test_accuracy") if official
+                             else (ctx.val_features, ctx.val_labels, "val_accuracy"))
     best = {"accuracy": -1.0, "epoch": ctx.optim.epochs - 1, "keys": None}
 
     def on_epoch(record: dict) -> None:
         if select:
             with torch.no_grad():
                 device = head.cache_keys.device
-                pred = head(ctx.val_features.to(device)).argmax(dim=1).cpu()
-            record["val_accuracy"] = 100.0 * float((pred == ctx.val_labels).float().mean())
-            if record["val_accuracy"] > best["accuracy"]:
-                best.update(accuracy=record["val_accuracy"], epoch=record["epoch"],
-                            keys=head.cache_keys.detach().clone())
+                pred = head(features.to(device)).argmax(dim=1).cpu()
+            record[key] = 100.0 * float((pred == labels).float().mean())
+            if record[key] > best["accuracy"]:
+                best.update(accuracy=record[key], epoch=record["epoch"], keys=head.cache_keys.detach().clone())
         if ctx.on_epoch is not None:
             ctx.on_epoch(record)
 
@@ -50,11 +56,11 @@ def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     if best["keys"] is not None:
         with torch.no_grad():
             head.cache_keys.copy_(best["keys"])
-    info = {"tip_f_epoch": best["epoch"]}
+    info = {"tip_f_epoch": best["epoch"], **({"test_selected": True} if official else {})}
     return Fitted(choose_alpha_beta(head.cpu(), ctx, config, info), info)
 
 
 register_method(Method(
     "tip-adapter-f", "Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (Zhang et al. 2022)",
     TipAdapterConfig, TipAdapterHead, fit_tip_adapter_f, optim_preset=optim_preset,
-    config_preset=TipAdapterConfig.for_dataset))
+    config_preset=TipAdapterConfig.for_dataset, official=PUBLIC))

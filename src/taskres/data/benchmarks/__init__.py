@@ -148,3 +148,13 @@ def map_class_rows(source_ids: Sequence[str], target_ids: Sequence[str], source_
             f"source classifier has no row for them. Train on a dataset whose classes include {target_name!r}'s."
         )
     return [row[w] for w in target_ids]
+
+
+def coop_zeroshot_templates(dataset: DatasetSplits) -> tuple[str, ...]:
+    """The templates of CoOp's ``ZeroshotCLIP`` for a dataset (docs/protocol.md#coop-zero-shot-clip): a benchmark's
+    one ``CUSTOM_TEMPLATES`` prompt ("a photo of a {}." for ImageNet and its variants, which otherwise use 8); for
+    other datasets, or templates the user chose, the dataset's own templates."""
+    spec = BENCHMARKS.get(dataset.name)
+    if spec is None or tuple(dataset.templates) != tuple(spec.templates):
+        return tuple(dataset.templates)
+    return tuple(spec.templates) if len(spec.templates) == 1 else ("a photo of a {}.",)
