@@ -31,3 +31,26 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     """JSON with a trailing newline, written atomically."""
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file as bytes that depend only on the tensors and the metadata: the header's keys sorted (the
+    safetensors library writes its metadata in a random order), padded with spaces to 8 bytes as the format wants."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Tensors as a safetensors file, written atomically with deterministic bytes (mode 0644 under the usual umask,
+    as the other files)."""
+    write_bytes(path, safetensors_bytes(tensors, metadata))

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import pickle
 import socket
 import threading
 import zipfile
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError, check_choice, suggest
 
@@ -154,6 +156,19 @@ def load_backbone(
     check_choice("precision", precision, sorted(PRECISIONS))
     device = parse_device(device)
     weights_dir = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
+    if "\0" in spec:
+        raise TaskResValueError(f"backbone {spec!r} holds a NUL byte; pass a model name or a file path.",
+                                param="backbone")
+    try:
+        return _load_backbone(spec, device, precision, weights_dir)
+    except PermissionError as err:
+        raise TaskResValueError(f"backbone {spec!r}: {err.filename!r} cannot be read ({err.strerror}); fix its "
+                                "permissions.", param="backbone") from None
+
+
+def _load_backbone(spec: str, device: torch.device, precision: str, weights_dir: Path) -> Backbone:
+    import open_clip
+
     path = Path(spec).expanduser()
     if spec in SHIPPED_MODELS:
         model, tokenizer, identity = _load_shipped(spec)
@@ -232,7 +247,11 @@ def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
         with zipfile.ZipFile(path) as zf:
             is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
         if is_script:
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            try:
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            except RuntimeError as err:
+                raise TaskResValueError(f"backbone file {str(path)!r} is a damaged TorchScript archive "
+                                        f"({str(err).splitlines()[0]}).", param="backbone") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
@@ -366,9 +385,12 @@ def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module,
                                 f"{suggest(pretrained, tags)}known tags: {', '.join(tags) or 'none'}.")
     try:
         model = open_clip.create_model(model_name, pretrained=source, load_weights=True, force_quick_gelu=quick_gelu)
-    except RuntimeError as err:
-        raise TaskResValueError(f"could not load weights {source!r} into open_clip model {model_name!r}: "
-                                f"{str(err).splitlines()[0]}") from None
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError,
+            SafetensorError) as err:  # by the file's damage: torch.load, safetensors and open_clip's own asserts
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise TaskResValueError(f"could not load weights {source!r} into open_clip model {model_name!r} "
+                                f"({type(err).__name__}: {first}); pass a weights file of that model (an open_clip "
+                                ".safetensors or .bin state dict).", param="backbone") from None
     identity["sha256"] = file_sha256(Path(source))
     return model, open_clip.get_tokenizer(model_name), identity
 

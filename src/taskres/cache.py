@@ -16,18 +16,18 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from taskres.atomic import atomic_path, write_text
+from taskres.atomic import write_safetensors, write_text
 from taskres.backbones import Backbone
-from taskres.data.images import TRAIN_SCALE, ImageViews, transform_spec, view_seed
+from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE, ImageViews, transform_spec, view_seed
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 logger = logging.getLogger(__name__)
@@ -47,13 +47,30 @@ def image_key(path: str | Path, name: str | None = None) -> str:
     return hashlib.sha256(f"{name or path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
+def check_writable_dir(folder: Path, param: str, shown: Path | None = None) -> None:
+    """Create ``folder`` if needed and check that a file can be written in it (a probe file, removed); raise a
+    TaskResValueError naming ``param`` otherwise. Checked before any image is encoded."""
+    shown = shown if shown is not None else folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise TaskResValueError(f"{param} {str(shown)!r} is not a writable folder ({reason}); choose another "
+                                "folder, or encode without the cache.", param=param) from None
+
+
 class FeatureCache:
     """Encode images through a backbone, reusing every feature already on disk. ``cache_dir=None`` keeps nothing."""
 
     def __init__(self, cache_dir: str | Path | None, batch_size: int = 32, workers: int = 0, quiet: bool = False,
-                 chunk_size: int = 1024):
+                 chunk_size: int = 1024, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.root = Path(cache_dir).expanduser() / f"v{FORMAT}" if cache_dir is not None else None
         self.batch_size, self.workers, self.quiet, self.chunk_size = batch_size, workers, quiet, chunk_size
+        self.max_pixels = max_pixels
+        if self.root is not None:
+            check_writable_dir(self.root, "cache_dir", Path(cache_dir))
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}  # namespace folder -> features read or encoded
 
@@ -87,7 +104,7 @@ class FeatureCache:
         if todo:
             seeds = None if view is None else [view_seed(view, names[i]) for i in todo]
             data = ImageViews([paths[i] for i in todo], backbone.image_size, backbone.mean, backbone.std, seeds,
-                              scale)
+                              scale, self.max_pixels)
             bad = self._encode(backbone, data, [keys[i] for i in todo], skip_bad, store, folder, desc)
         dim = backbone.embed_dim
         out = torch.zeros(len(paths), dim)
@@ -106,10 +123,15 @@ class FeatureCache:
             return None
         digest = hashlib.sha256(json.dumps(ns, sort_keys=True).encode()).hexdigest()[:24]
         folder = self.root / digest
-        folder.mkdir(parents=True, exist_ok=True)
-        info = folder / "namespace.json"
-        if not info.exists():
-            write_text(info, json.dumps(ns, indent=1, sort_keys=True))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            info = folder / "namespace.json"
+            if not info.exists():
+                write_text(info, json.dumps(ns, indent=1, sort_keys=True))
+        except OSError as err:
+            raise TaskResValueError(f"cache_dir {str(self.root.parent)!r}: {str(folder)!r} cannot be written "
+                                    f"({err.strerror or err}); fix or remove it, or choose another cache folder.",
+                                    param="cache_dir") from None
         return folder
 
     def _load(self, folder: Path) -> dict[str, torch.Tensor]:
@@ -177,5 +199,5 @@ def _digest(t: torch.Tensor, keys: str) -> str:
 def _write_chunk(folder: Path, keys: list[str], feats: list[torch.Tensor]) -> None:
     tensor = torch.stack(feats).float().contiguous()
     keys_json = json.dumps(keys)
-    with atomic_path(folder / f"chunk-{uuid.uuid4().hex}.safetensors") as tmp:
-        save_file({"features": tensor}, str(tmp), metadata={"keys": keys_json, "sha256": _digest(tensor, keys_json)})
+    write_safetensors(folder / f"chunk-{uuid.uuid4().hex}.safetensors", {"features": tensor},
+                      {"keys": keys_json, "sha256": _digest(tensor, keys_json)})

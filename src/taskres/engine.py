@@ -97,6 +97,19 @@ def make_optimizer(params, config: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=config.eps, weight_decay=config.weight_decay)
 
 
+def check_finite(record: dict, params: list[torch.Tensor], config: OptimConfig, epoch: int) -> None:
+    """Stop a diverged training: a non-finite learning rate, loss or trained tensor is an error, not a result."""
+    what = [k for k in ("lr", "loss") if not math.isfinite(record[k])]
+    if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+        what.append("the trained parameters (residual)")
+    if what:
+        raise TaskResValueError(
+            f"training diverged in epoch {epoch + 1} of {config.epochs}: {', '.join(what)} became non-finite "
+            f"(nan or inf). Likely causes: `lr` {config.lr:g} too large, a residual scale (`alpha`) too large, or "
+            f"`weight_decay` {config.weight_decay:g} too large; lower it and run again. No run was written.",
+            param="lr")
+
+
 def fit(
     head: torch.nn.Module,
     views: torch.Tensor | TrainViews,
@@ -150,6 +163,7 @@ def fit(
             correct += int((logits.argmax(dim=1) == labels[idx]).sum())
             seen += len(idx)
         record = {"epoch": epoch, "lr": lr, "loss": total_loss / seen, "train_accuracy": 100.0 * correct / seen}
+        check_finite(record, params, config, epoch)
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)

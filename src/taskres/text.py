@@ -28,6 +28,26 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
     return tuple(templates)
 
 
+def check_prompts_fit(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
+                      replace_underscores: bool = False) -> None:
+    """Raise, naming the class and template, if a prompt has more tokens than the text encoder's context (the
+    tokenizer would cut it, and the class name with it). Tokenizers without ``encode`` (Hugging Face ones) are not
+    checked."""
+    tokenizer = backbone.tokenizer
+    encode, context = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
+    if encode is None or not context or getattr(tokenizer, "reduction_fn", None) is not None:
+        return
+    for template in check_templates(templates):
+        for name in classnames:
+            text = template.format(name.replace("_", " ") if replace_underscores else name)
+            n = len(encode(text)) + 2  # start and end tokens
+            if n > context:
+                raise TaskResValueError(
+                    f"the prompt {text!r} (template {template!r}, class {name!r}) is {n} tokens, but the text "
+                    f"encoder reads {context}; it would be cut and lose the class name. Shorten the `templates` "
+                    "or the class name.", param="templates")
+
+
 @torch.no_grad()
 def build_base_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
                           text_precision: Literal["fp32", "fp16"] = "fp32") -> torch.Tensor:
@@ -38,6 +58,7 @@ def build_base_classifier(backbone: Backbone, classnames: Sequence[str], templat
     the base is built (docs/protocol.md#images-and-transforms).
     """
     templates = check_templates(templates)
+    check_prompts_fit(backbone, classnames, templates)
     check_choice("text_precision", text_precision, ("fp32", "fp16"))
     encode = backbone.encode_text if text_precision == "fp32" else _half_text_encoder(backbone)
     rows = []
@@ -64,6 +85,7 @@ def normalized_text_classifier(backbone: Backbone, classnames: Sequence[str], te
     zero-shot-clip). Class names with "_" replaced by a space; each prompt's feature normalised, averaged over the
     templates, normalised again (with one template: that prompt's normalised feature)."""
     templates = check_templates(templates)
+    check_prompts_fit(backbone, classnames, templates, replace_underscores=True)
     rows = []
     for name in classnames:
         emb = backbone.encode_text([t.format(name.replace("_", " ")) for t in templates])  # (T, D)

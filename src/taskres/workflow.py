@@ -23,9 +23,9 @@ import torch
 import taskres
 from taskres.atomic import write_json
 from taskres.backbones import Backbone, BackboneIdentity, load_backbone, parse_device
-from taskres.cache import FeatureCache
+from taskres.cache import FeatureCache, check_writable_dir
 from taskres.data.fewshot_file import load_fewshot_file
-from taskres.data.images import TRAIN_SCALE
+from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE
 from taskres.data.sampling import sample_fewshot
 from taskres.data.sources import open_dataset, reopen_dataset
 from taskres.data.splits import DatasetSource, DatasetSplits, Entry
@@ -34,13 +34,14 @@ from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.evaluate import evaluate, predict_logits
 from taskres.methods import FitContext, Fitted, Head, Method, OfficialVariant, discover, get_method
 from taskres.methods.taskres import TaskResHead
-from taskres.runs import CLASSIFIER, CONFIG, METRICS, RunWriter, read_classifier, read_run
-from taskres.text import build_base_classifier, normalized_text_classifier
+from taskres.runs import CLASSIFIER, CONFIG, METRICS, RunWriter, open_run, read_classifier, read_run
+from taskres.text import build_base_classifier, check_prompts_fit, normalized_text_classifier
 from taskres.views import OnlineViews, ViewBank
 
 logger = logging.getLogger(__name__)
 
 ONLINE = "online"
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest seed
 
 __all__ = ["Features", "Setup", "TrainConfig", "encode_features", "encode_split", "evaluate_run", "fit_method",
            "import_official", "load_run_backbone", "load_run_head", "open_dataset", "predict", "reopen_dataset",
@@ -59,8 +60,12 @@ class Setup:
     quiet: bool = False
     skip_bad_images: bool = False
     weights_dir: str | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are refused (None: no limit)
 
     def __post_init__(self) -> None:
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise invalid("max_image_pixels", "be >= 1 (pixels of the largest image to decode)",
+                          self.max_image_pixels)
         if self.batch_size < 1:
             raise invalid("batch_size", "be >= 1 (images per encoder batch)", self.batch_size)
         if self.workers < 0:
@@ -68,7 +73,8 @@ class Setup:
         parse_device(self.device)
 
     def cache(self) -> FeatureCache:
-        return FeatureCache(self.cache_dir, batch_size=self.batch_size, workers=self.workers, quiet=self.quiet)
+        return FeatureCache(self.cache_dir, batch_size=self.batch_size, workers=self.workers, quiet=self.quiet,
+                            max_pixels=self.max_image_pixels)
 
     def record(self) -> dict:
         return {"device": self.device, "precision": self.precision, "skip_bad_images": self.skip_bad_images}
@@ -105,8 +111,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
             raise invalid("shots", "be an integer >= 1 (images per class)", self.shots)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise invalid("seed", "be an integer", self.seed)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise invalid("seed", f"be an integer in [0, {MAX_SEED}] (the range of torch's generators)", self.seed)
         if self.views != ONLINE and (isinstance(self.views, bool) or not isinstance(self.views, int)
                                      or self.views < 0):
             raise invalid("views", "be an integer >= 0 (0 = no augmentation) or 'online'", self.views)
@@ -177,6 +183,7 @@ class Features:
     test: torch.Tensor
     test_labels: torch.Tensor
     skipped_test: int = 0  # undecodable test images left out (with skip_bad_images)
+    skipped_train: int = 0  # undecodable training images left out (with skip_bad_images)
     seconds: float = 0.0
 
 
@@ -205,16 +212,16 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
     augmentations (OnlineViews, seeded by ``seed``). ``scale`` is RandomResizedCrop's scale range.
     """
     t0 = time.perf_counter()
+    if views == ONLINE and setup.skip_bad_images:
+        raise TaskResValueError("`skip_bad_images` cannot be used with `views` online (every epoch reads every "
+                                "training image); fix or remove the bad images, or use cached views.",
+                                param="skip_bad_images")
     cache = cache if cache is not None else setup.cache()
     test, test_labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache, desc="test")
     val, val_labels = None, None
     if fewshot["val"]:
         val, val_labels, _ = encode_split(backbone, dataset, fewshot["val"], setup, cache, desc="val")
     if views == ONLINE:
-        if setup.skip_bad_images:
-            raise TaskResValueError("`skip_bad_images` cannot be used with `views` online (every epoch reads every "
-                                    "training image); fix or remove the bad images, or use cached views.",
-                                    param="skip_bad_images")
         entries = fewshot["train"]
         online = OnlineViews(backbone, [str(dataset.path(e)) for e in entries], [e.impath for e in entries], seed,
                              setup.batch_size, setup.workers, scale)
@@ -222,18 +229,24 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
         return Features(online, labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
                         seconds=time.perf_counter() - t0)
     view_ids: list[int | None] = [None] if views == 0 else list(range(views))
-    train_views, train_labels = [], None
+    train_views, train_labels, skipped_train = [], None, []
     for v in view_ids:
-        feats, labels, _ = encode_split(backbone, dataset, fewshot["train"], setup, cache, view=v,
+        feats, labels, skipped_train = encode_split(backbone, dataset, fewshot["train"], setup, cache, view=v,
                                         desc="train" if v is None else f"train view {v + 1}/{views}", scale=scale)
         if train_labels is not None and not torch.equal(labels, train_labels):
             raise TaskResValueError("the training images decoded differently across views; re-run without "
                                     "skip_bad_images to see which image fails.", param="skip_bad_images")
         train_views.append(feats)
         train_labels = labels
+    if skipped_train:
+        left = set(train_labels.tolist())
+        empty = [name for label, name in enumerate(dataset.classnames) if label not in left]
+        if empty:
+            raise TaskResValueError(f"`skip_bad_images` left class(es) {empty[:10]} with no training image (skipped: "
+                                    f"{skipped_train[:5]}); fix or replace those images.", param="skip_bad_images")
     bank = ViewBank(torch.stack(train_views), seed)  # (V, N, D)
     return Features(bank, train_labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
-                    seconds=time.perf_counter() - t0)
+                    skipped_train=len(skipped_train), seconds=time.perf_counter() - t0)
 
 
 def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, backbone: Backbone,
@@ -283,24 +296,24 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
     benchmark, "_" replaced by a space, each prompt's feature normalised).
     """
     check_choice("protocol", protocol, ("default", "official"))
-    writer = RunWriter.create(out, overwrite, _all_method_files()) if out is not None else None
-    if protocol == "official":
-        from taskres.data.benchmarks import coop_zeroshot_templates
+    with open_run(out, overwrite, _all_method_files()) as writer:
+        if protocol == "official":
+            from taskres.data.benchmarks import coop_zeroshot_templates
 
-        templates = coop_zeroshot_templates(dataset)
-        classifier = normalized_text_classifier(backbone, dataset.classnames, templates)
-    else:
-        templates = dataset.templates
-        classifier = build_base_classifier(backbone, dataset.classnames, templates)
-    head = TaskResHead(classifier, backbone.logit_scale)
-    test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
-    metrics = evaluate(head, test, labels, dataset.classnames)
-    metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped), protocol=protocol)
-    if writer is not None:
-        writer.finish(run_record("zeroshot", backbone, dataset, setup, method="zero-shot", protocol=protocol,
-                                 zeroshot_templates=list(templates)),
-                      head, "taskres", dataset.classnames, dataset.class_ids, metrics)
-    return metrics
+            templates = coop_zeroshot_templates(dataset)
+            classifier = normalized_text_classifier(backbone, dataset.classnames, templates)
+        else:
+            templates = dataset.templates
+            classifier = build_base_classifier(backbone, dataset.classnames, templates)
+        head = TaskResHead(classifier, backbone.logit_scale)
+        test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+        metrics = evaluate(head, test, labels, dataset.classnames)
+        metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped), protocol=protocol)
+        if writer is not None:
+            writer.finish(run_record("zeroshot", backbone, dataset, setup, method="zero-shot", protocol=protocol,
+                                     zeroshot_templates=list(templates)),
+                          head, "taskres", dataset.classnames, dataset.class_ids, metrics)
+        return metrics
 
 
 def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
@@ -313,36 +326,38 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
     check = getattr(config.method_config, "check", None)
     if check is not None:  # checks that read files, before any encoding
         check()
+    normalized = config.official is not None and config.official.base == "normalized_templates"
+    check_prompts_fit(backbone, dataset.classnames, dataset.templates, replace_underscores=normalized)
     fewshot, fewshot_info = draw_fewshot(dataset, config)
-    writer = RunWriter.create(out, overwrite, _all_method_files()) if out is not None else None
-    if writer is not None:
-        writer.write_split(fewshot)
-    features = encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
-                               scale=config.view_scale)
-    base = base_classifier(backbone, dataset, config.official)
-    zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
-                         dataset.classnames)
-    log = writer.epoch_log() if writer is not None else None
-    t0 = time.perf_counter()
-    try:
-        fitted = fit_method(config, features, base, backbone, dataset, setup, on_epoch=log)
-    finally:
-        if log is not None:
-            log.close()
-    seconds_train = time.perf_counter() - t0
-    metrics = train_metrics(fitted, features, dataset, zero_shot["accuracy"], seconds_train)
-    metrics.update(protocol=config.protocol, test_selected=bool(metrics.get("test_selected", False)))
-    if writer is not None:
-        for artifact in fitted.artifacts:
-            path = writer.write_file(artifact.filename, artifact.write)
-            if artifact.metrics_key:
-                metrics[artifact.metrics_key] = str(path)
-        record = run_record("train", backbone, dataset, setup, **config.record())
-        if fewshot_info:
-            record["fewshot_file_sha256"] = fewshot_info["fewshot_file_sha256"]
-        writer.finish(record, fitted.head, config.method,
-                      dataset.classnames, dataset.class_ids, metrics)
-    return fitted.head, metrics
+    with open_run(out, overwrite, _all_method_files()) as writer:
+        if writer is not None:
+            writer.write_split(fewshot)
+        features = encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
+                                   scale=config.view_scale)
+        base = base_classifier(backbone, dataset, config.official)
+        zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
+                             dataset.classnames)
+        log = writer.epoch_log() if writer is not None else None
+        t0 = time.perf_counter()
+        try:
+            fitted = fit_method(config, features, base, backbone, dataset, setup, on_epoch=log)
+        finally:
+            if log is not None:
+                log.close()
+        seconds_train = time.perf_counter() - t0
+        metrics = train_metrics(fitted, features, dataset, zero_shot["accuracy"], seconds_train)
+        metrics.update(protocol=config.protocol, test_selected=bool(metrics.get("test_selected", False)))
+        if writer is not None:
+            for artifact in fitted.artifacts:
+                path = writer.write_file(artifact.filename, artifact.write)
+                if artifact.metrics_key:
+                    metrics[artifact.metrics_key] = str(path)
+            record = run_record("train", backbone, dataset, setup, **config.record())
+            if fewshot_info:
+                record["fewshot_file_sha256"] = fewshot_info["fewshot_file_sha256"]
+            writer.finish(record, fitted.head, config.method,
+                          dataset.classnames, dataset.class_ids, metrics)
+        return fitted.head, metrics
 
 
 def base_classifier(backbone: Backbone, dataset: DatasetSplits, official: OfficialVariant | None = None
@@ -372,7 +387,9 @@ def train_metrics(fitted: Fitted, features: Features, dataset: DatasetSplits, ze
     """metrics.json of a trained run: test metrics, zero-shot accuracy, sizes, timings, val accuracy, the
     accuracy of the method's extra heads and the method's own values."""
     metrics = evaluate(fitted.head, features.test, features.test_labels, dataset.classnames)
-    metrics.update(zero_shot_accuracy=zero_shot_accuracy, skipped_images=features.skipped_test,
+    metrics.update(zero_shot_accuracy=zero_shot_accuracy,
+                   skipped_images=features.skipped_test + features.skipped_train,
+                   skipped_train_images=features.skipped_train, skipped_test_images=features.skipped_test,
                    n_train=int(len(features.train_labels)), train_encoder_passes=train_encoder_passes(features),
                    seconds_features=round(features.seconds, 3),
                    seconds_train=round(seconds_train, 3))
@@ -420,35 +437,39 @@ def import_official(checkpoint: str | Path, backbone: Backbone, dataset: Dataset
                                     "(classes x embedding dim); use the checkpoint of this dataset and backbone.",
                                     param="checkpoint")
     config = TaskResConfig(alpha=alpha) if alpha is not None else config_preset(dataset.name)
-    writer = RunWriter.create(out, overwrite, _all_method_files()) if out is not None else None
-    head = TaskResHead(base, backbone.logit_scale, config)
-    with torch.no_grad():
-        head.text_feature_residuals.copy_(residual)
-    test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
-    ours = build_base_classifier(backbone, dataset.classnames, dataset.templates)
-    metrics = evaluate(head, test, labels, dataset.classnames)
-    metrics.update(
-        zero_shot_accuracy=evaluate(TaskResHead(ours, backbone.logit_scale), test, labels,
-                                    dataset.classnames)["accuracy"],
-        imported_base_accuracy=evaluate(TaskResHead(base, backbone.logit_scale), test, labels,
+    with open_run(out, overwrite, _all_method_files()) as writer:
+        head = TaskResHead(base, backbone.logit_scale, config)
+        with torch.no_grad():
+            head.text_feature_residuals.copy_(residual)
+        test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+        ours = build_base_classifier(backbone, dataset.classnames, dataset.templates)
+        metrics = evaluate(head, test, labels, dataset.classnames)
+        metrics.update(
+            zero_shot_accuracy=evaluate(TaskResHead(ours, backbone.logit_scale), test, labels,
                                         dataset.classnames)["accuracy"],
-        # How far the file's base is from ours (fp16 text encoder, templates): a check of the setup.
-        base_relative_difference=float((base - ours).norm() / ours.norm()),
-        residual_mean_abs=head.residual_mean_abs(), skipped_images=len(skipped),
-        checkpoint_epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None)
-    if writer is not None:
-        import hashlib
+            imported_base_accuracy=evaluate(TaskResHead(base, backbone.logit_scale), test, labels,
+                                            dataset.classnames)["accuracy"],
+            # How far the file's base is from ours (fp16 text encoder, templates): a check of the setup.
+            base_relative_difference=float((base - ours).norm() / ours.norm()),
+            residual_mean_abs=head.residual_mean_abs(), skipped_images=len(skipped),
+            checkpoint_epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None)
+        if writer is not None:
+            import hashlib
 
-        record = run_record("import", backbone, dataset, setup, method="taskres",
-                            method_config=asdict(config), checkpoint=str(checkpoint.resolve()),
-                            checkpoint_sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest())
-        writer.finish(record, head, "taskres", dataset.classnames, dataset.class_ids, metrics)
-    return head, metrics
+            record = run_record("import", backbone, dataset, setup, method="taskres",
+                                method_config=asdict(config), checkpoint=str(checkpoint.resolve()),
+                                checkpoint_sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+            writer.finish(record, head, "taskres", dataset.classnames, dataset.class_ids, metrics)
+        return head, metrics
 
 
 def load_run_backbone(config: dict, setup: Setup) -> Backbone:
     """Reload the backbone a run used and check it is the same weights."""
-    recorded = BackboneIdentity.from_json(config["backbone"])
+    try:
+        recorded = BackboneIdentity.from_json(config["backbone"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise TaskResValueError(f"the run's config.json has a damaged backbone record ({type(err).__name__}: "
+                                f"{err}); it was edited. Re-run training.", param="run") from None
     backbone = load_backbone(recorded.spec, device=setup.device, precision=recorded.precision,
                              weights_dir=setup.weights_dir)
     difference = backbone.identity.difference(recorded)
@@ -461,7 +482,15 @@ def load_run_backbone(config: dict, setup: Setup) -> Backbone:
 def load_run_head(run: Path) -> tuple[Head, list[str], list[str]]:
     """(head, class names, class ids or []) of a run's classifier.safetensors, rebuilt by its method."""
     method, tensors, meta, classnames, class_ids = read_classifier(run / CLASSIFIER)
-    return get_method(method).head_cls.from_export(tensors, meta), classnames, class_ids
+    try:
+        head = get_method(method).head_cls.from_export(tensors, meta)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        if isinstance(err, TaskResValueError):
+            raise
+        raise TaskResValueError(f"classifier file {str(run / CLASSIFIER)!r} cannot be rebuilt as a {method} head "
+                                f"({type(err).__name__}: {err}); its metadata was edited or damaged. Re-run "
+                                "training.", param="run") from None
+    return head, classnames, class_ids
 
 
 def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = None,
@@ -471,11 +500,21 @@ def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = 
     if out is not None and (Path(out) / CONFIG).exists():
         raise TaskResValueError(f"out {str(out)!r} is a run folder; its metrics.json would be replaced. Write the "
                                 f"evaluation elsewhere, e.g. {str(Path(run) / 'eval')}.", param="out")
+    if out is not None:  # before the evaluation, which may take minutes
+        if Path(out).exists() and not Path(out).is_dir():
+            raise TaskResValueError(f"out {str(out)!r} exists and is not a folder; choose another path for "
+                                    "metrics.json.", param="out")
+        check_writable_dir(Path(out), "out")
     head, classnames, class_ids = load_run_head(run)
     if dataset is None:
         recorded = config["dataset"]
-        dataset = reopen_dataset(DatasetSource.from_json(recorded), recorded["templates"])
-        if dataset.split_hash != recorded["split_hash"]:
+        try:
+            dataset = reopen_dataset(DatasetSource.from_json(recorded), recorded["templates"])
+            split_hash = recorded["split_hash"]
+        except (KeyError, TypeError) as err:
+            raise TaskResValueError(f"run {str(run)!r}: config.json has a damaged dataset record ({type(err).__name__}"
+                                    f": {err}); it was edited. Re-run training.", param="run") from None
+        if dataset.split_hash != split_hash:
             raise TaskResValueError(f"the dataset of run {str(run)!r} has changed since it was trained (its split "
                                     "entries differ from the ones recorded); pass --data/--split-file or "
                                     "--dataset/--root to evaluate on the dataset as it is now, knowingly.",
@@ -509,8 +548,13 @@ def predict(run: str | Path, images: Sequence[str | Path], setup: Setup, top_k: 
         raise invalid("top_k", "be >= 1", top_k)
     head, classnames, _ = load_run_head(run)
     backbone = load_run_backbone(config, setup)
-    feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True).features(backbone, images)
+    feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True,
+                            max_pixels=setup.max_image_pixels).features(backbone, images)
     probs = predict_logits(head, feats).softmax(dim=1)  # (N, C)
+    if probs.shape[1] != len(classnames):
+        raise TaskResValueError(f"run {str(run)!r}: the classifier has {probs.shape[1]} classes but its metadata "
+                                f"names {len(classnames)}; the file was edited or damaged. Re-run training.",
+                                param="run")
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, dim=1)
     return [{"image": str(img), "top": [{"class": classnames[j], "prob": float(p)}

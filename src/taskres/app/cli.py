@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,9 @@ def _common(p: argparse.ArgumentParser, data: bool = True, backbone: bool = True
         p.add_argument("--template", action="append", default=None,
                        help="prompt template with {} (repeatable); default 'a photo of a {}.'")
         p.add_argument("--skip-bad-images", action="store_true", help="skip undecodable images (counted in metrics)")
+    p.add_argument("--max-image-pixels", type=_pixels_arg, default=None, metavar="N",
+                   help="refuse images with more pixels than this (default 64 million; decoding takes about 4 bytes "
+                        "a pixel)")
     if backbone:
         p.add_argument("--backbone", required=True, help="RN50, RN101, ViT-B/32, ViT-B/16, RN50x16, taskres-demo, an "
                                                          "open_clip MODEL:PRETRAINED pair, or a checkpoint path")
@@ -81,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "selection, on the test split where the public code selects there, labelled so)")
     p.add_argument("--method", default="taskres", help="method (default taskres; see `taskres methods`); each "
                                                        "method's own options below name the methods they apply to")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's preset; TaskRes "
+    p.add_argument("--lr", type=_finite_float, default=None, help="learning rate (default: the method's preset; TaskRes "
                                                           "2e-3, use 2e-4 for ImageNet)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the method's preset; TaskRes 100 for "
                                                             "K <= 4, 200 for K >= 8)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the method's "
                                                                 "preset; TaskRes 256)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the method's preset; "
+    p.add_argument("--weight-decay", type=_finite_float, default=None, help="weight decay (default: the method's preset; "
                                                                     "TaskRes 5e-4)")
     p.add_argument("--views", type=_views_arg, default=None, metavar="V|online",
                    help="augmented views per training image to encode once; 0 = test transform only; online = a "
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-official", help="turn a checkpoint of the official TaskRes trainer into a run folder")
     p.add_argument("checkpoint", help="Dassl's prompt_learner/model.pth.tar-<epoch> (read without running its pickle)")
     _common(p)
-    p.add_argument("--alpha", type=float, default=None, help="the residual scale it was trained with (not in the file; "
+    p.add_argument("--alpha", type=_finite_float, default=None, help="the residual scale it was trained with (not in the file; "
                                                              "default 0.5, 1.0 for Flowers102)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -130,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _finite_float(value: str) -> float:
+    """argparse type: a float that is a number (nan and inf are refused at parsing)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number; got {value!r}")
+    return number
+
+
+def _pixels_arg(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels; got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels >= 1; got {value!r}")
+    return number
+
+
 def _views_arg(value: str):
     if value == "online":
         return value
@@ -140,6 +165,7 @@ def _views_arg(value: str):
 
 
 def _setup(args: argparse.Namespace):
+    from taskres.data.images import DEFAULT_MAX_PIXELS
     from taskres.workflow import Setup
 
     if args.encode_batch_size < 1:  # Setup's batch_size; --batch-size is the training batch
@@ -147,7 +173,8 @@ def _setup(args: argparse.Namespace):
     cache_dir = None if args.no_cache else (args.cache_dir or _default_cache())
     return Setup(device=args.device or _default_device(), precision=getattr(args, "precision", "fp32"),
                  cache_dir=cache_dir, batch_size=args.encode_batch_size, workers=args.workers, quiet=args.quiet,
-                 skip_bad_images=getattr(args, "skip_bad_images", False), weights_dir=args.weights_dir)
+                 skip_bad_images=getattr(args, "skip_bad_images", False), weights_dir=args.weights_dir,
+                 max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS)
 
 
 def _dataset(args: argparse.Namespace, required: bool = True):
@@ -290,7 +317,9 @@ def _argparse_type(annotation) -> dict:
         return {"choices": list(typing.get_args(annotation))}
     # Optional[X]: X
     inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return _argparse_type(inner[0]) if inner else {"type": annotation}
+    if inner:
+        return _argparse_type(inner[0])
+    return {"type": _finite_float} if annotation is float else {"type": annotation}
 
 
 def _method_options(p: argparse.ArgumentParser) -> None:
@@ -369,7 +398,9 @@ def _flag_names(method: str | None) -> dict[str, str]:
              "precision": "--precision", "top_k": "--top-k", "workers": "--workers", "out": "--out",
              "run": "--run", "method": "--method", "data": "--data", "dataset": "--dataset", "root": "--root",
              "split_file": "--split-file", "skip_bad_images": "--skip-bad-images",
-             "fewshot_file": "--fewshot-file", "checkpoint": "CHECKPOINT", "protocol": "--protocol"}
+             "fewshot_file": "--fewshot-file", "checkpoint": "CHECKPOINT", "protocol": "--protocol",
+             "cache_dir": "--cache-dir", "templates": "--template", "max_image_pixels": "--max-image-pixels",
+             "backbone": "--backbone"}
     table = _option_table()
     flags.update({entry["field"]: flag for flag, entry in table.items() if entry["field"] not in flags})
     flags.update({entry["field"]: flag for flag, entry in table.items() if method in entry["methods"]})
@@ -401,8 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print("taskres: interrupted; finished cache chunks are kept and the next run resumes from them.",
-              file=sys.stderr)
+        print("taskres: interrupted; the run folder is left as it was, finished cache chunks are kept and the next "
+              "run resumes from them.", file=sys.stderr)
         return 130
 
 

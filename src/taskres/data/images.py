@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
@@ -22,6 +23,9 @@ from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueE
 
 BICUBIC = T.InterpolationMode.BICUBIC
 TRAIN_SCALE = (0.08, 1.0)  # Dassl's RRCROP_SCALE default
+# Larger images are refused (a decoded RGB image takes 3-4 bytes a pixel, more in the resize): 64 MP covers
+# the photos of today's cameras and phones (~50 MP).
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 def transform_spec(image_size: int, mean: Sequence[float], std: Sequence[float], view: int | None,
@@ -56,16 +60,46 @@ def online_seed(seed: int, epoch: int, name: str) -> int:
     return _seed(f"online|{seed}|{epoch}|{name}")
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; a missing or undecodable file is a TaskResError that names it."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB by the image's real value range: 16-bit and 32-bit integer greyscale scaled down (PIL would clip
+    them, and a 16-bit image turns white), float greyscale from [0, 1] (or [0, 255]) to [0, 255]; every 8-bit mode
+    as PIL converts it (alpha dropped, palettes applied), so those pixels are unchanged."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if img.mode == "F":
+            top = 1.0 if lo >= 0 and hi <= 1 else 255.0 if lo >= 0 and hi <= 255 else None
+        else:  # 16-bit data (PIL opens 16-bit PNGs and TIFFs as I;16 or I); other integer data by its own range
+            top = 65535.0 if lo >= 0 and hi <= 65535 else None
+        if top is None:  # values outside any standard range: stretch min..max
+            arr, top = arr - lo, max(hi - lo, 1.0)
+        grey = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image as 8-bit RGB (``to_rgb``); a missing, unreadable, undecodable or oversized file (more than
+    ``max_pixels`` pixels, None: no limit) is a TaskResError that names it."""
     path = str(path)
+    if os.path.isdir(path):
+        raise TaskResValueError(f"image {path!r} is a folder, not an image file; check the data folder "
+                                "(--data/--root) and the split file's paths.")
     if not os.path.isfile(path):
         raise TaskResFileNotFoundError(f"image {path!r} does not exist; check the data folder (--data/--root) "
                                        "and the split "
                                        "file's paths, which are relative to it.")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise TaskResValueError(
+                    f"image {path!r} is {width} x {height} = {width * height} pixels, more than the limit of "
+                    f"{max_pixels} (decoding it would take about {width * height * 4 // 2**20} MiB); downscale it, "
+                    "or raise the limit with `max_image_pixels`.", param="max_image_pixels")
+            return to_rgb(img)
+    except PermissionError as err:
+        raise TaskResValueError(f"image {path!r} cannot be read ({err.strerror}); fix its permissions.") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
         raise TaskResValueError(f"image {path!r} cannot be decoded ({err}); replace or remove the file, or pass "
                                 "--skip-bad-images to leave such images out.") from None
@@ -80,8 +114,9 @@ class ImageViews(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths: Sequence[str], image_size: int, mean, std, seeds: Sequence[int] | None = None,
-                 scale: tuple[float, float] = TRAIN_SCALE):
+                 scale: tuple[float, float] = TRAIN_SCALE, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.paths, self.seeds, self.size = list(paths), None if seeds is None else list(seeds), image_size
+        self.max_pixels = max_pixels
         if self.seeds is not None and len(self.seeds) != len(self.paths):
             raise TaskResValueError(f"one seed per image: {len(self.seeds)} seeds for {len(self.paths)} paths.")
         self.transform = build_transform(image_size, mean, std, self.seeds is not None, scale)
@@ -91,7 +126,7 @@ class ImageViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = read_image(self.paths[i])
+            img = read_image(self.paths[i], self.max_pixels)
         except TaskResError as err:
             return i, torch.zeros(3, self.size, self.size), str(err)
         if self.seeds is None:

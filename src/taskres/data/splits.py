@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -16,6 +18,8 @@ from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,26 @@ class Entry:
         impath, label, classname = item
         if not isinstance(impath, str) or not isinstance(classname, str):
             raise TaskResValueError(f"{where}: entry {item!r} needs a string path and a string class name.")
-        try:
+        if isinstance(label, float) and label.is_integer():
             label = int(label)
-        except (TypeError, ValueError):
-            raise TaskResValueError(f"{where}: entry {item!r} has a label that is not an integer.") from None
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise TaskResValueError(f"{where}: entry {item!r} has a label that is not an integer.")
         if label < 0:
             raise TaskResValueError(f"{where}: entry {item!r} has a negative label; labels are 0..C-1.")
+        check_relative_path(impath, f"{where}: entry {item!r}")
         return cls(impath, label, classname)
+
+
+def check_relative_path(impath: str, where: str) -> None:
+    """An image path of a split must stay inside the image folder: relative, no ``..`` that climbs out, no NUL."""
+    if not impath or "\0" in impath:
+        raise TaskResValueError(f"{where}: the image path is empty or holds a NUL byte.")
+    if os.path.isabs(impath):
+        raise TaskResValueError(f"{where}: the image path is absolute; split paths must be relative to the image "
+                                "folder (--data).")
+    if os.path.normpath(impath).split(os.sep)[0] == "..":
+        raise TaskResValueError(f"{where}: the image path leads outside the image folder (..); split paths must "
+                                "stay inside it.")
 
 
 @dataclass(frozen=True)
@@ -121,13 +138,34 @@ def classnames_from_entries(entries: Sequence[Entry], where: str) -> tuple[str, 
             )
     if not names:
         raise TaskResValueError(f"{where}: no entries; the dataset is empty.")
-    missing = sorted(set(range(max(names) + 1)) - set(names))
-    if missing:
+    # C distinct labels fill 0..C-1 exactly when none is >= C (linear in the entries, whatever the labels' size).
+    too_large = [label for label in names if label >= len(names)]
+    if too_large:
+        missing = [i for i in range(len(names)) if i not in names]
         raise TaskResValueError(
-            f"{where}: labels must run 0..{max(names)} with no gaps, but no entry has label(s) {missing[:10]}; "
-            "an empty class cannot be learned or evaluated. Remove the gap or add images for it."
+            f"{where}: labels must run 0..C-1 with no gaps, but {len(names)} classes have label(s) up to "
+            f"{max(too_large)} and no entry has label(s) {missing[:10]}; an empty class cannot be learned or "
+            "evaluated. Remove the gap or add images for it."
         )
     return tuple(names[i] for i in range(len(names)))
+
+
+def check_split_entries(splits: dict[str, Sequence[Entry]], where: str) -> None:
+    """A path listed twice in one split is an error; one in both train and test is logged as a warning."""
+    seen: dict[str, set[str]] = {}
+    for key, entries in splits.items():
+        paths: set[str] = set()
+        for e in entries:
+            norm = os.path.normpath(e.impath)
+            if norm in paths:
+                raise TaskResValueError(f"{where}: {e.impath!r} is listed twice in '{key}'; each image may appear "
+                                        "once per split. Remove the duplicate.")
+            paths.add(norm)
+        seen[key] = paths
+    both = seen.get("train", set()) & seen.get("test", set())
+    if both:
+        logger.warning("%s: %d image(s) are in both train and test (e.g. %r); test accuracy will be optimistic",
+                       where, len(both), sorted(both)[0])
 
 
 def load_split_file(
@@ -144,8 +182,13 @@ def load_split_file(
                                        "split JSON "
                                        "(split_zhou_<Name>.json), or leave it out to read --data as an ImageFolder.")
     try:
-        raw = json.loads(split_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        text = split_file.read_text()
+    except OSError as err:
+        raise TaskResValueError(f"split file {str(split_file)!r} cannot be read ({err.strerror}).",
+                                param="split_file") from None
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, or an integer past Python's digit limit
         raise TaskResValueError(f"split file {str(split_file)!r} is not valid JSON ({err}); expected "
                                 '{"train": [...], "val": [...], "test": [...]}.') from None
     if not isinstance(raw, dict) or not all(k in raw for k in ("train", "test")):
@@ -157,6 +200,7 @@ def load_split_file(
         if not isinstance(items, list):
             raise TaskResValueError(f"split file {str(split_file)!r}: '{key}' must be a list of entries.")
         splits[key] = tuple(Entry.from_json(item, f"split file {str(split_file)!r} ({key})") for item in items)
+    check_split_entries(splits, f"split file {str(split_file)!r}")
     classnames = classnames_from_entries(splits["train"] + splits["val"] + splits["test"], f"split file {split_file}")
     for key in ("train", "test"):
         if not splits[key]:
@@ -184,6 +228,14 @@ def load_image_folder(root: str | Path, templates: Sequence[str] = DEFAULT_TEMPL
             f"{str(root / 'train')}/<class>/* and {str(root / 'test')}/<class>/* (optional val/). "
             "Pass --split-file for CoOp-format data."
         )
+    try:
+        return _load_image_folder(root, train_dir, templates, name)
+    except PermissionError as err:
+        raise TaskResValueError(f"data folder {str(root)!r}: {err.filename!r} cannot be read ({err.strerror}); "
+                                "fix its permissions.", param="data") from None
+
+
+def _load_image_folder(root: Path, train_dir: Path, templates: Sequence[str], name: str) -> DatasetSplits:
     classnames = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
     if not classnames:
         raise TaskResValueError(f"{str(train_dir)!r} holds no class folders; expected train/<class>/<image>.")

@@ -53,8 +53,8 @@ class LinearProbeConfig:
         if self.search == "none" and self.c is None:
             raise TaskResValueError("`search` none needs a fixed C for the linear probe: set `c` (e.g. 1).",
                                     param="search")
-        if self.c is not None and not self.c > 0:
-            raise invalid("c", "be > 0", self.c)
+        if self.c is not None and not (self.c > 0 and math.isfinite(self.c)):
+            raise invalid("c", "be a finite number > 0", self.c)
         if self.steps < 0:
             raise invalid("steps", "be >= 0 (bisection steps)", self.steps)
 

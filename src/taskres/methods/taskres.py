@@ -13,6 +13,7 @@ up to 4 shots and 200 above; alpha 0.5 (1.0 on Flowers102).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,6 +52,8 @@ class TaskResConfig:
 
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
+        if not math.isfinite(self.alpha):
+            raise invalid("alpha", "be a finite number (the residual scale)", self.alpha)
         if not self.alpha > 0 and not self.learn_alpha:
             raise invalid("alpha", "be > 0 (the residual scale)", self.alpha)
         if self.base_weights is not None and self.enhance_base:

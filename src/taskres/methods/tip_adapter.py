@@ -14,6 +14,8 @@ for a, b in the outer loop, first best kept. Initial values and search scales ar
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -68,8 +70,10 @@ class TipAdapterConfig:
             raise TaskResValueError("`alpha`/`beta` fix Tip-Adapter's a and b, which `search` val would search; "
                                     "set `search` "
                                     "none with them.", param="alpha" if self.alpha is not None else "beta")
-        if any(v is not None and v < 0 for v in (self.alpha, self.beta)) or min(self.search_step) < 1:
-            raise TaskResValueError(f"`alpha` and `beta` must be >= 0 and the search steps >= 1; got a={self.alpha!r}, "
+        if any(v is not None and not (v >= 0 and math.isfinite(v)) for v in (self.alpha, self.beta)) \
+                or min(self.search_step) < 1:
+            raise TaskResValueError(f"`alpha` and `beta` must be finite and >= 0 and the search steps >= 1; got "
+                                    f"a={self.alpha!r}, "
                                     f"b={self.beta!r}, steps={self.search_step!r}.", param="alpha")
 
     @classmethod
