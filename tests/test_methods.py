@@ -54,7 +54,8 @@ def changed(before, module):
 # ---- registry and engine options -------------------------------------------------------------------------------
 
 def test_registry_lists_every_method_with_a_summary():
-    assert set(METHODS) == {"taskres", "linear-probe", "clip-adapter", "tip-adapter", "tip-adapter-f", "coop"}
+    assert set(METHODS) == {"taskres", "linear-probe", "clip-adapter", "tip-adapter", "tip-adapter-f", "coop",
+                            "classifier-adapter", "lp++", "zs-lp", "clap"}
     assert all(spec.summary and spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TaskResError, match="unknown method 'tip-adaptr'; did you mean 'tip-adapter'"):
         get_method("tip-adaptr")

@@ -385,8 +385,10 @@ def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module,
                                 f"{suggest(pretrained, tags)}known tags: {', '.join(tags) or 'none'}.")
     try:
         model = open_clip.create_model(model_name, pretrained=source, load_weights=True, force_quick_gelu=quick_gelu)
-    except (RuntimeError, ValueError, OSError, EOFError, KeyError, AssertionError, pickle.UnpicklingError,
-            SafetensorError) as err:  # by the file's damage: torch.load, safetensors and open_clip's own asserts
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, IndexError, TypeError, AssertionError,
+            pickle.UnpicklingError, SafetensorError) as err:
+        # by the file's damage: torch's weights-only unpickler (which raises IndexError or TypeError on some random
+        # bytes), safetensors and open_clip's own asserts
         first = str(err).splitlines()[0] if str(err) else ""
         raise TaskResValueError(f"could not load weights {source!r} into open_clip model {model_name!r} "
                                 f"({type(err).__name__}: {first}); pass a weights file of that model (an open_clip "

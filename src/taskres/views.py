@@ -17,7 +17,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from taskres.data.images import TRAIN_SCALE, ImageViews, online_seed
+from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE, ImageViews, online_seed
 from taskres.errors import TaskResValueError
 
 
@@ -69,11 +69,12 @@ class OnlineViews:
     """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached)."""
 
     def __init__(self, backbone, paths: Sequence[str], names: Sequence[str], seed: int, batch_size: int = 32,
-                 workers: int = 0, scale: tuple[float, float] = TRAIN_SCALE):
+                 workers: int = 0, scale: tuple[float, float] = TRAIN_SCALE,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if len(paths) != len(names):
             raise TaskResValueError(f"one name per image: {len(names)} names for {len(paths)} paths.")
         self.backbone, self.paths, self.names, self.seed = backbone, list(paths), list(names), seed
-        self.batch_size, self.workers, self.scale = batch_size, workers, scale
+        self.batch_size, self.workers, self.scale, self.max_pixels = batch_size, workers, scale, max_pixels
         self.num_samples = len(self.paths)
         self.encoded = 0  # images run through the encoder (encoder passes)
 
@@ -81,7 +82,7 @@ class OnlineViews:
         from taskres.cache import encode_batches
 
         data = ImageViews(self.paths, self.backbone.image_size, self.backbone.mean, self.backbone.std, seeds,
-                          self.scale)
+                          self.scale, max_pixels=self.max_pixels)
         out = None
         for idx, feats, errors in encode_batches(self.backbone, data, self.batch_size, self.workers):
             first_error = next((e for e in errors if e), "")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -107,6 +108,26 @@ class TrainConfig:
         views = spec.official.views if overrides.get("protocol") == "official" and spec.official else spec.views
         values = dict(method_config=spec.default_config(dataset), optim=optim, views=views)
         return cls(shots=shots, seed=seed, method=method, **{**values, **overrides})
+
+    @classmethod
+    def resolve(cls, method: str, shots: int, seed: int, dataset: str = "", options: dict[str, Any] | None = None,
+                optim: dict[str, Any] | None = None, views: int | Literal["online"] | None = None,
+                protocol: Literal["default", "official"] = "default", fewshot_file: str | None = None
+                ) -> "TrainConfig":
+        """The method's preset for ``dataset`` with the given settings on top: ``options`` (config fields of the
+        method, e.g. ``{"alpha": 1.0}``), ``optim`` (OptimConfig fields, e.g. ``{"lr": 1e-3}``), ``views`` (default:
+        the method's, or its public code's under the official protocol). What ``taskres train`` and ``taskres
+        sweep`` run."""
+        spec = get_method(method)
+        optim = dict(optim or {})
+        if optim and not spec.trained:
+            raise TaskResValueError(f"{', '.join(f'`{k}`' for k in optim)}: method {method!r} is training-free; "
+                                    "drop the setting(s).", param=next(iter(optim)))
+        config = cls.preset(method, shots, seed, dataset, protocol=protocol)
+        method_config = spec.configure(config.method_config, **(options or {}))
+        optim_config = dataclasses.replace(config.optim, **optim) if config.optim is not None else None
+        return dataclasses.replace(config, method_config=method_config, optim=optim_config,
+                                   views=config.views if views is None else views, fewshot_file=fewshot_file)
 
     def __post_init__(self) -> None:
         if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
@@ -224,7 +245,7 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
     if views == ONLINE:
         entries = fewshot["train"]
         online = OnlineViews(backbone, [str(dataset.path(e)) for e in entries], [e.impath for e in entries], seed,
-                             setup.batch_size, setup.workers, scale)
+                             setup.batch_size, setup.workers, scale, max_pixels=setup.max_image_pixels)
         labels = torch.tensor([e.label for e in entries], dtype=torch.long)
         return Features(online, labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
                         seconds=time.perf_counter() - t0)
@@ -288,7 +309,8 @@ def _all_method_files() -> list[str]:
 
 
 def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str | Path | None = None,
-             overwrite: bool = False, protocol: Literal["default", "official"] = "default") -> dict:
+             overwrite: bool = False, protocol: Literal["default", "official"] = "default",
+             cache: FeatureCache | None = None) -> dict:
     """Zero-shot accuracy on the test split; writes a run folder when ``out`` is given.
 
     ``protocol`` "default": the TaskRes base at initialisation (mean un-normalised embedding over the dataset's
@@ -306,7 +328,7 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
             templates = dataset.templates
             classifier = build_base_classifier(backbone, dataset.classnames, templates)
         head = TaskResHead(classifier, backbone.logit_scale)
-        test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+        test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
         metrics = evaluate(head, test, labels, dataset.classnames)
         metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped), protocol=protocol)
         if writer is not None:
@@ -317,8 +339,10 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
 
 
 def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
-          out: str | Path | None = None, overwrite: bool = False) -> tuple[Head, dict]:
-    """Sample K shots for the seed, fit the method on cached features, evaluate on test; return (head, metrics)."""
+          out: str | Path | None = None, overwrite: bool = False, cache: FeatureCache | None = None
+          ) -> tuple[Head, dict]:
+    """Sample K shots for the seed, fit the method on cached features, evaluate on test; return (head, metrics).
+    ``cache``: a FeatureCache to share between runs (its features stay in memory); default ``setup.cache()``."""
     if not dataset.train:
         raise TaskResValueError(f"dataset {dataset.name!r} has no training split (it is an evaluation-only set); "
                                 "train on imagenet and evaluate the run with `taskres eval --run RUN --dataset "
@@ -333,7 +357,7 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
         if writer is not None:
             writer.write_split(fewshot)
         features = encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
-                                   scale=config.view_scale)
+                                   scale=config.view_scale, cache=cache)
         base = base_classifier(backbone, dataset, config.official)
         zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
                              dataset.classnames)
@@ -494,7 +518,8 @@ def load_run_head(run: Path) -> tuple[Head, list[str], list[str]]:
 
 
 def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = None,
-                 out: str | Path | None = None) -> dict:
+                 out: str | Path | None = None, backbone: Backbone | None = None,
+                 cache: FeatureCache | None = None) -> dict:
     """Re-evaluate a run's classifier on its own test split, or on ``dataset``'s."""
     run, config = read_run(run)
     if out is not None and (Path(out) / CONFIG).exists():
@@ -531,8 +556,12 @@ def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = 
                                 f"{str(run)!r} was trained on {classnames[:5]}...; evaluate on a dataset with the "
                                 "same classes in the same order (or an ImageNet variant for an ImageNet run).",
                                 param="dataset")
-    backbone = load_run_backbone(config, setup)
-    test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
+    if backbone is None:
+        backbone = load_run_backbone(config, setup)
+    elif (difference := backbone.identity.difference(BackboneIdentity.from_json(config["backbone"]))) is not None:
+        raise TaskResValueError(f"the backbone given differs from the one run {str(run)!r} used ({difference}).",
+                                param="backbone")
+    test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
     metrics = evaluate(head, test, labels, dataset.classnames)
     metrics.update(skipped_images=len(skipped), run=str(run), dataset=dataset.name)
     if out is not None:

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
 
+    from taskres.app.sweep_cli import add_parsers
+
+    add_parsers(sub, _common, _method_options, _views_arg)
+
     sub.add_parser("methods", help="list the methods")
     p = sub.add_parser("datasets", help="list the benchmarks and, for a root, which are ready")
     p.add_argument("--root", help="the folder holding CoOp's dataset folders")
@@ -227,6 +231,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "datasets":
         return _datasets(args.root)
+    if args.command in ("sweep", "report"):
+        from taskres.app.sweep_cli import run_command
+
+        setup = _setup(args) if args.command == "sweep" else None
+        return run_command(args, setup, {flag: _dest(flag) for flag in _option_table()})
     if args.command == "predict":
         from taskres.workflow import predict
 
@@ -400,7 +409,9 @@ def _flag_names(method: str | None) -> dict[str, str]:
              "split_file": "--split-file", "skip_bad_images": "--skip-bad-images",
              "fewshot_file": "--fewshot-file", "checkpoint": "CHECKPOINT", "protocol": "--protocol",
              "cache_dir": "--cache-dir", "templates": "--template", "max_image_pixels": "--max-image-pixels",
-             "backbone": "--backbone"}
+             "backbone": "--backbone",
+             "methods": "--methods", "seeds": "--seeds", "shard": "--shard", "preset": "--preset",
+             "config": "--config", "exp": "EXP", "eval_on": "--eval-on"}
     table = _option_table()
     flags.update({entry["field"]: flag for flag, entry in table.items() if entry["field"] not in flags})
     flags.update({entry["field"]: flag for flag, entry in table.items() if method in entry["methods"]})

@@ -103,6 +103,21 @@ def discover() -> dict[str, Method]:
     return METHODS
 
 
+def option_flags() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every method option: ``{flag: (config field, names of the methods that take it)}``. One flag sets one
+    field name in every method that declares it."""
+    table: dict[str, tuple[str, list[str]]] = {}
+    for method in discover().values():
+        for f in method.options():
+            flag = f.metadata["flag"]
+            field_name, names = table.setdefault(flag, (f.name, []))
+            if field_name != f.name:
+                raise ValueError(f"flag {flag} sets field {field_name!r} of one method and {f.name!r} of "
+                                 f"{method.name!r}; one flag must set one field name")
+            names.append(method.name)
+    return {flag: (field_name, tuple(names)) for flag, (field_name, names) in table.items()}
+
+
 def get_method(name: str) -> Method:
     methods = discover()
     if name not in methods:
