@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=_views_arg, default=None, metavar="V|online",
                    help="augmented views per training image to encode once; 0 = test transform only; online = a "
                         "fresh augmentation of every image in every epoch, encoded as it trains (the official "
-                        "protocol) (default 10; linear-probe: 0)")
+                        "protocol) (default 50, chosen by docs/views-study.md; linear-probe: 0; tip-adapter(-f): 10)")
     _method_options(p)
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")

@@ -213,4 +213,5 @@ PUBLIC = OfficialVariant(views=10, view_scale=(0.5, 1.0), base="normalized_templ
 
 register_method(Method(
     "tip-adapter", "Tip-Adapter: training-free key-value cache of the few-shot features (Zhang et al. 2022)",
-    TipAdapterConfig, TipAdapterHead, fit_tip_adapter, config_preset=TipAdapterConfig.for_dataset, official=PUBLIC))
+    TipAdapterConfig, TipAdapterHead, fit_tip_adapter, config_preset=TipAdapterConfig.for_dataset, official=PUBLIC,
+    views=10))  # the public cache: 10 augmented epochs

@@ -63,4 +63,4 @@ def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
 register_method(Method(
     "tip-adapter-f", "Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (Zhang et al. 2022)",
     TipAdapterConfig, TipAdapterHead, fit_tip_adapter_f, optim_preset=optim_preset,
-    config_preset=TipAdapterConfig.for_dataset, official=PUBLIC))
+    config_preset=TipAdapterConfig.for_dataset, official=PUBLIC, views=10))  # the public cache: 10 augmented epochs
