@@ -3,6 +3,7 @@
 
     python scripts/views_study.py --out study-out          # about 20 minutes on 2 CPU cores (--jobs 2)
     python scripts/views_study.py --out study-out --report-only --doc docs/views-study.md
+    # the records behind docs/views-study.md are in docs/views-study-records.json (copy it to OUT/records.json)
 
 On the shipped demo model (`taskres-demo`) and its six generated tasks, at 1, 4 and 16 shots and seeds 1-5, TaskRes
 and CLIP-Adapter (whose image-side MLP could overfit a small bank) are trained with their presets under

@@ -111,3 +111,22 @@ def run_cli(argv, capsys):
     code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def cluster_context(c=3, d=16, shots=8, views=3, val=4, seed=0, **kw):
+    """A FitContext over class clusters in feature space, with a base classifier that is a noisy view of the cluster
+    centres (what the method tests train on)."""
+    from taskres.engine import OptimConfig
+    from taskres.methods.base import FitContext
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(c, d, generator=g) * 2
+    labels = torch.arange(c).repeat_interleave(shots)
+    train = torch.stack([centres[labels] + torch.randn(len(labels), d, generator=g) for _ in range(views)])
+    val_labels = torch.arange(c).repeat_interleave(val)
+    val_feats = centres[val_labels] + torch.randn(len(val_labels), d, generator=g)
+    base = centres + 2.0 * torch.randn(c, d, generator=g)
+    defaults = dict(base=base, logit_scale=100.0, train_views=train, train_labels=labels, val_features=val_feats,
+                    val_labels=val_labels, optim=OptimConfig(lr=1e-2, epochs=5, batch_size=8), seed=seed,
+                    shots=shots, classnames=[f"c{i}" for i in range(c)], templates=["a photo of a {}."], quiet=True)
+    return FitContext(**{**defaults, **kw})

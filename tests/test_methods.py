@@ -27,20 +27,11 @@ from taskres.workflow import TrainConfig
 from taskres.text import build_base_classifier
 from taskres.text_tower import pooled_text, projection
 
+from conftest import cluster_context
 
-def context(c=3, d=16, shots=8, views=3, val=4, seed=0, **kw) -> FitContext:
-    """Class clusters in feature space, with a base classifier that is a noisy view of the cluster centres."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(c, d, generator=g) * 2
-    labels = torch.arange(c).repeat_interleave(shots)
-    train = torch.stack([centres[labels] + torch.randn(len(labels), d, generator=g) for _ in range(views)])
-    val_labels = torch.arange(c).repeat_interleave(val)
-    val_feats = centres[val_labels] + torch.randn(len(val_labels), d, generator=g)
-    base = centres + 2.0 * torch.randn(c, d, generator=g)
-    defaults = dict(base=base, logit_scale=100.0, train_views=train, train_labels=labels, val_features=val_feats,
-                    val_labels=val_labels, optim=OptimConfig(lr=1e-2, epochs=5, batch_size=8), seed=seed,
-                    shots=shots, classnames=[f"c{i}" for i in range(c)], templates=["a photo of a {}."], quiet=True)
-    return FitContext(**{**defaults, **kw})
+
+def context(**kw) -> FitContext:
+    return cluster_context(**kw)
 
 
 def state(module):

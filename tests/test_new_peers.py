@@ -19,21 +19,13 @@ from taskres.methods.lp_plus_plus import (LPPConfig, LPPHead, fit_lpp, initial_a
 from taskres.methods.zs_lp import ZSLPConfig, ZSLPHead, batches_per_epoch, fit_zs_lp
 from taskres.workflow import TrainConfig
 
+from conftest import cluster_context
 from conftest import run_cli as run
 
 
-def context(c=3, d=8, shots=4, views=1, val=3, seed=0, **kw) -> FitContext:
-    """Class clusters in feature space and a base classifier that is a noisy view of the cluster centres."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(c, d, generator=g) * 2
-    labels = torch.arange(c).repeat_interleave(shots)
-    train = torch.stack([centres[labels] + torch.randn(len(labels), d, generator=g) for _ in range(views)])
-    val_labels = torch.arange(c).repeat_interleave(val)
-    val_feats = centres[val_labels] + torch.randn(len(val_labels), d, generator=g)
-    base = centres + 2.0 * torch.randn(c, d, generator=g)
-    defaults = dict(base=base, logit_scale=100.0, train_views=train, train_labels=labels, val_features=val_feats,
-                    val_labels=val_labels, optim=None, seed=seed, shots=shots, quiet=True)
-    return FitContext(**{**defaults, **kw})
+def context(d=8, shots=4, views=1, val=3, optim=None, **kw) -> FitContext:
+    """Class clusters (conftest.cluster_context) in 8 dimensions, one view, no optimiser preset."""
+    return cluster_context(d=d, shots=shots, views=views, val=val, optim=optim, **kw)
 
 
 # ---- registry and presets -----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from taskres.app.sweep import Cell, DatasetRef, Grid, parse_shard, shard_cells
 def grid_args(env, *extra):
     tmp, base, _ = env
     return ["sweep", str(tmp / "exp"), *base, "--methods", "taskres,linear-probe", "--shots", "1,2", "--seeds", "1,2",
-            "--epochs", "3", *extra]
+            "--epochs", "3", "--views", "2", *extra]
 
 
 def finished(exp):
@@ -31,8 +31,8 @@ def test_sweep_runs_the_grid_and_its_cell_equals_taskres_train(env, capsys):
     assert code == 0, err
     cells = finished(tmp / "exp")
     assert len(cells) == 1 + 2 * 2 * 2 and any(c.endswith("zero-shot") for c in cells)
-    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--epochs", "3", "--out", str(tmp / "t")],
-                       capsys)
+    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--epochs", "3", "--views", "2",
+                        "--out", str(tmp / "t")], capsys)
     assert code == 0, err
     cell = next((tmp / "exp" / "runs").rglob("taskres/2shot-seed1"))
     for name in ("classifier.safetensors",):

@@ -72,7 +72,8 @@ class FeatureCache:
         if self.root is not None:
             check_writable_dir(self.root, "cache_dir", Path(cache_dir))
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
-        self._stores: dict[Path, dict[str, torch.Tensor]] = {}  # namespace folder -> features read or encoded
+        self._stores: dict[Path, dict[str, torch.Tensor]] = {}
+        self._keys: dict[tuple[str, int, int], str] = {}  # (name, size, mtime) -> image key  # namespace folder -> features read or encoded
 
     def namespace(self, backbone: Backbone, view: int | None, scale: tuple[float, float] = TRAIN_SCALE) -> dict:
         return {"format": FORMAT, "backbone": backbone.identity.weights_key(),
@@ -90,7 +91,7 @@ class FeatureCache:
         """
         paths = [str(p) for p in paths]
         names = [os.path.abspath(p) for p in paths] if names is None else [str(n) for n in names]
-        keys = [image_key(p, n) for p, n in zip(paths, names)]
+        keys = [self._key(p, n) for p, n in zip(paths, names)]
         ns = self.namespace(backbone, view, scale)
         folder = self._folder(ns)
         if folder is None:
@@ -106,8 +107,9 @@ class FeatureCache:
             data = ImageViews([paths[i] for i in todo], backbone.image_size, backbone.mean, backbone.std, seeds,
                               scale, self.max_pixels)
             bad = self._encode(backbone, data, [keys[i] for i in todo], skip_bad, store, folder, desc)
-        dim = backbone.embed_dim
-        out = torch.zeros(len(paths), dim)
+        if not bad and keys:
+            return torch.stack([store[k] for k in keys]), []  # (N, D)
+        out = torch.zeros(len(paths), backbone.embed_dim)
         skipped = []
         for i, (p, k) in enumerate(zip(paths, keys)):
             if k in store:
@@ -116,6 +118,18 @@ class FeatureCache:
                 skipped.append(p)
         return out, skipped
 
+    def _key(self, path: str, name: str) -> str:
+        """``image_key``: the file is checked (stat) on every call, so a changed file is a miss at once; the hash
+        of an unchanged identity is remembered, as one cache serves the many views and runs of a sweep."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return image_key(path, name)  # raises, naming the file
+        identity = (name, st.st_size, st.st_mtime_ns)
+        if identity not in self._keys:
+            self._keys[identity] = image_key(path, name)
+        return self._keys[identity]
+
     # ---- internals --------------------------------------------------------------------------------------------
 
     def _folder(self, ns: dict) -> Path | None:
@@ -123,6 +137,8 @@ class FeatureCache:
             return None
         digest = hashlib.sha256(json.dumps(ns, sort_keys=True).encode()).hexdigest()[:24]
         folder = self.root / digest
+        if folder in self._stores:  # made and described when first used by this object
+            return folder
         try:
             folder.mkdir(parents=True, exist_ok=True)
             info = folder / "namespace.json"

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -49,8 +49,8 @@ class DatasetRef:
     def open(self):
         from taskres.data.sources import open_dataset
 
-        if self.data is not None:
-            return open_dataset(self.data, self.split_file, self.templates)
+        if self.data is not None:  # named as the grid names it (its cells' folders and records)
+            return replace(open_dataset(self.data, self.split_file, self.templates), name=self.name)
         return open_dataset(dataset=self.name, root=self.root, templates=self.templates)
 
 

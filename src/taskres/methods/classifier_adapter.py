@@ -12,15 +12,15 @@ Unlike TaskRes's residual ``x``, ``phi(t)`` is a function of the old classifier,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import nn
 
 from taskres.errors import check_choice, invalid
 from taskres.methods import taskres as taskres_method
-from taskres.methods.base import CosineHead, FitContext, Fitted, option
+from taskres.methods.base import FitContext, Fitted, option
+from taskres.methods.clip_adapter import MLPAdapterHead
 from taskres.methods.registry import Method, register_method
 
 
@@ -40,34 +40,17 @@ class ClassifierAdapterConfig:
             raise invalid("reduction", "be >= 1", self.reduction)
 
 
-class ClassifierAdapterHead(CosineHead):
+class ClassifierAdapterHead(MLPAdapterHead):
+    config_cls = ClassifierAdapterConfig
+
     def __init__(self, base_text_features: torch.Tensor, logit_scale: float,
                  config: ClassifierAdapterConfig = ClassifierAdapterConfig()):
-        super().__init__(base_text_features, logit_scale)
-        self.config = config
-        dim = base_text_features.shape[1]
-        self.adapter = nn.Sequential(nn.Linear(dim, dim // config.reduction, bias=False), nn.ReLU(),
-                                     nn.Linear(dim // config.reduction, dim, bias=False), nn.ReLU())
+        super().__init__(base_text_features, logit_scale, config)
 
     def classifier(self) -> torch.Tensor:
         t = self.base_text_features  # (C, D)
         phi = self.adapter(t)  # (C, D)
         return t + self.config.alpha * phi if self.config.form == "residual" else phi
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"base_text_features": self.base_text_features,
-                **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}}
-
-    def metadata(self) -> dict:
-        return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
-
-    @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ClassifierAdapterHead":
-        config = ClassifierAdapterConfig(form=meta["form"], alpha=float(meta["alpha"]),
-                                         reduction=int(meta["reduction"]))
-        head = cls(tensors["base_text_features"], float(meta["logit_scale"]), config)
-        head.adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
-        return head
 
 
 def config_preset(dataset: str) -> ClassifierAdapterConfig:

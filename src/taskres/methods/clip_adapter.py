@@ -11,7 +11,7 @@ the cached augmented views.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -44,19 +44,22 @@ def optim_preset(shots: int, dataset: str) -> OptimConfig:
                        optimizer="sgd", momentum=0.9)
 
 
-class ClipAdapterHead(CosineHead):
-    def __init__(self, base_text_features: torch.Tensor, logit_scale: float,
-                 config: ClipAdapterConfig = ClipAdapterConfig()):
+def adapter_mlp(dim: int, reduction: int) -> nn.Sequential:
+    """CLIP-Adapter's MLP: Linear(D, D / reduction, no bias) -> ReLU -> Linear(D / reduction, D, no bias) -> ReLU."""
+    return nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
+                         nn.Linear(dim // reduction, dim, bias=False), nn.ReLU())
+
+
+class MLPAdapterHead(CosineHead):
+    """A cosine head with CLIP-Adapter's MLP (``self.adapter``) and a config dataclass with a ``reduction`` field;
+    exported as the base, the MLP's weights (``adapter.*``) and the config. Subclasses say where the MLP acts."""
+
+    config_cls: type = object
+
+    def __init__(self, base_text_features: torch.Tensor, logit_scale: float, config):
         super().__init__(base_text_features, logit_scale)
         self.config = config
-        dim = base_text_features.shape[1]
-        self.adapter = nn.Sequential(nn.Linear(dim, dim // config.reduction, bias=False), nn.ReLU(),
-                                     nn.Linear(dim // config.reduction, dim, bias=False), nn.ReLU())
-
-    def image_features(self, image_features: torch.Tensor) -> torch.Tensor:
-        f = image_features.float()  # (N, D)
-        r = self.config.ratio
-        return r * self.adapter(f) + (1 - r) * f
+        self.adapter = adapter_mlp(base_text_features.shape[1], config.reduction)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"base_text_features": self.base_text_features,
@@ -66,11 +69,24 @@ class ClipAdapterHead(CosineHead):
         return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ClipAdapterHead":
-        config = ClipAdapterConfig(ratio=float(meta["ratio"]), reduction=int(meta["reduction"]))
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "MLPAdapterHead":
+        config = cls.config_cls(**{f.name: meta[f.name] for f in fields(cls.config_cls)})
         head = cls(tensors["base_text_features"], float(meta["logit_scale"]), config)
         head.adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
         return head
+
+
+class ClipAdapterHead(MLPAdapterHead):
+    config_cls = ClipAdapterConfig
+
+    def __init__(self, base_text_features: torch.Tensor, logit_scale: float,
+                 config: ClipAdapterConfig = ClipAdapterConfig()):
+        super().__init__(base_text_features, logit_scale, config)
+
+    def image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        f = image_features.float()  # (N, D)
+        r = self.config.ratio
+        return r * self.adapter(f) + (1 - r) * f
 
 
 def fit_clip_adapter(ctx: FitContext, config: ClipAdapterConfig) -> Fitted:
