@@ -226,13 +226,18 @@ def _markdown(rows: list[dict], records: list[dict], grid: dict, published: dict
     if negative:
         lines += ["## Negative transfer", "", "Cells marked ↓ are below the zero-shot accuracy of the same dataset and "
                   "backbone:", ""] + [f"- {n}" for n in negative] + [""]
-    for c in correlations(records):
+    corr = correlations(records)
+    if corr:
         lines += ["## Residual magnitude against transfer difficulty (Fig. 4)", "",
-                  f"{c['label']}: over {c['n']} datasets, Pearson r = {c['pearson']:.3f} (p = {c['pearson_p']:.3g}), "
-                  f"Spearman rho = {c['spearman']:.3f} (p = {c['spearman_p']:.3g}); difficulty = (1 / C) / zero-shot "
-                  f"accuracy, residual = mean |x| at {c['shots']} shots, averaged over seeds.", ""]
+                  "Difficulty = (1 / C) / zero-shot accuracy; residual = mean |x| at the largest shot count, averaged "
+                  "over seeds; correlations over datasets (scipy.stats).", ""]
+    for c in corr:
+        lines += [f"- {c['label']}: over {c['n']} datasets, Pearson r = {c['pearson']:.3f} (p = {c['pearson_p']:.3g}), "
+                  f"Spearman rho = {c['spearman']:.3f} (p = {c['spearman_p']:.3g}), at {c['shots']} shots"]
         summary.append(f"Fig. 4 {c['label']}: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f} "
                        f"({c['n']} datasets)")
+    if corr:
+        lines.append("")
     if used_sources:
         lines += ["## Sources of the published numbers", ""] + [f"- {s}" for s in sorted(used_sources)] + [""]
     return "\n".join(lines), summary
