@@ -119,11 +119,17 @@ def test_report_means_and_stds_match_the_run_folders(env, capsys):
     (["--shard", "3/2"], "--shard must be I/N with 1 <= I <= N"),
     (["--shard", "x"], "--shard must be I/N"),
     (["--lp-c", "1", "--methods", "taskres"], "--lp-c applies to linear-probe, none of which is in --methods"),
-    (["--preset", "paper-fewshots"], "unknown preset 'paper-fewshots'; did you mean 'paper-fewshot'"),
+    (["--preset", "paper-fewshot"], "--preset paper-fewshot sets the datasets; drop --data, --split-file"),
 ])
 def test_bad_sweep_input_exits_2(env, capsys, extra, match):
     code, _, err = run(grid_args(env, *extra), capsys)
     assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_unknown_preset_exits_2(tmp_path, capsys):
+    code, _, err = run(["sweep", str(tmp_path / "exp"), "--preset", "paper-fewshots", "--root", str(tmp_path)],
+                       capsys)
+    assert code == 2 and "unknown preset 'paper-fewshots'; did you mean 'paper-fewshot'" in err
 
 
 def test_a_different_grid_in_the_same_folder_is_refused_unless_extended(env, capsys):
@@ -134,6 +140,20 @@ def test_a_different_grid_in_the_same_folder_is_refused_unless_extended(env, cap
     code, out, err = run(grid_args(env, "--seeds", "1", "--shots", "4", "--extend"), capsys)
     assert code == 0, err
     assert "1 already done" in out
+    code, out, err = run(grid_args(env, "--seeds", "1", "--shots", "4"), capsys)  # the extended grid resumes
+    assert code == 0 and "3 already done, 0 run" in out, err
+
+
+def test_a_finished_cell_made_with_other_settings_is_never_reused(env, capsys):
+    tmp, _, _ = env
+    assert run(grid_args(env, "--seeds", "1", "--shots", "1", "--methods", "taskres"), capsys)[0] == 0
+    code, out, err = run(grid_args(env, "--seeds", "1", "--shots", "1", "--methods", "taskres", "--alpha", "1.0",
+                                   "--extend"), capsys)
+    assert code == 1 and "1 failed" in out
+    [failure] = [json.loads(line) for line in (tmp / "exp" / "failures.jsonl").read_text().splitlines()]
+    assert "holds a run made with other settings (method_config" in failure["error"]
+    config = json.loads(next((tmp / "exp" / "runs").rglob("taskres/1shot-seed1/config.json")).read_text())
+    assert config["method_config"]["alpha"] == 0.5  # left as it was
 
 
 def test_config_file_with_an_unknown_key_is_refused(env, capsys):

@@ -55,7 +55,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), device: str = "
     tasks = write_demo_tasks(out / "tasks", seed=config.data_seed)
     echo(f"generated {len(tasks)} tasks in {time.perf_counter() - t0:.1f} s under {out / 'tasks'}")
     setup = Setup(device=device, cache_dir=str(out / "cache"), quiet=True)
-    counts = run_sweep(out, demo_grid(tasks, config), setup, extend=True, progress=not quiet)
+    counts = run_sweep(out, demo_grid(tasks, config), setup, extend=True, progress=not quiet, replace_stale=True)
     if counts["failed"]:
         raise TaskResError(f"{counts['failed']} demo run(s) failed; see {out / 'failures.jsonl'}.")
     runs = [r for r in collect(out) if not r["eval_dataset"]]

@@ -32,14 +32,15 @@ def method_label(config: dict) -> str:
     return method
 
 
-def grid_options(exp: Path) -> list[tuple[str, str]]:
-    """(grid option name, config field) of the experiment's --grid options, from EXP/sweep.json."""
+def grid_options(exp: Path) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(grid option name, config field, the methods that take it) of the experiment's --grid options, from
+    EXP/sweep.json."""
     from taskres.methods.registry import option_flags
 
     path = exp / "sweep.json"
     names = list(json.loads(path.read_text()).get("grid") or {}) if path.is_file() else []
     flags = option_flags()
-    return [(n, flags["--" + n.replace("_", "-")][0]) for n in names if "--" + n.replace("_", "-") in flags]
+    return [(n, *flags["--" + n.replace("_", "-")]) for n in names if "--" + n.replace("_", "-") in flags]
 
 
 def collect(exp: str | Path) -> list[dict]:
@@ -53,13 +54,18 @@ def collect(exp: str | Path) -> list[dict]:
     for metrics_file in sorted(runs.rglob("metrics.json")):
         folder = metrics_file.parent
         config_file = folder / "config.json"
+        if any(part.startswith(".") for part in folder.relative_to(runs).parts):
+            continue  # a run being written, or left by a killed writer (.RUN.taskres-tmp-*)
         if not config_file.is_file():
             continue  # an eval-<dataset> folder: read with its run
         config = json.loads(config_file.read_text())
+        if config.get("kind") not in ("train", "zeroshot"):
+            continue  # e.g. an imported official checkpoint: no shots or seed to place it in the grid
         metrics = json.loads(metrics_file.read_text())
         zero = config.get("kind") == "zeroshot"
         mc = config.get("method_config") or {}
-        values = tuple((n, "" if zero or f not in mc else _text(mc[f])) for n, f in options)
+        values = tuple((n, _text(mc[f]) if not zero and f in mc and config.get("method") in takers else "")
+                       for n, f, takers in options)
         label = ZERO_SHOT if zero else method_label(config)
         shown = ", ".join(f"{n}={v}" for n, v in values if v != "")
         base = {"dataset": config["dataset"]["name"], "backbone": config["backbone"]["spec"],

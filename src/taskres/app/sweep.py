@@ -97,6 +97,16 @@ class Grid:
             if not bases & set(flags[flag][1]):
                 raise TaskResValueError(f"{flag} applies to {' or '.join(flags[flag][1])}, none of which is in "
                                         f"`methods` ({', '.join(self.methods)}).", param="options")
+        if self.protocol == "official":
+            from taskres.methods import get_method
+
+            without = [m for m in self.methods if get_method(self.base_method(m)).official is None]
+            if without:
+                raise TaskResValueError(f"`protocol` official: {', '.join(without)} have no official variant; run "
+                                        "them in a grid of the default protocol.", param="protocol")
+            if self.views is not None:
+                raise TaskResValueError("`protocol` official sets each method's views; drop `views`.",
+                                        param="views")
         for name, values in self.grid.items():
             flag = grid_flag(name)
             if not values:
@@ -200,6 +210,9 @@ def parse_grid(specs: Sequence[str]) -> dict[str, tuple]:
         if not eq or not name or not text.strip():
             raise TaskResValueError(f"grid must be NAME=V1,V2,... (e.g. alpha=0.1,0.5,1.0); got {spec!r}.",
                                     param="grid")
+        if name in out:
+            raise TaskResValueError(f"grid option {name} is given twice; give its values once: {name}=V1,V2,...",
+                                    param="grid")
         field_name, methods = option_flags()[grid_flag(name)]
         annotation = typing.get_type_hints(discover()[methods[0]].config_cls)[field_name]
         out[name] = tuple(_parse_value(v.strip(), annotation, name) for v in text.split(",") if v.strip())
@@ -253,6 +266,9 @@ def open_experiment(exp: Path, grid: Grid, extend: bool = False) -> None:
         except json.JSONDecodeError:
             raise TaskResValueError(f"{str(path)!r} is not valid JSON; it is not a taskres experiment, or it was "
                                     "damaged.", param="exp") from None
+        previous = {k: v for k, v in old.items() if k != "extended_from"}
+        if previous == record:
+            return  # the same grid, resumed (after an --extend too)
         if old != record:
             if not extend:
                 diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
@@ -264,16 +280,30 @@ def open_experiment(exp: Path, grid: Grid, extend: bool = False) -> None:
 
 
 def run_sweep(exp: str | Path, grid: Grid, setup, shard: tuple[int, int] = (1, 1), extend: bool = False,
-              progress: bool = True) -> dict:
-    """Run the grid's cells of this shard that are not finished. Returns counts: done (skipped), ran, failed."""
+              progress: bool = True, replace_stale: bool = False) -> dict:
+    """Run the grid's cells of this shard that are not finished. Returns counts: done (skipped), ran, failed.
+
+    A finished cell whose run was made with other settings (an option, the views, the optimiser or the protocol
+    changed since) is never reused: it fails, naming the difference, or with ``replace_stale`` it is run again.
+    """
     from tqdm.auto import tqdm
 
     exp = Path(exp)
     open_experiment(exp, grid, extend)
     cells = shard_cells(grid.cells(), shard)
     counts = {"cells": len(cells), "skipped": 0, "ran": 0, "failed": 0}
-    todo = [c for c in cells if not _finished(exp, c, grid)]
-    counts["skipped"] = len(cells) - len(todo)
+    todo, stale = [], []
+    for c in cells:
+        if not _finished(exp, c, grid):
+            todo.append(c)
+        elif (difference := _settings_difference(exp, c, grid)) is not None:
+            (todo if replace_stale else stale).append(c)
+            if not replace_stale:
+                _record_failure(exp, c, TaskResValueError(
+                    f"run folder {str(exp / 'runs' / c.folder)!r} holds a run made with other settings "
+                    f"({difference}); use another experiment folder, or --grid to compare settings."))
+    counts["failed"] = len(stale)
+    counts["skipped"] = len(cells) - len(todo) - len(stale)
     cache = setup.cache()
     bar = tqdm(total=len(cells), initial=counts["skipped"], desc="sweep", unit="cell", disable=not progress)
     try:
@@ -312,6 +342,36 @@ def _finished(exp: Path, cell: Cell, grid: Grid) -> bool:
     return all((run / f"eval-{name}" / "metrics.json").is_file() for name in grid.eval_on)
 
 
+def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
+    """What differs between a finished cell's config.json and the settings the grid gives it, or None."""
+    from taskres.workflow import TrainConfig
+
+    recorded = json.loads((exp / "runs" / cell.folder / "config.json").read_text())
+    if cell.method == ZERO_SHOT:
+        want = {"protocol": grid.protocol}
+    else:
+        try:
+            want = _resolve(cell, grid, cell.dataset).record()
+        except TaskResError as err:
+            return f"the grid's settings are invalid: {err}"
+        want = {k: want[k] for k in ("method", "shots", "seed", "views", "method_config", "optim", "protocol")}
+        want = json.loads(json.dumps(want))
+    for key, value in want.items():
+        if recorded.get(key, "default" if key == "protocol" else None) != value:
+            return f"{key}: {recorded.get(key)!r} in the run, {value!r} in the grid"
+    return None
+
+
+def _resolve(cell: Cell, grid: Grid, dataset_name: str):
+    from taskres.workflow import TrainConfig
+
+    return TrainConfig.resolve(grid.base_method(cell.method), cell.shots, cell.seed, dataset_name,
+                               options=grid.method_options(cell.method, cell.grid_values),
+                               optim=grid.optim if _trained(cell.method, grid) else {},
+                               views=grid.views if _views_apply(cell.method, grid) else None,
+                               protocol=grid.protocol)
+
+
 def _groups(cells: Sequence[Cell]) -> Iterator[tuple[tuple[str, str], list[Cell]]]:
     groups: dict[tuple[str, str], list[Cell]] = {}
     for c in cells:
@@ -326,28 +386,24 @@ def _load(backbone_name: str, dataset_name: str, grid: Grid, setup):
     """The backbone (kept loaded for the sweep) and the dataset of a group of cells."""
     from taskres.backbones import load_backbone
 
-    if backbone_name not in _loaded:
+    key = f"{backbone_name}|{setup.device}|{setup.precision}|{setup.weights_dir}"
+    if key not in _loaded:
         _loaded.clear()  # one backbone in memory at a time: groups come backbone by backbone
-        _loaded[backbone_name] = load_backbone(backbone_name, device=setup.device, precision=setup.precision,
-                                               weights_dir=setup.weights_dir)
+        _loaded[key] = load_backbone(backbone_name, device=setup.device, precision=setup.precision,
+                                     weights_dir=setup.weights_dir)
     ref = next(d for d in grid.datasets if d.name == dataset_name)
-    return _loaded[backbone_name], ref.open()
+    return _loaded[key], ref.open()
 
 
 def _run_cell(exp: Path, cell: Cell, grid: Grid, backbone, dataset, setup, cache) -> None:
-    from taskres.workflow import TrainConfig, evaluate_run, train, zeroshot
+    from taskres.workflow import evaluate_run, train, zeroshot
 
     run = exp / "runs" / cell.folder
     if cell.method == ZERO_SHOT:
         zeroshot(backbone, dataset, setup, out=run, overwrite=True, protocol=grid.protocol, cache=cache)
         return
-    if not (run / "metrics.json").is_file():
-        config = TrainConfig.resolve(grid.base_method(cell.method), cell.shots, cell.seed, dataset.name,
-                                     options=grid.method_options(cell.method, cell.grid_values),
-                                     optim=grid.optim if _trained(cell.method, grid) else {},
-                                     views=grid.views if _views_apply(cell.method, grid) else None,
-                                     protocol=grid.protocol)
-        train(backbone, dataset, config, setup, out=run, overwrite=True, cache=cache)
+    if not (run / "metrics.json").is_file() or _settings_difference(exp, cell, grid) is not None:
+        train(backbone, dataset, _resolve(cell, grid, dataset.name), setup, out=run, overwrite=True, cache=cache)
     for name in grid.eval_on:
         out = run / f"eval-{name}"
         if not (out / "metrics.json").is_file():

@@ -92,7 +92,7 @@ def grid_from_args(args: argparse.Namespace, option_dests: dict[str, str]):
         if given is not None:
             values[key] = given
     options.update({flag: getattr(args, dest) for flag, dest in option_dests.items()
-                    if getattr(args, dest) not in (None, False)})
+                    if getattr(args, dest) is not None and getattr(args, dest) is not False})
     optim.update({k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
     backbones = _list(values.get("backbone"))
     grid_specs = values.get("grid") or []
@@ -101,12 +101,18 @@ def grid_from_args(args: argparse.Namespace, option_dests: dict[str, str]):
         grid_specs = [f"{k}={','.join(map(str, v))}" for k, v in grid_specs.items()]
     grid_values = parse_grid(grid_specs)
     if values.get("preset") is not None:
+        ignored = [f"--{k.replace('_', '-')}" for k in ("dataset", "data", "split_file", "template") if k in values]
+        if ignored:
+            raise TaskResError(f"--preset {values['preset']} sets the datasets; drop {', '.join(ignored)} (or "
+                               "drop --preset and give the grid with flags).")
         grid = preset(values["preset"], values.get("root"), backbones, exp=args.exp)
         overrides = {k: _list(values[k], int) for k in ("shots", "seeds") if k in values}
         if "methods" in values:
             overrides["methods"] = _list(values["methods"])
         if grid_values:
             overrides["grid"] = grid_values
+        if "eval_on" in values:
+            overrides["eval_on"] = _list(values["eval_on"])
         grid = Grid(**{**_fields(grid), **overrides, "options": options, "optim": optim,
                        "views": values.get("views"), "protocol": values.get("protocol") or "default"})
         return grid

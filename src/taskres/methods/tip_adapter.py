@@ -144,15 +144,14 @@ def search_alpha_beta(head: TipAdapterHead, features: torch.Tensor, labels: torc
     clip_logits = cosine_logits(features.float(), head.base_text_features, head.logit_scale)  # (M, C)
     affinity = head.affinity(features)  # (M, NK)
     alpha_list = grid(config.search_scale[1], config.search_step[1])
-    alphas = torch.tensor(alpha_list, device=clip_logits.device)
     best = (-1, 0.0, 0.0)
     for beta in grid(config.search_scale[0], config.search_step[0]):
         cache_logits = torch.exp(-(beta - beta * affinity)) @ head.cache_values  # (M, C)
-        logits = clip_logits + alphas.view(-1, 1, 1) * cache_logits  # (A, M, C)
-        correct = (logits.argmax(dim=-1) == labels).sum(dim=1)  # (A,)
-        i = int(correct.argmax())  # the first of the best a for this b
-        if int(correct[i]) > best[0]:
-            best = (int(correct[i]), alpha_list[i], beta)
+        correct = [int(((clip_logits + alpha * cache_logits).argmax(dim=-1) == labels).sum())  # (M, C) at a time
+                   for alpha in alpha_list]
+        i = max(range(len(correct)), key=lambda j: (correct[j], -j))  # the first of the best a for this b
+        if correct[i] > best[0]:
+            best = (correct[i], alpha_list[i], beta)
     return best[1], best[2], 100.0 * best[0] / len(labels)
 
 
@@ -170,6 +169,9 @@ def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterC
     whole val split otherwise (docs/protocol.md#tip-adapter-protocol).
     """
     if ctx.protocol == "official":
+        if config.search == "none" or config.alpha is not None or config.beta is not None:
+            raise TaskResValueError("`protocol` official searches a and b as the public code does; drop `search` "
+                                    "none and the fixed `alpha`/`beta`.", param="protocol")
         features, labels, split = public_search_split(ctx)
         head.alpha, head.beta, acc = search_alpha_beta(head, features, labels, config)
         info.update(tip_search_split=split, tip_search_accuracy=acc)
