@@ -218,8 +218,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "methods":
         from taskres.methods import discover
 
-        for name, spec in discover().items():
-            print(f"{name:<16} {spec.summary}")
+        methods = sorted(discover().items(), key=lambda kv: (kv[0] != "taskres", kv[0]))  # TaskRes, then A-Z
+        width = max(len(name) for name, _ in methods) + 1
+        for name, spec in methods:
+            print(f"{name:<{width}} {spec.summary}")
         return 0
     if args.command == "demo":
         from taskres.app.demo import DemoConfig, run_demo
