@@ -260,3 +260,40 @@ def test_import_official_refuses_a_checkpoint_of_another_shape(env, capsys):
     official_checkpoint(ckpt, torch.zeros(5, 32), torch.zeros(5, 32))
     code, _, err = run(["import-official", str(ckpt), *base_args, "--out", str(tmp / "imp")], capsys)
     assert code == 2 and "base_text_features is (5, 32)" in err and "needs (3, 32)" in err
+
+
+# ---- the validation-free protocol ----------------------------------------------------------------------------------
+
+def test_no_val_protocol_draws_no_val_shots_and_uses_fixed_values(env, capsys):
+    tmp, base, _ = env
+    for name, extra in (("default", []), ("noval", ["--protocol", "no-val"])):
+        code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--epochs", "2", *extra,
+                            "--out", str(tmp / name)], capsys)
+        assert code == 0, err
+    default = json.loads((tmp / "default" / "fewshot_split.json").read_text())
+    noval = json.loads((tmp / "noval" / "fewshot_split.json").read_text())
+    assert noval["val"] == [] and default["val"] and noval["train"] == default["train"]
+    metrics = json.loads((tmp / "noval" / "metrics.json").read_text())
+    assert metrics["protocol"] == "no-val" and "val_accuracy" not in metrics
+    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--method", "tip-adapter-f", "--epochs", "3",
+                        "--protocol", "no-val", "--out", str(tmp / "tipf")], capsys)
+    assert code == 0, err
+    tipf = json.loads((tmp / "tipf" / "metrics.json").read_text())
+    config = json.loads((tmp / "tipf" / "config.json").read_text())
+    assert config["method_config"]["search"] == "none" and tipf["tip_f_epoch"] == 2  # the last epoch
+    assert (tipf["tip_alpha"], tipf["tip_beta"]) == (config["method_config"]["init_alpha"],
+                                                     config["method_config"]["init_beta"])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--method", "linear-probe"], "--search none needs a fixed C for the linear probe: set --lp-c"),
+    (["--method", "tip-adapter", "--search", "val"], "--protocol no-val selects nothing on a validation split"),
+])
+def test_no_val_protocol_errors(env, capsys, extra, match):
+    tmp, base, _ = env
+    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--protocol", "no-val", *extra,
+                        "--out", str(tmp / "x")], capsys)
+    assert code == 2 and match in err and "Traceback" not in err
+    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--protocol", "no-val", "--method",
+                        "linear-probe", "--lp-c", "1", "--out", str(tmp / "lp")], capsys)
+    assert code == 0, err

@@ -219,3 +219,12 @@ def test_fig4_correlations_against_an_independent_computation():
     assert c["n"] == 6
     assert c["pearson"] == pytest.approx(np.corrcoef(xs, ys)[0, 1])
     assert c["spearman"] == pytest.approx(np.corrcoef(rankdata(xs), rankdata(ys))[0, 1])
+
+
+def test_a_no_val_grid_runs_every_cell(env, capsys):
+    tmp, _, _ = env
+    code, out, err = run(grid_args(env, "--protocol", "no-val", "--lp-c", "1", "--seeds", "1"), capsys)
+    assert code == 0 and "0 failed" in out, err
+    configs = [json.loads(p.read_text()) for p in (tmp / "exp" / "runs").rglob("config.json")]
+    assert len(configs) == 5 and all(c["protocol"] == ("default" if c["kind"] == "zeroshot" else "no-val")
+                                     for c in configs)

@@ -97,7 +97,9 @@ class TrainConfig:
     optim: OptimConfig | None = field(default_factory=OptimConfig)
     views: int | Literal["online"] = 10  # cached augmented views per image (0: test transform), or "online"
     fewshot_file: str | None = None  # the few-shot images from a file (Dassl's split_fewshot pickle, a run's split)
-    protocol: Literal["default", "official"] = "default"  # "official": the method as its public code runs it
+    # "official": the method as its public code runs it; "no-val": nothing is selected or tuned on a validation
+    # split (CLAP's protocol): no val shots are drawn, and methods that search use their fixed values
+    protocol: Literal["default", "official", "no-val"] = "default"
 
     @classmethod
     def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> "TrainConfig":
@@ -112,22 +114,30 @@ class TrainConfig:
     @classmethod
     def resolve(cls, method: str, shots: int, seed: int, dataset: str = "", options: dict[str, Any] | None = None,
                 optim: dict[str, Any] | None = None, views: int | Literal["online"] | None = None,
-                protocol: Literal["default", "official"] = "default", fewshot_file: str | None = None
+                protocol: Literal["default", "official", "no-val"] = "default", fewshot_file: str | None = None
                 ) -> "TrainConfig":
         """The method's preset for ``dataset`` with the given settings on top: ``options`` (config fields of the
         method, e.g. ``{"alpha": 1.0}``), ``optim`` (OptimConfig fields, e.g. ``{"lr": 1e-3}``), ``views`` (default:
         the method's, or its public code's under the official protocol). What ``taskres train`` and ``taskres
-        sweep`` run."""
+        sweep`` run. Under ``protocol="no-val"`` a method's ``search`` defaults to "none" (its fixed values)."""
         spec = get_method(method)
         optim = dict(optim or {})
+        options = dict(options or {})
+        if protocol == "no-val" and "search" not in options and any(f.name == "search" for f in spec.options()):
+            preset_config = spec.default_config(dataset)
+            if getattr(preset_config, "search", None) is not None or options.get("enhance_base") \
+                    or options.get("base_weights"):
+                options["search"] = "none"
         if optim and not spec.trained:
             raise TaskResValueError(f"{', '.join(f'`{k}`' for k in optim)}: method {method!r} is training-free; "
                                     "drop the setting(s).", param=next(iter(optim)))
-        config = cls.preset(method, shots, seed, dataset, protocol=protocol)
-        method_config = spec.configure(config.method_config, **(options or {}))
+        config = cls.preset(method, shots, seed, dataset)
+        method_config = spec.configure(config.method_config, **options)
         optim_config = dataclasses.replace(config.optim, **optim) if config.optim is not None else None
-        return dataclasses.replace(config, method_config=method_config, optim=optim_config,
-                                   views=config.views if views is None else views, fewshot_file=fewshot_file)
+        if views is None:
+            views = spec.official.views if protocol == "official" and spec.official is not None else config.views
+        return dataclasses.replace(config, method_config=method_config, optim=optim_config, views=views,
+                                   fewshot_file=fewshot_file, protocol=protocol)
 
     def __post_init__(self) -> None:
         if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
@@ -153,7 +163,11 @@ class TrainConfig:
                                     f"epoch, but method {self.method!r} "
                                     f"{'is training-free' if not spec.trained else 'trains on the test transform'}; "
                                     f"use `views` {spec.views} (its default).", param="views")
-        check_choice("protocol", self.protocol, ("default", "official"))
+        check_choice("protocol", self.protocol, ("default", "official", "no-val"))
+        if self.protocol == "no-val" and getattr(self.method_config, "search", None) == "val":
+            raise TaskResValueError(f"`protocol` no-val selects nothing on a validation split, but method "
+                                    f"{self.method!r} is set to search on it; set `search` none (with its fixed "
+                                    "values).", param="search")
         if self.protocol == "official":
             official = [name for name, m in discover().items() if m.official is not None]
             if spec.official is None:
@@ -398,8 +412,13 @@ def draw_fewshot(dataset: DatasetSplits, config: TrainConfig) -> tuple[dict[str,
     """The few-shot entries of a run: the official draw for (K, seed), or the images of ``config.fewshot_file``
     (whose K must be ``config.shots``); and the file's info (empty for a draw)."""
     if config.fewshot_file is None:
-        return sample_fewshot(dataset, config.shots, config.seed), {}
-    fewshot, info = load_fewshot_file(config.fewshot_file, dataset)
+        fewshot, info = sample_fewshot(dataset, config.shots, config.seed), {}
+    else:
+        fewshot, info = load_fewshot_file(config.fewshot_file, dataset)
+    if config.protocol == "no-val":  # the train draw is the same: the official val draw comes after it
+        fewshot = {**fewshot, "val": []}
+    if config.fewshot_file is None:
+        return fewshot, info
     if info["shots"] != config.shots:
         raise invalid("shots", f"agree with the few-shot file, which holds up to {info['shots']} images per class",
                       config.shots)

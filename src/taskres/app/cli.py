@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on exactly these few-shot images: Dassl's split_fewshot/shot_<K>-seed_<S>.pkl (read "
                         "safely; paths matched by their path relative to the image folder) or a run's "
                         "fewshot_split.json")
-    p.add_argument("--protocol", default="default", choices=["default", "official"],
-                   help="official: the method as its public code runs it (taskres: --views online and the base "
+    p.add_argument("--protocol", default="default", choices=["default", "official", "no-val"],
+                   help="no-val: nothing selected or tuned on a validation split (CLAP's protocol; methods that "
+                        "search use their fixed values); official: the method as its public code runs it (taskres: --views online and the base "
                         "from the fp16 text encoder; tip-adapter(-f): its cache views, text classifier and "
                         "selection, on the test split where the public code selects there, labelled so)")
     p.add_argument("--method", default="taskres", help="method (default taskres; see `taskres methods`); each "
@@ -373,8 +374,6 @@ def _shots_and_seed(args: argparse.Namespace, dataset) -> None:
 
 def _train_config(args: argparse.Namespace, dataset_name: str = ""):
     """The method's preset for the dataset, with the options given on the command line."""
-    from dataclasses import replace
-
     from taskres.methods import get_method
     from taskres.workflow import TrainConfig
 
@@ -391,15 +390,10 @@ def _train_config(args: argparse.Namespace, dataset_name: str = ""):
         given = [f"--{n.replace('_', '-')}" for n in _OPTIM_OPTIONS if _given(args, n)]
         if given:
             raise TaskResError(f"{', '.join(given)}: method {spec.name!r} is training-free; drop the option(s).")
-    config = TrainConfig.preset(spec.name, args.shots, args.seed, dataset_name)
-    method_config = spec.configure(config.method_config, **values)
-    optim = config.optim
-    if optim is not None:
-        optim = replace(optim, **{k: getattr(args, k) for k in _OPTIM_OPTIONS if _given(args, k)})
-    views = args.views if args.views is not None else (spec.official.views if args.protocol == "official"
-                                                       and spec.official is not None else spec.views)
-    return replace(config, method_config=method_config, optim=optim, views=views, fewshot_file=args.fewshot_file,
-                   protocol=args.protocol)
+    # The same resolution as `taskres sweep`'s cells: the preset, then the options given.
+    return TrainConfig.resolve(spec.name, args.shots, args.seed, dataset_name, options=values,
+                               optim={k: getattr(args, k) for k in _OPTIM_OPTIONS if _given(args, k)},
+                               views=args.views, protocol=args.protocol, fewshot_file=args.fewshot_file)
 
 
 def _flag_names(method: str | None) -> dict[str, str]:

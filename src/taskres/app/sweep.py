@@ -348,7 +348,7 @@ def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
 
     recorded = json.loads((exp / "runs" / cell.folder / "config.json").read_text())
     if cell.method == ZERO_SHOT:
-        want = {"protocol": grid.protocol}
+        want = {"protocol": _zeroshot_protocol(grid)}
     else:
         try:
             want = _resolve(cell, grid, cell.dataset).record()
@@ -360,6 +360,11 @@ def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
         if recorded.get(key, "default" if key == "protocol" else None) != value:
             return f"{key}: {recorded.get(key)!r} in the run, {value!r} in the grid"
     return None
+
+
+def _zeroshot_protocol(grid: Grid) -> str:
+    """Zero-shot selects nothing: under no-val it is the default zero-shot; under official, CoOp's."""
+    return "official" if grid.protocol == "official" else "default"
 
 
 def _resolve(cell: Cell, grid: Grid, dataset_name: str):
@@ -400,7 +405,7 @@ def _run_cell(exp: Path, cell: Cell, grid: Grid, backbone, dataset, setup, cache
 
     run = exp / "runs" / cell.folder
     if cell.method == ZERO_SHOT:
-        zeroshot(backbone, dataset, setup, out=run, overwrite=True, protocol=grid.protocol, cache=cache)
+        zeroshot(backbone, dataset, setup, out=run, overwrite=True, protocol=_zeroshot_protocol(grid), cache=cache)
         return
     if not (run / "metrics.json").is_file() or _settings_difference(exp, cell, grid) is not None:
         train(backbone, dataset, _resolve(cell, grid, dataset.name), setup, out=run, overwrite=True, cache=cache)
@@ -442,7 +447,7 @@ PRESETS = ("paper-fewshot", "paper-dg", "paper-ablations", "demo-ablations")
 
 def preset(name: str, root: str | None, backbones: Sequence[str], exp: str | Path | None = None) -> Grid:
     """The paper's grids: ``paper-fewshot`` (its Fig. 3: the 11 datasets, 1-16 shots, seeds 1-3, zero-shot, linear
-    probe, CoOp, CLIP-Adapter, Tip-Adapter-F, TaskRes, TaskRes*), ``paper-dg`` (its Table 1: 16-shot ImageNet,
+    probe, CoOp, CLIP-Adapter, Tip-Adapter-F, TaskRes, TaskRes*, and the newer LP++, ZS-LP and CLAP), ``paper-dg`` (its Table 1: 16-shot ImageNet,
     evaluated on V2, Sketch, A and R), ``paper-ablations`` (its Tables 2 and 5 on ImageNet: TaskRes with alpha 0.1,
     0.5, 1.0, fixed or learned; the classifier adapters, residual and direct) and ``demo-ablations`` (the same grid on
     the shipped demo model and its six generated tasks, written under EXP/tasks, at 1, 4, 16 shots: minutes on a
@@ -465,7 +470,8 @@ def preset(name: str, root: str | None, backbones: Sequence[str], exp: str | Pat
     backbones = tuple(backbones) or ("RN50",)
     if name == "paper-fewshot":
         return Grid(tuple(DatasetRef(d, root=root) for d in PAPER_DATASETS), backbones,
-                    ("linear-probe", "coop", "clip-adapter", "tip-adapter-f", "taskres", "taskres*"))
+                    ("linear-probe", "coop", "clip-adapter", "tip-adapter-f", "taskres", "taskres*", "lp++",
+                     "zs-lp", "clap"))
     if name == "paper-ablations":
         return Grid((DatasetRef("imagenet", root=root),), backbones, ("taskres", "classifier-adapter"),
                     grid=dict(ABLATION_GRID))

@@ -29,7 +29,8 @@ def add_parsers(sub, common, method_options, views_arg) -> None:
     p.add_argument("--seeds", default=None, help="seeds, comma-separated (default 1,2,3)")
     p.add_argument("--views", type=views_arg, default=None, metavar="V|online",
                    help="training views for the methods that train on augmented views (default: each method's)")
-    p.add_argument("--protocol", default=None, choices=["default", "official"], help="the methods' protocol")
+    p.add_argument("--protocol", default=None, choices=["default", "official", "no-val"],
+                   help="the methods' protocol (no-val: no validation split, fixed values; see `taskres train`)")
     p.add_argument("--eval-on", default=None, help="also evaluate every trained run on these datasets (with --root), "
                                                    "e.g. imagenetv2,imagenet_sketch,imagenet_a,imagenet_r")
     p.add_argument("--grid", action="append", default=None, metavar="NAME=V1,V2,...",
