@@ -2,7 +2,6 @@
 as it was or a finished run. docs/reliability.md lists every case with the test that covers it."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

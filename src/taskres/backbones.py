@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError, check_choice, suggest
+from taskres.errors import TaskResFileNotFoundError, TaskResValueError, check_choice, suggest
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,6 @@ def load_backbone(
     spec: str, device: str | torch.device = "cpu", precision: str = "fp32", weights_dir: str | Path | None = None
 ) -> Backbone:
     """Load a frozen backbone in eval mode (see the module docstring for what ``spec`` may be)."""
-    import open_clip
-
     check_choice("precision", precision, sorted(PRECISIONS))
     device = parse_device(device)
     weights_dir = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError
+from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 # Module prefixes whose classes appear in Dassl checkpoints as optimiser and scheduler objects. They become Inert.
 INERT = ("torch.optim.", "dassl.")

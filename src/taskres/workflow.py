@@ -5,7 +5,7 @@
     build_base_classifier(backbone, classnames, templates)  -> t (C, D)
     fit_method(method, ..., features, base)                 -> Fitted (head, info, extra heads, files)
     evaluate(head, features, labels, classnames)            -> metrics (the one evaluation of zeroshot, train, eval)
-    RunWriter                                               -> the run folder
+    open_run (a RunWriter)                                  -> the run folder
 
 ``zeroshot``, ``train``, ``evaluate_run`` and ``predict`` chain them as the CLI runs them.
 """
@@ -35,7 +35,7 @@ from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.evaluate import evaluate, predict_logits
 from taskres.methods import FitContext, Fitted, Head, Method, OfficialVariant, discover, get_method
 from taskres.methods.taskres import TaskResHead
-from taskres.runs import CLASSIFIER, CONFIG, METRICS, RunWriter, open_run, read_classifier, read_run
+from taskres.runs import CLASSIFIER, CONFIG, METRICS, open_run, read_classifier, read_run
 from taskres.text import build_base_classifier, check_prompts_fit, normalized_text_classifier
 from taskres.views import OnlineViews, ViewBank
 
@@ -220,6 +220,8 @@ class Features:
     skipped_test: int = 0  # undecodable test images left out (with skip_bad_images)
     skipped_train: int = 0  # undecodable training images left out (with skip_bad_images)
     seconds: float = 0.0
+    full_val: torch.Tensor | None = None  # the dataset's whole val split, for public code that selects on it
+    full_val_labels: torch.Tensor | None = None
 
 
 def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[Entry], setup: Setup,
@@ -239,12 +241,14 @@ def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[E
 
 def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[str, list[Entry]],
                     views: int | Literal["online"], setup: Setup, seed: int = 0,
-                    cache: FeatureCache | None = None, scale: tuple[float, float] = TRAIN_SCALE) -> Features:
+                    cache: FeatureCache | None = None, scale: tuple[float, float] = TRAIN_SCALE,
+                    full_val: bool = False) -> Features:
     """Encode (or read from the cache) the training views, the test split and the few-shot val split.
 
     ``views`` 0 encodes the training images with the test transform; V > 0 encodes V augmented views of each (a
     ViewBank drawn with ``seed``); "online" encodes nothing for training now: each epoch encodes fresh
-    augmentations (OnlineViews, seeded by ``seed``). ``scale`` is RandomResizedCrop's scale range.
+    augmentations (OnlineViews, seeded by ``seed``). ``scale`` is RandomResizedCrop's scale range. ``full_val``
+    also encodes the dataset's whole val split (the official protocol of methods whose public code selects on it).
     """
     t0 = time.perf_counter()
     if views == ONLINE and setup.skip_bad_images:
@@ -256,18 +260,23 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
     val, val_labels = None, None
     if fewshot["val"]:
         val, val_labels, _ = encode_split(backbone, dataset, fewshot["val"], setup, cache, desc="val")
+    extra: dict[str, Any] = {}
+    if full_val and dataset.val:
+        all_val, all_val_labels, _ = encode_split(backbone, dataset, dataset.val, setup, cache, desc="full val")
+        extra = dict(full_val=all_val, full_val_labels=all_val_labels)
     if views == ONLINE:
         entries = fewshot["train"]
         online = OnlineViews(backbone, [str(dataset.path(e)) for e in entries], [e.impath for e in entries], seed,
                              setup.batch_size, setup.workers, scale, max_pixels=setup.max_image_pixels)
         labels = torch.tensor([e.label for e in entries], dtype=torch.long)
         return Features(online, labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, **extra)
     view_ids: list[int | None] = [None] if views == 0 else list(range(views))
     train_views, train_labels, skipped_train = [], None, []
     for v in view_ids:
+        desc = "train" if v is None else f"train view {v + 1}/{views}"
         feats, labels, skipped_train = encode_split(backbone, dataset, fewshot["train"], setup, cache, view=v,
-                                        desc="train" if v is None else f"train view {v + 1}/{views}", scale=scale)
+                                                    desc=desc, scale=scale)
         if train_labels is not None and not torch.equal(labels, train_labels):
             raise TaskResValueError("the training images decoded differently across views; re-run without "
                                     "skip_bad_images to see which image fails.", param="skip_bad_images")
@@ -281,7 +290,7 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
                                     f"{skipped_train[:5]}); fix or replace those images.", param="skip_bad_images")
     bank = ViewBank(torch.stack(train_views), seed)  # (V, N, D)
     return Features(bank, train_labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
-                    skipped_train=len(skipped_train), seconds=time.perf_counter() - t0)
+                    skipped_train=len(skipped_train), seconds=time.perf_counter() - t0, **extra)
 
 
 def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, backbone: Backbone,
@@ -289,11 +298,9 @@ def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, back
     """Fit the configured method on the features, starting from the base classifier (C, D). Under the official
     protocol, a method whose public code selects on other splits gets them (the whole val split, the test split)."""
     selection: dict[str, Any] = {}
-    if config.official is not None and config.official.selection == "public":
-        selection = dict(test_features=features.test, test_labels=features.test_labels)
-        if dataset.val:
-            val, val_labels, _ = encode_split(backbone, dataset, dataset.val, setup, setup.cache(), desc="full val")
-            selection.update(full_val_features=val, full_val_labels=val_labels)
+    if _selects_publicly(config):
+        selection = dict(test_features=features.test, test_labels=features.test_labels,
+                         full_val_features=features.full_val, full_val_labels=features.full_val_labels)
     ctx = FitContext(base=base, logit_scale=backbone.logit_scale, train_views=features.train_views,
                      train_labels=features.train_labels, val_features=features.val, val_labels=features.val_labels,
                      optim=config.optim, seed=config.seed, classnames=dataset.classnames,
@@ -303,6 +310,10 @@ def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, back
     fitted = config.spec.fit(ctx, config.method_config)
     fitted.head = fitted.head.cpu()
     return fitted
+
+
+def _selects_publicly(config: TrainConfig) -> bool:
+    return config.official is not None and config.official.selection == "public"
 
 
 def run_record(kind: str, backbone: Backbone, dataset: DatasetSplits, setup: Setup, **extra) -> dict:
@@ -371,7 +382,7 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
         if writer is not None:
             writer.write_split(fewshot)
         features = encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
-                                   scale=config.view_scale, cache=cache)
+                                   scale=config.view_scale, cache=cache, full_val=_selects_publicly(config))
         base = base_classifier(backbone, dataset, config.official)
         zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
                              dataset.classnames)

@@ -236,7 +236,8 @@ def _parse_value(text: str, annotation: Any, name: str) -> Any:
             return text
         return kind(text)
     except ValueError:
-        raise TaskResValueError(f"grid option {name}: {text!r} is not a valid value ({annotation}).",
+        kind_name = getattr(kind, "__name__", None) or ", ".join(map(str, typing.get_args(kind)))
+        raise TaskResValueError(f"grid option {name}: {text!r} is not a valid value (expected {kind_name}).",
                                 param="grid") from None
 
 
@@ -344,8 +345,6 @@ def _finished(exp: Path, cell: Cell, grid: Grid) -> bool:
 
 def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
     """What differs between a finished cell's config.json and the settings the grid gives it, or None."""
-    from taskres.workflow import TrainConfig
-
     recorded = json.loads((exp / "runs" / cell.folder / "config.json").read_text())
     if cell.method == ZERO_SHOT:
         want = {"protocol": _zeroshot_protocol(grid)}
@@ -482,7 +481,11 @@ def preset(name: str, root: str | None, backbones: Sequence[str], exp: str | Pat
 def grid_from_toml(path: str | Path) -> dict:
     """The keys of a ``--config FILE.toml`` (the sweep's flags with underscores: dataset, root, backbone, methods,
     shots, seeds, eval_on, views, protocol, preset, and method and optimiser options by flag name)."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise TaskResValueError("`config` files need Python 3.11 or later (tomllib); pass the grid as flags.",
+                                param="config") from None
 
     path = Path(path)
     try:

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from torch import nn
 
 from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.methods.base import FitContext, Fitted, Head, option
