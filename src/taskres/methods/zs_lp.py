@@ -112,7 +112,7 @@ def train_pooled(head: ZSLPHead, ctx: FitContext, pool: torch.Tensor, pool_label
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             idx = order[step * optim.batch_size:(step + 1) * optim.batch_size]
-            logits = head(pool[idx])
+            logits = head.train_logits(pool[idx])
             loss = F.cross_entropy(logits, pool_labels[idx])
             extra = penalty(head) if penalty is not None else None
             if extra is not None:
