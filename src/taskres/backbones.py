@@ -119,8 +119,9 @@ class Backbone:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised pixels -> (N, D) float32 image features."""
-        return self.model.encode_image(images.to(self.device, self.dtype)).float()
+        """(N, 3, H, W) normalised pixels -> (N, D) float32 image features (pinned pixels are copied to a GPU
+        without blocking)."""
+        return self.model.encode_image(images.to(self.device, self.dtype, non_blocking=True)).float()
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -6,7 +6,8 @@ Inside a namespace, each image's key hashes its name (the path relative to the d
 path for a loose image), size and mtime, so a changed file is a miss and a copied dataset (``cp -p``) is a hit.
 
 Chunks are written to a temporary file and renamed; each carries its image keys and a SHA-256 of its tensor bytes,
-checked on load. An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated
+checked on load. Under torchrun, a cache given the job's ``Cluster`` encodes collectively: each rank encodes its
+share of the missing images into its own chunks, then reads the others' (``taskres.distributed``). An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated
 chunk is reported, deleted and re-encoded.
 """
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from taskres.atomic import write_safetensors, write_text
 from taskres.backbones import Backbone
+from taskres.distributed import Cluster, check_shared_folder
 from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE, ImageViews, transform_spec, view_seed
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
@@ -64,15 +66,25 @@ def check_writable_dir(folder: Path, param: str, shown: Path | None = None) -> N
 class FeatureCache:
     """Encode images through a backbone, reusing every feature already on disk. ``cache_dir=None`` keeps nothing."""
 
-    def __init__(self, cache_dir: str | Path | None, batch_size: int = 32, workers: int = 0, quiet: bool = False,
-                 chunk_size: int = 1024, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(self, cache_dir: str | Path | None, batch_size: int = 32, workers: int | None = None,
+                 quiet: bool = False,
+                 chunk_size: int = 1024, max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster: Cluster | None = None):
         self.root = Path(cache_dir).expanduser() / f"v{FORMAT}" if cache_dir is not None else None
         self.batch_size, self.workers, self.quiet, self.chunk_size = batch_size, workers, quiet, chunk_size
         self.max_pixels = max_pixels
+        # the torchrun job that encodes collectively through this cache (None or one process: alone)
+        self.cluster = cluster if cluster is not None and cluster.active else None
         if self.root is not None:
             check_writable_dir(self.root, "cache_dir", Path(cache_dir))
+        if self.cluster is not None:
+            if self.root is None:
+                raise TaskResValueError("the ranks of a torchrun job exchange features through the cache folder; "
+                                        "give one that every rank sees (--cache-dir), not --no-cache.",
+                                        param="cache_dir")
+            check_shared_folder(self.cluster, self.root, "cache_dir")
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}
+        self._chunks: dict[Path, set[str]] = {}  # namespace folder -> names of the chunk files read or written
         self._keys: dict[tuple[str, int, int], str] = {}  # (name, size, mtime) -> image key  # namespace folder -> features read or encoded
 
     def namespace(self, backbone: Backbone, view: int | None, scale: tuple[float, float] = TRAIN_SCALE) -> dict:
@@ -99,14 +111,31 @@ class FeatureCache:
         elif folder in self._stores:  # read once per object: train, val and test often share a namespace
             store = self._stores[folder]
         else:
-            store = self._stores[folder] = self._load(folder)
+            store = self._stores[folder] = {}
+            self._read_chunks(folder, store)
         todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
+        mine = todo
+        if self.cluster is not None:
+            self.cluster.agree(f"the images still to encode ({desc})", [ns, [keys[i] for i in todo]],
+                               "every rank must run the same command on the same dataset files and see the same "
+                               "cache folder (--cache-dir).")
+            mine = self.cluster.share(todo)
         bad: set[str] = set()
-        if todo:
-            seeds = None if view is None else [view_seed(view, names[i]) for i in todo]
-            data = ImageViews([paths[i] for i in todo], backbone.image_size, backbone.mean, backbone.std, seeds,
+        if mine:
+            seeds = None if view is None else [view_seed(view, names[i]) for i in mine]
+            data = ImageViews([paths[i] for i in mine], backbone.image_size, backbone.mean, backbone.std, seeds,
                               scale, self.max_pixels)
-            bad = self._encode(backbone, data, [keys[i] for i in todo], skip_bad, store, folder, desc)
+            bad = self._encode(backbone, data, [keys[i] for i in mine], skip_bad, store, folder, desc)
+        if self.cluster is not None and todo:
+            bad = set().union(*self.cluster.gather(sorted(bad), f"encoding {desc}"))  # every rank's chunks written
+            self._read_chunks(folder, store)  # the other ranks' shares
+            missing = [paths[i] for i in todo if keys[i] not in store and keys[i] not in bad]
+            if missing:
+                raise TaskResValueError(
+                    f"rank {self.cluster.rank} cannot see the features the other ranks wrote to {str(folder)!r} "
+                    f"(e.g. for {missing[0]!r}); the cache folder must be one folder that every node of the job "
+                    "mounts (--cache-dir). Finished chunks are kept; fix the folder and run again.",
+                    param="cache_dir")
         if not bad and keys:
             return torch.stack([store[k] for k in keys]), []  # (N, D)
         out = torch.zeros(len(paths), backbone.embed_dim)
@@ -150,9 +179,13 @@ class FeatureCache:
                                     param="cache_dir") from None
         return folder
 
-    def _load(self, folder: Path) -> dict[str, torch.Tensor]:
-        store: dict[str, torch.Tensor] = {}
+    def _read_chunks(self, folder: Path, store: dict[str, torch.Tensor]) -> None:
+        """Add the features of the folder's chunks not read yet to ``store``; a corrupt chunk is deleted."""
+        seen = self._chunks.setdefault(folder, set())
         for chunk in sorted(folder.glob("chunk-*.safetensors")):
+            if chunk.name in seen:
+                continue
+            seen.add(chunk.name)
             try:
                 with safe_open(str(chunk), "pt") as f:
                     meta, feats = f.metadata() or {}, f.get_tensor("features")
@@ -165,7 +198,6 @@ class FeatureCache:
                 chunk.unlink(missing_ok=True)
                 continue
             store.update(zip(keys, feats))
-        return store
 
     def _encode(self, backbone: Backbone, data: ImageViews, keys: list[str], skip_bad: bool,
                 store: dict[str, torch.Tensor], folder: Path | None, desc: str) -> set[str]:
@@ -187,18 +219,48 @@ class FeatureCache:
                         bad.add(keys[i])
                         logger.warning("skipping undecodable image %s", data.paths[i])
                 if folder is not None and len(pending) >= self.chunk_size:
-                    _write_chunk(folder, pending_keys, pending)
+                    self._write_chunk(folder, pending_keys, pending)
                     pending_keys, pending = [], []
         finally:  # also on an error or Ctrl-C: what is encoded is kept, so that a rerun resumes from it
             if folder is not None and pending:
-                _write_chunk(folder, pending_keys, pending)
+                self._write_chunk(folder, pending_keys, pending)
         return bad
 
+    def _write_chunk(self, folder: Path, keys: list[str], feats: list[torch.Tensor]) -> None:
+        tensor = torch.stack(feats).float().contiguous()
+        keys_json = json.dumps(keys)
+        meta = {"keys": keys_json, "sha256": _digest(tensor, keys_json)}
+        if self.cluster is not None:  # which rank of the torchrun job encoded it
+            meta["rank"] = f"{self.cluster.rank}/{self.cluster.world_size}"
+        name = f"chunk-{uuid.uuid4().hex}.safetensors"
+        write_safetensors(folder / name, {"features": tensor}, meta)
+        self._chunks.setdefault(folder, set()).add(name)
 
-def encode_batches(backbone: Backbone, data: ImageViews, batch_size: int = 32, workers: int = 0,
+
+def loader_workers(workers: int | None, images: int, batch_size: int, device: torch.device) -> int:
+    """Image-decoding processes for ``images`` images: ``workers`` when given; else (auto) none for a job of at
+    most two batches (a worker's start costs more than it saves), one on the CPU (it decodes the next batch while
+    the encoder's threads run; decoding costs about a tenth of a CPU encoder pass), and up to 8 on a GPU, which
+    encodes faster than one process decodes."""
+    if workers is not None:
+        return workers
+    if images <= 2 * batch_size:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus < 2:
+        return 0
+    return min(8, cpus - 1) if device.type == "cuda" else 1
+
+
+def encode_batches(backbone: Backbone, data: ImageViews, batch_size: int = 32, workers: int | None = None,
                    desc: str = "encoding", quiet: bool = True) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
-    """Run ``data`` through the image encoder in batches: (indices, (B, D) features on the CPU, error per item)."""
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=False)
+    """Run ``data`` through the image encoder in batches: (indices, (B, D) features on the CPU, error per item).
+    Worker processes (``loader_workers``) decode and transform the next batches while the encoder runs; on CUDA
+    the batches come in pinned memory and are copied without blocking."""
+    workers = loader_workers(workers, len(data), batch_size, backbone.device)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=False,
+                                         pin_memory=backbone.device.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
     with tqdm(total=len(data), desc=desc, unit="img", disable=quiet, leave=False) as bar:
         for idx, pixels, errors in loader:
             yield idx.tolist(), backbone.encode_images(pixels).cpu(), list(errors)
@@ -211,9 +273,3 @@ def _digest(t: torch.Tensor, keys: str) -> str:
     h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
 
-
-def _write_chunk(folder: Path, keys: list[str], feats: list[torch.Tensor]) -> None:
-    tensor = torch.stack(feats).float().contiguous()
-    keys_json = json.dumps(keys)
-    write_safetensors(folder / f"chunk-{uuid.uuid4().hex}.safetensors", {"features": tensor},
-                      {"keys": keys_json, "sha256": _digest(tensor, keys_json)})

@@ -69,7 +69,7 @@ class OnlineViews:
     """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached)."""
 
     def __init__(self, backbone, paths: Sequence[str], names: Sequence[str], seed: int, batch_size: int = 32,
-                 workers: int = 0, scale: tuple[float, float] = TRAIN_SCALE,
+                 workers: int | None = None, scale: tuple[float, float] = TRAIN_SCALE,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if len(paths) != len(names):
             raise TaskResValueError(f"one name per image: {len(names)} names for {len(paths)} paths.")

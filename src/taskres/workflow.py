@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 import taskres
+from taskres import distributed
 from taskres.atomic import write_json
 from taskres.backbones import Backbone, BackboneIdentity, load_backbone, parse_device
 from taskres.cache import FeatureCache, check_writable_dir
@@ -45,8 +46,8 @@ ONLINE = "online"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest seed
 
 __all__ = ["Features", "Setup", "TrainConfig", "encode_features", "encode_split", "evaluate_run", "fit_method",
-           "import_official", "load_run_backbone", "load_run_head", "open_dataset", "predict", "reopen_dataset",
-           "train", "zeroshot"]
+           "encode_training", "import_official", "load_run_backbone", "load_run_head", "open_dataset", "predict",
+           "prepare_training", "reopen_dataset", "train", "zeroshot"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Setup:
     precision: str = "fp32"
     cache_dir: str | None = None
     batch_size: int = 32
-    workers: int = 0
+    workers: int | None = None  # image-decoding processes; None: auto (taskres.cache.loader_workers)
     quiet: bool = False
     skip_bad_images: bool = False
     weights_dir: str | None = None
@@ -69,13 +70,14 @@ class Setup:
                           self.max_image_pixels)
         if self.batch_size < 1:
             raise invalid("batch_size", "be >= 1 (images per encoder batch)", self.batch_size)
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise invalid("workers", "be >= 0 (0 = load images in the main process)", self.workers)
         parse_device(self.device)
 
     def cache(self) -> FeatureCache:
+        """The feature cache; under torchrun, the job's ranks encode through it together (taskres.distributed)."""
         return FeatureCache(self.cache_dir, batch_size=self.batch_size, workers=self.workers, quiet=self.quiet,
-                            max_pixels=self.max_image_pixels)
+                            max_pixels=self.max_image_pixels, cluster=distributed.current())
 
     def record(self) -> dict:
         return {"device": self.device, "precision": self.precision, "skip_bad_images": self.skip_bad_images}
@@ -192,6 +194,12 @@ class TrainConfig:
         return self.spec.official if self.protocol == "official" else None
 
     @property
+    def selects_publicly(self) -> bool:
+        """Whether the method's public code, which the official protocol follows, selects on the whole val split or
+        on test (such a method also encodes those splits)."""
+        return self.official is not None and self.official.selection == "public"
+
+    @property
     def view_scale(self) -> tuple[float, float]:
         return self.official.view_scale if self.official is not None else TRAIN_SCALE
 
@@ -298,7 +306,7 @@ def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, back
     """Fit the configured method on the features, starting from the base classifier (C, D). Under the official
     protocol, a method whose public code selects on other splits gets them (the whole val split, the test split)."""
     selection: dict[str, Any] = {}
-    if _selects_publicly(config):
+    if config.selects_publicly:
         selection = dict(test_features=features.test, test_labels=features.test_labels,
                          full_val_features=features.full_val, full_val_labels=features.full_val_labels)
     ctx = FitContext(base=base, logit_scale=backbone.logit_scale, train_views=features.train_views,
@@ -312,10 +320,6 @@ def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, back
     return fitted
 
 
-def _selects_publicly(config: TrainConfig) -> bool:
-    return config.official is not None and config.official.selection == "public"
-
-
 def run_record(kind: str, backbone: Backbone, dataset: DatasetSplits, setup: Setup, **extra) -> dict:
     """config.json: versions, backbone identity, dataset source and split hash, setup, and ``extra``."""
     return {
@@ -327,6 +331,14 @@ def run_record(kind: str, backbone: Backbone, dataset: DatasetSplits, setup: Set
         "setup": setup.record(),
         **extra,
     }
+
+
+def _helper_rank(cache: FeatureCache | None) -> bool:
+    """Whether this process is a rank other than 0 of a torchrun job encoding through ``cache`` (None: the cache
+    that ``Setup.cache`` makes, which joins the job): it encodes its share of a run's features, and rank 0 alone
+    trains, evaluates and writes the run (taskres.distributed)."""
+    cluster = distributed.current() if cache is None else cache.cluster
+    return cluster is not None and cluster.active and not cluster.is_main
 
 
 def _all_method_files() -> list[str]:
@@ -343,6 +355,9 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
     benchmark, "_" replaced by a space, each prompt's feature normalised).
     """
     check_choice("protocol", protocol, ("default", "official"))
+    if _helper_rank(cache):
+        encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
+        return {}
     with open_run(out, overwrite, _all_method_files()) as writer:
         if protocol == "official":
             from taskres.data.benchmarks import coop_zeroshot_templates
@@ -353,7 +368,8 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
             templates = dataset.templates
             classifier = build_base_classifier(backbone, dataset.classnames, templates)
         head = TaskResHead(classifier, backbone.logit_scale)
-        test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
+        test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(),
+                                             desc="test")
         metrics = evaluate(head, test, labels, dataset.classnames)
         metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped), protocol=protocol)
         if writer is not None:
@@ -363,11 +379,9 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
         return metrics
 
 
-def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
-          out: str | Path | None = None, overwrite: bool = False, cache: FeatureCache | None = None
-          ) -> tuple[Head, dict]:
-    """Sample K shots for the seed, fit the method on cached features, evaluate on test; return (head, metrics).
-    ``cache``: a FeatureCache to share between runs (its features stay in memory); default ``setup.cache()``."""
+def prepare_training(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig
+                     ) -> tuple[dict[str, list[Entry]], dict]:
+    """The checks that ``train`` makes before any encoding, then the few-shot draw: (splits, few-shot file info)."""
     if not dataset.train:
         raise TaskResValueError(f"dataset {dataset.name!r} has no training split (it is an evaluation-only set); "
                                 "train on imagenet and evaluate the run with `taskres eval --run RUN --dataset "
@@ -377,12 +391,36 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
         check()
     normalized = config.official is not None and config.official.base == "normalized_templates"
     check_prompts_fit(backbone, dataset.classnames, dataset.templates, replace_underscores=normalized)
-    fewshot, fewshot_info = draw_fewshot(dataset, config)
+    return draw_fewshot(dataset, config)
+
+
+def encode_training(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
+                    cache: FeatureCache | None = None) -> Features:
+    """Encode (or find in the cache) every feature that ``train`` with ``config`` reads, without training."""
+    fewshot, _ = prepare_training(backbone, dataset, config)
+    return _training_features(backbone, dataset, config, fewshot, setup, cache)
+
+
+def _training_features(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig,
+                       fewshot: dict[str, list[Entry]], setup: Setup, cache: FeatureCache | None) -> Features:
+    return encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
+                           scale=config.view_scale, cache=cache, full_val=config.selects_publicly)
+
+
+def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
+          out: str | Path | None = None, overwrite: bool = False, cache: FeatureCache | None = None
+          ) -> tuple[Head | None, dict]:
+    """Sample K shots for the seed, fit the method on cached features, evaluate on test; return (head, metrics).
+    ``cache``: a FeatureCache to share between runs (its features stay in memory); default ``setup.cache()``.
+    On the other ranks of a torchrun job: their share of the encoding only, and (None, {})."""
+    fewshot, fewshot_info = prepare_training(backbone, dataset, config)
+    if _helper_rank(cache):
+        _training_features(backbone, dataset, config, fewshot, setup, cache)
+        return None, {}
     with open_run(out, overwrite, _all_method_files()) as writer:
         if writer is not None:
             writer.write_split(fewshot)
-        features = encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
-                                   scale=config.view_scale, cache=cache, full_val=_selects_publicly(config))
+        features = _training_features(backbone, dataset, config, fewshot, setup, cache)
         base = base_classifier(backbone, dataset, config.official)
         zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
                              dataset.classnames)
@@ -552,6 +590,8 @@ def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = 
                  cache: FeatureCache | None = None) -> dict:
     """Re-evaluate a run's classifier on its own test split, or on ``dataset``'s."""
     run, config = read_run(run)
+    if _helper_rank(cache):
+        out = None  # under torchrun, rank 0 alone writes
     if out is not None and (Path(out) / CONFIG).exists():
         raise TaskResValueError(f"out {str(out)!r} is a run folder; its metrics.json would be replaced. Write the "
                                 f"evaluation elsewhere, e.g. {str(Path(run) / 'eval')}.", param="out")

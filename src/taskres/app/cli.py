@@ -51,7 +51,9 @@ def _common(p: argparse.ArgumentParser, data: bool = True, backbone: bool = True
     p.add_argument("--weights-dir", default=None, help="folder with backbone weight files (default $TASKRES_WEIGHTS "
                                                        "or ~/.cache/taskres/weights)")
     p.add_argument("--encode-batch-size", type=int, default=32, help="images per encoder batch (default 32)")
-    p.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding worker processes (default: auto, none for a small job, 1 on the CPU, up to "
+                        "8 on a GPU; 0 = decode in the main process)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -111,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
     p = sub.add_parser("eval", help="re-evaluate a run (on its own test split or another dataset)")
-    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder (--run-dir is the same flag for torchrun, whose own parser reads --run as an "
+                        "abbreviation of its --run-path)")
     _common(p, backbone=False)
     p.add_argument("--out", default=None, help="folder to write metrics.json into")
 
@@ -176,7 +180,7 @@ def _setup(args: argparse.Namespace):
     if args.encode_batch_size < 1:  # Setup's batch_size; --batch-size is the training batch
         raise TaskResError(f"--encode-batch-size must be >= 1; got {args.encode_batch_size}.")
     cache_dir = None if args.no_cache else (args.cache_dir or _default_cache())
-    return Setup(device=args.device or _default_device(), precision=getattr(args, "precision", "fp32"),
+    return Setup(device=_device(args), precision=getattr(args, "precision", "fp32"),
                  cache_dir=cache_dir, batch_size=args.encode_batch_size, workers=args.workers, quiet=args.quiet,
                  skip_bad_images=getattr(args, "skip_bad_images", False), weights_dir=args.weights_dir,
                  max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS)
@@ -230,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.seeds < 1:
             raise TaskResError(f"--seeds must be >= 1; got {args.seeds}.")
         run_demo(args.out, DemoConfig(seeds=tuple(range(1, args.seeds + 1)), views=args.views),
-                 device=args.device or _default_device(), quiet=args.quiet)
+                 device=_device(args), quiet=args.quiet)
         return 0
     if args.command == "datasets":
         return _datasets(args.root)
@@ -427,10 +431,39 @@ def _message(err: TaskResError, method: str | None = None) -> str:
     return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), text)
 
 
+# Commands whose ranks share the encoding under torchrun; the others run on rank 0 alone.
+COLLECTIVE = ("zeroshot", "train", "eval", "sweep", "demo")
+
+
+def _join_cluster(args: argparse.Namespace, argv: Sequence[str]) -> bool:
+    """Under torchrun: join the job for a collective command (False: this rank has nothing to do). The other ranks
+    stay silent on stdout; rank 0 reports."""
+    from taskres import distributed
+
+    env = distributed.from_env()
+    if not env.active:
+        return True
+    if args.command not in COLLECTIVE:
+        return env.is_main
+    distributed.init_from_env(getattr(args, "device", None) or _default_device(), list(argv))
+    if not env.is_main:
+        sys.stdout = open(os.devnull, "w")
+    return True
+
+
+def _device(args: argparse.Namespace) -> str:
+    from taskres import distributed
+
+    return distributed.rank_device(args.device or _default_device(), distributed.current())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        if not _join_cluster(args, argv):
+            return 0
         return _run(args)
     except TaskResError as err:
         print(f"taskres: error: {_message(err, getattr(args, 'method', None))}", file=sys.stderr)
@@ -442,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("taskres: interrupted; the run folder is left as it was, finished cache chunks are kept and the next "
               "run resumes from them.", file=sys.stderr)
         return 130
+    finally:
+        if "taskres.distributed" in sys.modules:
+            sys.modules["taskres.distributed"].shutdown()
 
 
 if __name__ == "__main__":

@@ -49,13 +49,21 @@ def demo_grid(tasks: list[dict], config: DemoConfig) -> Grid:
 def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), device: str = "cpu", quiet: bool = False,
              echo=print) -> dict:
     """Generate the tasks under ``out/tasks``, run the grid, write ``out/results.json`` and the plots."""
+    from taskres import distributed
+
+    cluster = distributed.current()  # under torchrun: rank 0 writes the tasks, the ranks share the sweep
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tasks = write_demo_tasks(out / "tasks", seed=config.data_seed)
-    echo(f"generated {len(tasks)} tasks in {time.perf_counter() - t0:.1f} s under {out / 'tasks'}")
+    tasks = None
+    if cluster.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        tasks = write_demo_tasks(out / "tasks", seed=config.data_seed)
+        echo(f"generated {len(tasks)} tasks in {time.perf_counter() - t0:.1f} s under {out / 'tasks'}")
+    tasks = cluster.gather(tasks, "writing the demo tasks")[0]
     setup = Setup(device=device, cache_dir=str(out / "cache"), quiet=True)
     counts = run_sweep(out, demo_grid(tasks, config), setup, extend=True, progress=not quiet, replace_stale=True)
+    if not cluster.is_main:
+        return {}
     if counts["failed"]:
         raise TaskResError(f"{counts['failed']} demo run(s) failed; see {out / 'failures.jsonl'}.")
     runs = [r for r in collect(out) if not r["eval_dataset"]]

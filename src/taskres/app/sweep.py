@@ -289,8 +289,13 @@ def run_sweep(exp: str | Path, grid: Grid, setup, shard: tuple[int, int] = (1, 1
     """
     from tqdm.auto import tqdm
 
+    from taskres import distributed
+
+    cluster = distributed.current()
     exp = Path(exp)
-    open_experiment(exp, grid, extend)
+    if cluster.is_main:
+        open_experiment(exp, grid, extend)
+    cluster.barrier("opening the experiment folder")
     cells = shard_cells(grid.cells(), shard)
     counts = {"cells": len(cells), "skipped": 0, "ran": 0, "failed": 0}
     todo, stale = [], []
@@ -306,7 +311,15 @@ def run_sweep(exp: str | Path, grid: Grid, setup, shard: tuple[int, int] = (1, 1
     counts["failed"] = len(stale)
     counts["skipped"] = len(cells) - len(todo) - len(stale)
     cache = setup.cache()
-    bar = tqdm(total=len(cells), initial=counts["skipped"], desc="sweep", unit="cell", disable=not progress)
+    if cluster.active:  # torchrun: the ranks encode every cell's features together, then split the cells
+        cluster.agree("the cells to run", [c.folder for c in todo], "every rank must see the same experiment "
+                      "folder (one on a filesystem that every node mounts) and run the same sweep command.")
+        _encode_cells(todo, grid, setup, cache)
+        cache.cluster = None  # each rank now runs its own cells, alone, on the features in the cache
+        todo = cluster.share(todo)
+        counts["skipped"] += len(cells) - len(todo) - len(stale) - counts["skipped"]
+    bar = tqdm(total=len(cells), initial=counts["skipped"], desc="sweep", unit="cell",
+               disable=not progress or not cluster.is_main)
     try:
         for (backbone_name, dataset_name), group in _groups(todo):
             try:
@@ -331,7 +344,41 @@ def run_sweep(exp: str | Path, grid: Grid, setup, shard: tuple[int, int] = (1, 1
                 bar.update(1)
     finally:
         bar.close()
+    if cluster.active:  # rank 0 reports the whole job once every rank has finished its cells
+        shares = cluster.gather({k: counts[k] for k in ("ran", "failed")}, "running the cells")
+        counts.update(ran=sum(c["ran"] for c in shares), failed=sum(c["failed"] for c in shares),
+                      skipped=counts["cells"] - sum(c["ran"] + c["failed"] for c in shares) + len(stale))
     return counts
+
+
+def _encode_cells(cells: Sequence[Cell], grid: Grid, setup, cache) -> None:
+    """Every feature the cells read, encoded collectively (the ranks of a torchrun job share each split's images).
+    A cell whose settings or data are invalid is left to fail, and be recorded, when it runs; those checks come
+    before any encoding, so every rank skips the same cells."""
+    from taskres.workflow import encode_features, encode_split, prepare_training
+
+    for (backbone_name, dataset_name), group in _groups(cells):
+        try:
+            backbone, dataset = _load(backbone_name, dataset_name, grid, setup)
+        except TaskResError:
+            continue
+        for cell in group:
+            try:
+                targets = [dataset] if cell.method == ZERO_SHOT else [_eval_target(name, grid) for name in grid.eval_on]
+                if cell.method != ZERO_SHOT:
+                    config = _resolve(cell, grid, dataset.name)
+                    fewshot, _ = prepare_training(backbone, dataset, config)
+            except TaskResError:
+                continue
+            if cell.method != ZERO_SHOT:
+                encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
+                                scale=config.view_scale, cache=cache, full_val=config.selects_publicly)
+            for target in targets:
+                encode_split(backbone, target, target.test, setup, cache, desc=f"test {target.name}")
+
+
+def _eval_target(name: str, grid: Grid):
+    return DatasetRef(name, root=next((d.root for d in grid.datasets if d.root), None)).open()
 
 
 def _finished(exp: Path, cell: Cell, grid: Grid) -> bool:
@@ -411,7 +458,7 @@ def _run_cell(exp: Path, cell: Cell, grid: Grid, backbone, dataset, setup, cache
     for name in grid.eval_on:
         out = run / f"eval-{name}"
         if not (out / "metrics.json").is_file():
-            target = DatasetRef(name, root=next((d.root for d in grid.datasets if d.root), None)).open()
+            target = _eval_target(name, grid)
             evaluate_run(run, setup, dataset=target, out=out, backbone=backbone, cache=cache)
 
 
