@@ -208,3 +208,24 @@ def test_a_head_that_does_not_export_faithfully_is_refused(runs, tmp_path, capsy
                                capsys)
         assert code == 2 and "Traceback" not in err and re.search(message, err), (fmt, _, err)
         assert not out.exists() and not list(tmp_path.glob(".m.*"))
+
+
+OTHERS = {"coop": dict(optim={"epochs": 1}, views=1, options={"n_ctx": 4}), "lp++": dict(views=1),
+          "zs-lp": dict(optim={"epochs": 2}, views=1), "clap": dict(optim={"epochs": 2}, views=1),
+          "classifier-adapter": dict(optim={"epochs": 2}, views=1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(OTHERS))
+def test_the_other_methods_export_to_both_formats(tmp_path, openai_rn_file, method):
+    discover()
+    image_dir, split_file = make_split_dataset(tmp_path / "data")
+    dataset = open_dataset(str(image_dir), str(split_file))
+    train(load_backbone(str(openai_rn_file)), dataset, TrainConfig.resolve(method, 2, 1, **OTHERS[method]),
+          Setup(cache_dir=None, quiet=True), out=tmp_path / "run")
+    images = [str(image_dir / e.impath) for e in dataset.test[:4]]
+    for fmt in ("torchscript", "onnx"):
+        out = tmp_path / f"m.{fmt}"
+        report = export_run(tmp_path / "run", out, fmt, check_images=images)
+        assert report["method"] == method and read_metadata(out)["method"] == method
+        assert report["parity"]["max_abs_probs"] <= PROBS_ATOL
