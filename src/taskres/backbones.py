@@ -6,7 +6,11 @@
   (``ViT-B-32-quickgelu:/path/model.safetensors``); the model config decides the activation;
 - a path to an OpenAI-format checkpoint (TorchScript archive or plain state dict): the architecture is inferred from
   the tensors and QuickGELU is used, as OpenAI trained these models;
-- a model shipped with this package (``taskres-demo``).
+- a model shipped with this package (``taskres-demo``);
+- a Hugging Face Hub repository in open_clip's format, ``hf-hub:ORG/NAME`` or ``hf-hub:ORG/NAME@REVISION``
+  (REVISION: a branch, a tag or a 40-hex commit hash; default ``main``), read from the local Hugging Face cache
+  (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``). The identity records the repository
+  and the snapshot's commit hash, so two revisions never share cached features.
 
 Nothing is downloaded when the weights are on disk; when they are not and the network is unreachable, loading fails
 within seconds with a message that says where to put the file.
@@ -16,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import pickle
+import re
 import socket
 import threading
 import zipfile
@@ -47,6 +53,11 @@ OPENAI_MODELS = {
     "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336",
 }
 SHIPPED_MODELS = ("taskres-demo",)
+HF_HUB_PREFIX = "hf-hub:"
+# open_clip's own names on the Hub (open_clip.pretrained: HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME), in
+# the order its hf-hub loader prefers them
+HF_CONFIG_FILE = "open_clip_config.json"
+HF_WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,9 @@ class BackboneIdentity:
     """What makes a backbone's features what they are, recorded in every run's config.json.
 
     ``kind``: "openai" (an OpenAI name), "file" (an OpenAI-format file), "open_clip" (a MODEL:TAG pair),
-    "open_clip_file" (MODEL:FILE) or "shipped". ``sha256`` hashes the weights file; ``tag`` is the open_clip tag.
+    "open_clip_file" (MODEL:FILE), "shipped" or "hf_hub" (``hf-hub:ORG/NAME[@REVISION]``). ``sha256`` hashes the
+    weights file; ``tag`` is the open_clip tag; ``repo`` and ``revision`` (the snapshot's commit hash, whatever
+    branch or tag was asked for) name a Hugging Face Hub model.
     """
 
     spec: str  # as the user wrote it: RN50, a path, MODEL:TAG
@@ -69,6 +82,8 @@ class BackboneIdentity:
     name: str | None = None  # the OpenAI name, for kind "openai"
     format: str | None = None  # "openai" for OpenAI-format files
     tag: str | None = None  # the open_clip tag, for kind "open_clip"
+    repo: str | None = None  # ORG/NAME, for kind "hf_hub"
+    revision: str | None = None  # the snapshot's commit hash, for kind "hf_hub"
 
     def to_json(self) -> dict:
         """The record in config.json (fields that do not apply are left out)."""
@@ -90,9 +105,17 @@ class BackboneIdentity:
         same weights give the same features as RN50, as a path or as a MODEL:FILE pair."""
         return {k: v for k, v in self.to_json().items() if k not in ("spec", "kind", "name")}
 
+    def reload_spec(self) -> str:
+        """The spec that loads these weights again: a Hub model pinned to its recorded commit (its branch may have
+        moved since), any other as written."""
+        if self.kind == "hf_hub" and self.repo and self.revision:
+            return f"{HF_HUB_PREFIX}{self.repo}@{self.revision}"
+        return self.spec
+
     def difference(self, other: "BackboneIdentity") -> str | None:
-        """The first of sha256, tag, arch that differs from ``other``, as "field: here vs there", or None."""
-        for key in ("sha256", "tag", "arch"):
+        """The first of sha256, tag, arch, repo, revision that differs from ``other``, as "field: here vs there", or
+        None."""
+        for key in ("sha256", "tag", "arch", "repo", "revision"):
             if getattr(self, key) != getattr(other, key):
                 return f"{key}: {getattr(self, key)!r} here, {getattr(other, key)!r} in the run"
         return None
@@ -171,6 +194,8 @@ def _load_backbone(spec: str, device: torch.device, precision: str, weights_dir:
     path = Path(spec).expanduser()
     if spec in SHIPPED_MODELS:
         model, tokenizer, identity = _load_shipped(spec)
+    elif spec.startswith(HF_HUB_PREFIX):
+        model, tokenizer, identity = _load_hf_hub(spec)
     elif spec in OPENAI_MODELS:
         file = _find_openai_weights(spec, weights_dir)
         model, identity = _load_openai_file(file)
@@ -190,8 +215,8 @@ def _load_backbone(spec: str, device: torch.device, precision: str, weights_dir:
         raise TaskResValueError(
             f"unknown backbone {spec!r}; {suggest(spec, known_backbones())}known OpenAI names: "
             f"{', '.join(OPENAI_MODELS)}; shipped: {', '.join(SHIPPED_MODELS)}; or an open_clip MODEL:PRETRAINED pair "
-            "(list them with `python -c \"import open_clip; print(open_clip.list_pretrained())\"`), or a "
-            "checkpoint path."
+            "(list them with `python -c \"import open_clip; print(open_clip.list_pretrained())\"`), a Hugging Face "
+            "Hub model hf-hub:ORG/NAME, or a checkpoint path."
         )
     if not hasattr(model, "encode_text") or not hasattr(model, "logit_scale"):
         raise TaskResValueError(f"backbone {spec!r} is not a CLIP-style model with a text encoder and a logit scale.")
@@ -445,3 +470,158 @@ def _load_shipped(name: str) -> tuple[torch.nn.Module, Any, dict]:
     return model, open_clip.get_tokenizer(name), identity
 
 
+
+
+# ---- Hugging Face Hub models ---------------------------------------------------------------------------------------
+
+HF_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def hf_hub_cache_dir() -> Path:
+    """The Hugging Face cache as huggingface_hub finds it, read from the environment at each call (huggingface_hub
+    reads it once, at import): $HF_HUB_CACHE, $HUGGINGFACE_HUB_CACHE, $HF_HOME/hub, $XDG_CACHE_HOME/huggingface/hub,
+    ~/.cache/huggingface/hub."""
+    env = os.environ
+    hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not hub:
+        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"),
+                                                  "huggingface")
+        hub = os.path.join(home, "hub")
+    return Path(os.path.expandvars(hub)).expanduser()
+
+
+def parse_hf_hub_spec(spec: str) -> tuple[str, str | None]:
+    """``hf-hub:ORG/NAME[@REVISION]`` -> (ORG/NAME, REVISION or None)."""
+    repo, at, revision = spec[len(HF_HUB_PREFIX):].partition("@")
+    if not HF_REPO_ID.fullmatch(repo) or "--" in repo or ".." in repo:
+        raise TaskResValueError(
+            f"backbone {spec!r}: hf-hub: needs a Hugging Face repository as ORG/NAME, e.g. "
+            "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K, optionally with @REVISION (a branch, a tag or a commit "
+            f"hash); got {repo!r}.", param="backbone")
+    if at and (not revision or ".." in revision.split("/") or revision.startswith("/")
+               or any(c.isspace() or c in "\\~^:?*[" for c in revision)):
+        raise TaskResValueError(f"backbone {spec!r}: {revision!r} after @ is not a revision; give a branch, a tag or a "
+                                "40-hex commit hash (hf-hub:ORG/NAME@main), or drop @ for the default branch.",
+                                param="backbone")
+    return repo, revision if at else None
+
+
+def _hf_fetch_hint(repo: str, revision: str | None, cache: Path) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    files = f"{HF_CONFIG_FILE} {HF_WEIGHTS_FILES[0]}"
+    return (f"On a connected machine run `hf download {repo} {files}{rev} --cache-dir {cache}` (older "
+            f"huggingface_hub: `huggingface-cli download` with the same arguments), or copy its cache folder "
+            f"models--{repo.replace('/', '--')} into {str(cache)!r}; set $HF_HUB_CACHE (or $HF_HOME) to use another "
+            "cache.")
+
+
+def _hf_hub_snapshot(repo: str, revision: str | None, cache: Path) -> tuple[Path, str] | None:
+    """(snapshot folder, commit hash) of ``repo`` at ``revision`` (default: main) in the cache, or None."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    wanted = revision or "main"
+    commit: str | None = wanted if COMMIT_HASH.fullmatch(wanted) else None
+    if commit is None:
+        ref = folder / "refs" / wanted
+        try:
+            commit = ref.read_text().strip() if ref.is_file() else None
+        except (OSError, UnicodeDecodeError):
+            commit = None
+    if commit is None or not COMMIT_HASH.fullmatch(commit) or not (folder / "snapshots" / commit).is_dir():
+        return None
+    return folder / "snapshots" / commit, commit
+
+
+def _hf_hub_files(snapshot: Path) -> tuple[Path | None, Path | None]:
+    """(open_clip_config.json, the weights file open_clip's Hub loader would take) in a snapshot, or None each."""
+    config = snapshot / HF_CONFIG_FILE
+    weights = next((snapshot / n for n in HF_WEIGHTS_FILES if (snapshot / n).is_file()), None)
+    return (config if config.is_file() else None), weights
+
+
+def _download_hf_hub(spec: str, repo: str, revision: str | None, cache: Path) -> None:
+    """Fetch the config and the weights into the cache (only called when the Hub answers)."""
+    from huggingface_hub import hf_hub_download
+
+    logger.warning("downloading %s from the Hugging Face Hub into %s", spec, cache)
+    try:
+        hf_hub_download(repo, HF_CONFIG_FILE, revision=revision, cache_dir=str(cache))
+        for i, name in enumerate(HF_WEIGHTS_FILES):
+            try:
+                hf_hub_download(repo, name, revision=revision, cache_dir=str(cache))
+                break
+            except Exception:  # the Hub's "entry not found": try the next name, and report the last
+                if i == len(HF_WEIGHTS_FILES) - 1:
+                    raise
+    except Exception as err:  # the Hub's errors: no such repository, revision or file, a gated repository, HTTP
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise TaskResValueError(f"backbone {spec!r} could not be fetched from the Hugging Face Hub "
+                                f"({type(err).__name__}: {first}); check the repository and the revision. "
+                                f"{_hf_fetch_hint(repo, revision, cache)}", param="backbone") from None
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "initialized randomly" when it is asked to build a model without its weights; the weights are
+    loaded right after, so the warning would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def _load_hf_hub(spec: str) -> tuple[torch.nn.Module, Any, dict]:
+    """A Hub model in open_clip's format (open_clip_config.json and open_clip_model.safetensors or
+    open_clip_pytorch_model.bin) from the local cache, downloaded only when it is not there and the Hub answers.
+
+    The revision is resolved in the cache (refs/BRANCH -> commit), and the snapshot folder of that commit is built by
+    open_clip's ``local-dir:`` loader (the same config and preprocessing fields as its ``hf-hub:`` loader, which takes
+    no revision and, offline, would build a randomly initialised model when the weights file is missing)."""
+    import open_clip
+
+    repo, revision = parse_hf_hub_spec(spec)
+    cache = hf_hub_cache_dir()
+    found = _hf_hub_snapshot(repo, revision, cache)
+    files = _hf_hub_files(found[0]) if found else (None, None)
+    if (found is None or None in files) and _network_reachable("https://huggingface.co"):
+        _download_hf_hub(spec, repo, revision, cache)
+        found = _hf_hub_snapshot(repo, revision, cache)
+        files = _hf_hub_files(found[0]) if found else (None, None)
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    hint = _hf_fetch_hint(repo, revision, cache)
+    if not folder.is_dir():
+        raise TaskResFileNotFoundError(f"backbone {spec!r}: the Hugging Face repository {repo!r} is not in the local "
+                                       f"cache {str(cache)!r}, and the Hub is unreachable or offline mode is set. "
+                                       f"{hint}", param="backbone")
+    if found is None:
+        cached = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file()) \
+            if (folder / "refs").is_dir() else []
+        snapshots = sorted(p.name for p in (folder / "snapshots").iterdir()) if (folder / "snapshots").is_dir() else []
+        raise TaskResFileNotFoundError(
+            f"backbone {spec!r}: revision {revision or 'main'!r} of {repo!r} is not in the local cache "
+            f"{str(cache)!r} (cached branches/tags: {', '.join(cached) or 'none'}; snapshots: "
+            f"{', '.join(snapshots) or 'none'}). Pass one of those as @REVISION, or fetch it. {hint}", param="backbone")
+    snapshot, commit = found
+    config, weights = files
+    if config is None or weights is None:
+        missing = HF_CONFIG_FILE if config is None else " or ".join(HF_WEIGHTS_FILES)
+        raise TaskResFileNotFoundError(
+            f"backbone {spec!r}: the cached snapshot {str(snapshot)!r} (revision {commit}) has no {missing}; "
+            f"taskres loads open_clip-format Hub models, which carry both. {hint}", param="backbone")
+    root = logging.getLogger()
+    drop = _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        model = open_clip.create_model(f"local-dir:{snapshot}", load_weights=False, pretrained_text=False)
+        open_clip.load_checkpoint(model, str(weights), strict=True)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{snapshot}")
+    except (RuntimeError, ValueError, OSError, EOFError, KeyError, IndexError, TypeError, AssertionError, ImportError,
+            pickle.UnpicklingError, SafetensorError, json.JSONDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise TaskResValueError(f"backbone {spec!r}: open_clip could not build the model of {str(snapshot)!r} "
+                                f"({type(err).__name__}: {first}); the snapshot's {HF_CONFIG_FILE} and "
+                                f"{weights.name} must be an open_clip model and its weights.",
+                                param="backbone") from None
+    finally:
+        root.removeFilter(drop)
+    identity = {"kind": "hf_hub", "arch": f"{HF_HUB_PREFIX}{repo}", "repo": repo, "revision": commit,
+                "sha256": file_sha256(weights)}
+    return model, tokenizer, identity

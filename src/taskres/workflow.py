@@ -555,14 +555,15 @@ def import_official(checkpoint: str | Path, backbone: Backbone, dataset: Dataset
         return head, metrics
 
 
-def load_run_backbone(config: dict, setup: Setup) -> Backbone:
-    """Reload the backbone a run used and check it is the same weights."""
+def load_run_backbone(config: dict, setup: Setup, precision: str | None = None) -> Backbone:
+    """Reload the backbone a run used (a Hub model at the commit it used) and check it is the same weights; at the
+    run's precision unless ``precision`` is given."""
     try:
         recorded = BackboneIdentity.from_json(config["backbone"])
     except (KeyError, TypeError, ValueError) as err:
         raise TaskResValueError(f"the run's config.json has a damaged backbone record ({type(err).__name__}: "
                                 f"{err}); it was edited. Re-run training.", param="run") from None
-    backbone = load_backbone(recorded.spec, device=setup.device, precision=recorded.precision,
+    backbone = load_backbone(recorded.reload_spec(), device=setup.device, precision=precision or recorded.precision,
                              weights_dir=setup.weights_dir)
     difference = backbone.identity.difference(recorded)
     if difference is not None:

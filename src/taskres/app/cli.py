@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     _common(p, data=False, backbone=False)
 
+    p = sub.add_parser("export", help="a run's image encoder and tuned classifier as one ONNX or TorchScript file "
+                                      "(docs/export.md)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"],
+                   help="onnx (needs pip install 'taskres[export]') or torchscript")
+    p.add_argument("--out", required=True, help="file to write (e.g. model.onnx, model.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--check-images", nargs="+", default=None, metavar="IMAGE",
+                   help="images for the parity check against predict (default: the first 8 test images of the run's "
+                        "dataset)")
+    p.add_argument("--weights-dir", default=None, help="folder with backbone weight files (default $TASKRES_WEIGHTS "
+                                                       "or ~/.cache/taskres/weights)")
+
     p = sub.add_parser("demo", help="the offline main job: a shipped mini CLIP on generated tasks")
     p.add_argument("--out", default="demo-out", help="output folder (default ./demo-out)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per shot count (default 3: seeds 1..N)")
@@ -212,6 +225,32 @@ def _datasets(root: str | None) -> int:
     return 0
 
 
+_EXPORT_FLAGS = {"format": "--format", "overwrite": "--overwrite", "check_images": "--check-images"}
+
+
+def _export(args: argparse.Namespace) -> int:
+    import re
+
+    from taskres.export import export_run
+
+    try:
+        report = export_run(args.run, args.out, args.format, check_images=args.check_images,
+                            weights_dir=args.weights_dir, overwrite=args.overwrite)
+    except TaskResError as err:  # export's own parameters as flags (the others are mapped by main)
+        text = re.sub(r"`(\w+)`", lambda m: _EXPORT_FLAGS.get(m.group(1), m.group(0)), str(err))
+        if err.param in _EXPORT_FLAGS and text.startswith(f"{err.param} "):
+            text = _EXPORT_FLAGS[err.param] + text[len(err.param):]
+        raise TaskResError(text, param=None if err.param in _EXPORT_FLAGS else err.param) from None
+    meta, parity = report["metadata"], report["parity"]
+    print(f"{'exported':>22}: {report['out']} ({report['format']}, method {report['method']})")
+    print(f"{'input':>22}: image float32 (N, 3, {meta['image_size']}, {meta['image_size']}), mean {meta['mean']}, "
+          f"std {meta['std']}")
+    print(f"{'outputs':>22}: logits, probs (N, {len(meta['class_names'])})")
+    print(f"{'parity with predict':>22}: {parity['images']} images, max |diff| logits {parity['max_abs_logits']:.2g}, "
+          f"probs {parity['max_abs_probs']:.2g}")
+    return 0
+
+
 def _print_metrics(metrics: dict, keys: Sequence[str]) -> None:
     for k in keys:
         if k in metrics:
@@ -238,6 +277,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "datasets":
         return _datasets(args.root)
+    if args.command == "export":
+        return _export(args)
     if args.command in ("sweep", "report"):
         from taskres.app.sweep_cli import run_command
 
