@@ -40,8 +40,10 @@ def _common(p: argparse.ArgumentParser, data: bool = True, backbone: bool = True
                    help="refuse images with more pixels than this (default 64 million; decoding takes about 4 bytes "
                         "a pixel)")
     if backbone:
-        p.add_argument("--backbone", required=True, help="RN50, RN101, ViT-B/32, ViT-B/16, RN50x16, taskres-demo, an "
-                                                         "open_clip MODEL:PRETRAINED pair, or a checkpoint path")
+        p.add_argument("--backbone", required=True,
+                       help="RN50, RN101, ViT-B/32, ViT-B/16, RN50x16, taskres-demo, an open_clip MODEL:PRETRAINED "
+                            "pair, hf-hub:ORG/NAME[@REVISION] (from the local Hugging Face cache), or a checkpoint "
+                            "path")
         p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                        help="backbone precision for encoding (default fp32, as the protocol)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
