@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            image_features, text_features, logit_scale = model(to_input(images[idx]), tokens[caption_ids[idx, pick[idx]]])[:3]
+            image_features, text_features, logit_scale = model(to_input(images[idx]),
+                                                               tokens[caption_ids[idx, pick[idx]]])[:3]
             loss = loss_fn(image_features, text_features, logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "zero_shot": {
             "held_in_probes": probes,
             "probe_images": len(probe_set["images"]),
-            "downstream_tasks (test split, task seed %d)" % args.task_seed: tasks,
+            f"downstream_tasks (test split, task seed {args.task_seed:d})": tasks,
         },
     }
     if not args.no_write:

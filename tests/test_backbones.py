@@ -5,9 +5,9 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_RN, tiny_clip
 from open_clip.model import QuickGELU
 
-from conftest import TINY_RN, tiny_clip
 from taskres.backbones import _network_reachable, load_backbone
 from taskres.errors import TaskResError
 

@@ -181,7 +181,7 @@ def make_imagenetv2(root: Path) -> dict:
     images.mkdir(parents=True)
     (d / "classnames.txt").write_text(CLASSNAMES_TXT)
     test = []
-    for label, (w, c) in enumerate(zip(WNIDS, NAMES)):
+    for label, (_w, c) in enumerate(zip(WNIDS, NAMES)):
         test += _class_folder(images / str(label), f"{label}/", label, c, 2, 3 * label, ext=".jpeg")
     return {"classnames": NAMES, "class_ids": tuple(WNIDS), "image_dir": images, "train": [], "val": [],
             "test": test}

@@ -5,8 +5,7 @@ import torch
 
 from taskres.engine import OptimConfig
 from taskres.methods.base import FitContext, cosine_logits
-from taskres.methods.classifier_adapter import (ClassifierAdapterConfig, ClassifierAdapterHead,
-                                                 fit_classifier_adapter)
+from taskres.methods.classifier_adapter import ClassifierAdapterConfig, ClassifierAdapterHead, fit_classifier_adapter
 
 
 def context(seed=0):

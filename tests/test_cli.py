@@ -4,11 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import run_cli as run
-
-
+from safetensors import safe_open
 
 
 def test_zeroshot_train_eval_predict(env, capsys):

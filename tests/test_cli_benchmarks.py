@@ -4,9 +4,9 @@ import json
 
 import torch
 from safetensors import safe_open
+from test_benchmarks import A_WNIDS, WNIDS, make_imagenet, make_variant
 
 from taskres.app.cli import main
-from test_benchmarks import A_WNIDS, WNIDS, make_imagenet, make_variant
 
 
 def test_imagenet_run_evaluated_on_a_variant(tmp_path, openai_rn_file, capsys):

@@ -5,12 +5,8 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import run_cli as run
-
-
-
+from safetensors import safe_open
 
 METHOD_ARGS = {
     "taskres": ["--epochs", "3", "--views", "2"],

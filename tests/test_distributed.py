@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_split_dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from conftest import make_split_dataset
 
 TIMINGS = ("seconds_features", "seconds_train")
 

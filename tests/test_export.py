@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_split_dataset, run_cli
+
 from taskres.backbones import load_backbone
 from taskres.data.images import ImageViews
 from taskres.errors import TaskResError
@@ -200,7 +200,8 @@ def test_a_head_that_does_not_export_faithfully_is_refused(runs, tmp_path, capsy
     monkeypatch.setitem(METHODS, method.name, method)
     image_dir, split_file = make_split_dataset(tmp_path / "data")
     train(load_backbone(str(openai_rn_file)), open_dataset(str(image_dir), str(split_file)),
-          TrainConfig(shots=2, seed=1, method="numpy-head", views=0), Setup(cache_dir=None, quiet=True), out=tmp_path / "run")
+          TrainConfig(shots=2, seed=1, method="numpy-head", views=0), Setup(cache_dir=None, quiet=True),
+          out=tmp_path / "run")
     for fmt, message in (("torchscript", r"disagrees with predict on 8 test images .*method 'numpy-head'"),
                          ("onnx", r"method 'numpy-head' cannot be exported to onnx")):
         out = tmp_path / f"m.{fmt}"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_RN, run_cli, tiny_clip
+
 from taskres.backbones import file_sha256, load_backbone
 from taskres.cache import FeatureCache
 from taskres.errors import TaskResError

@@ -3,31 +3,38 @@ parameters change, searches pick the known best, independent re-derivations, and
 
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cluster_context
 
 from taskres.backbones import load_backbone
 from taskres.engine import OptimConfig, fit, iteration_lr
 from taskres.errors import TaskResError
 from taskres.methods import METHODS, get_method
 from taskres.methods.base import FitContext
+from taskres.methods.base import cosine_logits as zero_shot_logits
 from taskres.methods.clip_adapter import ClipAdapterConfig, ClipAdapterHead, fit_clip_adapter
 from taskres.methods.coop import CoOpConfig, CoOpHead, PromptLearner, fit_coop, prompt_tokens
-from taskres.methods.enhanced_base import (EnhancedBaseConfig, ProjectionHead, base_from_projection, enhanced_base,
-                                           load_projection, pre_projection_features, save_projection)
+from taskres.methods.enhanced_base import (
+    EnhancedBaseConfig,
+    ProjectionHead,
+    base_from_projection,
+    enhanced_base,
+    load_projection,
+    pre_projection_features,
+    save_projection,
+)
 from taskres.methods.linear_probe import LinearProbeConfig, fit_linear_probe, fit_logistic, search_c
-from taskres.methods.base import cosine_logits as zero_shot_logits
 from taskres.methods.taskres import TaskResConfig
 from taskres.methods.tip_adapter import TipAdapterConfig, TipAdapterHead, fit_tip_adapter, grid, search_alpha_beta
 from taskres.methods.tip_adapter_f import fit_tip_adapter_f
-from taskres.workflow import TrainConfig
 from taskres.text import build_base_classifier
 from taskres.text_tower import pooled_text, projection
-
-from conftest import cluster_context
+from taskres.workflow import TrainConfig
 
 
 def context(**kw) -> FitContext:
@@ -360,7 +367,7 @@ def strong_base_file(path, proj):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50)
     torch.save({"state_dict": {"weight": layer.weight.detach().clone()}, "epoch": 50, "optimizer": opt,
                 "scheduler": sched, "val_result": None}, path)
-    with pytest.raises(Exception):  # what torch's plain safe loading does with it
+    with pytest.raises(pickle.UnpicklingError):  # what torch's plain safe loading does with it
         torch.load(path, weights_only=True)
 
 

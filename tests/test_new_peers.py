@@ -8,19 +8,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cluster_context
+from conftest import run_cli as run
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResError
 from taskres.methods import METHODS, get_method
 from taskres.methods.base import FitContext, cosine_logits
 from taskres.methods.clap import CLAPConfig, class_penalty, fit_clap, penalty_weights
-from taskres.methods.lp_plus_plus import (LPPConfig, LPPHead, fit_lpp, initial_alpha, step_size_alpha,
-                                          step_size_w)
+from taskres.methods.lp_plus_plus import LPPConfig, LPPHead, fit_lpp, initial_alpha, step_size_alpha, step_size_w
 from taskres.methods.zs_lp import ZSLPConfig, ZSLPHead, batches_per_epoch, fit_zs_lp
 from taskres.workflow import TrainConfig
-
-from conftest import cluster_context
-from conftest import run_cli as run
 
 
 def context(d=8, shots=4, views=1, val=3, optim=None, **kw) -> FitContext:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RN, tiny_clip
+from conftest import run_cli as run
 from PIL import Image
 from safetensors import safe_open
-
-from conftest import TINY_RN, run_cli as run, tiny_clip
 
 TRAIN = ["--shots", "2", "--seed", "1", "--epochs", "2", "--views", "0"]
 

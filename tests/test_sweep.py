@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as run
 from safetensors import safe_open
 
-from conftest import run_cli as run
 from taskres.app import sweep as sweep_module
 from taskres.app.sweep import Cell, DatasetRef, Grid, parse_shard, shard_cells
 

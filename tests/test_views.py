@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_cli as run
 from safetensors import safe_open
 
-from conftest import run_cli as run
 from taskres.backbones import load_backbone
 from taskres.cache import FeatureCache
 from taskres.views import OnlineViews, ViewBank

@@ -92,7 +92,7 @@ class BackboneIdentity:
         return out
 
     @classmethod
-    def from_json(cls, record: dict) -> "BackboneIdentity":
+    def from_json(cls, record: dict) -> BackboneIdentity:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in record.items() if k in known}
         for k in ("mean", "std"):
@@ -112,7 +112,7 @@ class BackboneIdentity:
             return f"{HF_HUB_PREFIX}{self.repo}@{self.revision}"
         return self.spec
 
-    def difference(self, other: "BackboneIdentity") -> str | None:
+    def difference(self, other: BackboneIdentity) -> str | None:
         """The first of sha256, tag, arch, repo, revision that differs from ``other``, as "field: here vs there", or
         None."""
         for key in ("sha256", "tag", "arch", "repo", "revision"):
@@ -266,7 +266,8 @@ def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for a bad header
-            raise TaskResValueError(f"backbone file {str(path)!r} is not a readable safetensors file ({err}).") from None
+            raise TaskResValueError(f"backbone file {str(path)!r} is not a readable safetensors file "
+                                    f"({err}).") from None
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
@@ -592,8 +593,9 @@ def _load_hf_hub(spec: str) -> tuple[torch.nn.Module, Any, dict]:
                                        f"cache {str(cache)!r}, and the Hub is unreachable or offline mode is set. "
                                        f"{hint}", param="backbone")
     if found is None:
-        cached = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file()) \
-            if (folder / "refs").is_dir() else []
+        refs = folder / "refs"
+        cached = sorted(p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file()) \
+            if refs.is_dir() else []
         snapshots = sorted(p.name for p in (folder / "snapshots").iterdir()) if (folder / "snapshots").is_dir() else []
         raise TaskResFileNotFoundError(
             f"backbone {spec!r}: revision {revision or 'main'!r} of {repo!r} is not in the local cache "

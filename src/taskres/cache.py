@@ -7,8 +7,9 @@ path for a loose image), size and mtime, so a changed file is a miss and a copie
 
 Chunks are written to a temporary file and renamed; each carries its image keys and a SHA-256 of its tensor bytes,
 checked on load. Under torchrun, a cache given the job's ``Cluster`` encodes collectively: each rank encodes its
-share of the missing images into its own chunks, then reads the others' (``taskres.distributed``). An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated
-chunk is reported, deleted and re-encoded.
+share of the missing images into its own chunks, then reads the others' (``taskres.distributed``).
+An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated chunk is
+reported, deleted and re-encoded.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,8 +29,8 @@ from tqdm.auto import tqdm
 
 from taskres.atomic import write_safetensors, write_text
 from taskres.backbones import Backbone
-from taskres.distributed import Cluster, check_shared_folder
 from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE, ImageViews, transform_spec, view_seed
+from taskres.distributed import Cluster, check_shared_folder
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class FeatureCache:
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}
         self._chunks: dict[Path, set[str]] = {}  # namespace folder -> names of the chunk files read or written
-        self._keys: dict[tuple[str, int, int], str] = {}  # (name, size, mtime) -> image key  # namespace folder -> features read or encoded
+        self._keys: dict[tuple[str, int, int], str] = {}  # (name, size, mtime) -> image key
 
     def namespace(self, backbone: Backbone, view: int | None, scale: tuple[float, float] = TRAIN_SCALE) -> dict:
         return {"format": FORMAT, "backbone": backbone.identity.weights_key(),

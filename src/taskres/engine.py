@@ -1,4 +1,6 @@
-"""Training loop over cached features, method-agnostic: the official optimiser, schedule and batching (docs/protocol.md#optimisation).
+"""Training loop over cached features, method-agnostic: the official optimiser, schedule and batching.
+
+See docs/protocol.md#optimisation.
 
 The defaults are TaskRes's: Adam (betas 0.9/0.999, L2 weight decay), one constant warm-up epoch at 1e-5, then cosine
 from ``lr`` over E epochs, stepped once per epoch. Each epoch shuffles the training set with a seeded generator and
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F

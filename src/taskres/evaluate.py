@@ -3,7 +3,7 @@ and per-class accuracy keyed by label (class names need not be unique: ImageNet 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -26,8 +26,9 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -162,7 +163,7 @@ class RunLock:
         self.path = target.with_name(f".{target.name}{LOCK_TAG}")
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(10):  # retried only when the file is replaced between open and flock
             try:
@@ -278,7 +279,7 @@ class RunWriter:
         self.finished = False
 
     @classmethod
-    def create(cls, out: str | Path, overwrite: bool = False, extra_files: Iterable[str] = ()) -> "RunWriter":
+    def create(cls, out: str | Path, overwrite: bool = False, extra_files: Iterable[str] = ()) -> RunWriter:
         out = Path(out)
         extra_files = tuple(extra_files)
         check_out(out, overwrite, extra_files)
@@ -298,7 +299,7 @@ class RunWriter:
             raise
         return cls(tmp, out, lock)
 
-    def __enter__(self) -> "RunWriter":
+    def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -367,6 +368,6 @@ def _recover(out: Path) -> None:
 
 
 def open_run(out: str | Path | None, overwrite: bool = False, extra_files: Iterable[str] = ()
-             ) -> "RunWriter | contextlib.nullcontext[None]":
+             ) -> RunWriter | contextlib.nullcontext[None]:
     """``with open_run(out, ...) as writer``: a RunWriter for ``out``, or None when ``out`` is None."""
     return RunWriter.create(out, overwrite, extra_files) if out is not None else contextlib.nullcontext()

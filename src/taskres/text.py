@@ -1,9 +1,13 @@
-"""The base classifier: class names through prompt templates and the frozen text encoder (docs/protocol.md#base-classifier)."""
+"""The base classifier: class names through prompt templates and the frozen text encoder.
+
+See docs/protocol.md#base-classifier.
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

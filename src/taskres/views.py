@@ -13,7 +13,8 @@ Both give ``epoch(e)``: the (N, D) features of the N training images for epoch `
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -104,7 +105,7 @@ class TrainConfig:
     protocol: Literal["default", "official", "no-val"] = "default"
 
     @classmethod
-    def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> "TrainConfig":
+    def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> TrainConfig:
         """The method's published settings for ``dataset`` (a benchmark name, or "" for others); with
         ``protocol="official"`` among the overrides, the views of its public code."""
         spec = get_method(method)
@@ -117,7 +118,7 @@ class TrainConfig:
     def resolve(cls, method: str, shots: int, seed: int, dataset: str = "", options: dict[str, Any] | None = None,
                 optim: dict[str, Any] | None = None, views: int | Literal["online"] | None = None,
                 protocol: Literal["default", "official", "no-val"] = "default", fewshot_file: str | None = None
-                ) -> "TrainConfig":
+                ) -> TrainConfig:
         """The method's preset for ``dataset`` with the given settings on top: ``options`` (config fields of the
         method, e.g. ``{"alpha": 1.0}``), ``optim`` (OptimConfig fields, e.g. ``{"lr": 1e-3}``), ``views`` (default:
         the method's, or its public code's under the official protocol). What ``taskres train`` and ``taskres

@@ -8,8 +8,8 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from taskres.errors import TaskResError
 
@@ -85,19 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "fewshot_split.json")
     p.add_argument("--protocol", default="default", choices=["default", "official", "no-val"],
                    help="no-val: nothing selected or tuned on a validation split (CLAP's protocol; methods that "
-                        "search use their fixed values); official: the method as its public code runs it (taskres: --views online and the base "
-                        "from the fp16 text encoder; tip-adapter(-f): its cache views, text classifier and "
-                        "selection, on the test split where the public code selects there, labelled so)")
+                        "search use their fixed values); official: the method as its public code runs it "
+                        "(taskres: --views online and the base from the fp16 text encoder; tip-adapter(-f): its "
+                        "cache views, text classifier and selection, on the test split where the public code "
+                        "selects there, labelled so)")
     p.add_argument("--method", default="taskres", help="method (default taskres; see `taskres methods`); each "
                                                        "method's own options below name the methods they apply to")
-    p.add_argument("--lr", type=_finite_float, default=None, help="learning rate (default: the method's preset; TaskRes "
-                                                          "2e-3, use 2e-4 for ImageNet)")
+    p.add_argument("--lr", type=_finite_float, default=None,
+                   help="learning rate (default: the method's preset; TaskRes 2e-3, use 2e-4 for ImageNet)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the method's preset; TaskRes 100 for "
                                                             "K <= 4, 200 for K >= 8)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the method's "
                                                                 "preset; TaskRes 256)")
-    p.add_argument("--weight-decay", type=_finite_float, default=None, help="weight decay (default: the method's preset; "
-                                                                    "TaskRes 5e-4)")
+    p.add_argument("--weight-decay", type=_finite_float, default=None,
+                   help="weight decay (default: the method's preset; TaskRes 5e-4)")
     p.add_argument("--views", type=_views_arg, default=None, metavar="V|online",
                    help="augmented views per training image to encode once; 0 = test transform only; online = a "
                         "fresh augmentation of every image in every epoch, encoded as it trains (the official "
@@ -109,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-official", help="turn a checkpoint of the official TaskRes trainer into a run folder")
     p.add_argument("checkpoint", help="Dassl's prompt_learner/model.pth.tar-<epoch> (read without running its pickle)")
     _common(p)
-    p.add_argument("--alpha", type=_finite_float, default=None, help="the residual scale it was trained with (not in the file; "
-                                                             "default 0.5, 1.0 for Flowers102)")
+    p.add_argument("--alpha", type=_finite_float, default=None,
+                   help="the residual scale it was trained with (not in the file; default 0.5, 1.0 for Flowers102)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 

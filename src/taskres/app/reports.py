@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def summarise(records: Sequence[dict]) -> dict[tuple[str, str, int], tuple[float, float, int]]:

@@ -18,9 +18,10 @@ import logging
 import re
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from taskres.atomic import write_json
 from taskres.errors import TaskResError, TaskResValueError, suggest
@@ -141,7 +142,7 @@ class Grid:
         names = [n for n in self.grid if base in flags[grid_flag(n)][1]]
         return [tuple(zip(names, combo)) for combo in itertools.product(*(self.grid[n] for n in names))]
 
-    def cells(self) -> list["Cell"]:
+    def cells(self) -> list[Cell]:
         """Every cell, in a fixed order (shards take every N-th)."""
         out = []
         for d in self.datasets:
@@ -493,7 +494,8 @@ PRESETS = ("paper-fewshot", "paper-dg", "paper-ablations", "demo-ablations")
 
 def preset(name: str, root: str | None, backbones: Sequence[str], exp: str | Path | None = None) -> Grid:
     """The paper's grids: ``paper-fewshot`` (its Fig. 3: the 11 datasets, 1-16 shots, seeds 1-3, zero-shot, linear
-    probe, CoOp, CLIP-Adapter, Tip-Adapter-F, TaskRes, TaskRes*, and the newer LP++, ZS-LP and CLAP), ``paper-dg`` (its Table 1: 16-shot ImageNet,
+    probe, CoOp, CLIP-Adapter, Tip-Adapter-F, TaskRes, TaskRes*, and the newer LP++, ZS-LP and CLAP),
+    ``paper-dg`` (its Table 1: 16-shot ImageNet,
     evaluated on V2, Sketch, A and R), ``paper-ablations`` (its Tables 2 and 5 on ImageNet: TaskRes with alpha 0.1,
     0.5, 1.0, fixed or learned; the classifier adapters, residual and direct) and ``demo-ablations`` (the same grid on
     the shipped demo model and its six generated tasks, written under EXP/tasks, at 1, 4, 16 shots: minutes on a

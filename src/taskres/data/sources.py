@@ -4,9 +4,9 @@ again the dataset that a run recorded."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from taskres.data.splits import DEFAULT_TEMPLATES, DatasetSource, DatasetSplits, load_image_folder, load_split_file
 from taskres.errors import TaskResValueError

@@ -1,7 +1,8 @@
 """Datasets as lists of split entries: CoOp's split-file format and a plain ImageFolder layout.
 
 An entry is ``(impath, label, classname)`` with ``impath`` relative to the dataset's image folder, exactly as in
-CoOp's ``split_zhou_<Name>.json`` files. Class names are kept as written (underscores included: docs/protocol.md#base-classifier).
+CoOp's ``split_zhou_<Name>.json`` files.
+Class names are kept as written (underscores included: docs/protocol.md#base-classifier).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
@@ -34,7 +36,7 @@ class Entry:
         return [self.impath, self.label, self.classname]
 
     @classmethod
-    def from_json(cls, item: Sequence, where: str) -> "Entry":
+    def from_json(cls, item: Sequence, where: str) -> Entry:
         if not (isinstance(item, (list, tuple)) and len(item) == 3):
             raise TaskResValueError(f"{where}: an entry must be [relative_image_path, label, classname]; got {item!r}.")
         impath, label, classname = item
@@ -80,7 +82,7 @@ class DatasetSource:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_json(cls, record: dict) -> "DatasetSource":
+    def from_json(cls, record: dict) -> DatasetSource:
         known = ("kind", "data", "split_file", "dataset", "root")
         if record.get("kind") not in ("split_file", "image_folder", "benchmark"):
             raise TaskResValueError(f"unknown dataset source kind {record.get('kind')!r} in a run's config; known: "

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -131,7 +131,8 @@ def sample_scene(
 
 def _regular(n: int, radius: float, start_deg: float) -> list[tuple[float, float]]:
     return [
-        (radius * math.cos(math.radians(start_deg + 360.0 * k / n)), radius * math.sin(math.radians(start_deg + 360.0 * k / n)))
+        (radius * math.cos(math.radians(start_deg + 360.0 * k / n)),
+         radius * math.sin(math.radians(start_deg + 360.0 * k / n)))
         for k in range(n)
     ]
 
@@ -347,7 +348,8 @@ DEMO_TASKS: tuple[TaskSpec, ...] = (
         "color_shapes", "near",
         "12 colour-shape pairs ('red circle') drawn as in pretraining: zero-shot should be strong.",
         _NEAR_CLASSES, "a photo of a {}.",
-        lambda rng, label: sample_scene(rng, colour=_NEAR_CLASSES[label].split()[0], shape=_NEAR_CLASSES[label].split()[1]),
+        lambda rng, label: sample_scene(rng, colour=_NEAR_CLASSES[label].split()[0],
+                                        shape=_NEAR_CLASSES[label].split()[1]),
     ),
     _shapes_task("outline_shapes", "shift", "the 6 pretraining shapes drawn as outlines only (a rendering style "
                  "never seen in pretraining).", PRETRAIN_SHAPES, style="outline"),

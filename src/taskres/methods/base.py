@@ -15,9 +15,10 @@ and registers them with ``register_method(Method(...))`` (``taskres.methods.regi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -106,10 +107,10 @@ class Head(nn.Module):
         return {k: v.detach().float().contiguous().cpu() for k, v in self.tensors().items()}, self.metadata()
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "Head":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> Head:
         raise NotImplementedError
 
-    def select_classes(self, rows: Sequence[int]) -> "Head":
+    def select_classes(self, rows: Sequence[int]) -> Head:
         """A head over a subset of classes (in the given order), e.g. ImageNet-A's 200 of ImageNet's 1000."""
         tensors, meta = self.export()
         rows = list(rows)

@@ -69,7 +69,7 @@ class MLPAdapterHead(CosineHead):
         return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "MLPAdapterHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> MLPAdapterHead:
         config = cls.config_cls(**{f.name: meta[f.name] for f in fields(cls.config_cls)})
         head = cls(tensors["base_text_features"], float(meta["logit_scale"]), config)
         head.adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})

@@ -68,7 +68,7 @@ class CoOpHead(Head):
         return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "CoOpHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> CoOpHead:
         config = CoOpConfig(n_ctx=int(meta["n_ctx"]), init_std=float(meta["init_std"]), amp=bool(meta["amp"]))
         return cls(tensors["text_features"], tensors["ctx"], float(meta["logit_scale"]), config)
 

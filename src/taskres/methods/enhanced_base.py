@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -73,7 +73,10 @@ class EnhancedBaseConfig:
 
 @torch.no_grad()
 def pre_projection_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """(C, T, W) float32: the pooled text features before the projection, names as written (docs/protocol.md#base-classifier)."""
+    """(C, T, W) float32: the pooled text features before the projection, names as written.
+
+    See docs/protocol.md#base-classifier.
+    """
     model = check_text_tower(backbone, "the enhanced base")
     templates = check_templates(templates)
     rows = []

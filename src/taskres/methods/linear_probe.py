@@ -78,7 +78,7 @@ class LinearProbeHead(Head):
         return {"c": self.c, "config": asdict(self.config)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LinearProbeHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LinearProbeHead:
         return cls(tensors["weight"], tensors["bias"], float(meta["c"]), LinearProbeConfig(**meta["config"]))
 
 

@@ -94,7 +94,7 @@ class LPPHead(Head):
         return {"config": asdict(self.config)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LPPHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LPPHead:
         return cls(tensors["weight"], tensors["bias"], tensors["alpha"], tensors["base_text_features"],
                    LPPConfig(**meta["config"]))
 

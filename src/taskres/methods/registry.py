@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, suggest

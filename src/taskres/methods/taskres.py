@@ -23,8 +23,13 @@ from torch import nn
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, option
-from taskres.methods.enhanced_base import PROJECTION_FILE, EnhancedBaseConfig, enhanced_base, load_projection, \
-    save_projection
+from taskres.methods.enhanced_base import (
+    PROJECTION_FILE,
+    EnhancedBaseConfig,
+    enhanced_base,
+    load_projection,
+    save_projection,
+)
 from taskres.methods.registry import Method, OfficialVariant, register_method
 
 Variant = Literal["text", "image", "both"]
@@ -125,7 +130,7 @@ class TaskResHead(CosineHead):
                 "learn_alpha": self.config.learn_alpha, "logit_scale": float(self.logit_scale)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "TaskResHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> TaskResHead:
         config = TaskResConfig(alpha=float(meta["alpha"]), variant=meta["variant"],
                                learn_alpha=bool(meta["learn_alpha"]))
         head = cls(tensors["base_text_features"], float(meta["logit_scale"]), config)

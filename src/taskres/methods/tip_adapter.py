@@ -15,7 +15,6 @@ for a, b in the outer loop, first best kept. Initial values and search scales ar
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -77,7 +76,7 @@ class TipAdapterConfig:
                                     f"b={self.beta!r}, steps={self.search_step!r}.", param="alpha")
 
     @classmethod
-    def for_dataset(cls, dataset: str, **overrides) -> "TipAdapterConfig":
+    def for_dataset(cls, dataset: str, **overrides) -> TipAdapterConfig:
         """The public config of ``dataset`` (a benchmark name), or the generic one."""
         beta, alpha, scale = PUBLIC_CONFIGS.get(dataset, GENERIC)
         preset = dataset if dataset in PUBLIC_CONFIGS else "generic"
@@ -118,7 +117,7 @@ class TipAdapterHead(CosineHead):
                 "config": asdict(self.config) if self.config is not None else None}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "TipAdapterHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> TipAdapterHead:
         config = TipAdapterConfig(**meta["config"]) if meta.get("config") else None
         return cls(tensors["base_text_features"], tensors["cache_keys"], tensors["cache_values"],
                    float(meta["logit_scale"]), float(meta["alpha"]), float(meta["beta"]), config=config)

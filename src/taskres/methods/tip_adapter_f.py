@@ -2,7 +2,8 @@
 ``main.py``, ``run_tip_adapter_F``).
 
 Trained with the initial a and b, by cross-entropy on the few-shot images, a fresh augmented view of every image
-each epoch (a view of the cached bank, or a fresh one with ``--views online``). AdamW (lr 1e-3, eps 1e-4, weight decay 0.01: torch's default, which
+each epoch (a view of the cached bank, or a fresh one with ``--views online``).
+AdamW (lr 1e-3, eps 1e-4, weight decay 0.01: torch's default, which
 the public code keeps), cosine over all iterations, batch 256, the partial batch kept, 20 epochs (EuroSAT: 100).
 The public code picks the epoch by test accuracy; here the epoch with the best few-shot validation accuracy is kept
 (first best), then a and b are searched on the validation split as for Tip-Adapter. Only K changes.
@@ -16,8 +17,14 @@ from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError
 from taskres.methods.base import FitContext, Fitted
 from taskres.methods.registry import Method, register_method
-from taskres.methods.tip_adapter import (PUBLIC, TipAdapterConfig, TipAdapterHead, build_cache, choose_alpha_beta,
-                                          require_val)
+from taskres.methods.tip_adapter import (
+    PUBLIC,
+    TipAdapterConfig,
+    TipAdapterHead,
+    build_cache,
+    choose_alpha_beta,
+    require_val,
+)
 
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:

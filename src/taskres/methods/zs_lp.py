@@ -21,8 +21,8 @@ engine's (``make_optimizer``, ``epoch_lr``); the shuffle is seeded from ``ctx.se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class ZSLPHead(CosineHead):
         return {"logit_scale": float(self.logit_scale)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ZSLPHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> ZSLPHead:
         head = cls(tensors["base_text_features"], float(meta["logit_scale"]))
         with torch.no_grad():
             head.prototypes.copy_(tensors["prototypes"])

@@ -2,16 +2,17 @@
 
 ``load_benchmark("oxford_pets", root)`` reads ``root/oxford_pets/`` (CoOp's folder names, image folders and split
 files; CoOp's DATASETS.md describes the layouts) and returns a ``DatasetSplits`` named by the CoOp config name,
-with the dataset's default templates (docs/protocol.md#base-classifier). ``benchmark_status(root)`` says which datasets are installed.
+with the dataset's default templates (docs/protocol.md#base-classifier).
+``benchmark_status(root)`` says which datasets are installed.
 ``dg_row_index`` maps an ImageNet-trained classifier onto a variant's classes by WordNet id.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Sequence
 
 from taskres.data.benchmarks import coop_splits, fgvc_aircraft, imagenet
 from taskres.data.benchmarks._base import BenchmarkSpec, Published, check_train_covers_classes, warn_on_counts

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from taskres.data.splits import Entry
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
@@ -71,7 +72,7 @@ class BenchmarkSpec:
     templates: tuple[str, ...]
     published: Published
     download: str
-    reader: Callable[["BenchmarkSpec", Path], Parts]
+    reader: Callable[[BenchmarkSpec, Path], Parts]
     sample_val: bool = True
     # ImageNet's variants are evaluation sets only (CoOp: "This dataset is used for testing only").
     test_only: bool = False

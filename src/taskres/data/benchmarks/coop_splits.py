@@ -34,7 +34,8 @@ def _spec(name, coop_class, dataset_dir, image_dir, template, published, downloa
     )
 
 
-# Folder names, image folders and split files: CoOp datasets/<name>.py. Templates: docs/protocol.md#base-classifier. Counts: CoOp paper.
+# Folder names, image folders and split files: CoOp datasets/<name>.py. Templates: docs/protocol.md#base-classifier.
+# Counts: CoOp paper.
 SPECS = (
     _spec("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories", "a photo of a {}.",
           Published(100, 4128, 1649, 2465),

@@ -28,8 +28,14 @@ import logging
 import os
 from pathlib import Path
 
-from taskres.data.benchmarks._base import IMAGENET_TEMPLATES, BenchmarkSpec, Parts, Published, listdir_nohidden
-from taskres.data.benchmarks._base import read_text_lines
+from taskres.data.benchmarks._base import (
+    IMAGENET_TEMPLATES,
+    BenchmarkSpec,
+    Parts,
+    Published,
+    listdir_nohidden,
+    read_text_lines,
+)
 from taskres.data.splits import Entry
 from taskres.errors import TaskResValueError
 
@@ -134,8 +140,8 @@ def read_imagenetv2(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
 _COPY_NAMES = "; copy CoOp's classnames.txt from <root>/imagenet/ into {dir}/"
 
 # Layouts: CoOp datasets/imagenet.py, imagenet_a.py, imagenet_r.py, imagenet_sketch.py, imagenetv2.py;
-# templates: docs/protocol.md#base-classifier; counts: CoOp paper (ImageNet train 1,281,167 / test 50,000; V2 10,000; Sketch 50,889;
-# A 7,500; R 30,000).
+# templates: docs/protocol.md#base-classifier; counts: CoOp paper (ImageNet train 1,281,167 / test 50,000; V2 10,000;
+# Sketch 50,889; A 7,500; R 30,000).
 SPECS = (
     BenchmarkSpec(
         name="imagenet", coop_class="ImageNet", dataset_dir="imagenet", image_dir="images",
