@@ -46,6 +46,9 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS_ENV = "TASKRES_WEIGHTS"
 OFFLINE_ENV = "TASKRES_OFFLINE"
+# An open_clip CLIP-style model (an nn.Module with encode_image, encode_text, logit_scale, visual, ...): open_clip
+# ships no type information, so its attributes are untyped.
+ClipModel = Any
 
 # OpenAI's names (as the official CLIP package spells them) -> open_clip's model names.
 OPENAI_MODELS = {
@@ -125,7 +128,7 @@ class BackboneIdentity:
 class Backbone:
     """A frozen CLIP model with its tokenizer and image geometry. Features come out un-normalised: (N, D)."""
 
-    model: torch.nn.Module
+    model: ClipModel
     tokenizer: Any
     image_size: int
     identity: BackboneIdentity
@@ -301,6 +304,7 @@ def _openai_config(sd: dict[str, torch.Tensor], where: str) -> dict:
     if missing:
         raise TaskResValueError(f"backbone file {where!r} is not an OpenAI-format CLIP checkpoint (no {missing}); "
                                 "for open_clip weights pass MODEL:FILE, e.g. ViT-B-32:/path/weights.safetensors.")
+    layers: int | tuple[int, ...]
     if "visual.proj" in sd:
         width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
@@ -321,7 +325,7 @@ def _openai_config(sd: dict[str, torch.Tensor], where: str) -> dict:
     return dict(embed_dim=int(sd["text_projection"].shape[1]), vision_cfg=vision, text_cfg=text, arch=arch)
 
 
-def _load_openai_file(path: Path) -> tuple[torch.nn.Module, dict]:
+def _load_openai_file(path: Path) -> tuple[ClipModel, dict]:
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     path = Path(path)
@@ -385,7 +389,7 @@ def _network_reachable(url: str, timeout: float = 3.0) -> bool:
 
 # ---- open_clip pairs and shipped models ----------------------------------------------------------------------------
 
-def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module, Any, dict]:
+def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[ClipModel, Any, dict]:
     import open_clip
 
     model_name, pretrained = spec.split(":", 1)
@@ -458,7 +462,7 @@ def _register_shipped_config(config: Path) -> None:
     open_clip.add_model_config(config)
 
 
-def _load_shipped(name: str) -> tuple[torch.nn.Module, Any, dict]:
+def _load_shipped(name: str) -> tuple[ClipModel, Any, dict]:
     import open_clip
 
     config, weights = ASSETS / f"{name}.json", ASSETS / f"{name}.safetensors"
@@ -569,7 +573,7 @@ class _DropRandomInitWarning(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-def _load_hf_hub(spec: str) -> tuple[torch.nn.Module, Any, dict]:
+def _load_hf_hub(spec: str) -> tuple[ClipModel, Any, dict]:
     """A Hub model in open_clip's format (open_clip_config.json and open_clip_model.safetensors or
     open_clip_pytorch_model.bin) from the local cache, downloaded only when it is not there and the Hub answers.
 

@@ -76,6 +76,7 @@ class FeatureCache:
         # the torchrun job that encodes collectively through this cache (None or one process: alone)
         self.cluster = cluster if cluster is not None and cluster.active else None
         if self.root is not None:
+            assert cache_dir is not None  # root is set from it
             check_writable_dir(self.root, "cache_dir", Path(cache_dir))
         if self.cluster is not None:
             if self.root is None:
@@ -102,9 +103,9 @@ class FeatureCache:
         paths relative to the dataset's image folder, so that the views and the keys do not depend on where the
         dataset lies.
         """
-        paths = [str(p) for p in paths]
-        names = [os.path.abspath(p) for p in paths] if names is None else [str(n) for n in names]
-        keys = [self._key(p, n) for p, n in zip(paths, names)]
+        files = [str(p) for p in paths]
+        names = [os.path.abspath(p) for p in files] if names is None else [str(n) for n in names]
+        keys = [self._key(p, n) for p, n in zip(files, names)]
         ns = self.namespace(backbone, view, scale)
         folder = self._folder(ns)
         if folder is None:
@@ -124,13 +125,14 @@ class FeatureCache:
         bad: set[str] = set()
         if mine:
             seeds = None if view is None else [view_seed(view, names[i]) for i in mine]
-            data = ImageViews([paths[i] for i in mine], backbone.image_size, backbone.mean, backbone.std, seeds,
+            data = ImageViews([files[i] for i in mine], backbone.image_size, backbone.mean, backbone.std, seeds,
                               scale, self.max_pixels)
             bad = self._encode(backbone, data, [keys[i] for i in mine], skip_bad, store, folder, desc)
         if self.cluster is not None and todo:
             bad = set().union(*self.cluster.gather(sorted(bad), f"encoding {desc}"))  # every rank's chunks written
+            assert folder is not None  # a torchrun job needs the cache folder (checked in __init__)
             self._read_chunks(folder, store)  # the other ranks' shares
-            missing = [paths[i] for i in todo if keys[i] not in store and keys[i] not in bad]
+            missing = [files[i] for i in todo if keys[i] not in store and keys[i] not in bad]
             if missing:
                 raise TaskResValueError(
                     f"rank {self.cluster.rank} cannot see the features the other ranks wrote to {str(folder)!r} "
@@ -139,9 +141,9 @@ class FeatureCache:
                     param="cache_dir")
         if not bad and keys:
             return torch.stack([store[k] for k in keys]), []  # (N, D)
-        out = torch.zeros(len(paths), backbone.embed_dim)
+        out = torch.zeros(len(files), backbone.embed_dim)
         skipped = []
-        for i, (p, k) in enumerate(zip(paths, keys)):
+        for i, (p, k) in enumerate(zip(files, keys)):
             if k in store:
                 out[i] = store[k]
             elif k in bad:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,7 @@ def make_optimizer(params, config: OptimConfig) -> torch.optim.Optimizer:
     (float parameters on the CPU or CUDA): the same algorithm as the per-tensor loop, in one pass over the
     parameters instead of about eight, rounding the last bit differently (docs/performance.md)."""
     params = list(params)
-    fused = {"fused": True} if _fusable(params) else {}
+    fused: dict[str, Any] = {"fused": True} if _fusable(params) else {}
     if config.optimizer == "sgd":  # Dassl's build_optimizer: dampening 0, no Nesterov
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                                **fused)
@@ -112,7 +112,7 @@ def _fusable(params: list[torch.Tensor]) -> bool:
         and len({p.device for p in params}) == 1
 
 
-def check_finite(record: dict, params: list[torch.Tensor], config: OptimConfig, epoch: int) -> None:
+def check_finite(record: dict, params: Sequence[torch.Tensor], config: OptimConfig, epoch: int) -> None:
     """Stop a diverged training: a non-finite learning rate, loss or trained tensor is an error, not a result."""
     what = [k for k in ("lr", "loss") if not math.isfinite(record[k])]
     if not all(bool(torch.isfinite(p.detach()).all()) for p in params):

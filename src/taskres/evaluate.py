@@ -4,6 +4,7 @@ and per-class accuracy keyed by label (class names need not be unique: ImageNet 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, classnames: Seq
     ``mean_per_class_accuracy`` (the mean over the labels that have test images: all C in a complete test split)."""
     pred = logits.argmax(dim=1)  # (N,)
     correct = pred == labels
-    per_class = []
+    per_class: list[dict[str, Any]] = []
     for c, name in enumerate(classnames):
         mask = labels == c
         n = int(mask.sum())

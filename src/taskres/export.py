@@ -264,6 +264,7 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, metadata: 
     with torch.no_grad():
         program = torch.onnx.export(module, (example,), input_names=["image"], output_names=["logits", "probs"],
                                     dynamic_shapes={"image": {0: batch}}, dynamo=True, verbose=False)
+    assert program is not None  # the dynamo exporter returns the program
     for key, value in metadata.items():
         program.model.metadata_props[key] = _encode(value)
     program.save(str(path), external_data=False)

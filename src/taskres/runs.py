@@ -26,9 +26,9 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -56,7 +56,13 @@ def classifier_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return h.hexdigest()
 
 
-def save_classifier(path: Path, method: str, head: torch.nn.Module, classnames: Sequence[str],
+class ExportableHead(Protocol):
+    """What a run needs of a method's head (``taskres.methods.base.Head``, which this module does not import)."""
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+
+def save_classifier(path: Path, method: str, head: ExportableHead, classnames: Sequence[str],
                     class_ids: Sequence[str] | None = None) -> None:
     """The head's export as safetensors: its tensors, and in the metadata the method, the head's config (JSON),
     the class names and ids, the config's scalar values (readable without JSON) and the digest. The bytes depend
@@ -306,7 +312,7 @@ class RunWriter:
         if not self.finished:
             self.abort()
 
-    def write_split(self, fewshot: dict[str, Sequence]) -> None:
+    def write_split(self, fewshot: Mapping[str, Sequence]) -> None:
         write_json(self.folder / SPLIT, {k: [e.to_json() for e in v] for k, v in fewshot.items()})
 
     def epoch_log(self) -> EpochLog:
@@ -319,7 +325,7 @@ class RunWriter:
         os.chmod(self.folder / name, 0o644)
         return self.target / name
 
-    def finish(self, config: dict[str, Any], head: torch.nn.Module, method: str, classnames: Sequence[str],
+    def finish(self, config: dict[str, Any], head: ExportableHead, method: str, classnames: Sequence[str],
                class_ids: Sequence[str], metrics: dict[str, Any]) -> None:
         """Write config, classifier and metrics, then put the run in place (replacing what ``out`` held)."""
         write_json(self.folder / CONFIG, config)

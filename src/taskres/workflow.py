@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import torch
 
@@ -43,7 +43,7 @@ from taskres.views import OnlineViews, ViewBank
 
 logger = logging.getLogger(__name__)
 
-ONLINE = "online"
+ONLINE: Final = "online"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest seed
 
 __all__ = ["Features", "Setup", "TrainConfig", "encode_features", "encode_split", "evaluate_run", "fit_method",
@@ -281,7 +281,9 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
         return Features(online, labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
                         seconds=time.perf_counter() - t0, **extra)
     view_ids: list[int | None] = [None] if views == 0 else list(range(views))
-    train_views, train_labels, skipped_train = [], None, []
+    train_views: list[torch.Tensor] = []
+    train_labels: torch.Tensor | None = None
+    skipped_train: list[str] = []
     for v in view_ids:
         desc = "train" if v is None else f"train view {v + 1}/{views}"
         feats, labels, skipped_train = encode_split(backbone, dataset, fewshot["train"], setup, cache, view=v,
@@ -291,6 +293,7 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
                                     "skip_bad_images to see which image fails.", param="skip_bad_images")
         train_views.append(feats)
         train_labels = labels
+    assert train_labels is not None  # view_ids is never empty
     if skipped_train:
         left = set(train_labels.tolist())
         empty = [name for label, name in enumerate(dataset.classnames) if label not in left]
@@ -454,13 +457,14 @@ def base_classifier(backbone: Backbone, dataset: DatasetSplits, official: Offici
     public code uses under the official protocol (the same in fp16, or per-template normalised with "_" replaced)."""
     if official is not None and official.base == "normalized_templates":
         return normalized_text_classifier(backbone, dataset.classnames, dataset.templates)
-    precision = "fp16" if official is not None and official.base == "fp16_text" else "fp32"
+    precision: Literal["fp32", "fp16"] = "fp16" if official is not None and official.base == "fp16_text" else "fp32"
     return build_base_classifier(backbone, dataset.classnames, dataset.templates, text_precision=precision)
 
 
 def draw_fewshot(dataset: DatasetSplits, config: TrainConfig) -> tuple[dict[str, list[Entry]], dict]:
     """The few-shot entries of a run: the official draw for (K, seed), or the images of ``config.fewshot_file``
     (whose K must be ``config.shots``); and the file's info (empty for a draw)."""
+    info: dict[str, Any]
     if config.fewshot_file is None:
         fewshot, info = sample_fewshot(dataset, config.shots, config.seed), {}
     else:
@@ -487,6 +491,7 @@ def train_metrics(fitted: Fitted, features: Features, dataset: DatasetSplits, ze
                    seconds_features=round(features.seconds, 3),
                    seconds_train=round(seconds_train, 3))
     if features.val is not None and len(features.val):
+        assert features.val_labels is not None  # given with the val features
         metrics["val_accuracy"] = evaluate(fitted.head, features.val, features.val_labels,
                                            dataset.classnames)["accuracy"]
     for name, head in fitted.extra_heads.items():

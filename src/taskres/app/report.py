@@ -185,7 +185,7 @@ def _markdown(rows: list[dict], records: list[dict], grid: dict, published: dict
                     if dataset == "average":
                         parts = [index.get((d, m, kk)) for d in datasets]
                         complete = all(p is not None and (kk == 0 or p["n_seeds"] >= want_seeds) for p in parts)
-                        cells.append(f"{np.mean([p['mean'] for p in parts]):.2f}" if complete else "—")
+                        cells.append(f"{np.mean([p['mean'] for p in parts if p is not None]):.2f}" if complete else "—")
                         continue
                     pub = published.get((dataset, backbone, m, kk, ""))
                     if pub is not None:
@@ -209,7 +209,7 @@ def _markdown(rows: list[dict], records: list[dict], grid: dict, published: dict
                     if all(parts):
                         summary.append(f"{backbone} {m} ({'zero-shot' if m == ZERO_SHOT else f'{top} shots'}), "
                                        f"average over {len(datasets)} datasets: "
-                                       f"{np.mean([p['mean'] for p in parts]):.2f}")
+                                       f"{np.mean([p['mean'] for p in parts if p is not None]):.2f}")
     dg = [r for r in rows if r["eval_dataset"]]
     if dg:
         lines += ["## Domain generalisation", "", "Trained on the source dataset, evaluated on each target (mean over "
@@ -269,9 +269,10 @@ def _plot_accuracy(rows: list[dict], stem: Path) -> list[Path]:
         ax = fig.add_subplot(nrows, cols, i + 1)
         for j, m in enumerate(methods):
             ks = sorted({r["shots"] for r in few if r["method"] == m})
+            pts: list[tuple[Any, Any, Any]]
             if dataset == "average":
-                pts = [(k, [index.get((d, m, k)) for d in datasets[:-1]]) for k in ks]
-                pts = [(k, np.mean([p["mean"] for p in ps]), 0.0) for k, ps in pts if all(ps)]
+                groups = [(k, [index.get((d, m, k)) for d in datasets[:-1]]) for k in ks]
+                pts = [(k, np.mean([p["mean"] for p in ps if p is not None]), 0.0) for k, ps in groups if all(ps)]
             else:
                 pts = [(k, index[(dataset, m, k)]["mean"], index[(dataset, m, k)]["std"]) for k in ks
                        if (dataset, m, k) in index]
@@ -282,7 +283,8 @@ def _plot_accuracy(rows: list[dict], stem: Path) -> list[Path]:
             ax.fill_between(k, mean - std, mean + std, color=f"C{j}", alpha=0.2)
         zs = [index.get((d, ZERO_SHOT, 0)) for d in (datasets[:-1] if dataset == "average" else [dataset])]
         if all(zs):
-            ax.axhline(np.mean([z["mean"] for z in zs]), color="gray", linestyle="--", linewidth=1, label="zero-shot")
+            ax.axhline(np.mean([z["mean"] for z in zs if z is not None]), color="gray", linestyle="--", linewidth=1,
+                       label="zero-shot")
         ax.set_xscale("log", base=2)
         ax.set_title(dataset)
         ax.set_xlabel("shots per class")

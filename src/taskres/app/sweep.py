@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from taskres.atomic import write_json
 from taskres.errors import TaskResError, TaskResValueError, suggest
@@ -299,7 +299,8 @@ def run_sweep(exp: str | Path, grid: Grid, setup, shard: tuple[int, int] = (1, 1
     cluster.barrier("opening the experiment folder")
     cells = shard_cells(grid.cells(), shard)
     counts = {"cells": len(cells), "skipped": 0, "ran": 0, "failed": 0}
-    todo, stale = [], []
+    todo: list[Cell] = []
+    stale: list[Cell] = []
     for c in cells:
         if not _finished(exp, c, grid):
             todo.append(c)
@@ -409,7 +410,7 @@ def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
     return None
 
 
-def _zeroshot_protocol(grid: Grid) -> str:
+def _zeroshot_protocol(grid: Grid) -> Literal["default", "official"]:
     """Zero-shot selects nothing: under no-val it is the default zero-shot; under official, CoOp's."""
     return "official" if grid.protocol == "official" else "default"
 
@@ -420,8 +421,10 @@ def _resolve(cell: Cell, grid: Grid, dataset_name: str):
     return TrainConfig.resolve(grid.base_method(cell.method), cell.shots, cell.seed, dataset_name,
                                options=grid.method_options(cell.method, cell.grid_values),
                                optim=grid.optim if _trained(cell.method, grid) else {},
-                               views=grid.views if _views_apply(cell.method, grid) else None,
-                               protocol=grid.protocol)
+                               # the grid's values as given; TrainConfig checks them
+                               views=cast("int | Literal['online'] | None", grid.views)
+                               if _views_apply(cell.method, grid) else None,
+                               protocol=cast("Literal['default', 'official', 'no-val']", grid.protocol))
 
 
 def _groups(cells: Sequence[Cell]) -> Iterator[tuple[tuple[str, str], list[Cell]]]:
@@ -531,7 +534,7 @@ def grid_from_toml(path: str | Path) -> dict:
     """The keys of a ``--config FILE.toml`` (the sweep's flags with underscores: dataset, root, backbone, methods,
     shots, seeds, eval_on, views, protocol, preset, and method and optimiser options by flag name)."""
     try:
-        import tomllib
+        import tomllib  # type: ignore[import-not-found,unused-ignore]  # Python 3.11+; mypy checks as 3.10
     except ImportError:  # Python 3.10
         raise TaskResValueError("`config` files need Python 3.11 or later (tomllib); pass the grid as flags.",
                                 param="config") from None

@@ -107,7 +107,7 @@ def grid_from_args(args: argparse.Namespace, option_dests: dict[str, str]):
             raise TaskResError(f"--preset {values['preset']} sets the datasets; drop {', '.join(ignored)} (or "
                                "drop --preset and give the grid with flags).")
         grid = preset(values["preset"], values.get("root"), backbones, exp=args.exp)
-        overrides = {k: _list(values[k], int) for k in ("shots", "seeds") if k in values}
+        overrides: dict[str, Any] = {k: _list(values[k], int) for k in ("shots", "seeds") if k in values}
         if "methods" in values:
             overrides["methods"] = _list(values["methods"])
         if grid_values:
@@ -120,6 +120,7 @@ def grid_from_args(args: argparse.Namespace, option_dests: dict[str, str]):
     if "data" in values and "dataset" in values:
         raise TaskResError("pass either --dataset NAME[,NAME...] --root ROOT or --data DIR [--split-file FILE].")
     templates = _list(values.get("template")) or None
+    datasets: tuple[DatasetRef, ...]
     if "data" in values:
         from taskres.data.sources import open_dataset
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -152,7 +152,7 @@ def classnames_from_entries(entries: Sequence[Entry], where: str) -> tuple[str, 
     return tuple(names[i] for i in range(len(names)))
 
 
-def check_split_entries(splits: dict[str, Sequence[Entry]], where: str) -> None:
+def check_split_entries(splits: Mapping[str, Sequence[Entry]], where: str) -> None:
     """A path listed twice in one split is an error; one in both train and test is logged as a warning."""
     seen: dict[str, set[str]] = {}
     for key, entries in splits.items():
@@ -211,7 +211,7 @@ def load_split_file(
     return DatasetSplits(
         name=name or split_file.stem, image_dir=image_dir, classnames=classnames, templates=tuple(templates),
         source=DatasetSource("split_file", data=str(image_dir.resolve()), split_file=str(split_file.resolve())),
-        **splits,
+        train=splits["train"], val=splits["val"], test=splits["test"],
     )
 
 
@@ -264,7 +264,8 @@ def _load_image_folder(root: Path, train_dir: Path, templates: Sequence[str], na
         raise TaskResValueError(f"{str(root / 'test')!r} holds no images; put test images in test/<class>/.")
     return DatasetSplits(
         name=name or root.name, image_dir=root, classnames=classnames, templates=tuple(templates),
-        source=DatasetSource("image_folder", data=str(root.resolve())), **splits,
+        source=DatasetSource("image_folder", data=str(root.resolve())),
+        train=splits["train"], val=splits["val"], test=splits["test"],
     )
 
 

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,7 +70,8 @@ class Scene:
 
 
 def _jitter(rgb: Sequence[int], rng: np.random.Generator, amount: int) -> tuple[int, int, int]:
-    return tuple(int(v) for v in np.clip(np.asarray(rgb) + rng.integers(-amount, amount + 1, 3), 0, 255))
+    return cast("tuple[int, int, int]",
+                tuple(int(v) for v in np.clip(np.asarray(rgb) + rng.integers(-amount, amount + 1, 3), 0, 255)))
 
 
 def sample_scene(
@@ -90,8 +92,8 @@ def sample_scene(
     ``shape``/``colour`` fix those attributes; ``style`` and ``backdrop`` pick the rendering; ``noise``
     (pixel std, 0..255), ``contrast`` (1 = unchanged) and ``pattern`` (stripe strength) are uniform ranges.
     """
-    shape = shape if shape is not None else shapes[rng.integers(len(shapes))]
-    colour = colour if colour is not None else colours[rng.integers(len(colours))]
+    shape = shape if shape is not None else shapes[int(rng.integers(len(shapes)))]
+    colour = colour if colour is not None else colours[int(rng.integers(len(colours)))]
     size = tuple(SIZES)[rng.integers(len(SIZES))]
     radius = float(rng.uniform(*SIZES[size]))
     # Large shapes have no room to sit off-centre.
@@ -224,7 +226,7 @@ def _backdrop(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
         return (1 - scene.pattern) * bg + scene.pattern * (w * c1 + (1 - w) * c2)
     if scene.backdrop == "clutter":
         hi = size * SUPERSAMPLE
-        canvas = Image.fromarray(bg.astype(np.uint8)).resize((hi, hi), Image.NEAREST)
+        canvas = Image.fromarray(bg.astype(np.uint8)).resize((hi, hi), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(canvas)
         names = list(COLOURS) + list(BACKGROUNDS)
         for _ in range(int(rng.integers(7, 12))):
@@ -237,14 +239,15 @@ def _backdrop(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
             else:
                 rr = rng.uniform(1.0, 2.8) * SUPERSAMPLE
                 draw.ellipse([x0 - rr, y0 - rr, x0 + rr, y0 + rr], fill=col)
-        return np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32)
+        return np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
     raise ValueError(f"unknown backdrop {scene.backdrop!r}; known: {BACKDROPS}")
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """Render ``scene`` as a ``size`` x ``size`` RGB image; a pure function of the scene."""
     rng = np.random.default_rng(scene.seed)
-    alpha = np.asarray(_shape_mask(scene, size).resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255.0
+    mask = _shape_mask(scene, size).resize((size, size), Image.Resampling.BOX)
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
     img = _backdrop(scene, size, rng) * (1 - alpha) + np.asarray(scene.rgb, dtype=np.float32) * alpha
     if scene.contrast != 1.0:
         img = img.mean() + (img - img.mean()) * scene.contrast

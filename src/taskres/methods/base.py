@@ -125,8 +125,10 @@ class CosineHead(Head):
     """The frozen base classifier t (C, D) and CLIP's logit scale tau: logits = tau * cos(image side, class side).
     Subclasses change the class side (``classifier``) or the image side (``image_features``)."""
 
-    class_rows = ("base_text_features",)
-    frozen_tensors = ("base_text_features",)
+    class_rows: ClassVar[tuple[str, ...]] = ("base_text_features",)
+    frozen_tensors: ClassVar[tuple[str, ...]] = ("base_text_features",)
+    base_text_features: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    logit_scale: torch.Tensor
 
     def __init__(self, base_text_features: torch.Tensor, logit_scale: float):
         super().__init__()
@@ -187,7 +189,9 @@ class FitContext:
     def train(self, module: nn.Module, optim: OptimConfig | None = None,
               on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
         """Train ``module``'s parameters on the training views with the run's optimiser, seed and device."""
-        return fit(module, self.train_views, self.train_labels, optim or self.optim, seed=self.seed,
+        config = optim or self.optim
+        assert config is not None, "a trained method's fit context has an optimiser"
+        return fit(module, self.train_views, self.train_labels, config, seed=self.seed,
                    device=self.device, on_epoch=on_epoch or self.on_epoch, quiet=self.quiet)
 
 

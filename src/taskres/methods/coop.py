@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from taskres.backbones import ClipModel
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError
 from taskres.methods.base import FitContext, Fitted, Head, cosine_logits, option
@@ -50,6 +51,9 @@ class CoOpHead(Head):
     """The trained prompt's class text features: (N, D) features -> (N, C) logits, no text encoder needed."""
 
     class_rows = ("text_features",)
+    text_features: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    ctx: torch.Tensor
+    logit_scale: torch.Tensor
 
     def __init__(self, text_features: torch.Tensor, ctx: torch.Tensor, logit_scale: float, config: CoOpConfig):
         super().__init__()
@@ -77,7 +81,11 @@ class PromptLearner(nn.Module):
     """The context vectors in front of the frozen text encoder; the encoder is held outside the module's state, so
     only ``ctx`` is a parameter and moving the learner never moves the shared backbone."""
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, ctx: torch.Tensor, logit_scale: float, amp: bool):
+    tokens: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+
+    def __init__(self, model: ClipModel, tokens: torch.Tensor, ctx: torch.Tensor, logit_scale: float, amp: bool):
         super().__init__()
         self.encoder = (model,)
         n_ctx = ctx.shape[0]

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,6 +38,7 @@ from taskres.methods.base import FitContext, cosine_logits
 from taskres.safe_load import load_checkpoint
 from taskres.text import check_templates
 from taskres.text_tower import check_text_tower, pooled_text, projection
+from taskres.views import TrainViews
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,9 @@ def save_projection(path: str | Path, proj: torch.Tensor, metadata: dict[str, st
 class ProjectionHead(nn.Module):
     """logits = tau * cos(f, t(P)) with P trainable; templates averaged before projecting (equal by linearity)."""
 
+    pre_mean: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    logit_scale: torch.Tensor
+
     def __init__(self, pre: torch.Tensor, proj: torch.Tensor, logit_scale: float):
         super().__init__()
         self.register_buffer("pre_mean", pre.float().mean(dim=1))  # (C, W)
@@ -141,7 +146,7 @@ class ProjectionHead(nn.Module):
         return cosine_logits(image_features.float(), self.pre_mean @ self.text_projection, self.logit_scale)
 
 
-def tune_projection(pre: torch.Tensor, proj: torch.Tensor, logit_scale: float, train_views: torch.Tensor,
+def tune_projection(pre: torch.Tensor, proj: torch.Tensor, logit_scale: float, train_views: torch.Tensor | TrainViews,
                     train_labels: torch.Tensor, val_features: torch.Tensor | None, val_labels: torch.Tensor | None,
                     config: EnhancedBaseConfig, seed: int, device: str = "cpu", quiet: bool = False
                     ) -> tuple[torch.Tensor, dict]:
@@ -161,6 +166,7 @@ def tune_projection(pre: torch.Tensor, proj: torch.Tensor, logit_scale: float, t
         search.append({"lr": lr, "val_accuracy": acc})
         if best is None or acc > best[0]:
             best = (acc, lr, head.text_projection.detach().clone())
+    assert best is not None  # at least one learning rate was tried
     return best[2], {"enhanced_base_lr": best[1], "enhanced_base_search": search}
 
 
@@ -180,7 +186,7 @@ def enhanced_base(ctx: FitContext, config: EnhancedBaseConfig) -> tuple[torch.Te
                 f"but backbone {backbone.identity.spec!r} needs ({original.shape[0]}, {original.shape[1]}) (text "
                 "width, embedding dim); use the file made for this backbone (strong_base files are for RN50).",
                 param="base_weights")
-        info = {"base_weights_sha256": hashlib.sha256(Path(config.weights).read_bytes()).hexdigest()}
+        info: dict[str, Any] = {"base_weights_sha256": hashlib.sha256(Path(config.weights).read_bytes()).hexdigest()}
     else:
         proj, info = tune_projection(pre, original, ctx.logit_scale, ctx.train_views, ctx.train_labels,
                                      ctx.val_features, ctx.val_labels, config, ctx.seed, ctx.device, ctx.quiet)

@@ -16,7 +16,7 @@ import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -60,6 +60,8 @@ class LinearProbeConfig:
 
 class LinearProbeHead(Head):
     class_rows = ("weight", "bias")
+    weight: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    bias: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, c: float, config: LinearProbeConfig):
         super().__init__()
@@ -129,7 +131,8 @@ def fit_linear_probe(ctx: FitContext, config: LinearProbeConfig) -> Fitted:
                                 param="views")
     feats, labels = bank[0], ctx.train_labels  # (N, D), (N,)
     num_classes = ctx.base.shape[0]
-    c, info = config.c, {}
+    c: float | None = config.c
+    info: dict[str, Any] = {}
     if config.search == "val":
         if not ctx.has_val:
             raise TaskResValueError("the linear probe searches C on the few-shot validation split, and this dataset "
@@ -141,6 +144,7 @@ def fit_linear_probe(ctx: FitContext, config: LinearProbeConfig) -> Fitted:
 
         c, tried = search_c(val_accuracy, config.steps)
         info["lp_search"] = [{"c": ci, "val_accuracy": 100.0 * a} for ci, a in tried]
+    assert c is not None  # searched, or fixed (LinearProbeConfig: search none needs c)
     info["lp_c"] = c
     return Fitted(LinearProbeHead(*fit_logistic(feats, labels, num_classes, c, config.max_iter), c, config), info)
 

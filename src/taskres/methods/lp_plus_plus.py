@@ -71,6 +71,10 @@ class LPPConfig:
 class LPPHead(Head):
     class_rows = ("weight", "bias", "alpha", "base_text_features")
     frozen_tensors = ("base_text_features",)
+    weight: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    bias: torch.Tensor
+    alpha: torch.Tensor
+    base_text_features: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor,
                  base_text_features: torch.Tensor, config: LPPConfig = LPPConfig()):
@@ -159,10 +163,11 @@ def fit_lpp(ctx: FitContext, config: LPPConfig) -> Fitted:
     optimizer = torch.optim.SGD([weight, bias], lr=lr_w, momentum=config.momentum)
     alpha_grad_sum = torch.zeros_like(alpha)
     if ctx.has_val:
+        assert ctx.val_features is not None and ctx.val_labels is not None  # has_val
         val_f = F.normalize(ctx.val_features.float(), dim=-1).to(device)
         val_y = ctx.val_labels.to(device)
 
-    best = None  # (val accuracy, epoch, W, b, alpha)
+    best: tuple[float | None, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (val acc, epoch, W, b, a)
     for epoch in range(config.epochs):
         logits = lpp_logits(features, weight, bias, alpha, text)
         loss = F.cross_entropy(logits, labels)
@@ -170,6 +175,7 @@ def fit_lpp(ctx: FitContext, config: LPPConfig) -> Fitted:
         alpha.grad = None
         loss.backward()
         optimizer.step()
+        assert alpha.grad is not None  # alpha requires grad and the loss depends on it
         alpha_grad_sum += alpha.grad  # never reset, as in the public code
         if (epoch + 1) % config.alpha_every == 0:
             with torch.no_grad():

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, check_choice, invalid
-from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, option
+from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, option
 from taskres.methods.enhanced_base import (
     PROJECTION_FILE,
     EnhancedBaseConfig,
@@ -87,6 +87,8 @@ class TaskResConfig:
 
 class TaskResHead(CosineHead):
     class_rows = ("base_text_features", "text_feature_residuals")
+    text_feature_residuals: torch.Tensor  # a parameter or a buffer, by variant
+    alpha: torch.Tensor  # a parameter or a buffer, by learn_alpha
 
     def __init__(self, base_text_features: torch.Tensor, logit_scale: float, config: TaskResConfig = TaskResConfig()):
         super().__init__(base_text_features, logit_scale)
@@ -157,7 +159,10 @@ def init_head(ctx: FitContext, config: TaskResConfig) -> TaskResHead:
 
 
 def fit_taskres(ctx: FitContext, config: TaskResConfig) -> Fitted:
-    base, info, extra_heads, artifacts = ctx.base, {}, {}, []
+    base = ctx.base
+    info: dict[str, Any] = {}
+    extra_heads: dict[str, Head] = {}
+    artifacts: list[Artifact] = []
     if config.enhanced_base is not None:  # TaskRes*
         base, projection, info = enhanced_base(ctx, config.enhanced_base)
         extra_heads["enhanced_base"] = TaskResHead(base, ctx.logit_scale)

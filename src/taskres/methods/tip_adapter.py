@@ -85,6 +85,8 @@ class TipAdapterConfig:
 
 class TipAdapterHead(CosineHead):
     class_columns = ("cache_values",)
+    cache_values: torch.Tensor  # a buffer
+    cache_keys: torch.Tensor  # a parameter (train_keys) or a buffer
 
     def __init__(self, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, logit_scale: float,
                  alpha: float, beta: float, train_keys: bool = False, config: TipAdapterConfig | None = None):
@@ -178,6 +180,7 @@ def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterC
             info["test_selected"] = True
     elif config.search == "val":
         require_val(ctx)
+        assert ctx.val_features is not None and ctx.val_labels is not None  # require_val
         head.alpha, head.beta, acc = search_alpha_beta(head, ctx.val_features, ctx.val_labels, config)
         info["tip_search_val_accuracy"] = acc
     else:
@@ -193,10 +196,12 @@ def public_search_split(ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor, st
         if ctx.test_features is None:
             raise TaskResValueError("the official Tip-Adapter protocol searches ImageNet's a and b on the test split, "
                                     "which the fit context lacks.", param="protocol")
+        assert ctx.test_labels is not None  # given with the test features
         return ctx.test_features, ctx.test_labels, "test"
     if ctx.full_val_features is None or not len(ctx.full_val_features):
         raise TaskResValueError("the official Tip-Adapter protocol searches a and b on the dataset's whole val "
                                 "split, and this dataset has none; use the default `protocol`.", param="protocol")
+    assert ctx.full_val_labels is not None  # given with the val features
     return ctx.full_val_features, ctx.full_val_labels, "full_val"
 
 

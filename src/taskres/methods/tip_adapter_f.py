@@ -11,6 +11,8 @@ The public code picks the epoch by test accuracy; here the epoch with the best f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from taskres.engine import OptimConfig
@@ -46,10 +48,12 @@ def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
         require_val(ctx)
     features, labels, key = ((ctx.test_features, ctx.test_labels, "test_accuracy") if official
                              else (ctx.val_features, ctx.val_labels, "val_accuracy"))
-    best = {"accuracy": -1.0, "epoch": ctx.optim.epochs - 1, "keys": None}
+    assert ctx.optim is not None  # a trained method
+    best: dict[str, Any] = {"accuracy": -1.0, "epoch": ctx.optim.epochs - 1, "keys": None}
 
     def on_epoch(record: dict) -> None:
         if select:
+            assert features is not None and labels is not None  # checked above: the test split or require_val
             with torch.no_grad():
                 device = head.cache_keys.device
                 pred = head(features.to(device)).argmax(dim=1).cpu()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -94,7 +94,8 @@ def listdir_nohidden(path: Path) -> list[str]:
     return sorted(name for name in os.listdir(path) if not name.startswith("."))
 
 
-def check_images(spec: BenchmarkSpec, dataset_dir: Path, image_dir: Path, splits: dict[str, Sequence[Entry]]) -> None:
+def check_images(spec: BenchmarkSpec, dataset_dir: Path, image_dir: Path,
+                 splits: Mapping[str, Sequence[Entry]]) -> None:
     """Every referenced image must exist (Dassl's ``Datum`` asserts ``os.path.isfile``); name the first missing."""
     prefix = str(image_dir)
     missing: list[tuple[str, str]] = []

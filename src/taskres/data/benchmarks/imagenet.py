@@ -73,7 +73,7 @@ def _lookup(spec: BenchmarkSpec, names: dict[str, str], wnid: str, where: Path, 
 
 def _read_folders(split_dir: Path, prefix: str, wnids: list[str], labels: dict[str, int],
                   names: dict[str, str]) -> tuple[Entry, ...]:
-    entries = []
+    entries: list[Entry] = []
     for wnid in wnids:
         label, cname = labels[wnid], names[wnid]
         entries.extend(Entry(f"{prefix}{wnid}/{f}", label, cname) for f in _files(split_dir / wnid))
@@ -128,7 +128,7 @@ def read_imagenetv2(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     if wnids != sorted(wnids):
         log.warning("%s: %s is not in sorted WordNet-id order, but ImageNetV2's folder i holds the i-th class in "
                     "sorted order; labels follow the file, as in CoOp", spec.name, dataset_dir / "classnames.txt")
-    entries = []
+    entries: list[Entry] = []
     for label, wnid in enumerate(wnids):
         class_dir = image_dir / str(label)
         if not class_dir.is_dir():
