@@ -44,9 +44,11 @@ def image_key(path: str | Path, name: str | None = None) -> str:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise TaskResFileNotFoundError(f"image {path!r} does not exist; check the data folder (--data/--root) "
-                                       "and the split "
-                                       "file's paths, which are relative to it.") from None
+        raise TaskResFileNotFoundError(
+            f"image {path!r} does not exist; check the data folder (--data/--root) "
+            "and the split "
+            "file's paths, which are relative to it."
+        ) from None
     return hashlib.sha256(f"{name or path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
@@ -60,16 +62,26 @@ def check_writable_dir(folder: Path, param: str, shown: Path | None = None) -> N
             pass
     except (OSError, ValueError) as err:
         reason = getattr(err, "strerror", None) or str(err)
-        raise TaskResValueError(f"{param} {str(shown)!r} is not a writable folder ({reason}); choose another "
-                                "folder, or encode without the cache.", param=param) from None
+        raise TaskResValueError(
+            f"{param} {str(shown)!r} is not a writable folder ({reason}); choose another "
+            "folder, or encode without the cache.",
+            param=param,
+        ) from None
 
 
 class FeatureCache:
     """Encode images through a backbone, reusing every feature already on disk. ``cache_dir=None`` keeps nothing."""
 
-    def __init__(self, cache_dir: str | Path | None, batch_size: int = 32, workers: int | None = None,
-                 quiet: bool = False,
-                 chunk_size: int = 1024, max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster: Cluster | None = None):
+    def __init__(
+        self,
+        cache_dir: str | Path | None,
+        batch_size: int = 32,
+        workers: int | None = None,
+        quiet: bool = False,
+        chunk_size: int = 1024,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        cluster: Cluster | None = None,
+    ):
         self.root = Path(cache_dir).expanduser() / f"v{FORMAT}" if cache_dir is not None else None
         self.batch_size, self.workers, self.quiet, self.chunk_size = batch_size, workers, quiet, chunk_size
         self.max_pixels = max_pixels
@@ -80,9 +92,11 @@ class FeatureCache:
             check_writable_dir(self.root, "cache_dir", Path(cache_dir))
         if self.cluster is not None:
             if self.root is None:
-                raise TaskResValueError("the ranks of a torchrun job exchange features through the cache folder; "
-                                        "give one that every rank sees (--cache-dir), not --no-cache.",
-                                        param="cache_dir")
+                raise TaskResValueError(
+                    "the ranks of a torchrun job exchange features through the cache folder; "
+                    "give one that every rank sees (--cache-dir), not --no-cache.",
+                    param="cache_dir",
+                )
             check_shared_folder(self.cluster, self.root, "cache_dir")
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}
@@ -90,12 +104,22 @@ class FeatureCache:
         self._keys: dict[tuple[str, int, int], str] = {}  # (name, size, mtime) -> image key
 
     def namespace(self, backbone: Backbone, view: int | None, scale: tuple[float, float] = TRAIN_SCALE) -> dict:
-        return {"format": FORMAT, "backbone": backbone.identity.weights_key(),
-                "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view, scale)}
+        return {
+            "format": FORMAT,
+            "backbone": backbone.identity.weights_key(),
+            "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view, scale),
+        }
 
-    def features(self, backbone: Backbone, paths: Sequence[str | Path], view: int | None = None,
-                 skip_bad: bool = False, desc: str = "encoding", names: Sequence[str] | None = None,
-                 scale: tuple[float, float] = TRAIN_SCALE) -> tuple[torch.Tensor, list[str]]:
+    def features(
+        self,
+        backbone: Backbone,
+        paths: Sequence[str | Path],
+        view: int | None = None,
+        skip_bad: bool = False,
+        desc: str = "encoding",
+        names: Sequence[str] | None = None,
+        scale: tuple[float, float] = TRAIN_SCALE,
+    ) -> tuple[torch.Tensor, list[str]]:
         """Features (N, D) float32 for ``paths`` in order, and the paths skipped as undecodable (rows of zeros).
 
         ``view`` None is the test transform; ``v >= 0`` the v-th augmented view (RandomResizedCrop at ``scale``)
@@ -118,15 +142,25 @@ class FeatureCache:
         todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
         mine = todo
         if self.cluster is not None:
-            self.cluster.agree(f"the images still to encode ({desc})", [ns, [keys[i] for i in todo]],
-                               "every rank must run the same command on the same dataset files and see the same "
-                               "cache folder (--cache-dir).")
+            self.cluster.agree(
+                f"the images still to encode ({desc})",
+                [ns, [keys[i] for i in todo]],
+                "every rank must run the same command on the same dataset files and see the same "
+                "cache folder (--cache-dir).",
+            )
             mine = self.cluster.share(todo)
         bad: set[str] = set()
         if mine:
             seeds = None if view is None else [view_seed(view, names[i]) for i in mine]
-            data = ImageViews([files[i] for i in mine], backbone.image_size, backbone.mean, backbone.std, seeds,
-                              scale, self.max_pixels)
+            data = ImageViews(
+                [files[i] for i in mine],
+                backbone.image_size,
+                backbone.mean,
+                backbone.std,
+                seeds,
+                scale,
+                self.max_pixels,
+            )
             bad = self._encode(backbone, data, [keys[i] for i in mine], skip_bad, store, folder, desc)
         if self.cluster is not None and todo:
             bad = set().union(*self.cluster.gather(sorted(bad), f"encoding {desc}"))  # every rank's chunks written
@@ -138,7 +172,8 @@ class FeatureCache:
                     f"rank {self.cluster.rank} cannot see the features the other ranks wrote to {str(folder)!r} "
                     f"(e.g. for {missing[0]!r}); the cache folder must be one folder that every node of the job "
                     "mounts (--cache-dir). Finished chunks are kept; fix the folder and run again.",
-                    param="cache_dir")
+                    param="cache_dir",
+                )
         if not bad and keys:
             return torch.stack([store[k] for k in keys]), []  # (N, D)
         out = torch.zeros(len(files), backbone.embed_dim)
@@ -177,9 +212,11 @@ class FeatureCache:
             if not info.exists():
                 write_text(info, json.dumps(ns, indent=1, sort_keys=True))
         except OSError as err:
-            raise TaskResValueError(f"cache_dir {str(self.root.parent)!r}: {str(folder)!r} cannot be written "
-                                    f"({err.strerror or err}); fix or remove it, or choose another cache folder.",
-                                    param="cache_dir") from None
+            raise TaskResValueError(
+                f"cache_dir {str(self.root.parent)!r}: {str(folder)!r} cannot be written "
+                f"({err.strerror or err}); fix or remove it, or choose another cache folder.",
+                param="cache_dir",
+            ) from None
         return folder
 
     def _read_chunks(self, folder: Path, store: dict[str, torch.Tensor]) -> None:
@@ -196,14 +233,23 @@ class FeatureCache:
                 if _digest(feats, meta["keys"]) != meta["sha256"] or len(keys) != feats.shape[0]:
                     raise ValueError("checksum mismatch")
             except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
-                logger.warning("feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded",
-                               chunk, err)
+                logger.warning(
+                    "feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded", chunk, err
+                )
                 chunk.unlink(missing_ok=True)
                 continue
             store.update(zip(keys, feats))
 
-    def _encode(self, backbone: Backbone, data: ImageViews, keys: list[str], skip_bad: bool,
-                store: dict[str, torch.Tensor], folder: Path | None, desc: str) -> set[str]:
+    def _encode(
+        self,
+        backbone: Backbone,
+        data: ImageViews,
+        keys: list[str],
+        skip_bad: bool,
+        store: dict[str, torch.Tensor],
+        folder: Path | None,
+        desc: str,
+    ) -> set[str]:
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []
         bad: set[str] = set()
@@ -255,15 +301,26 @@ def loader_workers(workers: int | None, images: int, batch_size: int, device: to
     return min(8, cpus - 1) if device.type == "cuda" else 1
 
 
-def encode_batches(backbone: Backbone, data: ImageViews, batch_size: int = 32, workers: int | None = None,
-                   desc: str = "encoding", quiet: bool = True) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+def encode_batches(
+    backbone: Backbone,
+    data: ImageViews,
+    batch_size: int = 32,
+    workers: int | None = None,
+    desc: str = "encoding",
+    quiet: bool = True,
+) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
     """Run ``data`` through the image encoder in batches: (indices, (B, D) features on the CPU, error per item).
     Worker processes (``loader_workers``) decode and transform the next batches while the encoder runs; on CUDA
     the batches come in pinned memory and are copied without blocking."""
     workers = loader_workers(workers, len(data), batch_size, backbone.device)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=False,
-                                         pin_memory=backbone.device.type == "cuda",
-                                         prefetch_factor=4 if workers else None)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=False,
+        pin_memory=backbone.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     with tqdm(total=len(data), desc=desc, unit="img", disable=quiet, leave=False) as bar:
         for idx, pixels, errors in loader:
             yield idx.tolist(), backbone.encode_images(pixels).cpu(), list(errors)
@@ -275,4 +332,3 @@ def _digest(t: torch.Tensor, keys: str) -> str:
     h = hashlib.sha256(keys.encode())
     h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
-

@@ -40,14 +40,16 @@ def config_options(config_cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(config_cls) if "flag" in f.metadata]
 
 
-def cosine_logits(image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
-                  ) -> torch.Tensor:
+def cosine_logits(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """(N, D) x (C, D) -> (N, C): tau * cosine similarity; neither input needs to be normalised."""
     return logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(classifier, dim=-1).t()
 
 
-def cosine_logits_columns(image_features: torch.Tensor, classifier: torch.Tensor,
-                          logit_scale: torch.Tensor | float) -> torch.Tensor:
+def cosine_logits_columns(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """``cosine_logits`` with the classifier's norms applied to the (N, C) logits' columns instead of to its (C, D)
     rows: tau * (z / |z|) @ t^T / |t|. The same value up to rounding, and the cheaper form to train, where every
     step changes t: its backward costs one matrix product and one pass over t's (C, D) entries, where autograd
@@ -186,13 +188,22 @@ class FitContext:
     def has_val(self) -> bool:
         return self.val_features is not None and len(self.val_features) > 0
 
-    def train(self, module: nn.Module, optim: OptimConfig | None = None,
-              on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    def train(
+        self, module: nn.Module, optim: OptimConfig | None = None, on_epoch: Callable[[dict], None] | None = None
+    ) -> list[dict]:
         """Train ``module``'s parameters on the training views with the run's optimiser, seed and device."""
         config = optim or self.optim
         assert config is not None, "a trained method's fit context has an optimiser"
-        return fit(module, self.train_views, self.train_labels, config, seed=self.seed,
-                   device=self.device, on_epoch=on_epoch or self.on_epoch, quiet=self.quiet)
+        return fit(
+            module,
+            self.train_views,
+            self.train_labels,
+            config,
+            seed=self.seed,
+            device=self.device,
+            on_epoch=on_epoch or self.on_epoch,
+            quiet=self.quiet,
+        )
 
 
 @dataclass(frozen=True)

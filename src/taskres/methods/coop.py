@@ -37,8 +37,9 @@ class CoOpConfig:
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or not self.init_std > 0:
-            raise TaskResValueError(f"CoOp needs `n_ctx` >= 1 and init_std > 0; got {self.n_ctx!r}, "
-                                    f"{self.init_std!r}.", param="n_ctx")
+            raise TaskResValueError(
+                f"CoOp needs `n_ctx` >= 1 and init_std > 0; got {self.n_ctx!r}, {self.init_std!r}.", param="n_ctx"
+            )
 
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:
@@ -93,7 +94,7 @@ class PromptLearner(nn.Module):
             embedding = model.token_embedding(tokens)  # (C, L, W)
         self.register_buffer("tokens", tokens)  # (C, L)
         self.register_buffer("prefix", embedding[:, :1].clone())  # SOS
-        self.register_buffer("suffix", embedding[:, 1 + n_ctx:].clone())  # class tokens, ".", EOS, padding
+        self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone())  # class tokens, ".", EOS, padding
         self.ctx = nn.Parameter(ctx)  # (M, W)
         self.logit_scale, self.amp = float(logit_scale), amp
 
@@ -120,16 +121,20 @@ def prompt_tokens(backbone, classnames, n_ctx: int) -> torch.Tensor:
     for name, prompt in zip(classnames, prompts):
         need = len(tokenizer.encode(prompt)) + 2
         if need > length:
-            raise TaskResValueError(f"CoOp's prompt for class {name!r} needs {need} tokens with {n_ctx} context "
-                                    f"vectors, but the text encoder reads {length}; use a smaller `n_ctx` (at most "
-                                    f"{n_ctx - (need - length)}).", param="n_ctx")
+            raise TaskResValueError(
+                f"CoOp's prompt for class {name!r} needs {need} tokens with {n_ctx} context "
+                f"vectors, but the text encoder reads {length}; use a smaller `n_ctx` (at most "
+                f"{n_ctx - (need - length)}).",
+                param="n_ctx",
+            )
     return tokenizer(prompts)
 
 
 def fit_coop(ctx: FitContext, config: CoOpConfig) -> Fitted:
     if ctx.backbone is None:
-        raise TaskResValueError("CoOp runs the text encoder in the training loop and needs the backbone in its "
-                                "context.", param="backbone")
+        raise TaskResValueError(
+            "CoOp runs the text encoder in the training loop and needs the backbone in its context.", param="backbone"
+        )
     model = check_text_tower(ctx.backbone, "CoOp")
     tokens = prompt_tokens(ctx.backbone, ctx.classnames, config.n_ctx).to(ctx.backbone.device)
     width = model.token_embedding.weight.shape[1]
@@ -141,6 +146,13 @@ def fit_coop(ctx: FitContext, config: CoOpConfig) -> Fitted:
     return Fitted(CoOpHead(text.cpu(), learner.ctx.detach().cpu(), ctx.logit_scale, config))
 
 
-register_method(Method(
-    "coop", "CoOp: 16 learned context vectors through the frozen text encoder (Zhou et al. 2022)",
-    CoOpConfig, CoOpHead, fit_coop, optim_preset=optim_preset))
+register_method(
+    Method(
+        "coop",
+        "CoOp: 16 learned context vectors through the frozen text encoder (Zhou et al. 2022)",
+        CoOpConfig,
+        CoOpHead,
+        fit_coop,
+        optim_preset=optim_preset,
+    )
+)

@@ -31,23 +31,38 @@ from taskres.methods.tip_adapter import (
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:
     """Tip-Adapter-F's optimiser: ``taskres train --method tip-adapter-f`` (configs/<dataset>.yaml: train_epoch)."""
-    return OptimConfig(lr=1e-3, epochs=100 if dataset == "eurosat" else 20, batch_size=256, weight_decay=0.01,
-                       optimizer="adamw", eps=1e-4, schedule="iteration", warmup_epochs=0, drop_last="never")
+    return OptimConfig(
+        lr=1e-3,
+        epochs=100 if dataset == "eurosat" else 20,
+        batch_size=256,
+        weight_decay=0.01,
+        optimizer="adamw",
+        eps=1e-4,
+        schedule="iteration",
+        warmup_epochs=0,
+        drop_last="never",
+    )
 
 
 def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     keys, values = build_cache(ctx.train_views, ctx.train_labels, ctx.base.shape[0])
-    head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta,
-                          train_keys=True, config=config)
+    head = TipAdapterHead(
+        ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta, train_keys=True, config=config
+    )
     official = ctx.protocol == "official"  # the public code keeps the best test epoch
     select = config.search == "val" or official
     if official and ctx.test_features is None:
-        raise TaskResValueError("the official Tip-Adapter-F protocol keeps its best test epoch, and the fit context "
-                                "has no test split.", param="protocol")
+        raise TaskResValueError(
+            "the official Tip-Adapter-F protocol keeps its best test epoch, and the fit context has no test split.",
+            param="protocol",
+        )
     if select and not official:
         require_val(ctx)
-    features, labels, key = ((ctx.test_features, ctx.test_labels, "test_accuracy") if official
-                             else (ctx.val_features, ctx.val_labels, "val_accuracy"))
+    features, labels, key = (
+        (ctx.test_features, ctx.test_labels, "test_accuracy")
+        if official
+        else (ctx.val_features, ctx.val_labels, "val_accuracy")
+    )
     assert ctx.optim is not None  # a trained method
     best: dict[str, Any] = {"accuracy": -1.0, "epoch": ctx.optim.epochs - 1, "keys": None}
 
@@ -71,7 +86,16 @@ def fit_tip_adapter_f(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     return Fitted(choose_alpha_beta(head.cpu(), ctx, config, info), info)
 
 
-register_method(Method(
-    "tip-adapter-f", "Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (Zhang et al. 2022)",
-    TipAdapterConfig, TipAdapterHead, fit_tip_adapter_f, optim_preset=optim_preset,
-    config_preset=TipAdapterConfig.for_dataset, official=PUBLIC, views=10))  # the public cache: 10 augmented epochs
+register_method(
+    Method(
+        "tip-adapter-f",
+        "Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned (Zhang et al. 2022)",
+        TipAdapterConfig,
+        TipAdapterHead,
+        fit_tip_adapter_f,
+        optim_preset=optim_preset,
+        config_preset=TipAdapterConfig.for_dataset,
+        official=PUBLIC,
+        views=10,
+    )
+)  # the public cache: 10 augmented epochs
