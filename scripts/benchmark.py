@@ -34,10 +34,19 @@ import torch
 from PIL import Image
 
 # (classes, test images) of the 11 benchmarks, as CoOp's split files give them (Zhou et al., IJCV 2022, Table 7).
-BENCHMARKS = {"imagenet": (1000, 50000), "caltech101": (100, 2465), "oxford_pets": (37, 3669),
-              "stanford_cars": (196, 8041), "oxford_flowers": (102, 2463), "food101": (101, 30300),
-              "fgvc_aircraft": (100, 3333), "sun397": (397, 19850), "dtd": (47, 1692), "eurosat": (10, 8100),
-              "ucf101": (101, 3783)}
+BENCHMARKS = {
+    "imagenet": (1000, 50000),
+    "caltech101": (100, 2465),
+    "oxford_pets": (37, 3669),
+    "stanford_cars": (196, 8041),
+    "oxford_flowers": (102, 2463),
+    "food101": (101, 30300),
+    "fgvc_aircraft": (100, 3333),
+    "sun397": (397, 19850),
+    "dtd": (47, 1692),
+    "eurosat": (10, 8100),
+    "ucf101": (101, 3783),
+}
 SHOTS, SEEDS = (1, 2, 4, 8, 16), (1, 2, 3)
 
 BARE = """
@@ -82,16 +91,36 @@ def extraction(images: int, device: str, rounds: int = 2) -> dict:
         for name in classes:  # an ImageFolder needs a train split too; zero-shot reads only test
             (tmp / "data" / "train" / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(
-                tmp / "data" / "train" / name / "0.jpg", quality=90)
+                tmp / "data" / "train" / name / "0.jpg", quality=90
+            )
         (tmp / "bare.py").write_text(textwrap.dedent(BARE))
         env = dict(os.environ)
         bare, ours = [], []
         for r in range(rounds):
             bare.append(_timed([sys.executable, str(tmp / "bare.py"), str(weights), str(images), device], env))
             cache = tmp / f"cache{r}"  # cold every time
-            ours.append(_timed([sys.executable, "-m", "taskres", "zeroshot", "--data", str(tmp / "data"),
-                                "--backbone", str(weights), "--cache-dir", str(cache), "--device", device, "--quiet",
-                                "--out", str(tmp / f"zs{r}")], env))
+            ours.append(
+                _timed(
+                    [
+                        sys.executable,
+                        "-m",
+                        "taskres",
+                        "zeroshot",
+                        "--data",
+                        str(tmp / "data"),
+                        "--backbone",
+                        str(weights),
+                        "--cache-dir",
+                        str(cache),
+                        "--device",
+                        device,
+                        "--quiet",
+                        "--out",
+                        str(tmp / f"zs{r}"),
+                    ],
+                    env,
+                )
+            )
     return {"bare": min(bare), "ours": min(ours), "all_bare": bare, "all_ours": ours}
 
 
@@ -115,7 +144,7 @@ def training(device: str, epochs: int) -> dict:
         ours_times.append(time.perf_counter() - mark[0])
         t = time.perf_counter()
         for s in range(steps):
-            x = x_all[s * batch:(s + 1) * batch]
+            x = x_all[s * batch : (s + 1) * batch]
             x @ w.t()  # forward (B, C)
             grads.t() @ x  # the classifier's gradient (C, D)
         if device.startswith("cuda"):
@@ -124,11 +153,18 @@ def training(device: str, epochs: int) -> dict:
         mark[0] = time.perf_counter()
 
     head = TaskResHead(base, 100.0)
-    fit(head, feats, labels, OptimConfig(lr=2e-4, epochs=epochs, batch_size=batch), seed=1, device=device,
-        quiet=True, on_epoch=bare_epoch)
+    fit(
+        head,
+        feats,
+        labels,
+        OptimConfig(lr=2e-4, epochs=epochs, batch_size=batch),
+        seed=1,
+        device=device,
+        quiet=True,
+        on_epoch=bare_epoch,
+    )
     ratios = [o / b for o, b in zip(ours_times, bare_times)]
-    return {"ours": sum(ours_times), "bare": sum(bare_times), "median_ratio": statistics.median(ratios),
-            "steps": steps}
+    return {"ours": sum(ours_times), "bare": sum(bare_times), "median_ratio": statistics.median(ratios), "steps": steps}
 
 
 def encoder_passes(views: int = 50) -> tuple[int, int]:
@@ -153,25 +189,50 @@ def main() -> None:
     parser.add_argument("--skip-extract", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
-    rows = [("machine", f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
-             "", "")]
+    rows = [("machine", f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", "", "")]
     if not args.skip_extract:
         e = extraction(args.images, args.device)
-        rows.append((f"extraction, RN50, {args.images} JPEGs, whole process",
-                     f"{e['ours']:.1f} s vs {e['bare']:.1f} s", f"{e['ours'] / e['bare']:.3f}", "<= 1.10"))
-        rows.append(("  every round (ours / bare, s)", " ".join(f"{o:.1f}/{b:.1f}" for o, b in
-                                                               zip(e["all_ours"], e["all_bare"])), "", ""))
+        rows.append(
+            (
+                f"extraction, RN50, {args.images} JPEGs, whole process",
+                f"{e['ours']:.1f} s vs {e['bare']:.1f} s",
+                f"{e['ours'] / e['bare']:.3f}",
+                "<= 1.10",
+            )
+        )
+        rows.append(
+            (
+                "  every round (ours / bare, s)",
+                " ".join(f"{o:.1f}/{b:.1f}" for o, b in zip(e["all_ours"], e["all_bare"])),
+                "",
+                "",
+            )
+        )
     if not args.skip_train:
         t = training(args.device, args.epochs)
-        rows.append((f"training, TaskRes {args.epochs} ep x {t['steps']} steps, 16k x 1024, 1000 cls",
-                     f"{t['ours']:.1f} s vs {t['bare']:.1f} s", f"{t['ours'] / t['bare']:.3f}", "<= 1.5"))
+        rows.append(
+            (
+                f"training, TaskRes {args.epochs} ep x {t['steps']} steps, 16k x 1024, 1000 cls",
+                f"{t['ours']:.1f} s vs {t['bare']:.1f} s",
+                f"{t['ours'] / t['bare']:.3f}",
+                "<= 1.5",
+            )
+        )
         rows.append(("  median per-epoch ratio", "", f"{t['median_ratio']:.3f}", ""))
     official, ours = encoder_passes()
-    rows.append(("encoder passes, 11 datasets x 5 shots x 3 seeds", f"{official:,} official vs {ours:,} ours (V=50)",
-                 f"{official / ours:.1f}x fewer", ""))
+    rows.append(
+        (
+            "encoder passes, 11 datasets x 5 shots x 3 seeds",
+            f"{official:,} official vs {ours:,} ours (V=50)",
+            f"{official / ours:.1f}x fewer",
+            "",
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    print(f"{'what':<{widths[0]}}  {'figure':<{widths[1]}}  {'ratio':>{max(widths[2], 5)}}  target   (device "
-          f"{args.device})")
+    print(
+        f"{'what':<{widths[0]}}  {'figure':<{widths[1]}}  {'ratio':>{max(widths[2], 5)}}  target   (device "
+        f"{args.device})"
+    )
     for what, fig, ratio, target in rows:
         print(f"{what:<{widths[0]}}  {fig:<{widths[1]}}  {ratio:>{max(widths[2], 5)}}  {target}")
 

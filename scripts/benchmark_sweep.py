@@ -30,8 +30,19 @@ def main() -> None:
     from taskres.demo.synthetic import write_demo_tasks
 
     task = write_demo_tasks(work / "tasks", seed=0, tasks=["outline_shapes"])[0]
-    common = ["--data", str(task["image_dir"]), "--split-file", str(task["split_file"]), "--backbone",
-              "taskres-demo", "--cache-dir", str(work / "cache"), "--quiet", "--device", "cpu"]
+    common = [
+        "--data",
+        str(task["image_dir"]),
+        "--split-file",
+        str(task["split_file"]),
+        "--backbone",
+        "taskres-demo",
+        "--cache-dir",
+        str(work / "cache"),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     grid = ["--methods", "taskres", "--shots", "1,2,4", "--seeds", ",".join(str(s) for s in range(1, args.seeds + 1))]
     cli = [sys.executable, "-m", "taskres"]
     subprocess.run([*cli, "sweep", str(work / "warm"), *common, *grid], check=True)  # warms the feature cache
@@ -47,8 +58,13 @@ def main() -> None:
     from taskres.app.sweep import DatasetRef, Grid, _load, run_sweep
     from taskres.workflow import Setup
 
-    grid_obj = Grid((DatasetRef(task["name"], data=str(task["image_dir"]), split_file=str(task["split_file"])),),
-                    ("taskres-demo",), ("taskres",), shots=(1, 2, 4), seeds=tuple(range(1, args.seeds + 1)))
+    grid_obj = Grid(
+        (DatasetRef(task["name"], data=str(task["image_dir"]), split_file=str(task["split_file"])),),
+        ("taskres-demo",),
+        ("taskres",),
+        shots=(1, 2, 4),
+        seeds=tuple(range(1, args.seeds + 1)),
+    )
     setup = Setup(device="cpu", cache_dir=str(work / "cache"), quiet=True)
     _load("taskres-demo", task["name"], grid_obj, setup)
     t0 = time.perf_counter()
@@ -58,19 +74,24 @@ def main() -> None:
     inproc_fit = sum(m.get("seconds_train", 0.0) for m in inproc)
 
     t0 = time.perf_counter()
-    subprocess.run([*cli, "train", *common, "--shots", "4", "--seed", "1", "--out", str(work / "single")], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*cli, "train", *common, "--shots", "4", "--seed", "1", "--out", str(work / "single")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     single_wall = time.perf_counter() - t0
     single_fit = json.loads((work / "single" / "metrics.json").read_text())["seconds_train"]
 
-    rows = [("sweep, whole process", f"{sweep_wall:.2f} s", f"{cells} cells"),
-            ("  of which fitting (sum of seconds_train)", f"{fit:.2f} s", ""),
-            ("  overhead per cell, process start included", f"{(sweep_wall - fit) / cells:.3f} s", ""),
-            ("sweep in a running process (backbone loaded)", f"{inproc_wall:.2f} s", f"{len(inproc)} cells"),
-            ("  of which fitting", f"{inproc_fit:.2f} s", ""),
-            ("  overhead per cell", f"{(inproc_wall - inproc_fit) / len(inproc):.3f} s", "target < 0.05 s"),
-            ("one `taskres train` process", f"{single_wall:.2f} s", "4 shots, seed 1"),
-            ("  overhead (process minus fitting)", f"{single_wall - single_fit:.3f} s", "")]
+    rows = [
+        ("sweep, whole process", f"{sweep_wall:.2f} s", f"{cells} cells"),
+        ("  of which fitting (sum of seconds_train)", f"{fit:.2f} s", ""),
+        ("  overhead per cell, process start included", f"{(sweep_wall - fit) / cells:.3f} s", ""),
+        ("sweep in a running process (backbone loaded)", f"{inproc_wall:.2f} s", f"{len(inproc)} cells"),
+        ("  of which fitting", f"{inproc_fit:.2f} s", ""),
+        ("  overhead per cell", f"{(inproc_wall - inproc_fit) / len(inproc):.3f} s", "target < 0.05 s"),
+        ("one `taskres train` process", f"{single_wall:.2f} s", "4 shots, seed 1"),
+        ("  overhead (process minus fitting)", f"{single_wall - single_fit:.3f} s", ""),
+    ]
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':<{width}}  {'time':>10}  note")
     for name, value, note in rows:

@@ -47,8 +47,9 @@ MIN_MEAN_GAIN = 5.0  # 16-shot TaskRes minus zero-shot (points) averaged over th
 def load_model(config: Path, weights: Path):
     open_clip.add_model_config(config)  # registered under the file's stem
     model = open_clip.create_model(config.stem, pretrained=str(weights)).float().eval()
-    preprocess = open_clip.image_transform(model.visual.image_size, is_train=False,
-                                           mean=model.visual.image_mean, std=model.visual.image_std)
+    preprocess = open_clip.image_transform(
+        model.visual.image_size, is_train=False, mean=model.visual.image_mean, std=model.visual.image_std
+    )
     return model, preprocess, open_clip.get_tokenizer(config.stem)
 
 
@@ -72,7 +73,7 @@ def shipped_sha256() -> str | None:
 def encode(model, preprocess, image_dir: Path, entries: list, batch: int = 500) -> torch.Tensor:
     feats = []
     for i in range(0, len(entries), batch):
-        x = torch.stack([preprocess(Image.open(image_dir / e[0]).convert("RGB")) for e in entries[i:i + batch]])
+        x = torch.stack([preprocess(Image.open(image_dir / e[0]).convert("RGB")) for e in entries[i : i + batch]])
         feats.append(model.encode_image(x))
     return torch.cat(feats)  # (N, D), un-normalised
 
@@ -105,7 +106,7 @@ def train_taskres(z, y, base, scale, *, alpha, lr, weight_decay, epochs, batch_s
         perm = torch.randperm(len(z), generator=gen)
         stop = len(z) - len(z) % batch_size if drop_last else len(z)
         for i in range(0, stop, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             loss = F.cross_entropy(taskres_logits(z[idx], base, residual, alpha, scale), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -157,14 +158,30 @@ def main(argv: list[str] | None = None) -> int:
                 base = model.encode_text(tokenizer(prompts))  # (C, D); one template, so the mean is itself
             t_enc += time.time() - t
             zs = accuracy(taskres_logits(z_test, base, torch.zeros_like(base), args.alpha, scale), y_test)
-            row = {"task": task["name"], "role": task["role"], "C": task["num_classes"], "zero_shot": zs,
-                   "difficulty": (1 / task["num_classes"]) / max(zs / 100, 1e-6), "taskres": {}, "residual": {}}
+            row = {
+                "task": task["name"],
+                "role": task["role"],
+                "C": task["num_classes"],
+                "zero_shot": zs,
+                "difficulty": (1 / task["num_classes"]) / max(zs / 100, 1e-6),
+                "taskres": {},
+                "residual": {},
+            }
             t = time.time()
             for k in args.shots:
                 idx = torch.tensor(sample_fewshot(split["train"], k, args.seed))
-                x = train_taskres(z_train[idx], y_train[idx], base, scale, alpha=args.alpha, lr=args.lr,
-                                  weight_decay=args.weight_decay, epochs=100 if k <= 4 else 200,
-                                  batch_size=args.batch_size, seed=args.seed)
+                x = train_taskres(
+                    z_train[idx],
+                    y_train[idx],
+                    base,
+                    scale,
+                    alpha=args.alpha,
+                    lr=args.lr,
+                    weight_decay=args.weight_decay,
+                    epochs=100 if k <= 4 else 200,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                )
                 row["taskres"][k] = accuracy(taskres_logits(z_test, base, x, args.alpha, scale), y_test)
                 # Mean norm of the residual rows relative to the base rows (paper: grows with difficulty).
                 row["residual"][k] = ((args.alpha * x).norm(dim=-1) / base.norm(dim=-1)).mean().item()
@@ -174,32 +191,51 @@ def main(argv: list[str] | None = None) -> int:
     kmax = max(args.shots)
     digest, shipped = sha256(args.weights), shipped_sha256()
     same = "unknown (no shipped recipe)" if shipped is None else ("yes" if digest == shipped else "no")
-    print(f"model {args.weights} (config {args.config.name}): logit scale {scale:.1f}; seed {args.seed}; "
-          f"task seed {args.task_seed}")
+    print(
+        f"model {args.weights} (config {args.config.name}): logit scale {scale:.1f}; seed {args.seed}; "
+        f"task seed {args.task_seed}"
+    )
     print(f"sha256 {digest}; bit-identical to the shipped weights: {same} (accepted by quality, not by hash)")
     head = f"{'task':18s} {'role':5s} {'C':>2s} {'zero-shot':>9s} " + " ".join(f"{f'{k}-shot':>7s}" for k in args.shots)
     print(head + f" {'gain@' + str(kmax):>8s} {'rel.diff':>8s} {'|ax|/|t|':>8s}")
     for r in rows:
-        print(f"{r['task']:18s} {r['role']:5s} {r['C']:2d} {r['zero_shot']:9.2f} "
-              + " ".join(f"{r['taskres'][k]:7.2f}" for k in args.shots)
-              + f" {r['taskres'][kmax] - r['zero_shot']:+8.2f} {r['difficulty']:8.3f} {r['residual'][kmax]:8.3f}")
+        print(
+            f"{r['task']:18s} {r['role']:5s} {r['C']:2d} {r['zero_shot']:9.2f} "
+            + " ".join(f"{r['taskres'][k]:7.2f}" for k in args.shots)
+            + f" {r['taskres'][kmax] - r['zero_shot']:+8.2f} {r['difficulty']:8.3f} {r['residual'][kmax]:8.3f}"
+        )
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    print(f"{'mean':18s} {'':5s} {'':2s} {mean([r['zero_shot'] for r in rows]):9.2f} "
-          + " ".join(f"{mean([r['taskres'][k] for r in rows]):7.2f}" for k in args.shots)
-          + f" {mean([r['taskres'][kmax] - r['zero_shot'] for r in rows]):+8.2f}")
-    print(f"time: load {t_load:.1f}s, task generation {t_gen:.1f}s, encoding {t_enc:.1f}s, "
-          f"TaskRes training ({len(args.shots)} shot settings x {len(rows)} tasks) {t_train:.1f}s")
+    print(
+        f"{'mean':18s} {'':5s} {'':2s} {mean([r['zero_shot'] for r in rows]):9.2f} "
+        + " ".join(f"{mean([r['taskres'][k] for r in rows]):7.2f}" for k in args.shots)
+        + f" {mean([r['taskres'][kmax] - r['zero_shot'] for r in rows]):+8.2f}"
+    )
+    print(
+        f"time: load {t_load:.1f}s, task generation {t_gen:.1f}s, encoding {t_enc:.1f}s, "
+        f"TaskRes training ({len(args.shots)} shot settings x {len(rows)} tasks) {t_train:.1f}s"
+    )
 
     near = [r for r in rows if r["role"] == "near"]
     hardest = max(rows, key=lambda r: r["difficulty"])
-    checks = [(f"zero-shot on the near task ({', '.join(r['task'] for r in near)}) >= {MIN_NEAR_ZERO_SHOT:g}",
-               min(r["zero_shot"] for r in near), MIN_NEAR_ZERO_SHOT)]
+    checks = [
+        (
+            f"zero-shot on the near task ({', '.join(r['task'] for r in near)}) >= {MIN_NEAR_ZERO_SHOT:g}",
+            min(r["zero_shot"] for r in near),
+            MIN_NEAR_ZERO_SHOT,
+        )
+    ]
     if 16 in args.shots:
         checks += [
-            (f"16-shot gain on the hardest task ({hardest['task']}) >= {MIN_HARDEST_GAIN:g}",
-             hardest["taskres"][16] - hardest["zero_shot"], MIN_HARDEST_GAIN),
-            (f"16-shot gain averaged over tasks >= {MIN_MEAN_GAIN:g}",
-             mean([r["taskres"][16] - r["zero_shot"] for r in rows]), MIN_MEAN_GAIN),
+            (
+                f"16-shot gain on the hardest task ({hardest['task']}) >= {MIN_HARDEST_GAIN:g}",
+                hardest["taskres"][16] - hardest["zero_shot"],
+                MIN_HARDEST_GAIN,
+            ),
+            (
+                f"16-shot gain averaged over tasks >= {MIN_MEAN_GAIN:g}",
+                mean([r["taskres"][16] - r["zero_shot"] for r in rows]),
+                MIN_MEAN_GAIN,
+            ),
         ]
     else:
         print("note: 16 not in --shots, so only the zero-shot check ran (not the full acceptance)")

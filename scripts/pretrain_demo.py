@@ -58,9 +58,11 @@ from taskres.demo import synthetic as S
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "taskres" / "assets"
 MODEL_NAME = "taskres-demo"
-REPRODUCIBILITY = ("bit-identical only on the same CPU model, thread count and library versions (torch, its "
-                   "BLAS/oneDNN, open_clip, numpy, Pillow); elsewhere the same recipe gives a model of the same "
-                   "quality, not the same bits (see build_machine and the script's docstring for the measured spread)")
+REPRODUCIBILITY = (
+    "bit-identical only on the same CPU model, thread count and library versions (torch, its "
+    "BLAS/oneDNN, open_clip, numpy, Pillow); elsewhere the same recipe gives a model of the same "
+    "quality, not the same bits (see build_machine and the script's docstring for the measured spread)"
+)
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -81,7 +83,7 @@ def text_classifier(model, tokenizer, classnames, template: str) -> torch.Tensor
 
 @torch.no_grad()
 def encode_images(model, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([model.encode_image(x[i:i + batch]) for i in range(0, len(x), batch)])  # (N, D)
+    return torch.cat([model.encode_image(x[i : i + batch]) for i in range(0, len(x), batch)])  # (N, D)
 
 
 def zero_shot_acc(image_feats: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> float:
@@ -98,13 +100,25 @@ def make_probes(seed: int, n: int) -> dict:
     specs = {
         "shape": (list(S.PRETRAIN_SHAPES), "a photo of a {}.", lambda s: s.shape, lambda s: True),
         "colour": (list(S.COLOURS), "a photo of a {} shape.", lambda s: s.colour, lambda s: True),
-        "colour_shape": ([f"{c} {s}" for c in S.COLOURS for s in S.PRETRAIN_SHAPES], "a photo of a {}.",
-                         lambda s: f"{s.colour} {s.shape}", lambda s: True),
+        "colour_shape": (
+            [f"{c} {s}" for c in S.COLOURS for s in S.PRETRAIN_SHAPES],
+            "a photo of a {}.",
+            lambda s: f"{s.colour} {s.shape}",
+            lambda s: True,
+        ),
         "size": (["small", "large"], "a photo of a {} shape.", lambda s: s.size, lambda s: s.size != "medium"),
-        "position": (list(positions.values()), "a photo of a shape {}.", lambda s: positions[s.position],
-                     lambda s: s.position != "center"),
-        "background": (list(S.BACKGROUNDS), "a photo of a shape on a {} background.", lambda s: s.background,
-                       lambda s: True),
+        "position": (
+            list(positions.values()),
+            "a photo of a shape {}.",
+            lambda s: positions[s.position],
+            lambda s: s.position != "center",
+        ),
+        "background": (
+            list(S.BACKGROUNDS),
+            "a photo of a shape on a {} background.",
+            lambda s: s.background,
+            lambda s: True,
+        ),
     }
     probes = {}
     for name, (classnames, template, key, keep) in specs.items():
@@ -182,10 +196,23 @@ def torch_math_libraries() -> dict:
     """The BLAS / LAPACK / oneDNN / OpenMP that torch uses and the CPU kernels it dispatches to, from
     ``torch.__config__.show()``: the lines that name them, plus the matching build settings."""
     show = torch.__config__.show()
-    pattern = ("blas", "lapack", "mkl", "math kernel library", "onednn", "dnnl", "openmp", "openblas", "accelerate",
-               "cpu capability")
-    lines = [ln.strip().lstrip("- ").strip() for ln in show.splitlines()
-             if any(w in ln.lower() for w in pattern) and not ln.strip().startswith("- Build settings")]
+    pattern = (
+        "blas",
+        "lapack",
+        "mkl",
+        "math kernel library",
+        "onednn",
+        "dnnl",
+        "openmp",
+        "openblas",
+        "accelerate",
+        "cpu capability",
+    )
+    lines = [
+        ln.strip().lstrip("- ").strip()
+        for ln in show.splitlines()
+        if any(w in ln.lower() for w in pattern) and not ln.strip().startswith("- Build settings")
+    ]
     settings = {}
     for ln in show.splitlines():
         if ln.strip().startswith("- Build settings:"):
@@ -194,21 +221,32 @@ def torch_math_libraries() -> dict:
                 if eq and key in ("BLAS_INFO", "LAPACK_INFO", "USE_MKL", "USE_MKLDNN", "USE_OPENMP", "TORCH_VERSION"):
                     settings[key] = value.strip()
     cpu = getattr(torch.backends, "cpu", None)
-    return {"config_lines": lines, "build_settings": settings,
-            "cpu_capability": cpu.get_cpu_capability() if cpu is not None else "unknown"}
+    return {
+        "config_lines": lines,
+        "build_settings": settings,
+        "cpu_capability": cpu.get_cpu_capability() if cpu is not None else "unknown",
+    }
 
 
 def build_machine() -> dict:
     """What the bits of the weights depend on besides the recipe: CPU, threads, math libraries, versions."""
     model, source = cpu_model()
     return {
-        "cpu_model": model, "cpu_model_source": source, **({"cpuinfo": ids} if (ids := cpuinfo_ids()) else {}),
+        "cpu_model": model,
+        "cpu_model_source": source,
+        **({"cpuinfo": ids} if (ids := cpuinfo_ids()) else {}),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
         "torch_math": torch_math_libraries(),
-        "platform": platform.platform(), "python": platform.python_version(),
-        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "numpy": np.__version__,
-                     "pillow": Image.__version__ if hasattr(Image, "__version__") else "unknown"},
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "numpy": np.__version__,
+            "pillow": Image.__version__ if hasattr(Image, "__version__") else "unknown",
+        },
     }
 
 
@@ -223,17 +261,17 @@ def save_weights(state: dict, path: Path) -> None:
     save_file(state, str(path), metadata=FILE_METADATA)
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     assert header["__metadata__"] == FILE_METADATA, header["__metadata__"]
     compact = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    if raw[8:8 + n].rstrip(b" ") != compact:  # not the layout expected of safetensors: leave the file as written
+    if raw[8 : 8 + n].rstrip(b" ") != compact:  # not the layout expected of safetensors: leave the file as written
         print("warning: unexpected safetensors header layout; its metadata order is left as written", flush=True)
         return
     header["__metadata__"] = dict(FILE_METADATA)
     header = {"__metadata__": header.pop("__metadata__"), **header}
     fixed = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     assert len(fixed) == len(compact)
-    path.write_bytes(raw[:8] + fixed.ljust(n, b" ") + raw[8 + n:])
+    path.write_bytes(raw[:8] + fixed.ljust(n, b" ") + raw[8 + n :])
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -283,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
     probe_set = make_probes(args.seed, 1200)
     t_data = time.time() - t_start
-    print(f"data: {len(images)} images, {len(unique)} unique captions ({truncated} truncated "
-          f"to {tokens.shape[1]} tokens) in {t_data:.1f}s", flush=True)
+    print(
+        f"data: {len(images)} images, {len(unique)} unique captions ({truncated} truncated "
+        f"to {tokens.shape[1]} tokens) in {t_data:.1f}s",
+        flush=True,
+    )
 
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
@@ -308,10 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         for b in range(steps_per_epoch):
             if step >= total:
                 break
-            idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
+            idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            image_features, text_features, logit_scale = model(to_input(images[idx]), tokens[caption_ids[idx, pick[idx]]])[:3]
+            image_features, text_features, logit_scale = model(
+                to_input(images[idx]), tokens[caption_ids[idx, pick[idx]]]
+            )[:3]
             loss = loss_fn(image_features, text_features, logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -321,20 +364,28 @@ def main(argv: list[str] | None = None) -> int:
             losses.append(loss.item())
             step += 1
             if step % 50 == 0 or step == total:
-                print(f"step {step}/{total} epoch {epoch} loss {np.mean(losses[-50:]):.4f} lr {lr_at(step - 1):.2e} "
-                      f"scale {model.logit_scale.exp().item():.1f} {time.time() - t_train:.0f}s", flush=True)
+                print(
+                    f"step {step}/{total} epoch {epoch} loss {np.mean(losses[-50:]):.4f} lr {lr_at(step - 1):.2e} "
+                    f"scale {model.logit_scale.exp().item():.1f} {time.time() - t_train:.0f}s",
+                    flush=True,
+                )
         print(f"epoch {epoch} probes {run_probes(model, tokenizer, probe_set)}", flush=True)
         if step >= total:
             break
     t_train = time.time() - t_train
     model.eval()
     with torch.no_grad():
-        reference = tokenizer([f"a photo of a {c} {s}." for c in S.COLOURS for s in S.PRETRAIN_SHAPES]
-                              + [f"a photo of a {s}." for s in S.PRETRAIN_SHAPES])
+        reference = tokenizer(
+            [f"a photo of a {c} {s}." for c in S.COLOURS for s in S.PRETRAIN_SHAPES]
+            + [f"a photo of a {s}." for s in S.PRETRAIN_SHAPES]
+        )
         text_norm_trained = model.encode_text(reference).norm(dim=-1).mean().item()
         model.text_projection.mul_(args.text_norm / text_norm_trained)
-    print(f"text projection rescaled by {args.text_norm / text_norm_trained:.4f} (mean text norm "
-          f"{text_norm_trained:.2f} -> {args.text_norm})", flush=True)
+    print(
+        f"text projection rescaled by {args.text_norm / text_norm_trained:.4f} (mean text norm "
+        f"{text_norm_trained:.2f} -> {args.text_norm})",
+        flush=True,
+    )
 
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     digest = hashlib.sha256()
@@ -357,18 +408,26 @@ def main(argv: list[str] | None = None) -> int:
     t_total = time.time() - t_start
     print(f"zero-shot probes (held-in, {len(probe_set['images'])} images): {probes}")
     for name, r in tasks.items():
-        print(f"  {name:18s} {r['role']:5s} C={r['num_classes']:2d} zero-shot {r['zero_shot_acc']:6.2f}  "
-              f"rel. difficulty {r['relative_transfer_difficulty']:.3f}")
-    print(f"wall time: data {t_data:.0f}s, training {t_train:.0f}s, total {t_total:.0f}s; weights "
-          f"{weights.stat().st_size / 1e6:.2f} MB")
+        print(
+            f"  {name:18s} {r['role']:5s} C={r['num_classes']:2d} zero-shot {r['zero_shot_acc']:6.2f}  "
+            f"rel. difficulty {r['relative_transfer_difficulty']:.3f}"
+        )
+    print(
+        f"wall time: data {t_data:.0f}s, training {t_train:.0f}s, total {t_total:.0f}s; weights "
+        f"{weights.stat().st_size / 1e6:.2f} MB"
+    )
 
     recipe = {
         "model": MODEL_NAME,
         "model_config": model_cfg,
-        "weights": {"file": weights.name, "dtype": "float16", "bytes": weights.stat().st_size,
-                    "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-                    "tensors_sha256": digest.hexdigest(),
-                    "tensors_sha256_of": "each tensor's name then its bytes, in name order (the file's header aside)"},
+        "weights": {
+            "file": weights.name,
+            "dtype": "float16",
+            "bytes": weights.stat().st_size,
+            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "tensors_sha256": digest.hexdigest(),
+            "tensors_sha256_of": "each tensor's name then its bytes, in name order (the file's header aside)",
+        },
         "command": "python scripts/pretrain_demo.py",
         "seed": args.seed,
         "data": {
@@ -386,38 +445,54 @@ def main(argv: list[str] | None = None) -> int:
             "positions": list(S.POSITIONS),
             "held_out_of_pretraining": {
                 "shapes (never drawn, never named)": list(S.HELD_OUT_SHAPES),
-                "renderings (never drawn)": ["outline style", "striped backdrops", "clutter backdrops",
-                                             "strong pixel noise at lower contrast"],
+                "renderings (never drawn)": [
+                    "outline style",
+                    "striped backdrops",
+                    "clutter backdrops",
+                    "strong pixel noise at lower contrast",
+                ],
             },
             "augmentation": "none (every image is a fresh random scene; one of its captions drawn per epoch)",
         },
         "optimisation": {
             "loss": "open_clip.ClipLoss (symmetric InfoNCE)",
-            "optimizer": "AdamW", "lr": args.lr, "betas": [0.9, 0.98], "eps": 1e-6,
+            "optimizer": "AdamW",
+            "lr": args.lr,
+            "betas": [0.9, 0.98],
+            "eps": 1e-6,
             "weight_decay": args.weight_decay,
             "no_weight_decay": "parameters with ndim < 2 and the token embedding",
-            "batch_size": args.batch_size, "epochs": args.epochs, "steps": step,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "steps": step,
             "schedule": f"linear warm-up {args.warmup_steps} steps, then cosine to 0",
             "logit_scale": "clamped to [0, ln 100] after every step",
             "text_projection_rescale": {
-                "mean_text_norm_trained": round(text_norm_trained, 4), "mean_text_norm_shipped": args.text_norm,
+                "mean_text_norm_trained": round(text_norm_trained, 4),
+                "mean_text_norm_shipped": args.text_norm,
                 "reference_prompts": "'a photo of a {colour} {shape}.' and 'a photo of a {shape}.' (pretraining "
-                                     "colours and shapes)",
+                "colours and shapes)",
                 "why": "cosine-invariant (zero-shot unchanged); at the trained norm, TaskRes's Adam-learned "
-                       "residual (fixed step size per coordinate) can barely turn t in 200 epochs at lr 2e-3"},
+                "residual (fixed step size per coordinate) can barely turn t in 200 epochs at lr 2e-3",
+            },
             "final_train_loss": round(float(np.mean(losses[-50:])), 4),
             "final_logit_scale": round(shipped.logit_scale.exp().item(), 2),
         },
-        "environment": {"torch": torch.__version__, "open_clip": open_clip.__version__, "threads": args.threads,
-                        "deterministic_algorithms": True, "machine": platform.machine(),
-                        "processor": platform.processor() or "unknown"},
+        "environment": {
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "threads": args.threads,
+            "deterministic_algorithms": True,
+            "machine": platform.machine(),
+            "processor": platform.processor() or "unknown",
+        },
         "build_machine": machine,
         "reproducibility": REPRODUCIBILITY,
         "wall_time_s": {"data": round(t_data, 1), "training": round(t_train, 1), "total": round(t_total, 1)},
         "zero_shot": {
             "held_in_probes": probes,
             "probe_images": len(probe_set["images"]),
-            "downstream_tasks (test split, task seed %d)" % args.task_seed: tasks,
+            f"downstream_tasks (test split, task seed {args.task_seed:d})": tasks,
         },
     }
     if not args.no_write:

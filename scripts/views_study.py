@@ -58,8 +58,15 @@ def run_unit(unit: tuple[str, str, str, int, int]) -> list[dict]:
     for setting in SETTINGS:
         t0 = time.perf_counter()
         # A cold encoding of this setting's views (no disk cache), so that the wall time counts it.
-        features = encode_features(backbone, dataset, fewshot, setting, setup, seed=seed,
-                                   cache=_Cold(test_cache, FeatureCache(None, batch_size=256, quiet=True)))
+        features = encode_features(
+            backbone,
+            dataset,
+            fewshot,
+            setting,
+            setup,
+            seed=seed,
+            cache=_Cold(test_cache, FeatureCache(None, batch_size=256, quiet=True)),
+        )
         t_encode = time.perf_counter() - t0
         for method in METHODS:
             config = TrainConfig.preset(method, shots, seed, dataset="", views=setting)
@@ -70,9 +77,18 @@ def run_unit(unit: tuple[str, str, str, int, int]) -> list[dict]:
             passes = train_encoder_passes(features)
             if setting == "online":  # the online source counts every epoch of every method run on it
                 passes = passes - sum(r["encoder_passes"] for r in records if r["views"] == "online")
-            records.append({"task": task, "shots": shots, "seed": seed, "method": method, "views": setting,
-                            "accuracy": acc, "encoder_passes": passes,
-                            "seconds": round((t_encode if setting != "online" else 0.0) + t_fit, 3)})
+            records.append(
+                {
+                    "task": task,
+                    "shots": shots,
+                    "seed": seed,
+                    "method": method,
+                    "views": setting,
+                    "accuracy": acc,
+                    "encoder_passes": passes,
+                    "seconds": round((t_encode if setting != "online" else 0.0) + t_fit, 3),
+                }
+            )
     return records
 
 
@@ -84,7 +100,8 @@ class _Cold:
 
     def features(self, backbone, paths, view=None, **kw):
         return (self.shared if view is None and kw.get("desc") in ("test", "val") else self.fresh).features(
-            backbone, paths, view=view, **kw)
+            backbone, paths, view=view, **kw
+        )
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -105,17 +122,29 @@ def analyse(records: list[dict]) -> dict:
     for method in METHODS:
         for setting in SETTINGS:
             for shots in (*SHOTS, "all"):
-                sel = [r for r in records if r["method"] == method and r["views"] == setting
-                       and (shots == "all" or r["shots"] == shots)]
+                sel = [
+                    r
+                    for r in records
+                    if r["method"] == method and r["views"] == setting and (shots == "all" or r["shots"] == shots)
+                ]
                 if not sel:
                     continue
                 diffs = [r["accuracy"] - online[(r["task"], r["shots"], r["seed"], method)] for r in sel]
                 mean_diff, low, high = t_interval(diffs) if setting != "online" else (0.0, 0.0, 0.0)
-                rows.append({"method": method, "views": setting, "shots": shots, "n": len(sel),
-                             "accuracy": statistics.fmean(r["accuracy"] for r in sel), "diff": mean_diff,
-                             "low": low, "high": high,
-                             "encoder_passes": statistics.fmean(r["encoder_passes"] for r in sel),
-                             "seconds": statistics.fmean(r["seconds"] for r in sel)})
+                rows.append(
+                    {
+                        "method": method,
+                        "views": setting,
+                        "shots": shots,
+                        "n": len(sel),
+                        "accuracy": statistics.fmean(r["accuracy"] for r in sel),
+                        "diff": mean_diff,
+                        "low": low,
+                        "high": high,
+                        "encoder_passes": statistics.fmean(r["encoder_passes"] for r in sel),
+                        "seconds": statistics.fmean(r["seconds"] for r in sel),
+                    }
+                )
     chosen = None
     for setting in SETTINGS[1:]:
         ok = True
@@ -131,28 +160,42 @@ def analyse(records: list[dict]) -> dict:
 
 def write_doc(analysis: dict, records: list[dict], doc: Path, plot: Path, wall: float | None) -> None:
     rows = analysis["rows"]
-    lines = ["# Cached views against online augmentation", "",
-             "Made by `python scripts/views_study.py` (its docstring says what it runs). Demo model `taskres-demo`, "
-             "its six generated tasks, 1/4/16 shots, seeds 1-5; TaskRes and CLIP-Adapter with their presets "
-             "(TaskRes: Adam lr 2e-3, 100/200 epochs, batch 256; CLIP-Adapter: SGD lr 2e-3, 50/100/200 epochs, "
-             "batch 32). `diff` is the paired difference to `--views online` in accuracy points (same task, shots, "
-             "seed, method), with its 95% t interval over the 30 task x seed pairs (90 for `all`). Encoder passes "
-             "count training images run through the image encoder per run (the test split, encoded once per "
-             "dataset, is the same for every setting and left out); seconds are per run on one CPU thread "
-             "(encoding the setting's views cold, plus training).", ""]
+    lines = [
+        "# Cached views against online augmentation",
+        "",
+        "Made by `python scripts/views_study.py` (its docstring says what it runs). Demo model `taskres-demo`, "
+        "its six generated tasks, 1/4/16 shots, seeds 1-5; TaskRes and CLIP-Adapter with their presets "
+        "(TaskRes: Adam lr 2e-3, 100/200 epochs, batch 256; CLIP-Adapter: SGD lr 2e-3, 50/100/200 epochs, "
+        "batch 32). `diff` is the paired difference to `--views online` in accuracy points (same task, shots, "
+        "seed, method), with its 95% t interval over the 30 task x seed pairs (90 for `all`). Encoder passes "
+        "count training images run through the image encoder per run (the test split, encoded once per "
+        "dataset, is the same for every setting and left out); seconds are per run on one CPU thread "
+        "(encoding the setting's views cold, plus training).",
+        "",
+    ]
     for method in METHODS:
-        lines += [f"## {method}", "", "| views | shots | accuracy | diff to online | 95% interval | encoder passes "
-                  "| seconds |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {method}",
+            "",
+            "| views | shots | accuracy | diff to online | 95% interval | encoder passes | seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in rows:
             if r["method"] != method:
                 continue
             interval = "" if r["views"] == "online" else f"[{r['low']:+.2f}, {r['high']:+.2f}]"
             diff = "" if r["views"] == "online" else f"{r['diff']:+.2f}"
-            lines.append(f"| {r['views']} | {r['shots']} | {r['accuracy']:.2f} | {diff} | {interval} | "
-                         f"{r['encoder_passes']:.0f} | {r['seconds']:.2f} |")
+            lines.append(
+                f"| {r['views']} | {r['shots']} | {r['accuracy']:.2f} | {diff} | {interval} | "
+                f"{r['encoder_passes']:.0f} | {r['seconds']:.2f} |"
+            )
         lines.append("")
-    lines += ["## Verdict", "", f"Default chosen by the rule in the script's docstring: **`--views "
-              f"{analysis['default']}`**.", ""]
+    lines += [
+        "## Verdict",
+        "",
+        f"Default chosen by the rule in the script's docstring: **`--views {analysis['default']}`**.",
+        "",
+    ]
     if wall is not None:
         lines += [f"The whole study ran in {wall / 60:.1f} minutes.", ""]
     lines += [f"![accuracy against encoder passes]({plot.name})", ""]
@@ -168,14 +211,25 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax = fig.add_subplot(1, 2, k + 1)
         for j, shots in enumerate(SHOTS):
             sel = [r for r in rows if r["method"] == method and r["shots"] == shots and r["views"] != "online"]
-            ax.errorbar([r["encoder_passes"] for r in sel], [r["diff"] for r in sel],
-                        yerr=[[r["diff"] - r["low"] for r in sel], [r["high"] - r["diff"] for r in sel]],
-                        marker="o", capsize=3, color=f"C{j}", label=f"{shots} shots")
+            ax.errorbar(
+                [r["encoder_passes"] for r in sel],
+                [r["diff"] for r in sel],
+                yerr=[[r["diff"] - r["low"] for r in sel], [r["high"] - r["diff"] for r in sel]],
+                marker="o",
+                capsize=3,
+                color=f"C{j}",
+                label=f"{shots} shots",
+            )
             online = next(r for r in rows if r["method"] == method and r["shots"] == shots and r["views"] == "online")
             ax.axvline(online["encoder_passes"], color=f"C{j}", linestyle=":", linewidth=1)
             for r in sel:
-                ax.annotate(str(r["views"]), (r["encoder_passes"], r["diff"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    str(r["views"]),
+                    (r["encoder_passes"], r["diff"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("encoder passes on training images per run (dotted: online)")
@@ -203,14 +257,21 @@ def main() -> None:
 
         t0 = time.perf_counter()
         tasks = write_demo_tasks(out / "tasks", seed=0)
-        units = [(t["name"], str(t["image_dir"]), str(t["split_file"]), shots, seed)
-                 for shots in sorted(SHOTS, reverse=True) for t in tasks for seed in SEEDS]
+        units = [
+            (t["name"], str(t["image_dir"]), str(t["split_file"]), shots, seed)
+            for shots in sorted(SHOTS, reverse=True)
+            for t in tasks
+            for seed in SEEDS
+        ]
         records = []
         with ProcessPoolExecutor(args.jobs) as pool:
             for i, recs in enumerate(pool.map(run_unit, units), 1):
                 records += recs
-                print(f"{i}/{len(units)} {recs[0]['task']} {recs[0]['shots']}-shot seed {recs[0]['seed']} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"{i}/{len(units)} {recs[0]['task']} {recs[0]['shots']}-shot seed {recs[0]['seed']} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
         wall = time.perf_counter() - t0
         records_file.write_text(json.dumps({"records": records, "seconds": wall}, indent=1))
     data = json.loads(records_file.read_text())

@@ -10,18 +10,25 @@ import pytest
 import torch
 from PIL import Image
 
-TINY_RN = dict(embed_dim=32, vision_cfg=dict(layers=[1, 1, 1, 1], width=8, image_size=32),
-               text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=1))
-TINY_VIT = dict(embed_dim=32, vision_cfg=dict(layers=1, width=64, patch_size=8, image_size=32),
-                text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=1))
+TINY_RN = dict(
+    embed_dim=32,
+    vision_cfg=dict(layers=[1, 1, 1, 1], width=8, image_size=32),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=1),
+)
+TINY_VIT = dict(
+    embed_dim=32,
+    vision_cfg=dict(layers=1, width=64, patch_size=8, image_size=32),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=1, layers=1),
+)
 
 
 def tiny_clip(cfg: dict, seed: int = 0, quick_gelu: bool = True):
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(seed)
-    model = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
-                 quick_gelu=quick_gelu)
+    model = CLIP(
+        cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=quick_gelu
+    )
     return model.eval()
 
 
@@ -56,8 +63,9 @@ def _image(colour, rng: np.random.Generator, size: int = 40) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def make_split_dataset(root: Path, n_train: int = 6, n_val: int = 3, n_test: int = 4, seed: int = 0,
-                       names=("red", "green", "blue")) -> tuple[Path, Path]:
+def make_split_dataset(
+    root: Path, n_train: int = 6, n_val: int = 3, n_test: int = 4, seed: int = 0, names=("red", "green", "blue")
+) -> tuple[Path, Path]:
     """images/<split>/<class>_<i>.png and split_zhou_Tiny.json with [path, label, classname] entries."""
     rng = np.random.default_rng(seed)
     image_dir = root / "images"
@@ -99,8 +107,19 @@ def image_folder(tmp_path) -> Path:
 def env(tmp_path, split_dataset, openai_rn_file):
     """(tmp folder, the common CLI arguments for the generated split-file dataset, its image folder)."""
     image_dir, split_file = split_dataset
-    base = ["--data", str(image_dir), "--split-file", str(split_file), "--backbone", str(openai_rn_file),
-            "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"]
+    base = [
+        "--data",
+        str(image_dir),
+        "--split-file",
+        str(split_file),
+        "--backbone",
+        str(openai_rn_file),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     return tmp_path, base, image_dir
 
 
@@ -126,7 +145,18 @@ def cluster_context(c=3, d=16, shots=8, views=3, val=4, seed=0, **kw):
     val_labels = torch.arange(c).repeat_interleave(val)
     val_feats = centres[val_labels] + torch.randn(len(val_labels), d, generator=g)
     base = centres + 2.0 * torch.randn(c, d, generator=g)
-    defaults = dict(base=base, logit_scale=100.0, train_views=train, train_labels=labels, val_features=val_feats,
-                    val_labels=val_labels, optim=OptimConfig(lr=1e-2, epochs=5, batch_size=8), seed=seed,
-                    shots=shots, classnames=[f"c{i}" for i in range(c)], templates=["a photo of a {}."], quiet=True)
+    defaults = dict(
+        base=base,
+        logit_scale=100.0,
+        train_views=train,
+        train_labels=labels,
+        val_features=val_feats,
+        val_labels=val_labels,
+        optim=OptimConfig(lr=1e-2, epochs=5, batch_size=8),
+        seed=seed,
+        shots=shots,
+        classnames=[f"c{i}" for i in range(c)],
+        templates=["a photo of a {}."],
+        quiet=True,
+    )
     return FitContext(**{**defaults, **kw})

@@ -5,9 +5,9 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_RN, tiny_clip
 from open_clip.model import QuickGELU
 
-from conftest import TINY_RN, tiny_clip
 from taskres.backbones import _network_reachable, load_backbone
 from taskres.errors import TaskResError
 
@@ -103,8 +103,11 @@ def test_named_weights_missing_offline_fail_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("TASKRES_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.setenv("TASKRES_OFFLINE", "1")
     start = time.monotonic()
-    with pytest.raises(TaskResError, match=r"weights of backbone 'ViT-B/16' are not on "
-                                            "disk.*ViT-B-16.pt.*TASKRES_WEIGHTS"):
+    with pytest.raises(
+        TaskResError,
+        match=r"weights of backbone 'ViT-B/16' are not on "
+        "disk.*ViT-B-16.pt.*TASKRES_WEIGHTS",
+    ):
         load_backbone("ViT-B/16")
     with pytest.raises(TaskResError, match=r"weights of backbone 'ViT-B-32:laion2b_s34b_b79k' are not on disk"):
         load_backbone("ViT-B-32:laion2b_s34b_b79k")
@@ -131,8 +134,11 @@ def test_open_clip_tag_keeps_the_tags_activation(tmp_path, monkeypatch):
 
     model = tiny_clip(TINY_RN, seed=7, quick_gelu=True)
     weights = register_tiny(tmp_path, "tiny-test-tagged", model)
-    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "tiny-test-tagged",
-                        {"quickish": {"file": str(weights), "quick_gelu": True}, "plain": {"file": str(weights)}})
+    monkeypatch.setitem(
+        open_clip.pretrained._PRETRAINED,
+        "tiny-test-tagged",
+        {"quickish": {"file": str(weights), "quick_gelu": True}, "plain": {"file": str(weights)}},
+    )
     b = load_backbone("tiny-test-tagged:quickish")
     assert has_quick_gelu(b.model) and b.identity.quick_gelu is True
     assert b.identity.sha256 and b.identity.tag == "quickish"
@@ -161,11 +167,13 @@ def test_custom_text_tower_models_load(tmp_path):
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 
     torch.manual_seed(0)
-    model = CustomTextCLIP(TINY_RN["embed_dim"], CLIPVisionCfg(**TINY_RN["vision_cfg"]),
-                           CLIPTextCfg(**TINY_RN["text_cfg"])).eval()
+    model = CustomTextCLIP(
+        TINY_RN["embed_dim"], CLIPVisionCfg(**TINY_RN["vision_cfg"]), CLIPTextCfg(**TINY_RN["text_cfg"])
+    ).eval()
     weights = register_tiny(tmp_path, "tiny-test-custom", model, {**TINY_RN, "custom_text": True})
     assert open_clip.get_model_config("tiny-test-custom")["custom_text"]
     b = load_backbone(f"tiny-test-custom:{weights}")
     assert type(b.model).__name__ == "CustomTextCLIP" and b.embed_dim == 32
-    torch.testing.assert_close(b.encode_text(["a photo of a cat."]),
-                               model.encode_text(b.tokenizer(["a photo of a cat."])))
+    torch.testing.assert_close(
+        b.encode_text(["a photo of a cat."]), model.encode_text(b.tokenizer(["a photo of a cat."]))
+    )

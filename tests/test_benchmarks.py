@@ -17,8 +17,14 @@ from taskres.data.sampling import sample_fewshot
 from taskres.errors import TaskResError
 
 IMAGENET_TEMPLATES = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of a {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+    "a photo of a {}.",
 )
 # SPEC, "Base classifier".
 TEMPLATES = {
@@ -35,8 +41,17 @@ TEMPLATES = {
     **{n: IMAGENET_TEMPLATES for n in ("imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")},
 }
 VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-SPLIT_FILE_SETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "sun397", "dtd",
-                   "eurosat", "ucf101")
+SPLIT_FILE_SETS = (
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+)
 
 
 def _img(path: Path, i: int = 0) -> None:
@@ -48,28 +63,69 @@ def _img(path: Path, i: int = 0) -> None:
 
 # name: (dataset folder, image folder relative to it, split file, class names, path of image n of class c in split)
 SPLIT_FAKES = {
-    "caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json",
-                   ["accordion", "airplane", "face"], lambda c, n, s: f"{c}/image_{n:04d}.jpg"),
-    "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json",
-                    ["abyssinian", "american_bulldog", "american_pit_bull_terrier"], lambda c, n, s: f"{c}_{n}.jpg"),
-    "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json",
-                      ["2000 AM General Hummer SUV", "2012 Acura RL Sedan", "2012 Acura TL Sedan"],
-                      lambda c, n, s: f"cars_{'test' if s == 'test' else 'train'}/{n:05d}.jpg"),
-    "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
-                       ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"],
-                       lambda c, n, s: f"image_{n:05d}.jpg"),
-    "food101": ("food-101", "images", "split_zhou_Food101.json", ["apple_pie", "baby_back_ribs", "baklava"],
-                lambda c, n, s: f"{c}/{1000 + n}.jpg"),
-    "sun397": ("sun397", "SUN397", "split_zhou_SUN397.json", ["abbey", "airplane cabin", "indoor apse"],
-               lambda c, n, s: f"a/{c.replace(' ', '_')}/sun_{n}.jpg"),
-    "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json", ["banded", "blotchy", "braided"],
-            lambda c, n, s: f"{c}/{c}_{n:04d}.jpg"),
-    "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json",
-                ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land"],
-                lambda c, n, s: f"{c.replace(' ', '')}/{c.replace(' ', '')}_{n}.jpg"),
-    "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
-               ["Apply_Eye_Makeup", "Apply_Lipstick", "Archery"],
-               lambda c, n, s: f"{c}/v_{c.replace('_', '')}_g01_c{n:02d}.jpg"),
+    "caltech101": (
+        "caltech-101",
+        "101_ObjectCategories",
+        "split_zhou_Caltech101.json",
+        ["accordion", "airplane", "face"],
+        lambda c, n, s: f"{c}/image_{n:04d}.jpg",
+    ),
+    "oxford_pets": (
+        "oxford_pets",
+        "images",
+        "split_zhou_OxfordPets.json",
+        ["abyssinian", "american_bulldog", "american_pit_bull_terrier"],
+        lambda c, n, s: f"{c}_{n}.jpg",
+    ),
+    "stanford_cars": (
+        "stanford_cars",
+        "",
+        "split_zhou_StanfordCars.json",
+        ["2000 AM General Hummer SUV", "2012 Acura RL Sedan", "2012 Acura TL Sedan"],
+        lambda c, n, s: f"cars_{'test' if s == 'test' else 'train'}/{n:05d}.jpg",
+    ),
+    "oxford_flowers": (
+        "oxford_flowers",
+        "jpg",
+        "split_zhou_OxfordFlowers.json",
+        ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"],
+        lambda c, n, s: f"image_{n:05d}.jpg",
+    ),
+    "food101": (
+        "food-101",
+        "images",
+        "split_zhou_Food101.json",
+        ["apple_pie", "baby_back_ribs", "baklava"],
+        lambda c, n, s: f"{c}/{1000 + n}.jpg",
+    ),
+    "sun397": (
+        "sun397",
+        "SUN397",
+        "split_zhou_SUN397.json",
+        ["abbey", "airplane cabin", "indoor apse"],
+        lambda c, n, s: f"a/{c.replace(' ', '_')}/sun_{n}.jpg",
+    ),
+    "dtd": (
+        "dtd",
+        "images",
+        "split_zhou_DescribableTextures.json",
+        ["banded", "blotchy", "braided"],
+        lambda c, n, s: f"{c}/{c}_{n:04d}.jpg",
+    ),
+    "eurosat": (
+        "eurosat",
+        "2750",
+        "split_zhou_EuroSAT.json",
+        ["Annual Crop Land", "Forest", "Herbaceous Vegetation Land"],
+        lambda c, n, s: f"{c.replace(' ', '')}/{c.replace(' ', '')}_{n}.jpg",
+    ),
+    "ucf101": (
+        "ucf101",
+        "UCF-101-midframes",
+        "split_zhou_UCF101.json",
+        ["Apply_Eye_Makeup", "Apply_Lipstick", "Archery"],
+        lambda c, n, s: f"{c}/v_{c.replace('_', '')}_g01_c{n:02d}.jpg",
+    ),
 }
 # Images per class (label 0, 1, 2): K = 1..4 takes a strict subset of some classes and all of others.
 COUNTS = {"train": (5, 3, 2), "val": (2, 1, 3), "test": (2, 2, 1)}
@@ -153,8 +209,14 @@ def make_imagenet(root: Path) -> dict:
         train += _class_folder(d / "images/train" / w, f"train/{w}/", label, c, IN_TRAIN[label], label)
         test += _class_folder(d / "images/val" / w, f"val/{w}/", label, c, IN_VAL[label], 50 + label)
     (d / "images/train" / WNIDS[0] / ".DS_Store").write_text("hidden: skipped")
-    return {"classnames": NAMES, "class_ids": tuple(WNIDS), "image_dir": d / "images", "train": train, "val": [],
-            "test": test}
+    return {
+        "classnames": NAMES,
+        "class_ids": tuple(WNIDS),
+        "image_dir": d / "images",
+        "train": train,
+        "val": [],
+        "test": test,
+    }
 
 
 def make_variant(root: Path, name: str) -> dict:
@@ -169,10 +231,17 @@ def make_variant(root: Path, name: str) -> dict:
     (d / images / "README.txt").write_text("not a class")
     test = []
     for label, w in enumerate(wnids):
-        test += _class_folder(d / images / w, f"{w}/", label, NAMES[WNIDS.index(w)], 1 + label % 2, 7 * label,
-                              ext=".jpg")
-    return {"classnames": [NAMES[WNIDS.index(w)] for w in wnids], "class_ids": tuple(wnids),
-            "image_dir": d / images, "train": [], "val": [], "test": test}
+        test += _class_folder(
+            d / images / w, f"{w}/", label, NAMES[WNIDS.index(w)], 1 + label % 2, 7 * label, ext=".jpg"
+        )
+    return {
+        "classnames": [NAMES[WNIDS.index(w)] for w in wnids],
+        "class_ids": tuple(wnids),
+        "image_dir": d / images,
+        "train": [],
+        "val": [],
+        "test": test,
+    }
 
 
 def make_imagenetv2(root: Path) -> dict:
@@ -181,10 +250,9 @@ def make_imagenetv2(root: Path) -> dict:
     images.mkdir(parents=True)
     (d / "classnames.txt").write_text(CLASSNAMES_TXT)
     test = []
-    for label, (w, c) in enumerate(zip(WNIDS, NAMES)):
+    for label, (_w, c) in enumerate(zip(WNIDS, NAMES)):
         test += _class_folder(images / str(label), f"{label}/", label, c, 2, 3 * label, ext=".jpeg")
-    return {"classnames": NAMES, "class_ids": tuple(WNIDS), "image_dir": images, "train": [], "val": [],
-            "test": test}
+    return {"classnames": NAMES, "class_ids": tuple(WNIDS), "image_dir": images, "train": [], "val": [], "test": test}
 
 
 def make_fake(root: Path, name: str) -> dict:
@@ -214,6 +282,7 @@ def _copy_one(fake_root, name: str, dest: Path) -> Path:
 
 
 # ---- the official few-shot rule, written out independently ------------------------------------------------------
+
 
 def reference_fewshot(train: list, val: list, k: int, seed: int, sample_val: bool = True):
     """CoOp/Dassl: random.seed(seed); per label in order of first appearance, random.sample(items, k) or all
@@ -245,10 +314,25 @@ def _json(entries) -> list:
 
 # ---- reading each benchmark --------------------------------------------------------------------------------------
 
+
 def test_registry_is_the_coop_config_names():
-    assert list_benchmarks() == ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
-                                 "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101", "imagenetv2",
-                                 "imagenet_sketch", "imagenet_a", "imagenet_r"]
+    assert list_benchmarks() == [
+        "imagenet",
+        "caltech101",
+        "oxford_pets",
+        "stanford_cars",
+        "oxford_flowers",
+        "food101",
+        "fgvc_aircraft",
+        "sun397",
+        "dtd",
+        "eurosat",
+        "ucf101",
+        "imagenetv2",
+        "imagenet_sketch",
+        "imagenet_a",
+        "imagenet_r",
+    ]
     assert list(BENCHMARKS) == list_benchmarks()
     # Published counts (CoOp paper, dataset statistics), spot-checked.
     assert BENCHMARKS["oxford_pets"].published[1:] == (2944, 736, 3669)
@@ -281,8 +365,9 @@ def test_fewshot_matches_the_official_rule(name, shots, seed, fake_root):
     root, fakes = fake_root
     ds = load_benchmark(name, root)
     got = sample_fewshot(ds, shots, seed)
-    want_train, want_val = reference_fewshot(fakes[name]["train"], fakes[name]["val"], shots, seed,
-                                             sample_val=name != "imagenet")
+    want_train, want_val = reference_fewshot(
+        fakes[name]["train"], fakes[name]["val"], shots, seed, sample_val=name != "imagenet"
+    )
     assert _json(got["train"]) == want_train
     assert _json(got["val"]) == want_val
 
@@ -306,6 +391,7 @@ def test_split_sizes_differing_from_published_are_warned(fake_root, caplog):
 
 # ---- domain generalisation ---------------------------------------------------------------------------------------
 
+
 def test_dg_rows_map_by_wordnet_id_not_by_name(fake_root):
     root, _ = fake_root
     source = load_benchmark("imagenet", root)
@@ -323,8 +409,11 @@ def test_dg_rejects_classes_absent_from_the_source(fake_root):
     source = load_benchmark("imagenet", root)
     a = load_benchmark("imagenet_a", root)
     odd = dataclasses.replace(a, class_ids=("n01440764", "n09999999", "n04356056"))
-    with pytest.raises(TaskResError, match=r"1 class\(es\) of 'imagenet_a' are not classes of 'imagenet': "
-                                           r"\['n09999999'\]"):
+    with pytest.raises(
+        TaskResError,
+        match=r"1 class\(es\) of 'imagenet_a' are not classes of 'imagenet': "
+        r"\['n09999999'\]",
+    ):
         dg_row_index(source, odd)
     with pytest.raises(TaskResError, match="dataset 'dtd' has no class ids"):
         dg_row_index(source, load_benchmark("dtd", root))
@@ -332,17 +421,24 @@ def test_dg_rejects_classes_absent_from_the_source(fake_root):
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
+
 def test_unknown_name_suggests_the_close_one(tmp_path):
-    with pytest.raises(TaskResError, match=r"unknown dataset 'oxford_pet'; did you mean 'oxford_pets'.*"
-                                           r"\? known: imagenet, caltech101, oxford_pets"):
+    with pytest.raises(
+        TaskResError,
+        match=r"unknown dataset 'oxford_pet'; did you mean 'oxford_pets'.*"
+        r"\? known: imagenet, caltech101, oxford_pets",
+    ):
         load_benchmark("oxford_pet", tmp_path)
 
 
 def test_missing_root_and_missing_dataset_folder(tmp_path):
     with pytest.raises(TaskResError, match=r"dataset 'dtd': data root '.*nowhere' does not exist; pass --root"):
         load_benchmark("dtd", tmp_path / "nowhere")
-    with pytest.raises(TaskResError, match=r"dataset 'dtd': dataset folder '.*/dtd' does not exist\. To install "
-                                           r"DescribableTextures: download dtd-r1\.0\.1\.tar\.gz"):
+    with pytest.raises(
+        TaskResError,
+        match=r"dataset 'dtd': dataset folder '.*/dtd' does not exist\. To install "
+        r"DescribableTextures: download dtd-r1\.0\.1\.tar\.gz",
+    ):
         load_benchmark("dtd", tmp_path)
 
 
@@ -364,14 +460,20 @@ def test_pinned_messages_for_split_file_and_classnames(fake_root, tmp_path):
     root = _copy_one(fake_root, "oxford_pets", tmp_path)
     _copy_one(fake_root, "imagenet_a", root)
     (root / "oxford_pets/split_zhou_OxfordPets.json").unlink()
-    with pytest.raises(TaskResError, match=r"dataset 'oxford_pets': split file '.*/oxford_pets/"
-                                           r"split_zhou_OxfordPets\.json' does not exist\. To install OxfordPets: "
-                                           r".*put split_zhou_OxfordPets\.json .* in .*/oxford_pets/"):
+    with pytest.raises(
+        TaskResError,
+        match=r"dataset 'oxford_pets': split file '.*/oxford_pets/"
+        r"split_zhou_OxfordPets\.json' does not exist\. To install OxfordPets: "
+        r".*put split_zhou_OxfordPets\.json .* in .*/oxford_pets/",
+    ):
         load_benchmark("oxford_pets", root)
     (root / "imagenet-adversarial/classnames.txt").unlink()
-    with pytest.raises(TaskResError, match=r"dataset 'imagenet_a': class-name file '.*/imagenet-adversarial/"
-                                           r"classnames\.txt' does not exist\. To install ImageNetA: .*copy CoOp's "
-                                           r"classnames\.txt from <root>/imagenet/"):
+    with pytest.raises(
+        TaskResError,
+        match=r"dataset 'imagenet_a': class-name file '.*/imagenet-adversarial/"
+        r"classnames\.txt' does not exist\. To install ImageNetA: .*copy CoOp's "
+        r"classnames\.txt from <root>/imagenet/",
+    ):
         load_benchmark("imagenet_a", root)
 
 
@@ -381,8 +483,11 @@ def test_missing_image_is_named(name, fake_root, tmp_path):
     ds = load_benchmark(name, root)
     gone = ds.path(ds.test[-1])
     gone.unlink()
-    with pytest.raises(TaskResError, match=rf"dataset '{name}': image '{gone}' \(test split of .*\) does not "
-                                           r"exist; 1 of \d+ listed images are missing"):
+    with pytest.raises(
+        TaskResError,
+        match=rf"dataset '{name}': image '{gone}' \(test split of .*\) does not "
+        r"exist; 1 of \d+ listed images are missing",
+    ):
         load_benchmark(name, root)
     assert len(load_benchmark(name, root, check_images=False).test) == len(ds.test)
 
@@ -390,16 +495,22 @@ def test_missing_image_is_named(name, fake_root, tmp_path):
 def test_imagenetv2_needs_every_numbered_folder(fake_root, tmp_path):
     root = _copy_one(fake_root, "imagenetv2", tmp_path)
     shutil.rmtree(root / "imagenetv2/imagenetv2-matched-frequency-format-val/5")
-    with pytest.raises(TaskResError, match=r"dataset 'imagenetv2': class folder for label 5 \(n04356056\) "
-                                           r"'.*format-val/5' does not exist"):
+    with pytest.raises(
+        TaskResError,
+        match=r"dataset 'imagenetv2': class folder for label 5 \(n04356056\) "
+        r"'.*format-val/5' does not exist",
+    ):
         load_benchmark("imagenetv2", root)
 
 
 def test_variant_folder_must_be_a_listed_wnid(fake_root, tmp_path):
     root = _copy_one(fake_root, "imagenet_r", tmp_path)
     _img(root / "imagenet-rendition/imagenet-r/n99999999/x.jpg")
-    with pytest.raises(TaskResError, match=r"class folder '.*imagenet-r/n99999999' is not listed in "
-                                           r"'.*imagenet-rendition/classnames\.txt'"):
+    with pytest.raises(
+        TaskResError,
+        match=r"class folder '.*imagenet-r/n99999999' is not listed in "
+        r"'.*imagenet-rendition/classnames\.txt'",
+    ):
         load_benchmark("imagenet_r", root)
 
 
@@ -419,6 +530,7 @@ def test_fgvc_split_line_with_unknown_variant(fake_root, tmp_path):
 
 
 # ---- status ------------------------------------------------------------------------------------------------------
+
 
 def test_status_ready_missing_incomplete(fake_root, tmp_path):
     root, _ = fake_root

@@ -5,8 +5,7 @@ import torch
 
 from taskres.engine import OptimConfig
 from taskres.methods.base import FitContext, cosine_logits
-from taskres.methods.classifier_adapter import (ClassifierAdapterConfig, ClassifierAdapterHead,
-                                                 fit_classifier_adapter)
+from taskres.methods.classifier_adapter import ClassifierAdapterConfig, ClassifierAdapterHead, fit_classifier_adapter
 
 
 def context(seed=0):
@@ -14,8 +13,17 @@ def context(seed=0):
     base = torch.randn(4, 16, generator=g)
     labels = torch.arange(4).repeat_interleave(3)
     feats = base[labels] * 0.2 + torch.randn(12, 16, generator=g)
-    return FitContext(base=base, logit_scale=50.0, train_views=feats, train_labels=labels, val_features=None,
-                      val_labels=None, optim=OptimConfig(lr=1e-2, epochs=5, batch_size=4), seed=seed, quiet=True)
+    return FitContext(
+        base=base,
+        logit_scale=50.0,
+        train_views=feats,
+        train_labels=labels,
+        val_features=None,
+        val_labels=None,
+        optim=OptimConfig(lr=1e-2, epochs=5, batch_size=4),
+        seed=seed,
+        quiet=True,
+    )
 
 
 @pytest.mark.parametrize("form", ["residual", "direct"])

@@ -4,11 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import run_cli as run
-
-
+from safetensors import safe_open
 
 
 def test_zeroshot_train_eval_predict(env, capsys):
@@ -18,8 +15,10 @@ def test_zeroshot_train_eval_predict(env, capsys):
     zs = json.loads((tmp / "zs" / "metrics.json").read_text())
     assert zs["n_test"] == 12 and zs["accuracy"] == pytest.approx(100 * zs["n_correct"] / 12)
 
-    code, out, _ = run(["train", *base, "--shots", "4", "--seed", "1", "--epochs", "15", "--views", "2",
-                        "--out", str(tmp / "run")], capsys)
+    code, out, _ = run(
+        ["train", *base, "--shots", "4", "--seed", "1", "--epochs", "15", "--views", "2", "--out", str(tmp / "run")],
+        capsys,
+    )
     assert code == 0
     run_dir = tmp / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -56,18 +55,65 @@ def test_views_zero_full_batch_is_deterministic(env, capsys):
     tmp, base, _ = env
     outs = []
     for name in ("a", "b"):
-        assert run(["train", *base, "--shots", "2", "--seed", "3", "--epochs", "10", "--views", "0",
-                    "--lr", "1e-2", "--out", str(tmp / name)], capsys)[0] == 0
+        assert (
+            run(
+                [
+                    "train",
+                    *base,
+                    "--shots",
+                    "2",
+                    "--seed",
+                    "3",
+                    "--epochs",
+                    "10",
+                    "--views",
+                    "0",
+                    "--lr",
+                    "1e-2",
+                    "--out",
+                    str(tmp / name),
+                ],
+                capsys,
+            )[0]
+            == 0
+        )
         with safe_open(str(tmp / name / "classifier.safetensors"), "pt") as f:
             outs.append(f.get_tensor("text_feature_residuals"))
     assert outs[0].abs().max() > 0 and torch.equal(outs[0], outs[1])
 
 
 def test_image_folder_and_variants(tmp_path, image_folder, openai_rn_file, capsys):
-    base = ["--data", str(image_folder), "--backbone", str(openai_rn_file), "--cache-dir", str(tmp_path / "c"),
-            "--quiet", "--device", "cpu"]
-    code, _, err = run(["train", *base, "--shots", "2", "--seed", "0", "--epochs", "3", "--views", "1",
-                        "--variant", "both", "--learn-alpha", "--out", str(tmp_path / "r")], capsys)
+    base = [
+        "--data",
+        str(image_folder),
+        "--backbone",
+        str(openai_rn_file),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    code, _, err = run(
+        [
+            "train",
+            *base,
+            "--shots",
+            "2",
+            "--seed",
+            "0",
+            "--epochs",
+            "3",
+            "--views",
+            "1",
+            "--variant",
+            "both",
+            "--learn-alpha",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     with safe_open(str(tmp_path / "r" / "classifier.safetensors"), "pt") as f:
         assert f.get_tensor("image_feature_residual").shape == (1, 32)
@@ -88,17 +134,20 @@ def replace_arg(args, flag, value):
     return args
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing_data", "data folder .* does not exist"),
-    ("missing_split", "split file .* does not exist"),
-    ("missing_image", "image .*test/red_1.png' does not exist"),
-    ("bad_image", "image .*test/red_1.png' cannot be decoded.*--skip-bad-images"),
-    ("unknown_backbone", "unknown backbone 'RN5'; did you mean 'RN50'"),
-    ("not_checkpoint", "is not a checkpoint that can be read safely"),
-    ("zero_shots", "--shots must be an integer >= 1"),
-    ("empty_class", r"class\(es\) \['blue'\] have no training images"),
-    ("bad_template", "template 'a photo' must contain exactly one"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing_data", "data folder .* does not exist"),
+        ("missing_split", "split file .* does not exist"),
+        ("missing_image", "image .*test/red_1.png' does not exist"),
+        ("bad_image", "image .*test/red_1.png' cannot be decoded.*--skip-bad-images"),
+        ("unknown_backbone", "unknown backbone 'RN5'; did you mean 'RN50'"),
+        ("not_checkpoint", "is not a checkpoint that can be read safely"),
+        ("zero_shots", "--shots must be an integer >= 1"),
+        ("empty_class", r"class\(es\) \['blue'\] have no training images"),
+        ("bad_template", "template 'a photo' must contain exactly one"),
+    ],
+)
 def test_bad_input_exits_2_without_traceback(env, capsys, case, match):
     tmp, base, image_dir = env
     args = ["train", *base, "--shots", "2", "--seed", "1", "--epochs", "2", "--views", "0", "--out", str(tmp / "r")]
@@ -150,12 +199,15 @@ def test_eval_and_predict_refuse_incomplete_runs(env, capsys):
     assert code == 2 and "incomplete (no metrics.json)" in err
 
 
-@pytest.mark.parametrize("flag,value,match", [
-    ("--encode-batch-size", "0", "--encode-batch-size must be >= 1"),
-    ("--workers", "-1", "--workers must be >= 0"),
-    ("--device", "foo", "is not a torch device"),
-    ("--template", "a {} of {x}", "has braces other than"),
-])
+@pytest.mark.parametrize(
+    "flag,value,match",
+    [
+        ("--encode-batch-size", "0", "--encode-batch-size must be >= 1"),
+        ("--workers", "-1", "--workers must be >= 0"),
+        ("--device", "foo", "is not a torch device"),
+        ("--template", "a {} of {x}", "has braces other than"),
+    ],
+)
 def test_bad_option_values_exit_2(env, capsys, flag, value, match):
     tmp, base, _ = env
     args = ["zeroshot", *base, "--out", str(tmp / "zs")]
@@ -166,8 +218,13 @@ def test_bad_option_values_exit_2(env, capsys, flag, value, match):
 
 def test_eval_refuses_to_write_into_a_run_and_a_changed_dataset(env, capsys):
     tmp, base, image_dir = env
-    assert run(["train", *base, "--shots", "2", "--seed", "1", "--epochs", "2", "--views", "0",
-                "--out", str(tmp / "r")], capsys)[0] == 0
+    assert (
+        run(
+            ["train", *base, "--shots", "2", "--seed", "1", "--epochs", "2", "--views", "0", "--out", str(tmp / "r")],
+            capsys,
+        )[0]
+        == 0
+    )
     before = (tmp / "r" / "metrics.json").read_text()
     code, _, err = run(["eval", "--run", str(tmp / "r"), "--quiet", "--out", str(tmp / "r")], capsys)
     assert code == 2 and "is a run folder" in err
@@ -186,9 +243,31 @@ def test_coop_split_file_name_brings_the_benchmark_presets(tmp_path, openai_rn_f
     image_dir, split_file = make_split_dataset(tmp_path / "flowers")
     renamed = split_file.with_name("split_zhou_OxfordFlowers.json")
     split_file.rename(renamed)
-    code, _, err = run(["train", "--data", str(image_dir), "--split-file", str(renamed), "--backbone",
-                        str(openai_rn_file), "--cache-dir", str(tmp_path / "c"), "--quiet", "--shots", "1",
-                        "--seed", "1", "--epochs", "2", "--views", "0", "--out", str(tmp_path / "r")], capsys)
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            str(image_dir),
+            "--split-file",
+            str(renamed),
+            "--backbone",
+            str(openai_rn_file),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--quiet",
+            "--shots",
+            "1",
+            "--seed",
+            "1",
+            "--epochs",
+            "2",
+            "--views",
+            "0",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["dataset"]["name"] == "oxford_flowers" and config["method_config"]["alpha"] == 1.0

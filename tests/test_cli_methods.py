@@ -5,12 +5,8 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import run_cli as run
-
-
-
+from safetensors import safe_open
 
 METHOD_ARGS = {
     "taskres": ["--epochs", "3", "--views", "2"],
@@ -34,15 +30,30 @@ TENSORS = {
 def test_every_method_trains_evaluates_and_predicts(env, capsys, method):
     tmp, base, image_dir = env
     run_dir = tmp / method
-    code, out, err = run(["train", *base, "--shots", "4", "--seed", "1", "--method", method, *METHOD_ARGS[method],
-                          "--out", str(run_dir)], capsys)
+    code, out, err = run(
+        [
+            "train",
+            *base,
+            "--shots",
+            "4",
+            "--seed",
+            "1",
+            "--method",
+            method,
+            *METHOD_ARGS[method],
+            "--out",
+            str(run_dir),
+        ],
+        capsys,
+    )
     assert code == 0, err
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == method and metrics["n_test"] == 12 and metrics["n_train"] == 12
     assert metrics["accuracy"] == pytest.approx(100 * metrics["n_correct"] / 12)
     assert metrics["mean_per_class_accuracy"] == pytest.approx(
-        sum(p["accuracy"] for p in metrics["per_class_accuracy"]) / 3)
+        sum(p["accuracy"] for p in metrics["per_class_accuracy"]) / 3
+    )
     assert json.loads((run_dir / "fewshot_split.json").read_text())["train"]
     with safe_open(str(run_dir / "classifier.safetensors"), "pt") as f:
         assert set(f.keys()) == TENSORS[method]
@@ -97,8 +108,9 @@ def test_enhance_base_saves_a_projection_that_base_weights_reuses(env, capsys):
         with safe_open(str(tmp / name / "classifier.safetensors"), "pt") as f:
             bases.append(f.get_tensor("base_text_features"))
     assert torch.equal(bases[0], bases[1])
-    assert json.loads((tmp / "reuse" / "metrics.json").read_text())["enhanced_base_accuracy"] == \
-        pytest.approx(metrics["enhanced_base_accuracy"])
+    assert json.loads((tmp / "reuse" / "metrics.json").read_text())["enhanced_base_accuracy"] == pytest.approx(
+        metrics["enhanced_base_accuracy"]
+    )
 
 
 def test_malicious_base_weights_exit_2_naming_the_file(env, capsys):
@@ -111,24 +123,28 @@ def test_malicious_base_weights_exit_2_naming_the_file(env, capsys):
 
     evil = tmp / "model.pth.tar"
     torch.save({"state_dict": {"weight": torch.zeros(32, 64)}, "scheduler": Payload()}, evil)
-    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--base-weights", str(evil),
-                        "--out", str(tmp / "r")], capsys)
+    code, _, err = run(
+        ["train", *base, "--shots", "2", "--seed", "1", "--base-weights", str(evil), "--out", str(tmp / "r")], capsys
+    )
     assert code == 2 and str(evil) in err and "refused" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp / "r" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--method", "taskres", "--lp-c", "1"], "--lp-c applies to --method linear-probe; got --method taskres"),
-    (["--method", "tip-adapter", "--lr", "0.1"], "--lr: method 'tip-adapter' is training-free"),
-    (["--method", "linear-probe", "--views", "3"], "set --views to 0"),
-    (["--method", "linear-probe", "--lp-c", "1"], "set --search none with it"),
-    (["--method", "tip-adapter", "--tip-alpha", "1"], "set --search none with them"),
-    (["--method", "coop", "--base-weights", "x.pt"], "--base-weights applies to --method taskres"),
-    (["--enhance-base", "--base-weights", "x.pt"], "not both"),
-    (["--base-weights", "nowhere.pt"], "--base-weights file 'nowhere.pt' does not exist"),
-    (["--method", "coop"], "needs 20 tokens with 16 context vectors"),
-    (["--method", "tip-adaptr"], "did you mean 'tip-adapter'"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--method", "taskres", "--lp-c", "1"], "--lp-c applies to --method linear-probe; got --method taskres"),
+        (["--method", "tip-adapter", "--lr", "0.1"], "--lr: method 'tip-adapter' is training-free"),
+        (["--method", "linear-probe", "--views", "3"], "set --views to 0"),
+        (["--method", "linear-probe", "--lp-c", "1"], "set --search none with it"),
+        (["--method", "tip-adapter", "--tip-alpha", "1"], "set --search none with them"),
+        (["--method", "coop", "--base-weights", "x.pt"], "--base-weights applies to --method taskres"),
+        (["--enhance-base", "--base-weights", "x.pt"], "not both"),
+        (["--base-weights", "nowhere.pt"], "--base-weights file 'nowhere.pt' does not exist"),
+        (["--method", "coop"], "needs 20 tokens with 16 context vectors"),
+        (["--method", "tip-adaptr"], "did you mean 'tip-adapter'"),
+    ],
+)
 def test_method_option_errors_exit_2(env, capsys, extra, match):
     tmp, base, _ = env
     code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", *extra, "--out", str(tmp / "r")], capsys)

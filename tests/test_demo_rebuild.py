@@ -26,8 +26,7 @@ RECIPE = ROOT / "src" / "taskres" / "assets" / "taskres-demo.recipe.json"
 
 
 def run(script: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def check(weights: Path) -> subprocess.CompletedProcess:

@@ -17,17 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_split_dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from conftest import make_split_dataset
 
 TIMINGS = ("seconds_features", "seconds_train")
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", TASKRES_DIST_TIMEOUT="120")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -37,13 +39,20 @@ def _env() -> dict:
 def torchrun(args: list[str], cwd: Path, script: Path | None = None) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node 2 -m taskres ARGS`` (or the script), on the CPU."""
     target = [str(script)] if script is not None else ["-m", "taskres"]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *target, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target, *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def single(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "taskres", *args], cwd=cwd, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "taskres", *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def chunks(cache: Path) -> dict[str, list[tuple[str | None, list[str]]]]:
@@ -67,8 +76,9 @@ def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
     ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
     loose = TIMINGS if exact else (*TIMINGS, "residual_mean_abs")
     assert {k: v for k, v in ma.items() if k not in loose} == {k: v for k, v in mb.items() if k not in loose}
-    for name in ("config.json", "fewshot_split.json") if not exact else ("config.json", "fewshot_split.json",
-                                                                         "log.jsonl"):
+    for name in (
+        ("config.json", "fewshot_split.json") if not exact else ("config.json", "fewshot_split.json", "log.jsonl")
+    ):
         if (a / name).exists():
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
@@ -76,8 +86,17 @@ def assert_same_run(a: Path, b: Path, exact: bool = True) -> None:
 @pytest.fixture()
 def job(tmp_path, openai_rn_file):
     image_dir, split_file = make_split_dataset(tmp_path / "tiny", n_train=6, n_val=3, n_test=10)
-    common = ["--data", str(image_dir), "--split-file", str(split_file), "--backbone", str(openai_rn_file),
-              "--quiet", "--device", "cpu"]
+    common = [
+        "--data",
+        str(image_dir),
+        "--split-file",
+        str(split_file),
+        "--backbone",
+        str(openai_rn_file),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     return tmp_path, common
 
 
@@ -108,13 +127,45 @@ def test_zeroshot_eval_and_sweep_under_torchrun_match_one_process(job):
     tmp, common = job
     for tag, run in (("2", torchrun), ("1", single)):
         cache = ["--cache-dir", str(tmp / f"c{tag}")]
-        assert (r := run(["zeroshot", *common, *cache, "--out", str(tmp / f"zs{tag}")], tmp)).returncode == 0, \
-            r.stderr
-        assert (r := run(["sweep", str(tmp / f"exp{tag}"), *common, *cache, "--methods", "taskres", "--shots", "1,2",
-                          "--seeds", "1", "--epochs", "3", "--views", "1"], tmp)).returncode == 0, r.stderr
+        assert (r := run(["zeroshot", *common, *cache, "--out", str(tmp / f"zs{tag}")], tmp)).returncode == 0, r.stderr
+        assert (
+            r := run(
+                [
+                    "sweep",
+                    str(tmp / f"exp{tag}"),
+                    *common,
+                    *cache,
+                    "--methods",
+                    "taskres",
+                    "--shots",
+                    "1,2",
+                    "--seeds",
+                    "1",
+                    "--epochs",
+                    "3",
+                    "--views",
+                    "1",
+                ],
+                tmp,
+            )
+        ).returncode == 0, r.stderr
         cell = tmp / f"exp{tag}" / "runs"
-        assert (r := run(["eval", "--run-dir", str(next(cell.glob("**/2shot-seed1"))), *cache, "--quiet",
-                          "--device", "cpu", "--out", str(tmp / f"ev{tag}")], tmp)).returncode == 0, r.stderr
+        assert (
+            r := run(
+                [
+                    "eval",
+                    "--run-dir",
+                    str(next(cell.glob("**/2shot-seed1"))),
+                    *cache,
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(tmp / f"ev{tag}"),
+                ],
+                tmp,
+            )
+        ).returncode == 0, r.stderr
     assert_same_run(tmp / "zs1", tmp / "zs2")
     runs1 = sorted(p.relative_to(tmp / "exp1") for p in (tmp / "exp1").glob("runs/**/metrics.json"))
     runs2 = sorted(p.relative_to(tmp / "exp2") for p in (tmp / "exp2").glob("runs/**/metrics.json"))
@@ -131,8 +182,11 @@ def test_zeroshot_eval_and_sweep_under_torchrun_match_one_process(job):
 def _wrapper(tmp: Path, body: str) -> Path:
     """A script for torchrun that adjusts one rank, then runs the CLI with the given arguments."""
     script = tmp / "rank_script.py"
-    script.write_text("import os, sys\nrank = int(os.environ['RANK'])\n" + textwrap.dedent(body) +
-                      "\nfrom taskres.app.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    script.write_text(
+        "import os, sys\nrank = int(os.environ['RANK'])\n"
+        + textwrap.dedent(body)
+        + "\nfrom taskres.app.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
     return script
 
 
@@ -162,7 +216,9 @@ def test_a_cache_folder_that_the_ranks_do_not_share_is_named(job):
 @pytest.mark.slow
 def test_a_rank_killed_mid_way_stops_the_job_and_a_rerun_resumes_from_its_chunks(job):
     tmp, common = job
-    script = _wrapper(tmp, """
+    script = _wrapper(
+        tmp,
+        """
         if rank == 1 and os.environ.get("KILL_RANK_1"):
             import signal
             from taskres.cache import FeatureCache
@@ -171,7 +227,8 @@ def test_a_rank_killed_mid_way_stops_the_job_and_a_rerun_resumes_from_its_chunks
                 write(self, *args)
                 os.kill(os.getpid(), signal.SIGKILL)  # dies after its first chunk, as a crashed node would
             FeatureCache._write_chunk = write_then_die
-        """)
+        """,
+    )
     args = ["train", *common, *TRAIN, "--cache-dir", str(tmp / "c"), "--out", str(tmp / "r")]
     os.environ["KILL_RANK_1"] = "1"
     try:

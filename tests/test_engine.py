@@ -46,7 +46,7 @@ def reference_taskres(base, feats, labels, logit_scale, alpha, lr, epochs, weigh
         g = grad + weight_decay * x
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        m_hat, v_hat = m / (1 - b1 ** step), v / (1 - b2 ** step)
+        m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
         x = x - official_lr(step - 1, lr, epochs) * m_hat / (v_hat.sqrt() + eps)
     return x
 
@@ -82,8 +82,14 @@ def run_batches(n, batch_size, epochs=2, views=None, seed=0):
     if views:
         feats = torch.stack([feats + 1000 * v * torch.tensor([1.0, 0.0]) for v in range(views)])
     head = Recorder()
-    fit(head, feats, torch.zeros(n, dtype=torch.long), OptimConfig(epochs=epochs, batch_size=batch_size), seed=seed,
-        quiet=True)
+    fit(
+        head,
+        feats,
+        torch.zeros(n, dtype=torch.long),
+        OptimConfig(epochs=epochs, batch_size=batch_size),
+        seed=seed,
+        quiet=True,
+    )
     return head.batches
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_split_dataset, run_cli
+
 from taskres.backbones import load_backbone
 from taskres.data.images import ImageViews
 from taskres.errors import TaskResError
@@ -21,8 +21,13 @@ from taskres.methods.base import CosineHead
 from taskres.methods.registry import METHODS, Method, discover
 from taskres.workflow import Setup, TrainConfig, open_dataset, predict, train
 
-TRAINED = {"taskres": dict(optim={"epochs": 2}, views=1), "clip-adapter": dict(optim={"epochs": 2}, views=1),
-           "tip-adapter-f": dict(optim={"epochs": 2}, views=1), "tip-adapter": dict(views=1), "linear-probe": {}}
+TRAINED = {
+    "taskres": dict(optim={"epochs": 2}, views=1),
+    "clip-adapter": dict(optim={"epochs": 2}, views=1),
+    "tip-adapter-f": dict(optim={"epochs": 2}, views=1),
+    "tip-adapter": dict(views=1),
+    "linear-probe": {},
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +87,9 @@ def test_onnx_runs_in_onnxruntime_as_predict(runs, tmp_path):
     for batch in (images[:1], images):  # any batch size, not the one it was traced with
         logits, probs = session.run(None, {"image": pixels_of(batch, meta).numpy()})
         assert logits.shape == probs.shape == (len(batch), len(classnames))
-        torch.testing.assert_close(torch.from_numpy(probs), predict_probs(folders["taskres"], batch, classnames),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.from_numpy(probs), predict_probs(folders["taskres"], batch, classnames), atol=1e-4, rtol=0
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taskres.onnx"]  # no temporary file left
 
 
@@ -107,14 +113,27 @@ def test_torchscript_runs_as_predict_for_every_head(runs, tmp_path, method):
 def test_cli_exports_a_cache_model_head_to_onnx(runs, tmp_path, capsys):
     folders, images, classnames = runs
     out = tmp_path / "sub" / "tip.onnx"
-    code, stdout, err = run_cli(["export", "--run", str(folders["tip-adapter-f"]), "--format", "onnx", "--out",
-                                 str(out), "--check-images", *images[:3]], capsys)
+    code, stdout, err = run_cli(
+        [
+            "export",
+            "--run",
+            str(folders["tip-adapter-f"]),
+            "--format",
+            "onnx",
+            "--out",
+            str(out),
+            "--check-images",
+            *images[:3],
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "parity with predict: 3 images" in stdout and "(N, 3, 32, 32)" in stdout
     assert read_metadata(out)["method"] == "tip-adapter-f"
     # an existing file is kept unless --overwrite
-    code, _, err = run_cli(["export", "--run", str(folders["tip-adapter-f"]), "--format", "onnx", "--out", str(out)],
-                           capsys)
+    code, _, err = run_cli(
+        ["export", "--run", str(folders["tip-adapter-f"]), "--format", "onnx", "--out", str(out)], capsys
+    )
     assert code == 2 and "already exists" in err and "--overwrite" in err
 
 
@@ -125,11 +144,14 @@ def copy_run(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("unfinished", r"--run '.*' is incomplete \(no metrics.json\)"),
-    ("tampered", "does not match its checksum"),
-    ("not-a-run", "is not a run folder"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("unfinished", r"--run '.*' is incomplete \(no metrics.json\)"),
+        ("tampered", "does not match its checksum"),
+        ("not-a-run", "is not a run folder"),
+    ],
+)
 def test_a_bad_run_is_exit_2_and_writes_nothing(runs, tmp_path, capsys, damage, message):
     run = copy_run(runs[0]["taskres"], tmp_path / "run")
     if damage == "unfinished":
@@ -195,24 +217,41 @@ class NumpyHead(CosineHead):
 
 def test_a_head_that_does_not_export_faithfully_is_refused(runs, tmp_path, capsys, monkeypatch, openai_rn_file):
     discover()
-    method = Method("numpy-head", "test only", NoOptions, NumpyHead,
-                    lambda ctx, config: Fitted(NumpyHead(ctx.base, ctx.logit_scale)), views=0, test_view_only=True)
+    method = Method(
+        "numpy-head",
+        "test only",
+        NoOptions,
+        NumpyHead,
+        lambda ctx, config: Fitted(NumpyHead(ctx.base, ctx.logit_scale)),
+        views=0,
+        test_view_only=True,
+    )
     monkeypatch.setitem(METHODS, method.name, method)
     image_dir, split_file = make_split_dataset(tmp_path / "data")
-    train(load_backbone(str(openai_rn_file)), open_dataset(str(image_dir), str(split_file)),
-          TrainConfig(shots=2, seed=1, method="numpy-head", views=0), Setup(cache_dir=None, quiet=True), out=tmp_path / "run")
-    for fmt, message in (("torchscript", r"disagrees with predict on 8 test images .*method 'numpy-head'"),
-                         ("onnx", r"method 'numpy-head' cannot be exported to onnx")):
+    train(
+        load_backbone(str(openai_rn_file)),
+        open_dataset(str(image_dir), str(split_file)),
+        TrainConfig(shots=2, seed=1, method="numpy-head", views=0),
+        Setup(cache_dir=None, quiet=True),
+        out=tmp_path / "run",
+    )
+    for fmt, message in (
+        ("torchscript", r"disagrees with predict on 8 test images .*method 'numpy-head'"),
+        ("onnx", r"method 'numpy-head' cannot be exported to onnx"),
+    ):
         out = tmp_path / f"m.{fmt}"
-        code, _, err = run_cli(["export", "--run", str(tmp_path / "run"), "--format", fmt, "--out", str(out)],
-                               capsys)
+        code, _, err = run_cli(["export", "--run", str(tmp_path / "run"), "--format", fmt, "--out", str(out)], capsys)
         assert code == 2 and "Traceback" not in err and re.search(message, err), (fmt, _, err)
         assert not out.exists() and not list(tmp_path.glob(".m.*"))
 
 
-OTHERS = {"coop": dict(optim={"epochs": 1}, views=1, options={"n_ctx": 4}), "lp++": dict(views=1),
-          "zs-lp": dict(optim={"epochs": 2}, views=1), "clap": dict(optim={"epochs": 2}, views=1),
-          "classifier-adapter": dict(optim={"epochs": 2}, views=1)}
+OTHERS = {
+    "coop": dict(optim={"epochs": 1}, views=1, options={"n_ctx": 4}),
+    "lp++": dict(views=1),
+    "zs-lp": dict(optim={"epochs": 2}, views=1),
+    "clap": dict(optim={"epochs": 2}, views=1),
+    "classifier-adapter": dict(optim={"epochs": 2}, views=1),
+}
 
 
 @pytest.mark.slow
@@ -221,8 +260,13 @@ def test_the_other_methods_export_to_both_formats(tmp_path, openai_rn_file, meth
     discover()
     image_dir, split_file = make_split_dataset(tmp_path / "data")
     dataset = open_dataset(str(image_dir), str(split_file))
-    train(load_backbone(str(openai_rn_file)), dataset, TrainConfig.resolve(method, 2, 1, **OTHERS[method]),
-          Setup(cache_dir=None, quiet=True), out=tmp_path / "run")
+    train(
+        load_backbone(str(openai_rn_file)),
+        dataset,
+        TrainConfig.resolve(method, 2, 1, **OTHERS[method]),
+        Setup(cache_dir=None, quiet=True),
+        out=tmp_path / "run",
+    )
     images = [str(image_dir / e.impath) for e in dataset.test[:4]]
     for fmt in ("torchscript", "onnx"):
         out = tmp_path / f"m.{fmt}"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_RN, run_cli, tiny_clip
+
 from taskres.backbones import file_sha256, load_backbone
 from taskres.cache import FeatureCache
 from taskres.errors import TaskResError
@@ -29,8 +29,9 @@ def _blob(folder: Path, snapshot: Path, name: str, data: bytes) -> None:
     os.symlink(os.path.relpath(folder / "blobs" / digest, snapshot), snapshot / name)
 
 
-def add_revision(cache: Path, repo: str, commit: str, model, refs=("main",), weights=True,
-                 weights_name="open_clip_model.safetensors") -> Path:
+def add_revision(
+    cache: Path, repo: str, commit: str, model, refs=("main",), weights=True, weights_name="open_clip_model.safetensors"
+) -> Path:
     """One snapshot of ``repo`` in the cache at ``cache``: open_clip_config.json (the model config and the
     preprocessing) and the weights, as blobs linked from snapshots/<commit>; each ref in ``refs`` points at it."""
     from safetensors.torch import save
@@ -58,8 +59,10 @@ def add_revision(cache: Path, repo: str, commit: str, model, refs=("main",), wei
 def hub(tmp_path, monkeypatch):
     """A cache with REPO at two commits: A (main, and tag v1) and B (branch dev), two different models."""
     cache = tmp_path / "hf" / "hub"
-    models = {COMMIT_A: tiny_clip(TINY_RN, seed=11, quick_gelu=False),
-              COMMIT_B: tiny_clip(TINY_RN, seed=12, quick_gelu=False)}
+    models = {
+        COMMIT_A: tiny_clip(TINY_RN, seed=11, quick_gelu=False),
+        COMMIT_B: tiny_clip(TINY_RN, seed=12, quick_gelu=False),
+    }
     add_revision(cache, REPO, COMMIT_A, models[COMMIT_A], refs=("main", "v1"))
     add_revision(cache, REPO, COMMIT_B, models[COMMIT_B], refs=("dev",))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -72,8 +75,9 @@ def test_loads_the_cached_model_with_its_preprocessing_and_identity(hub):
     b = load_backbone(f"hf-hub:{REPO}")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(b.encode_images(x), models[COMMIT_A].encode_image(x))
-    torch.testing.assert_close(b.encode_text(["a red square."]),
-                               models[COMMIT_A].encode_text(b.tokenizer(["a red square."])))
+    torch.testing.assert_close(
+        b.encode_text(["a red square."]), models[COMMIT_A].encode_text(b.tokenizer(["a red square."]))
+    )
     ident = b.identity
     assert (ident.kind, ident.repo, ident.revision) == ("hf_hub", REPO, COMMIT_A)
     assert ident.mean == MEAN and ident.std == STD and b.mean == MEAN and ident.image_size == 32
@@ -118,7 +122,7 @@ def test_two_revisions_never_share_cached_features(hub, tmp_path):
 def with_backbone(base: list[str], spec: str) -> list[str]:
     """The common CLI arguments with --backbone ``spec``."""
     i = base.index("--backbone") + 1
-    return [*base[:i], spec, *base[i + 1:]]
+    return [*base[:i], spec, *base[i + 1 :]]
 
 
 def test_cli_zeroshot_records_repo_and_revision_and_eval_reloads_the_recorded_commit(hub, env, capsys):
@@ -128,30 +132,42 @@ def test_cli_zeroshot_records_repo_and_revision_and_eval_reloads_the_recorded_co
         code, _, err = run_cli(["zeroshot", *with_backbone(base, spec), "--out", str(tmp / run)], capsys)
         assert code == 0, err
     records = [json.loads((tmp / run / "config.json").read_text())["backbone"] for run in ("zs-main", "zs-dev")]
-    assert [(r["kind"], r["repo"], r["revision"]) for r in records] == [("hf_hub", REPO, COMMIT_A),
-                                                                      ("hf_hub", REPO, COMMIT_B)]
+    assert [(r["kind"], r["repo"], r["revision"]) for r in records] == [
+        ("hf_hub", REPO, COMMIT_A),
+        ("hf_hub", REPO, COMMIT_B),
+    ]
     namespaces = [json.loads(p.read_text())["backbone"] for p in (tmp / "cache").glob("v*/*/namespace.json")]
     assert sorted(n["revision"] for n in namespaces) == [COMMIT_A, COMMIT_B]
     # main moves on: the run is re-evaluated on the commit it used, not on today's main
     (cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main").write_text(COMMIT_B)
     metrics = json.loads((tmp / "zs-main" / "metrics.json").read_text())
-    code, out, err = run_cli(["eval", "--run", str(tmp / "zs-main"), "--cache-dir", str(tmp / "cache"), "--quiet",
-                              "--device", "cpu"], capsys)
+    code, out, err = run_cli(
+        ["eval", "--run", str(tmp / "zs-main"), "--cache-dir", str(tmp / "cache"), "--quiet", "--device", "cpu"], capsys
+    )
     assert code == 0, err
     assert f"{metrics['accuracy']:.2f}" in out
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("hf-hub:", "needs a Hugging Face repository as ORG/NAME"),
-    ("hf-hub:just-a-name", "needs a Hugging Face repository as ORG/NAME.*got 'just-a-name'"),
-    ("hf-hub:org/name/extra", "needs a Hugging Face repository as ORG/NAME"),
-    (f"hf-hub:{REPO}@", "after @ is not a revision"),
-    ("hf-hub:other-org/missing", r"repository 'other-org/missing' is not in the local cache .*hf download "
-                                 r"other-org/missing open_clip_config.json open_clip_model.safetensors"),
-    (f"hf-hub:{REPO}@v9", r"revision 'v9' of 'tiny-org/tiny-clip' is not in the local cache .*cached branches/tags: "
-                          r"dev, main, v1; snapshots: a{40}, b{40}.*--revision v9"),
-    (f"hf-hub:{REPO}@{'d' * 40}", "revision 'd{40}' of 'tiny-org/tiny-clip' is not in the local cache"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("hf-hub:", "needs a Hugging Face repository as ORG/NAME"),
+        ("hf-hub:just-a-name", "needs a Hugging Face repository as ORG/NAME.*got 'just-a-name'"),
+        ("hf-hub:org/name/extra", "needs a Hugging Face repository as ORG/NAME"),
+        (f"hf-hub:{REPO}@", "after @ is not a revision"),
+        (
+            "hf-hub:other-org/missing",
+            r"repository 'other-org/missing' is not in the local cache .*hf download "
+            r"other-org/missing open_clip_config.json open_clip_model.safetensors",
+        ),
+        (
+            f"hf-hub:{REPO}@v9",
+            r"revision 'v9' of 'tiny-org/tiny-clip' is not in the local cache .*cached branches/tags: "
+            r"dev, main, v1; snapshots: a{40}, b{40}.*--revision v9",
+        ),
+        (f"hf-hub:{REPO}@{'d' * 40}", "revision 'd{40}' of 'tiny-org/tiny-clip' is not in the local cache"),
+    ],
+)
 def test_bad_hub_specs_exit_2_naming_the_culprit(hub, env, capsys, spec, message):
     tmp, base, _ = env
     code, out, err = run_cli(["zeroshot", *with_backbone(base, spec), "--out", str(tmp / "run")], capsys)
@@ -164,8 +180,11 @@ def test_bad_hub_specs_exit_2_naming_the_culprit(hub, env, capsys, spec, message
 def test_a_snapshot_without_weights_is_an_error_not_a_random_model(hub):
     cache, models = hub
     add_revision(cache, REPO, "e" * 40, models[COMMIT_A], refs=("no-weights",), weights=False)
-    with pytest.raises(TaskResError, match=r"has no open_clip_model.safetensors or open_clip_pytorch_model.bin.*"
-                                           r"hf download"):
+    with pytest.raises(
+        TaskResError,
+        match=r"has no open_clip_model.safetensors or open_clip_pytorch_model.bin.*"
+        r"hf download",
+    ):
         load_backbone(f"hf-hub:{REPO}@no-weights")
 
 

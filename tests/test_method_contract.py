@@ -38,10 +38,22 @@ def make_context(method, backbone, seed=0) -> FitContext:
     val_labels = torch.arange(3).repeat_interleave(2)
     val = centres[val_labels] + torch.randn(6, 32, generator=g)
     optim = OptimConfig(lr=5e-2, epochs=3, batch_size=4) if METHODS[method].trained else None
-    return FitContext(base=base, logit_scale=100.0, train_views=views, train_labels=labels, val_features=val,
-                      val_labels=val_labels, optim=optim, seed=seed, classnames=classnames,
-                      templates=["a photo of a {}."], shots=4, dataset="tiny",
-                      backbone=backbone if NEEDS.get(method, {}).get("backbone") else None, quiet=True)
+    return FitContext(
+        base=base,
+        logit_scale=100.0,
+        train_views=views,
+        train_labels=labels,
+        val_features=val,
+        val_labels=val_labels,
+        optim=optim,
+        seed=seed,
+        classnames=classnames,
+        templates=["a photo of a {}."],
+        shots=4,
+        dataset="tiny",
+        backbone=backbone if NEEDS.get(method, {}).get("backbone") else None,
+        quiet=True,
+    )
 
 
 def config_for(method):

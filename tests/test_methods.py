@@ -3,31 +3,38 @@ parameters change, searches pick the known best, independent re-derivations, and
 
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cluster_context
 
 from taskres.backbones import load_backbone
 from taskres.engine import OptimConfig, fit, iteration_lr
 from taskres.errors import TaskResError
 from taskres.methods import METHODS, get_method
 from taskres.methods.base import FitContext
+from taskres.methods.base import cosine_logits as zero_shot_logits
 from taskres.methods.clip_adapter import ClipAdapterConfig, ClipAdapterHead, fit_clip_adapter
 from taskres.methods.coop import CoOpConfig, CoOpHead, PromptLearner, fit_coop, prompt_tokens
-from taskres.methods.enhanced_base import (EnhancedBaseConfig, ProjectionHead, base_from_projection, enhanced_base,
-                                           load_projection, pre_projection_features, save_projection)
+from taskres.methods.enhanced_base import (
+    EnhancedBaseConfig,
+    ProjectionHead,
+    base_from_projection,
+    enhanced_base,
+    load_projection,
+    pre_projection_features,
+    save_projection,
+)
 from taskres.methods.linear_probe import LinearProbeConfig, fit_linear_probe, fit_logistic, search_c
-from taskres.methods.base import cosine_logits as zero_shot_logits
 from taskres.methods.taskres import TaskResConfig
 from taskres.methods.tip_adapter import TipAdapterConfig, TipAdapterHead, fit_tip_adapter, grid, search_alpha_beta
 from taskres.methods.tip_adapter_f import fit_tip_adapter_f
-from taskres.workflow import TrainConfig
 from taskres.text import build_base_classifier
 from taskres.text_tower import pooled_text, projection
-
-from conftest import cluster_context
+from taskres.workflow import TrainConfig
 
 
 def context(**kw) -> FitContext:
@@ -44,26 +51,54 @@ def changed(before, module):
 
 # ---- registry and engine options -------------------------------------------------------------------------------
 
+
 def test_registry_lists_every_method_with_a_summary():
-    assert set(METHODS) == {"taskres", "linear-probe", "clip-adapter", "tip-adapter", "tip-adapter-f", "coop",
-                            "classifier-adapter", "lp++", "zs-lp", "clap"}
+    assert set(METHODS) == {
+        "taskres",
+        "linear-probe",
+        "clip-adapter",
+        "tip-adapter",
+        "tip-adapter-f",
+        "coop",
+        "classifier-adapter",
+        "lp++",
+        "zs-lp",
+        "clap",
+    }
     assert all(spec.summary and spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TaskResError, match="unknown method 'tip-adaptr'; did you mean 'tip-adapter'"):
         get_method("tip-adaptr")
 
 
-@pytest.mark.parametrize("method,shots,dataset,expect", [
-    ("taskres", 4, "", dict(optimizer="adam", lr=2e-3, epochs=100, batch_size=256, weight_decay=5e-4)),
-    ("taskres", 16, "", dict(optimizer="adam", epochs=200)),
-    ("clip-adapter", 1, "", dict(optimizer="sgd", momentum=0.9, lr=2e-3, epochs=50, batch_size=32)),
-    ("clip-adapter", 4, "", dict(epochs=100)),
-    ("clip-adapter", 8, "imagenet", dict(epochs=200)),
-    ("coop", 2, "", dict(optimizer="sgd", epochs=100, batch_size=32, weight_decay=5e-4)),
-    ("coop", 16, "imagenet", dict(epochs=50)),
-    ("tip-adapter-f", 16, "dtd", dict(optimizer="adamw", lr=1e-3, eps=1e-4, weight_decay=0.01, epochs=20,
-                                      batch_size=256, schedule="iteration", drop_last="never", warmup_epochs=0)),
-    ("tip-adapter-f", 16, "eurosat", dict(epochs=100)),
-])
+@pytest.mark.parametrize(
+    "method,shots,dataset,expect",
+    [
+        ("taskres", 4, "", dict(optimizer="adam", lr=2e-3, epochs=100, batch_size=256, weight_decay=5e-4)),
+        ("taskres", 16, "", dict(optimizer="adam", epochs=200)),
+        ("clip-adapter", 1, "", dict(optimizer="sgd", momentum=0.9, lr=2e-3, epochs=50, batch_size=32)),
+        ("clip-adapter", 4, "", dict(epochs=100)),
+        ("clip-adapter", 8, "imagenet", dict(epochs=200)),
+        ("coop", 2, "", dict(optimizer="sgd", epochs=100, batch_size=32, weight_decay=5e-4)),
+        ("coop", 16, "imagenet", dict(epochs=50)),
+        (
+            "tip-adapter-f",
+            16,
+            "dtd",
+            dict(
+                optimizer="adamw",
+                lr=1e-3,
+                eps=1e-4,
+                weight_decay=0.01,
+                epochs=20,
+                batch_size=256,
+                schedule="iteration",
+                drop_last="never",
+                warmup_epochs=0,
+            ),
+        ),
+        ("tip-adapter-f", 16, "eurosat", dict(epochs=100)),
+    ],
+)
 def test_optimiser_presets(method, shots, dataset, expect):
     optim = TrainConfig.preset(method, shots, 1, dataset).optim
     assert {k: getattr(optim, k) for k in expect} == expect
@@ -80,8 +115,17 @@ def test_training_free_methods_record_no_optimiser_and_linear_probe_needs_the_te
 
 
 def test_iteration_schedule_matches_torch_cosine_annealing():
-    cfg = OptimConfig(lr=1e-3, epochs=3, batch_size=4, schedule="iteration", warmup_epochs=0, drop_last="never",
-                      optimizer="adamw", eps=1e-4, weight_decay=0.01)
+    cfg = OptimConfig(
+        lr=1e-3,
+        epochs=3,
+        batch_size=4,
+        schedule="iteration",
+        warmup_epochs=0,
+        drop_last="never",
+        optimizer="adamw",
+        eps=1e-4,
+        weight_decay=0.01,
+    )
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=9)
@@ -107,8 +151,16 @@ class LrRecorder(torch.nn.Module):
 def test_sgd_and_never_dropping_the_partial_batch():
     """10 samples, batch 4, drop_last never: 4, 4, 2 per epoch; SGD with momentum moves the weights as torch's."""
     feats, labels = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 2
-    cfg = OptimConfig(lr=0.1, epochs=1, batch_size=4, optimizer="sgd", momentum=0.9, weight_decay=0.0,
-                      warmup_epochs=0, drop_last="never")
+    cfg = OptimConfig(
+        lr=0.1,
+        epochs=1,
+        batch_size=4,
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=0.0,
+        warmup_epochs=0,
+        drop_last="never",
+    )
     head = LrRecorder()
     fit(head, feats, labels, cfg, seed=0, quiet=True)
     assert head.sizes == [4, 4, 2]
@@ -117,7 +169,7 @@ def test_sgd_and_never_dropping_the_partial_batch():
     opt = torch.optim.SGD([w], lr=0.1 * (1 + math.cos(0)) / 2, momentum=0.9)
     order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
     for start in (0, 4, 8):
-        idx = order[start:start + 4]
+        idx = order[start : start + 4]
         opt.zero_grad()
         F.cross_entropy(feats[idx] @ w.t(), labels[idx]).backward()
         opt.step()
@@ -126,13 +178,15 @@ def test_sgd_and_never_dropping_the_partial_batch():
 
 # ---- linear probe -----------------------------------------------------------------------------------------------
 
+
 def reference_logistic(x, y, num_classes, c):
     """scikit-learn's objective, minimised independently: 0.5 * |W|^2 + C * sum CE(x W^T + b) (b not penalised)."""
     x, y = x.double(), y
     w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=5000, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b], max_iter=5000, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -191,6 +245,7 @@ def test_linear_probe_search_runs_on_val_and_needs_it():
 
 # ---- Tip-Adapter -------------------------------------------------------------------------------------------------
 
+
 def test_tip_adapter_with_zero_alpha_is_zero_shot():
     ctx = context()
     fitted = fit_tip_adapter(ctx, TipAdapterConfig(alpha=0.0, beta=5.0, search="none"))
@@ -218,7 +273,7 @@ def test_tip_adapter_search_finds_the_known_best():
     """Zero-shot is wrong by margin 0.3 on both validation images, which are the cache keys themselves: the cache
     favours the right class by a * (1 - exp(-b)). The first b (0.1) fixes both once a > 0.3 / (1 - exp(-0.1))."""
     e = torch.eye(4)
-    c = math.sqrt(1 / 0.3 ** 2 - 1)  # cos(e0, normalise(e0 + c e3)) = 0.3
+    c = math.sqrt(1 / 0.3**2 - 1)  # cos(e0, normalise(e0 + c e3)) = 0.3
     base = torch.stack([e[1] + c * e[3], e[0] + c * e[3]])  # class 0 looks like image 1 and vice versa
     keys, values = e[:2], torch.eye(2)
     head = TipAdapterHead(base, keys, values, 1.0, 0.0, 0.0)
@@ -270,13 +325,15 @@ def test_tip_adapter_f_trains_only_the_keys_and_keeps_the_best_val_epoch():
     assert [n for n, _ in head.named_parameters()] == ["cache_keys"]
     accs = [r["val_accuracy"] for r in records]
     assert len(accs) == 6 and fitted.info["tip_f_epoch"] == int(np.argmax(accs))
-    at_init = TipAdapterHead(head.base_text_features, head.cache_keys, head.cache_values, 100.0,
-                             config.init_alpha, config.init_beta)
+    at_init = TipAdapterHead(
+        head.base_text_features, head.cache_keys, head.cache_values, 100.0, config.init_alpha, config.init_beta
+    )
     val_acc = 100.0 * float((at_init(ctx.val_features).argmax(1) == ctx.val_labels).float().mean())
     assert val_acc == pytest.approx(max(accs))
 
 
 # ---- CLIP-Adapter -----------------------------------------------------------------------------------------------
+
 
 def test_clip_adapter_with_zero_ratio_is_zero_shot():
     ctx = context()
@@ -299,6 +356,7 @@ def test_clip_adapter_trains_only_the_mlp():
 
 # ---- CoOp (the tiny CLIP's text encoder in the loop) -------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_backbone(openai_rn_file):
     return load_backbone(str(openai_rn_file))
@@ -317,8 +375,12 @@ def test_prompt_learner_with_word_embeddings_is_the_text_encoder(tiny_backbone):
 
 def test_coop_trains_only_the_context_and_reloads_without_the_encoder(tiny_backbone):
     model_before = state(tiny_backbone.model)
-    ctx = context(d=32, backbone=tiny_backbone, classnames=["red", "green", "blue"],
-                  optim=OptimConfig(lr=0.5, epochs=3, batch_size=8, optimizer="sgd"))
+    ctx = context(
+        d=32,
+        backbone=tiny_backbone,
+        classnames=["red", "green", "blue"],
+        optim=OptimConfig(lr=0.5, epochs=3, batch_size=8, optimizer="sgd"),
+    )
     head = fit_coop(ctx, CoOpConfig(n_ctx=4)).head
     assert not changed(model_before, tiny_backbone.model)
     init = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.02
@@ -338,13 +400,13 @@ def test_coop_prompt_that_does_not_fit_is_an_error(tiny_backbone):
 
 # ---- TaskRes*: the enhanced base --------------------------------------------------------------------------------
 
+
 def test_enhanced_base_with_the_original_projection_is_the_regular_base(tiny_backbone):
     names, templates = ["red", "green_apple"], ["a photo of a {}.", "itap of a {}."]
     pre = pre_projection_features(tiny_backbone, names, templates)
     assert pre.shape == (2, 2, 64)
     regular = build_base_classifier(tiny_backbone, names, templates)
-    torch.testing.assert_close(base_from_projection(pre, projection(tiny_backbone.model)), regular, rtol=0,
-                               atol=1e-6)
+    torch.testing.assert_close(base_from_projection(pre, projection(tiny_backbone.model)), regular, rtol=0, atol=1e-6)
 
 
 def strong_base_file(path, proj):
@@ -358,9 +420,17 @@ def strong_base_file(path, proj):
     with torch.no_grad():
         layer.weight.copy_(proj.t())
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50)
-    torch.save({"state_dict": {"weight": layer.weight.detach().clone()}, "epoch": 50, "optimizer": opt,
-                "scheduler": sched, "val_result": None}, path)
-    with pytest.raises(Exception):  # what torch's plain safe loading does with it
+    torch.save(
+        {
+            "state_dict": {"weight": layer.weight.detach().clone()},
+            "epoch": 50,
+            "optimizer": opt,
+            "scheduler": sched,
+            "val_result": None,
+        },
+        path,
+    )
+    with pytest.raises(pickle.UnpicklingError):  # what torch's plain safe loading does with it
         torch.load(path, weights_only=True)
 
 
@@ -426,5 +496,7 @@ def test_tuning_the_projection_changes_only_the_projection(tiny_backbone):
 
 def test_pooled_text_then_projection_is_encode_text(tiny_backbone):
     tokens = tiny_backbone.tokenizer(["a photo of a red.", "blue"])
-    assert torch.equal(pooled_text(tiny_backbone.model, tokens) @ projection(tiny_backbone.model),
-                       tiny_backbone.model.encode_text(tokens))
+    assert torch.equal(
+        pooled_text(tiny_backbone.model, tokens) @ projection(tiny_backbone.model),
+        tiny_backbone.model.encode_text(tokens),
+    )

@@ -8,19 +8,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cluster_context
+from conftest import run_cli as run
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResError
 from taskres.methods import METHODS, get_method
 from taskres.methods.base import FitContext, cosine_logits
 from taskres.methods.clap import CLAPConfig, class_penalty, fit_clap, penalty_weights
-from taskres.methods.lp_plus_plus import (LPPConfig, LPPHead, fit_lpp, initial_alpha, step_size_alpha,
-                                          step_size_w)
+from taskres.methods.lp_plus_plus import LPPConfig, LPPHead, fit_lpp, initial_alpha, step_size_alpha, step_size_w
 from taskres.methods.zs_lp import ZSLPConfig, ZSLPHead, batches_per_epoch, fit_zs_lp
 from taskres.workflow import TrainConfig
-
-from conftest import cluster_context
-from conftest import run_cli as run
 
 
 def context(d=8, shots=4, views=1, val=3, optim=None, **kw) -> FitContext:
@@ -29,6 +27,7 @@ def context(d=8, shots=4, views=1, val=3, optim=None, **kw) -> FitContext:
 
 
 # ---- registry and presets -----------------------------------------------------------------------------------------
+
 
 def test_the_three_are_registered_with_their_public_defaults():
     assert {"lp++", "zs-lp", "clap"} <= set(METHODS)
@@ -42,8 +41,16 @@ def test_the_three_are_registered_with_their_public_defaults():
 @pytest.mark.parametrize("shots,dataset", [(1, ""), (16, "imagenet"), (4, "eurosat")])
 def test_clap_optimiser_is_one_setting_for_every_task(method, shots, dataset):
     optim = TrainConfig.preset(method, shots, 1, dataset).optim
-    assert optim == OptimConfig(lr=0.1, epochs=300, batch_size=256, weight_decay=0.0, optimizer="sgd",
-                                momentum=0.9, warmup_epochs=1, warmup_lr=1e-5)
+    assert optim == OptimConfig(
+        lr=0.1,
+        epochs=300,
+        batch_size=256,
+        weight_decay=0.0,
+        optimizer="sgd",
+        momentum=0.9,
+        warmup_epochs=1,
+        warmup_lr=1e-5,
+    )
 
 
 def test_lpp_takes_no_optimiser_settings():
@@ -56,6 +63,7 @@ def test_lpp_takes_no_optimiser_settings():
 
 # ---- LP++ ---------------------------------------------------------------------------------------------------------
 
+
 def test_lpp_step_sizes_and_initialisation_match_an_independent_derivation():
     g = torch.Generator().manual_seed(3)
     feats = F.normalize(torch.randn(10, 5, generator=g), dim=-1).double()
@@ -63,11 +71,12 @@ def test_lpp_step_sizes_and_initialisation_match_an_independent_derivation():
     text = F.normalize(torch.randn(3, 5, generator=g), dim=-1).double()
     # lambda_max of F^T F is the squared largest singular value of F
     sigma = torch.linalg.svdvals(feats)[0].item()
-    assert step_size_w(feats) == pytest.approx(4 * 10 / sigma ** 2, rel=1e-10)
+    assert step_size_w(feats) == pytest.approx(4 * 10 / sigma**2, rel=1e-10)
     per_class = [sum(float(feats[i] @ text[c]) ** 2 for i in range(10)) for c in range(3)]
     assert step_size_alpha(feats, text) == pytest.approx(10 / (4 * max(per_class)), rel=1e-10)
-    own = [sum(float(feats[i] @ text[c]) for i in range(10) if labels[i] == c) / int((labels == c).sum())
-           for c in range(3)]
+    own = [
+        sum(float(feats[i] @ text[c]) for i in range(10) if labels[i] == c) / int((labels == c).sum()) for c in range(3)
+    ]
     assert initial_alpha(feats, labels, text) == pytest.approx(250 * sum(own) / 3, rel=1e-10)
 
 
@@ -146,6 +155,7 @@ def test_lpp_with_several_views_starts_at_the_per_image_class_sums():
 
 # ---- ZS-LP and CLAP -----------------------------------------------------------------------------------------------
 
+
 def trained_context(**kw):
     """A base unrelated to the clusters, so that zero-shot is wrong and the probe has something to learn."""
     optim = OptimConfig(lr=0.1, epochs=5, batch_size=8, weight_decay=0.0, optimizer="sgd", momentum=0.9)
@@ -199,8 +209,9 @@ def test_clap_penalty_weights_match_an_independent_derivation():
 def test_clap_training_replays_gradient_descent_on_ce_plus_penalty():
     """One batch holding the whole pool (N < batch size, so one step per epoch, order-free), plain SGD, no warm-up:
     two epochs of w <- w - lr_e * grad(CE + mean_c lambda_c |w_c - t_c|^2), lr_e the cosine of each epoch."""
-    optim = OptimConfig(lr=0.5, epochs=2, batch_size=64, weight_decay=0.0, optimizer="sgd", momentum=0.0,
-                        warmup_epochs=0)
+    optim = OptimConfig(
+        lr=0.5, epochs=2, batch_size=64, weight_decay=0.0, optimizer="sgd", momentum=0.0, warmup_epochs=0
+    )
     ctx = context(views=3, optim=optim, seed=8)
     fitted = fit_clap(ctx, CLAPConfig())
     x = ctx.train_views.reshape(-1, 8)
@@ -212,8 +223,10 @@ def test_clap_training_replays_gradient_descent_on_ce_plus_penalty():
     w = t.clone()
     for epoch in range(2):
         w.requires_grad_(True)
-        loss = F.cross_entropy(100.0 * F.normalize(x, dim=-1) @ F.normalize(w, dim=-1).t(), y) \
+        loss = (
+            F.cross_entropy(100.0 * F.normalize(x, dim=-1) @ F.normalize(w, dim=-1).t(), y)
             + (lam * ((w - t) ** 2).sum(-1)).mean()
+        )
         (grad,) = torch.autograd.grad(loss, w)
         lr = 0.5 * (1 + math.cos(math.pi * epoch / 2)) / 2
         w = (w - lr * grad).detach()
@@ -261,8 +274,10 @@ def test_train_eval_and_predict_through_the_cli(env, capsys, method):
 
     tmp, base, image_dir = env
     run_dir = tmp / method.replace("+", "p")
-    code, out, err = run(["train", *base, "--shots", "2", "--seed", "1", "--method", method, *CLI_ARGS[method],
-                          "--out", str(run_dir)], capsys)
+    code, out, err = run(
+        ["train", *base, "--shots", "2", "--seed", "1", "--method", method, *CLI_ARGS[method], "--out", str(run_dir)],
+        capsys,
+    )
     assert code == 0, err
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
@@ -284,19 +299,37 @@ def test_train_eval_and_predict_through_the_cli(env, capsys, method):
     assert code == 0, err
     again = json.loads((tmp / f"ev-{run_dir.name}" / "metrics.json").read_text())
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
-    code, out, err = run(["predict", "--run", str(run_dir), "--json", "--top-k", "2",
-                          str(image_dir / "test" / "red_0.png")], capsys)
+    code, out, err = run(
+        ["predict", "--run", str(run_dir), "--json", "--top-k", "2", str(image_dir / "test" / "red_0.png")], capsys
+    )
     assert code == 0, err
     assert len(json.loads(out)[0]["top"]) == 2
 
 
 def test_cli_options_of_the_new_methods(env, capsys):
     tmp, base, _ = env
-    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--method", "lp++", "--lr", "0.1",
-                        "--out", str(tmp / "bad")], capsys)
+    code, _, err = run(
+        ["train", *base, "--shots", "2", "--seed", "1", "--method", "lp++", "--lr", "0.1", "--out", str(tmp / "bad")],
+        capsys,
+    )
     assert code == 2 and "lr" in err
-    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--method", "lp++", "--search", "none",
-                        "--out", str(tmp / "lpp-none")], capsys)
+    code, _, err = run(
+        [
+            "train",
+            *base,
+            "--shots",
+            "2",
+            "--seed",
+            "1",
+            "--method",
+            "lp++",
+            "--search",
+            "none",
+            "--out",
+            str(tmp / "lpp-none"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     metrics = json.loads((tmp / "lpp-none" / "metrics.json").read_text())
     assert metrics["lpp_epoch"] == 299 and "lpp_val_accuracy" not in metrics

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RN, tiny_clip
+from conftest import run_cli as run
 from PIL import Image
 from safetensors import safe_open
-
-from conftest import TINY_RN, run_cli as run, tiny_clip
 
 TRAIN = ["--shots", "2", "--seed", "1", "--epochs", "2", "--views", "0"]
 
@@ -49,13 +49,16 @@ def edit_split(base, change):
 
 # ---- run folders as transactions ------------------------------------------------------------------------------
 
-LOCK_HOLDER = ("import sys; from pathlib import Path; from taskres.runs import RunLock; "
-               "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); sys.stdin.read()")
+LOCK_HOLDER = (
+    "import sys; from pathlib import Path; from taskres.runs import RunLock; "
+    "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); sys.stdin.read()"
+)
 
 
 def hold_lock(out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -165,6 +168,7 @@ def test_overwrite_replaces_a_finished_run_whole(env, capsys):
 
 # ---- integrity ------------------------------------------------------------------------------------------------
 
+
 def test_tampered_classifier_is_refused_by_eval_and_predict(env, capsys):
     tmp, base, image_dir = env
     out = tmp / "r"
@@ -221,6 +225,7 @@ def test_classifier_digest_covers_tensors_and_metadata():
 
 # ---- divergence and non-finite numbers ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("extra", [["--lr", "1e30"], ["--lr", "1e30", "--weight-decay", "1e30"]])
 def test_diverged_training_is_an_error_and_writes_no_run(env, capsys, extra):
     tmp, base, _ = env
@@ -229,8 +234,17 @@ def test_diverged_training_is_an_error_and_writes_no_run(env, capsys, extra):
     assert not (tmp / "r").exists() and leftovers(tmp / "r") == []
 
 
-@pytest.mark.parametrize("flag,value", [("--alpha", "inf"), ("--lr", "inf"), ("--lr", "nan"),
-                                        ("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--tip-alpha", "nan")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--alpha", "inf"),
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--weight-decay", "nan"),
+        ("--weight-decay", "inf"),
+        ("--tip-alpha", "nan"),
+    ],
+)
 def test_non_finite_numbers_are_refused_at_parsing(env, capsys, flag, value):
     tmp, base, _ = env
     argv = train_args(base, tmp / "r", flag, value)
@@ -253,13 +267,15 @@ def test_library_configs_refuse_non_finite_numbers():
 
 def test_seed_out_of_the_generators_range_is_refused_before_encoding(env, capsys):
     tmp, base, _ = env
-    code, _, err = run(["train", *base, "--shots", "2", "--seed", str(2**64), "--views", "0", "--out",
-                        str(tmp / "r")], capsys)
+    code, _, err = run(
+        ["train", *base, "--shots", "2", "--seed", str(2**64), "--views", "0", "--out", str(tmp / "r")], capsys
+    )
     exit_2(code, err, r"--seed must be an integer in \[0, 18446744073709551615\]")
     assert not (tmp / "cache").exists()  # nothing was encoded
 
 
 # ---- images ---------------------------------------------------------------------------------------------------
+
 
 def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
     from taskres.data.images import read_image
@@ -299,15 +315,19 @@ def test_a_folder_passed_as_an_image_is_called_a_folder(env, capsys):
 
 # ---- split files ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case,match", [
-    ("huge_label", r"labels must run 0..C-1 with no gaps, but 4 classes have label\(s\) up to 1000000"),
-    ("fractional_label", "has a label that is not an integer"),
-    ("duplicate", r"'train/red_0.png' is listed twice in 'train'"),
-    ("escape", r"entry \['../../../etc/passwd'.*leads outside the image folder"),
-    ("absolute", r"entry \['/etc/passwd'.*is absolute"),
-    ("nul", "holds a NUL byte"),
-    ("huge_integer", "is not valid JSON"),
-])
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("huge_label", r"labels must run 0..C-1 with no gaps, but 4 classes have label\(s\) up to 1000000"),
+        ("fractional_label", "has a label that is not an integer"),
+        ("duplicate", r"'train/red_0.png' is listed twice in 'train'"),
+        ("escape", r"entry \['../../../etc/passwd'.*leads outside the image folder"),
+        ("absolute", r"entry \['/etc/passwd'.*is absolute"),
+        ("nul", "holds a NUL byte"),
+        ("huge_integer", "is not valid JSON"),
+    ],
+)
 def test_bad_split_entries_are_exit_2_naming_the_entry(env, capsys, case, match):
     tmp, base, _ = env
 
@@ -355,8 +375,10 @@ def test_train_test_overlap_is_a_warning(env, capsys, caplog):
 def test_template_that_does_not_fit_the_context_names_the_class(env, capsys):
     tmp, base, _ = env
     long = "a photo of a {} which is a kind of thing seen very very often"  # 15 + 2 tokens with the class
-    for command in (train_args(base, tmp / "r", "--template", long),
-                    ["zeroshot", *base, "--template", long, "--out", str(tmp / "zs")]):
+    for command in (
+        train_args(base, tmp / "r", "--template", long),
+        ["zeroshot", *base, "--template", long, "--out", str(tmp / "zs")],
+    ):
         code, _, err = run(command, capsys)
         exit_2(code, err, r"template .*, class 'red'\) is 17 tokens, but the text encoder reads 16.*--template")
     assert not (tmp / "cache").exists()
@@ -365,8 +387,24 @@ def test_template_that_does_not_fit_the_context_names_the_class(env, capsys):
 def test_skip_bad_images_counts_training_images(env, capsys):
     tmp, base, image_dir = env
     (image_dir / "train" / "green_0.png").write_bytes(b"broken")
-    code, _, err = run(["train", *base, "--shots", "6", "--seed", "1", "--epochs", "2", "--views", "0",
-                        "--skip-bad-images", "--out", str(tmp / "r")], capsys)
+    code, _, err = run(
+        [
+            "train",
+            *base,
+            "--shots",
+            "6",
+            "--seed",
+            "1",
+            "--epochs",
+            "2",
+            "--views",
+            "0",
+            "--skip-bad-images",
+            "--out",
+            str(tmp / "r"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     metrics = json.loads((tmp / "r" / "metrics.json").read_text())
     assert metrics["skipped_train_images"] == 1 and metrics["skipped_images"] == 1 and metrics["n_train"] == 17
@@ -381,6 +419,7 @@ def test_skip_bad_images_leaving_a_class_empty_is_an_error(env, capsys):
 
 
 # ---- tracebacks that are now exit 2 ---------------------------------------------------------------------------
+
 
 def test_unreadable_split_file_and_folders(env, capsys, monkeypatch, image_folder):
     tmp, base, _ = env
@@ -400,9 +439,11 @@ def test_unreadable_split_file_and_folders(env, capsys, monkeypatch, image_folde
     monkeypatch.setattr(Path, "read_text", read_text)
     exit_2(*run(train_args(base, tmp / "r"), capsys)[::2], "split file .* cannot be read \\(Permission denied\\)")
     monkeypatch.setattr(Path, "iterdir", iterdir)
-    folder_args = ["--data", str(image_folder), *base[base.index("--backbone"):]]
-    exit_2(*run(["zeroshot", *folder_args, "--out", str(tmp / "zs")], capsys)[::2],
-           r"data folder .*red' cannot be read \(Permission denied\)")
+    folder_args = ["--data", str(image_folder), *base[base.index("--backbone") :]]
+    exit_2(
+        *run(["zeroshot", *folder_args, "--out", str(tmp / "zs")], capsys)[::2],
+        r"data folder .*red' cannot be read \(Permission denied\)",
+    )
 
 
 @pytest.mark.parametrize("case", ["file", "unwritable", "partial"])
@@ -429,8 +470,10 @@ def test_eval_out_that_is_a_file_is_refused_before_evaluating(env, capsys, monke
     assert run(["zeroshot", *base, "--out", str(tmp / "zs")], capsys)[0] == 0
     (tmp / "file").write_text("x")
     monkeypatch.setattr(workflow, "encode_split", lambda *a, **k: pytest.fail("evaluated before checking --out"))
-    exit_2(*run(["eval", "--run", str(tmp / "zs"), "--quiet", "--out", str(tmp / "file")], capsys)[::2],
-           "--out .*file' exists and is not a folder")
+    exit_2(
+        *run(["eval", "--run", str(tmp / "zs"), "--quiet", "--out", str(tmp / "file")], capsys)[::2],
+        "--out .*file' exists and is not a folder",
+    )
 
 
 @pytest.mark.parametrize("damage", ["random", "truncated", "mismatched"])

@@ -37,8 +37,14 @@ def toy_splits(n_train=(7, 3, 12, 5), n_val=(5, 2, 6, 4)):
 
     train, val = make(n_train, "train"), make(n_val, "val")
     to_entries = lambda xs: tuple(Entry(*x) for x in xs)  # noqa: E731
-    ds = DatasetSplits("toy", image_dir=__import__("pathlib").Path("."), train=to_entries(train), val=to_entries(val),
-                       test=to_entries(train[:4]), classnames=tuple(f"class_{i}" for i in range(4)))
+    ds = DatasetSplits(
+        "toy",
+        image_dir=__import__("pathlib").Path("."),
+        train=to_entries(train),
+        val=to_entries(val),
+        test=to_entries(train[:4]),
+        classnames=tuple(f"class_{i}" for i in range(4)),
+    )
     return ds, train, val
 
 
@@ -89,8 +95,15 @@ def test_split_file_keeps_class_names_as_written(tmp_path):
 
     (tmp_path / "img").mkdir()
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": [["a.jpg", 1, "american_bulldog"], ["b.jpg", 0, "Abyssinian"]],
-                                 "val": [], "test": [["c.jpg", 0, "Abyssinian"]]}))
+    split.write_text(
+        json.dumps(
+            {
+                "train": [["a.jpg", 1, "american_bulldog"], ["b.jpg", 0, "Abyssinian"]],
+                "val": [],
+                "test": [["c.jpg", 0, "Abyssinian"]],
+            }
+        )
+    )
     ds = load_split_file(split, tmp_path / "img")
     assert ds.classnames == ("Abyssinian", "american_bulldog")
 
@@ -100,8 +113,9 @@ def test_split_file_with_an_empty_class_is_refused(tmp_path):
 
     (tmp_path / "img").mkdir()
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": [["a.jpg", 0, "cat"]], "val": [],
-                                 "test": [["c.jpg", 0, "cat"], ["d.jpg", 1, "dog"]]}))
+    split.write_text(
+        json.dumps({"train": [["a.jpg", 0, "cat"]], "val": [], "test": [["c.jpg", 0, "cat"], ["d.jpg", 1, "dog"]]})
+    )
     with pytest.raises(TaskResError, match=r"class\(es\) \['dog'\] have no training images"):
         load_split_file(split, tmp_path / "img")
 

@@ -7,22 +7,39 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as run
 from safetensors import safe_open
 
-from conftest import run_cli as run
 from taskres.app import sweep as sweep_module
 from taskres.app.sweep import Cell, DatasetRef, Grid, parse_shard, shard_cells
 
 
 def grid_args(env, *extra):
     tmp, base, _ = env
-    return ["sweep", str(tmp / "exp"), *base, "--methods", "taskres,linear-probe", "--shots", "1,2", "--seeds", "1,2",
-            "--epochs", "3", "--views", "2", *extra]
+    return [
+        "sweep",
+        str(tmp / "exp"),
+        *base,
+        "--methods",
+        "taskres,linear-probe",
+        "--shots",
+        "1,2",
+        "--seeds",
+        "1,2",
+        "--epochs",
+        "3",
+        "--views",
+        "2",
+        *extra,
+    ]
 
 
 def finished(exp):
-    return sorted(p.parent.relative_to(exp / "runs").as_posix() for p in (exp / "runs").rglob("metrics.json")
-                  if (p.parent / "config.json").is_file())
+    return sorted(
+        p.parent.relative_to(exp / "runs").as_posix()
+        for p in (exp / "runs").rglob("metrics.json")
+        if (p.parent / "config.json").is_file()
+    )
 
 
 def test_sweep_runs_the_grid_and_its_cell_equals_taskres_train(env, capsys):
@@ -31,15 +48,19 @@ def test_sweep_runs_the_grid_and_its_cell_equals_taskres_train(env, capsys):
     assert code == 0, err
     cells = finished(tmp / "exp")
     assert len(cells) == 1 + 2 * 2 * 2 and any(c.endswith("zero-shot") for c in cells)
-    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--epochs", "3", "--views", "2",
-                        "--out", str(tmp / "t")], capsys)
+    code, _, err = run(
+        ["train", *base, "--shots", "2", "--seed", "1", "--epochs", "3", "--views", "2", "--out", str(tmp / "t")],
+        capsys,
+    )
     assert code == 0, err
     cell = next((tmp / "exp" / "runs").rglob("taskres/2shot-seed1"))
     for name in ("classifier.safetensors",):
         with safe_open(str(cell / name), "pt") as a, safe_open(str(tmp / "t" / name), "pt") as b:
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
-    assert json.loads((cell / "metrics.json").read_text())["accuracy"] == \
-        json.loads((tmp / "t" / "metrics.json").read_text())["accuracy"]
+    assert (
+        json.loads((cell / "metrics.json").read_text())["accuracy"]
+        == json.loads((tmp / "t" / "metrics.json").read_text())["accuracy"]
+    )
 
 
 def test_an_interrupted_sweep_resumes_without_recomputing_finished_cells(env, capsys, monkeypatch):
@@ -57,8 +78,9 @@ def test_an_interrupted_sweep_resumes_without_recomputing_finished_cells(env, ca
     assert code == 130 and len(finished(tmp / "exp")) == 3
     done = {c: (tmp / "exp" / "runs" / c / "metrics.json").stat().st_mtime_ns for c in finished(tmp / "exp")}
     calls.clear()
-    monkeypatch.setattr(sweep_module, "_run_cell", lambda exp, cell, *a, **kw: (calls.append(cell.folder),
-                                                                               real(exp, cell, *a, **kw)))
+    monkeypatch.setattr(
+        sweep_module, "_run_cell", lambda exp, cell, *a, **kw: (calls.append(cell.folder), real(exp, cell, *a, **kw))
+    )
     code, out, err = run(grid_args(env), capsys)
     assert code == 0, err
     assert "3 already done, 6 run" in out and len(calls) == 6 and not set(calls) & set(done)
@@ -78,8 +100,13 @@ def test_a_failing_cell_is_recorded_while_the_others_finish(env, capsys):
 
 def test_two_shards_cover_every_cell_exactly_once(env, capsys):
     tmp, _, _ = env
-    grid = Grid((DatasetRef("a", root="/r"), DatasetRef("b", root="/r")), ("RN50", "RN101"), ("taskres", "coop"),
-                shots=(1, 2, 4), seeds=(1, 2, 3))
+    grid = Grid(
+        (DatasetRef("a", root="/r"), DatasetRef("b", root="/r")),
+        ("RN50", "RN101"),
+        ("taskres", "coop"),
+        shots=(1, 2, 4),
+        seeds=(1, 2, 3),
+    )
     cells = grid.cells()
     one, two = shard_cells(cells, (1, 2)), shard_cells(cells, (2, 2))
     assert sorted(map(str, one + two)) == sorted(map(str, cells)) and not set(one) & set(two)
@@ -114,21 +141,23 @@ def test_report_means_and_stds_match_the_run_folders(env, capsys):
     assert (tmp / "exp" / "report" / "accuracy_vs_shots.svg").is_file()
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--methods", "taskres,tip-adaptr"], "unknown method 'tip-adaptr' in --methods; did you mean 'tip-adapter'"),
-    (["--shard", "3/2"], "--shard must be I/N with 1 <= I <= N"),
-    (["--shard", "x"], "--shard must be I/N"),
-    (["--lp-c", "1", "--methods", "taskres"], "--lp-c applies to linear-probe, none of which is in --methods"),
-    (["--preset", "paper-fewshot"], "--preset paper-fewshot sets the datasets; drop --data, --split-file"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--methods", "taskres,tip-adaptr"], "unknown method 'tip-adaptr' in --methods; did you mean 'tip-adapter'"),
+        (["--shard", "3/2"], "--shard must be I/N with 1 <= I <= N"),
+        (["--shard", "x"], "--shard must be I/N"),
+        (["--lp-c", "1", "--methods", "taskres"], "--lp-c applies to linear-probe, none of which is in --methods"),
+        (["--preset", "paper-fewshot"], "--preset paper-fewshot sets the datasets; drop --data, --split-file"),
+    ],
+)
 def test_bad_sweep_input_exits_2(env, capsys, extra, match):
     code, _, err = run(grid_args(env, *extra), capsys)
     assert code == 2 and match in err and "Traceback" not in err
 
 
 def test_unknown_preset_exits_2(tmp_path, capsys):
-    code, _, err = run(["sweep", str(tmp_path / "exp"), "--preset", "paper-fewshots", "--root", str(tmp_path)],
-                       capsys)
+    code, _, err = run(["sweep", str(tmp_path / "exp"), "--preset", "paper-fewshots", "--root", str(tmp_path)], capsys)
     assert code == 2 and "unknown preset 'paper-fewshots'; did you mean 'paper-fewshot'" in err
 
 
@@ -147,8 +176,9 @@ def test_a_different_grid_in_the_same_folder_is_refused_unless_extended(env, cap
 def test_a_finished_cell_made_with_other_settings_is_never_reused(env, capsys):
     tmp, _, _ = env
     assert run(grid_args(env, "--seeds", "1", "--shots", "1", "--methods", "taskres"), capsys)[0] == 0
-    code, out, err = run(grid_args(env, "--seeds", "1", "--shots", "1", "--methods", "taskres", "--alpha", "1.0",
-                                   "--extend"), capsys)
+    code, out, err = run(
+        grid_args(env, "--seeds", "1", "--shots", "1", "--methods", "taskres", "--alpha", "1.0", "--extend"), capsys
+    )
     assert code == 1 and "1 failed" in out
     [failure] = [json.loads(line) for line in (tmp / "exp" / "failures.jsonl").read_text().splitlines()]
     assert "holds a run made with other settings (method_config" in failure["error"]
@@ -175,8 +205,26 @@ def test_parse_shard():
 
 def test_grid_options_are_cells_and_report_columns(env, capsys):
     tmp, base, _ = env
-    code, out, err = run(["sweep", str(tmp / "exp"), *base, "--methods", "taskres", "--shots", "1", "--seeds", "1,2",
-                          "--epochs", "2", "--grid", "alpha=0.1,0.5", "--grid", "learn_alpha=false,true"], capsys)
+    code, out, err = run(
+        [
+            "sweep",
+            str(tmp / "exp"),
+            *base,
+            "--methods",
+            "taskres",
+            "--shots",
+            "1",
+            "--seeds",
+            "1,2",
+            "--epochs",
+            "2",
+            "--grid",
+            "alpha=0.1,0.5",
+            "--grid",
+            "learn_alpha=false,true",
+        ],
+        capsys,
+    )
     assert code == 0, err
     cells = finished(tmp / "exp")
     assert len(cells) == 1 + 2 * 2 * 2
@@ -207,9 +255,19 @@ def test_fig4_correlations_against_an_independent_computation():
     for i in range(6):
         zs, c = float(rng.uniform(20, 90)), int(rng.integers(5, 50))
         for seed in (1, 2):
-            records.append({"method": "taskres", "backbone": "RN50", "dataset": f"d{i}", "shots": 16, "seed": seed,
-                            "eval_dataset": "", "residual_mean_abs": float(rng.uniform(0, 1)),
-                            "zero_shot_accuracy": zs, "num_classes": c})
+            records.append(
+                {
+                    "method": "taskres",
+                    "backbone": "RN50",
+                    "dataset": f"d{i}",
+                    "shots": 16,
+                    "seed": seed,
+                    "eval_dataset": "",
+                    "residual_mean_abs": float(rng.uniform(0, 1)),
+                    "zero_shot_accuracy": zs,
+                    "num_classes": c,
+                }
+            )
     [c] = correlations(records)
     xs, ys = [], []
     for i in range(6):
@@ -226,5 +284,6 @@ def test_a_no_val_grid_runs_every_cell(env, capsys):
     code, out, err = run(grid_args(env, "--protocol", "no-val", "--lp-c", "1", "--seeds", "1"), capsys)
     assert code == 0 and "0 failed" in out, err
     configs = [json.loads(p.read_text()) for p in (tmp / "exp" / "runs").rglob("config.json")]
-    assert len(configs) == 5 and all(c["protocol"] == ("default" if c["kind"] == "zeroshot" else "no-val")
-                                     for c in configs)
+    assert len(configs) == 5 and all(
+        c["protocol"] == ("default" if c["kind"] == "zeroshot" else "no-val") for c in configs
+    )

@@ -25,11 +25,14 @@ def test_identity_at_init(variant, learn_alpha):
     torch.testing.assert_close(head(feats), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant,learn_alpha,trainable", [
-    ("text", False, {"text_feature_residuals"}),
-    ("image", False, {"image_feature_residual"}),
-    ("both", True, {"text_feature_residuals", "image_feature_residual", "alpha"}),
-])
+@pytest.mark.parametrize(
+    "variant,learn_alpha,trainable",
+    [
+        ("text", False, {"text_feature_residuals"}),
+        ("image", False, {"image_feature_residual"}),
+        ("both", True, {"text_feature_residuals", "image_feature_residual", "alpha"}),
+    ],
+)
 def test_only_the_residuals_change(variant, learn_alpha, trainable):
     base, feats, labels = problem()
     head = TaskResHead(base, 100.0, TaskResConfig(variant=variant, learn_alpha=learn_alpha))

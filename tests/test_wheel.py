@@ -28,12 +28,19 @@ def test_the_wheel_installs_alone_and_runs_the_demo(tmp_path):
     shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    run([sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
-         "-q"], cwd=tmp_path)
+    run(
+        [sys.executable, "-m", "pip", "wheel", src, "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", "-q"],
+        cwd=tmp_path,
+    )
     wheel = next((tmp_path / "dist").glob("taskres-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"taskres/assets/taskres-demo.safetensors", "taskres/assets/taskres-demo.json",
-            "taskres/assets/taskres-demo.recipe.json", "taskres/py.typed", "taskres/app/cli.py"} <= names
+    assert {
+        "taskres/assets/taskres-demo.safetensors",
+        "taskres/assets/taskres-demo.json",
+        "taskres/assets/taskres-demo.recipe.json",
+        "taskres/py.typed",
+        "taskres/app/cli.py",
+    } <= names
 
     # A fresh environment: its own site-packages first, then this environment's site-packages for torch and the
     # other dependencies (a path in a .pth file: the .pth files there, such as an editable taskres, are not run).
@@ -50,8 +57,24 @@ def test_the_wheel_installs_alone_and_runs_the_demo(tmp_path):
     assert Path(where).is_relative_to(site), where  # the wheel's copy, not the checkout's
 
     out = tmp_path / "demo"
-    run([env_dir / "bin" / "taskres", "demo", "--out", out, "--seeds", "1", "--views", "0", "--quiet",
-         "--device", "cpu"], env=clean, cwd=tmp_path, timeout=300)
+    run(
+        [
+            env_dir / "bin" / "taskres",
+            "demo",
+            "--out",
+            out,
+            "--seeds",
+            "1",
+            "--views",
+            "0",
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+        env=clean,
+        cwd=tmp_path,
+        timeout=300,
+    )
     results = json.loads((out / "results.json").read_text())
     records = results["records"]
     assert {r["method"] for r in records} == {"zero-shot", "taskres"}

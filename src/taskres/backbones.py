@@ -46,11 +46,21 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTS_ENV = "TASKRES_WEIGHTS"
 OFFLINE_ENV = "TASKRES_OFFLINE"
+# An open_clip CLIP-style model (an nn.Module with encode_image, encode_text, logit_scale, visual, ...): open_clip
+# ships no type information, so its attributes are untyped.
+ClipModel = Any
 
 # OpenAI's names (as the official CLIP package spells them) -> open_clip's model names.
 OPENAI_MODELS = {
-    "RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
-    "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-L/14@336px": "ViT-L-14-336",
+    "RN50": "RN50",
+    "RN101": "RN101",
+    "RN50x4": "RN50x4",
+    "RN50x16": "RN50x16",
+    "RN50x64": "RN50x64",
+    "ViT-B/32": "ViT-B-32",
+    "ViT-B/16": "ViT-B-16",
+    "ViT-L/14": "ViT-L-14",
+    "ViT-L/14@336px": "ViT-L-14-336",
 }
 SHIPPED_MODELS = ("taskres-demo",)
 HF_HUB_PREFIX = "hf-hub:"
@@ -92,7 +102,7 @@ class BackboneIdentity:
         return out
 
     @classmethod
-    def from_json(cls, record: dict) -> "BackboneIdentity":
+    def from_json(cls, record: dict) -> BackboneIdentity:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in record.items() if k in known}
         for k in ("mean", "std"):
@@ -112,7 +122,7 @@ class BackboneIdentity:
             return f"{HF_HUB_PREFIX}{self.repo}@{self.revision}"
         return self.spec
 
-    def difference(self, other: "BackboneIdentity") -> str | None:
+    def difference(self, other: BackboneIdentity) -> str | None:
         """The first of sha256, tag, arch, repo, revision that differs from ``other``, as "field: here vs there", or
         None."""
         for key in ("sha256", "tag", "arch", "repo", "revision"):
@@ -125,7 +135,7 @@ class BackboneIdentity:
 class Backbone:
     """A frozen CLIP model with its tokenizer and image geometry. Features come out un-normalised: (N, D)."""
 
-    model: torch.nn.Module
+    model: ClipModel
     tokenizer: Any
     image_size: int
     identity: BackboneIdentity
@@ -179,13 +189,16 @@ def load_backbone(
     device = parse_device(device)
     weights_dir = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
     if "\0" in spec:
-        raise TaskResValueError(f"backbone {spec!r} holds a NUL byte; pass a model name or a file path.",
-                                param="backbone")
+        raise TaskResValueError(
+            f"backbone {spec!r} holds a NUL byte; pass a model name or a file path.", param="backbone"
+        )
     try:
         return _load_backbone(spec, device, precision, weights_dir)
     except PermissionError as err:
-        raise TaskResValueError(f"backbone {spec!r}: {err.filename!r} cannot be read ({err.strerror}); fix its "
-                                "permissions.", param="backbone") from None
+        raise TaskResValueError(
+            f"backbone {spec!r}: {err.filename!r} cannot be read ({err.strerror}); fix its permissions.",
+            param="backbone",
+        ) from None
 
 
 def _load_backbone(spec: str, device: torch.device, precision: str, weights_dir: Path) -> Backbone:
@@ -207,15 +220,17 @@ def _load_backbone(spec: str, device: torch.device, precision: str, weights_dir:
     elif ":" in spec:
         model, tokenizer, identity = _load_open_clip_pair(spec, weights_dir)
     elif path.suffix or os.sep in spec:
-        raise TaskResFileNotFoundError(f"backbone file {spec!r} does not exist; pass --backbone an existing "
-                                       "checkpoint file, "
-                                       f"an OpenAI model name ({', '.join(OPENAI_MODELS)}) or an open_clip "
-                                       "MODEL:PRETRAINED pair.")
+        raise TaskResFileNotFoundError(
+            f"backbone file {spec!r} does not exist; pass --backbone an existing "
+            "checkpoint file, "
+            f"an OpenAI model name ({', '.join(OPENAI_MODELS)}) or an open_clip "
+            "MODEL:PRETRAINED pair."
+        )
     else:
         raise TaskResValueError(
             f"unknown backbone {spec!r}; {suggest(spec, known_backbones())}known OpenAI names: "
             f"{', '.join(OPENAI_MODELS)}; shipped: {', '.join(SHIPPED_MODELS)}; or an open_clip MODEL:PRETRAINED pair "
-            "(list them with `python -c \"import open_clip; print(open_clip.list_pretrained())\"`), a Hugging Face "
+            '(list them with `python -c "import open_clip; print(open_clip.list_pretrained())"`), a Hugging Face '
             "Hub model hf-hub:ORG/NAME, or a checkpoint path."
         )
     if not hasattr(model, "encode_text") or not hasattr(model, "logit_scale"):
@@ -226,8 +241,15 @@ def _load_backbone(spec: str, device: torch.device, precision: str, weights_dir:
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     mean = tuple(getattr(model.visual, "image_mean", None) or OPENAI_MEAN)
     std = tuple(getattr(model.visual, "image_std", None) or OPENAI_STD)
-    ident = BackboneIdentity(spec=spec, precision=precision, quick_gelu=_has_quick_gelu(model), image_size=size,
-                             mean=mean, std=std, **identity)
+    ident = BackboneIdentity(
+        spec=spec,
+        precision=precision,
+        quick_gelu=_has_quick_gelu(model),
+        image_size=size,
+        mean=mean,
+        std=std,
+        **identity,
+    )
     logger.info("loaded backbone %s (%s, image size %d, logit scale %.2f)", spec, ident.arch, size, tau)
     return Backbone(model, tokenizer, size, ident, tau, device, PRECISIONS[precision], mean, std)
 
@@ -237,12 +259,14 @@ def parse_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise TaskResValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N.",
-                                param="device") from None
+        raise TaskResValueError(
+            f"device {device!r} is not a torch device; use cpu, cuda or cuda:N.", param="device"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise TaskResValueError(f"device {device} asks for a GPU, but CUDA is not available here; use cpu.",
-                                    param="device")
+            raise TaskResValueError(
+                f"device {device} asks for a GPU, but CUDA is not available here; use cpu.", param="device"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise TaskResValueError(f"device {device}: only {torch.cuda.device_count()} GPU(s) here.", param="device")
     elif device.type not in ("cpu", "mps"):
@@ -258,6 +282,7 @@ def _has_quick_gelu(model: torch.nn.Module) -> bool:
 
 # ---- OpenAI-format files -------------------------------------------------------------------------------------------
 
+
 def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of an OpenAI checkpoint: a TorchScript archive (as OpenAI distributes) or a plain state dict."""
     if path.suffix == ".safetensors":
@@ -266,7 +291,9 @@ def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for a bad header
-            raise TaskResValueError(f"backbone file {str(path)!r} is not a readable safetensors file ({err}).") from None
+            raise TaskResValueError(
+                f"backbone file {str(path)!r} is not a readable safetensors file ({err})."
+            ) from None
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
@@ -274,8 +301,10 @@ def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
             try:
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
             except RuntimeError as err:
-                raise TaskResValueError(f"backbone file {str(path)!r} is a damaged TorchScript archive "
-                                        f"({str(err).splitlines()[0]}).", param="backbone") from None
+                raise TaskResValueError(
+                    f"backbone file {str(path)!r} is a damaged TorchScript archive ({str(err).splitlines()[0]}).",
+                    param="backbone",
+                ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
@@ -289,7 +318,7 @@ def _read_openai_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TaskResValueError(f"backbone file {str(path)!r} does not hold a state dict of tensors.")
     if obj and next(iter(obj)).startswith("module."):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -298,8 +327,11 @@ def _openai_config(sd: dict[str, torch.Tensor], where: str) -> dict:
     need = ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight")
     missing = [k for k in need if k not in sd]
     if missing:
-        raise TaskResValueError(f"backbone file {where!r} is not an OpenAI-format CLIP checkpoint (no {missing}); "
-                                "for open_clip weights pass MODEL:FILE, e.g. ViT-B-32:/path/weights.safetensors.")
+        raise TaskResValueError(
+            f"backbone file {where!r} is not an OpenAI-format CLIP checkpoint (no {missing}); "
+            "for open_clip weights pass MODEL:FILE, e.g. ViT-B-32:/path/weights.safetensors."
+        )
+    layers: int | tuple[int, ...]
     if "visual.proj" in sd:
         width = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
@@ -314,13 +346,17 @@ def _openai_config(sd: dict[str, torch.Tensor], where: str) -> dict:
         vision = dict(layers=layers, width=width, image_size=out * 32)
         arch = f"RN-w{width}-l{'-'.join(map(str, layers))}-{out * 32}"
     twidth = sd["ln_final.weight"].shape[0]
-    text = dict(context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                width=twidth, heads=twidth // 64,
-                layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
+    text = dict(
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        width=twidth,
+        heads=twidth // 64,
+        layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+    )
     return dict(embed_dim=int(sd["text_projection"].shape[1]), vision_cfg=vision, text_cfg=text, arch=arch)
 
 
-def _load_openai_file(path: Path) -> tuple[torch.nn.Module, dict]:
+def _load_openai_file(path: Path) -> tuple[ClipModel, dict]:
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     path = Path(path)
@@ -334,8 +370,10 @@ def _load_openai_file(path: Path) -> tuple[torch.nn.Module, dict]:
     try:
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     except RuntimeError as err:
-        raise TaskResValueError(f"backbone file {str(path)!r} does not match the CLIP architecture inferred from it "
-                                f"({cfg['arch']}): {str(err).splitlines()[0]}") from None
+        raise TaskResValueError(
+            f"backbone file {str(path)!r} does not match the CLIP architecture inferred from it "
+            f"({cfg['arch']}): {str(err).splitlines()[0]}"
+        ) from None
     identity = {"kind": "file", "format": "openai", "arch": cfg["arch"], "sha256": file_sha256(path)}
     return model, identity
 
@@ -356,7 +394,7 @@ def _find_openai_weights(name: str, weights_dir: Path) -> Path:
     raise TaskResValueError(
         f"the weights of backbone {name!r} are not on disk and the network is unreachable. Put OpenAI's file "
         f"{filename!r} in {str(weights_dir)!r} (set ${WEIGHTS_ENV} to use another folder, or pass --backbone "
-        f"/path/to/{filename}). On a connected machine fetch it with: python -c \"import open_clip; "
+        f'/path/to/{filename}). On a connected machine fetch it with: python -c "import open_clip; '
         f"open_clip.pretrained.download_pretrained_from_url('{url}', cache_dir='weights')\" and copy "
         f"weights/{filename}."
     )
@@ -384,13 +422,16 @@ def _network_reachable(url: str, timeout: float = 3.0) -> bool:
 
 # ---- open_clip pairs and shipped models ----------------------------------------------------------------------------
 
-def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module, Any, dict]:
+
+def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[ClipModel, Any, dict]:
     import open_clip
 
     model_name, pretrained = spec.split(":", 1)
     if model_name not in open_clip.list_models():
-        raise TaskResValueError(f"unknown open_clip model {model_name!r} in backbone {spec!r}; "
-                                f"{suggest(model_name, open_clip.list_models())}see open_clip.list_models().")
+        raise TaskResValueError(
+            f"unknown open_clip model {model_name!r} in backbone {spec!r}; "
+            f"{suggest(model_name, open_clip.list_models())}see open_clip.list_models()."
+        )
     file = Path(pretrained).expanduser()
     quick_gelu = False
     if file.is_file():
@@ -404,19 +445,34 @@ def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[torch.nn.Module,
         identity = {"kind": "open_clip", "arch": model_name, "tag": pretrained}
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise TaskResValueError(f"{pretrained!r} in backbone {spec!r} is neither a file nor a known tag of "
-                                f"{model_name}; "
-                                f"{suggest(pretrained, tags)}known tags: {', '.join(tags) or 'none'}.")
+        raise TaskResValueError(
+            f"{pretrained!r} in backbone {spec!r} is neither a file nor a known tag of "
+            f"{model_name}; "
+            f"{suggest(pretrained, tags)}known tags: {', '.join(tags) or 'none'}."
+        )
     try:
         model = open_clip.create_model(model_name, pretrained=source, load_weights=True, force_quick_gelu=quick_gelu)
-    except (RuntimeError, ValueError, OSError, EOFError, KeyError, IndexError, TypeError, AssertionError,
-            pickle.UnpicklingError, SafetensorError) as err:
+    except (
+        RuntimeError,
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AssertionError,
+        pickle.UnpicklingError,
+        SafetensorError,
+    ) as err:
         # by the file's damage: torch's weights-only unpickler (which raises IndexError or TypeError on some random
         # bytes), safetensors and open_clip's own asserts
         first = str(err).splitlines()[0] if str(err) else ""
-        raise TaskResValueError(f"could not load weights {source!r} into open_clip model {model_name!r} "
-                                f"({type(err).__name__}: {first}); pass a weights file of that model (an open_clip "
-                                ".safetensors or .bin state dict).", param="backbone") from None
+        raise TaskResValueError(
+            f"could not load weights {source!r} into open_clip model {model_name!r} "
+            f"({type(err).__name__}: {first}); pass a weights file of that model (an open_clip "
+            ".safetensors or .bin state dict).",
+            param="backbone",
+        ) from None
     identity["sha256"] = file_sha256(Path(source))
     return model, open_clip.get_tokenizer(model_name), identity
 
@@ -431,7 +487,7 @@ def _find_open_clip_weights(spec: str, cfg: dict, weights_dir: Path) -> str:
         from huggingface_hub import try_to_load_from_cache
 
         repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
-        for name in ([filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+        for name in [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
             hit = try_to_load_from_cache(repo, name)
             if isinstance(hit, str):
                 return hit
@@ -457,19 +513,19 @@ def _register_shipped_config(config: Path) -> None:
     open_clip.add_model_config(config)
 
 
-def _load_shipped(name: str) -> tuple[torch.nn.Module, Any, dict]:
+def _load_shipped(name: str) -> tuple[ClipModel, Any, dict]:
     import open_clip
 
     config, weights = ASSETS / f"{name}.json", ASSETS / f"{name}.safetensors"
     if not weights.is_file():
-        raise TaskResFileNotFoundError(f"the shipped backbone {name!r} is missing its weights file {str(weights)!r}; "
-                                       "reinstall taskres, or rebuild it with scripts/pretrain_demo.py.")
+        raise TaskResFileNotFoundError(
+            f"the shipped backbone {name!r} is missing its weights file {str(weights)!r}; "
+            "reinstall taskres, or rebuild it with scripts/pretrain_demo.py."
+        )
     _register_shipped_config(config)
     model = open_clip.create_model(name, pretrained=str(weights)).float()
     identity = {"kind": "shipped", "arch": name, "sha256": file_sha256(weights)}
     return model, open_clip.get_tokenizer(name), identity
-
-
 
 
 # ---- Hugging Face Hub models ---------------------------------------------------------------------------------------
@@ -485,35 +541,46 @@ def hf_hub_cache_dir() -> Path:
     env = os.environ
     hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if not hub:
-        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"),
-                                                  "huggingface")
+        home = env.get("HF_HOME") or os.path.join(
+            env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+        )
         hub = os.path.join(home, "hub")
     return Path(os.path.expandvars(hub)).expanduser()
 
 
 def parse_hf_hub_spec(spec: str) -> tuple[str, str | None]:
     """``hf-hub:ORG/NAME[@REVISION]`` -> (ORG/NAME, REVISION or None)."""
-    repo, at, revision = spec[len(HF_HUB_PREFIX):].partition("@")
+    repo, at, revision = spec[len(HF_HUB_PREFIX) :].partition("@")
     if not HF_REPO_ID.fullmatch(repo) or "--" in repo or ".." in repo:
         raise TaskResValueError(
             f"backbone {spec!r}: hf-hub: needs a Hugging Face repository as ORG/NAME, e.g. "
             "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K, optionally with @REVISION (a branch, a tag or a commit "
-            f"hash); got {repo!r}.", param="backbone")
-    if at and (not revision or ".." in revision.split("/") or revision.startswith("/")
-               or any(c.isspace() or c in "\\~^:?*[" for c in revision)):
-        raise TaskResValueError(f"backbone {spec!r}: {revision!r} after @ is not a revision; give a branch, a tag or a "
-                                "40-hex commit hash (hf-hub:ORG/NAME@main), or drop @ for the default branch.",
-                                param="backbone")
+            f"hash); got {repo!r}.",
+            param="backbone",
+        )
+    if at and (
+        not revision
+        or ".." in revision.split("/")
+        or revision.startswith("/")
+        or any(c.isspace() or c in "\\~^:?*[" for c in revision)
+    ):
+        raise TaskResValueError(
+            f"backbone {spec!r}: {revision!r} after @ is not a revision; give a branch, a tag or a "
+            "40-hex commit hash (hf-hub:ORG/NAME@main), or drop @ for the default branch.",
+            param="backbone",
+        )
     return repo, revision if at else None
 
 
 def _hf_fetch_hint(repo: str, revision: str | None, cache: Path) -> str:
     rev = f" --revision {revision}" if revision else ""
     files = f"{HF_CONFIG_FILE} {HF_WEIGHTS_FILES[0]}"
-    return (f"On a connected machine run `hf download {repo} {files}{rev} --cache-dir {cache}` (older "
-            f"huggingface_hub: `huggingface-cli download` with the same arguments), or copy its cache folder "
-            f"models--{repo.replace('/', '--')} into {str(cache)!r}; set $HF_HUB_CACHE (or $HF_HOME) to use another "
-            "cache.")
+    return (
+        f"On a connected machine run `hf download {repo} {files}{rev} --cache-dir {cache}` (older "
+        f"huggingface_hub: `huggingface-cli download` with the same arguments), or copy its cache folder "
+        f"models--{repo.replace('/', '--')} into {str(cache)!r}; set $HF_HUB_CACHE (or $HF_HOME) to use another "
+        "cache."
+    )
 
 
 def _hf_hub_snapshot(repo: str, revision: str | None, cache: Path) -> tuple[Path, str] | None:
@@ -555,9 +622,12 @@ def _download_hf_hub(spec: str, repo: str, revision: str | None, cache: Path) ->
                     raise
     except Exception as err:  # the Hub's errors: no such repository, revision or file, a gated repository, HTTP
         first = str(err).splitlines()[0] if str(err) else ""
-        raise TaskResValueError(f"backbone {spec!r} could not be fetched from the Hugging Face Hub "
-                                f"({type(err).__name__}: {first}); check the repository and the revision. "
-                                f"{_hf_fetch_hint(repo, revision, cache)}", param="backbone") from None
+        raise TaskResValueError(
+            f"backbone {spec!r} could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {first}); check the repository and the revision. "
+            f"{_hf_fetch_hint(repo, revision, cache)}",
+            param="backbone",
+        ) from None
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -568,7 +638,7 @@ class _DropRandomInitWarning(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-def _load_hf_hub(spec: str) -> tuple[torch.nn.Module, Any, dict]:
+def _load_hf_hub(spec: str) -> tuple[ClipModel, Any, dict]:
     """A Hub model in open_clip's format (open_clip_config.json and open_clip_model.safetensors or
     open_clip_pytorch_model.bin) from the local cache, downloaded only when it is not there and the Hub answers.
 
@@ -588,24 +658,31 @@ def _load_hf_hub(spec: str) -> tuple[torch.nn.Module, Any, dict]:
     folder = cache / f"models--{repo.replace('/', '--')}"
     hint = _hf_fetch_hint(repo, revision, cache)
     if not folder.is_dir():
-        raise TaskResFileNotFoundError(f"backbone {spec!r}: the Hugging Face repository {repo!r} is not in the local "
-                                       f"cache {str(cache)!r}, and the Hub is unreachable or offline mode is set. "
-                                       f"{hint}", param="backbone")
+        raise TaskResFileNotFoundError(
+            f"backbone {spec!r}: the Hugging Face repository {repo!r} is not in the local "
+            f"cache {str(cache)!r}, and the Hub is unreachable or offline mode is set. "
+            f"{hint}",
+            param="backbone",
+        )
     if found is None:
-        cached = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file()) \
-            if (folder / "refs").is_dir() else []
+        refs = folder / "refs"
+        cached = sorted(p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []
         snapshots = sorted(p.name for p in (folder / "snapshots").iterdir()) if (folder / "snapshots").is_dir() else []
         raise TaskResFileNotFoundError(
             f"backbone {spec!r}: revision {revision or 'main'!r} of {repo!r} is not in the local cache "
             f"{str(cache)!r} (cached branches/tags: {', '.join(cached) or 'none'}; snapshots: "
-            f"{', '.join(snapshots) or 'none'}). Pass one of those as @REVISION, or fetch it. {hint}", param="backbone")
+            f"{', '.join(snapshots) or 'none'}). Pass one of those as @REVISION, or fetch it. {hint}",
+            param="backbone",
+        )
     snapshot, commit = found
     config, weights = files
     if config is None or weights is None:
         missing = HF_CONFIG_FILE if config is None else " or ".join(HF_WEIGHTS_FILES)
         raise TaskResFileNotFoundError(
             f"backbone {spec!r}: the cached snapshot {str(snapshot)!r} (revision {commit}) has no {missing}; "
-            f"taskres loads open_clip-format Hub models, which carry both. {hint}", param="backbone")
+            f"taskres loads open_clip-format Hub models, which carry both. {hint}",
+            param="backbone",
+        )
     root = logging.getLogger()
     drop = _DropRandomInitWarning()
     root.addFilter(drop)
@@ -613,15 +690,34 @@ def _load_hf_hub(spec: str) -> tuple[torch.nn.Module, Any, dict]:
         model = open_clip.create_model(f"local-dir:{snapshot}", load_weights=False, pretrained_text=False)
         open_clip.load_checkpoint(model, str(weights), strict=True)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{snapshot}")
-    except (RuntimeError, ValueError, OSError, EOFError, KeyError, IndexError, TypeError, AssertionError, ImportError,
-            pickle.UnpicklingError, SafetensorError, json.JSONDecodeError) as err:
+    except (
+        RuntimeError,
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AssertionError,
+        ImportError,
+        pickle.UnpicklingError,
+        SafetensorError,
+        json.JSONDecodeError,
+    ) as err:
         first = str(err).splitlines()[0] if str(err) else ""
-        raise TaskResValueError(f"backbone {spec!r}: open_clip could not build the model of {str(snapshot)!r} "
-                                f"({type(err).__name__}: {first}); the snapshot's {HF_CONFIG_FILE} and "
-                                f"{weights.name} must be an open_clip model and its weights.",
-                                param="backbone") from None
+        raise TaskResValueError(
+            f"backbone {spec!r}: open_clip could not build the model of {str(snapshot)!r} "
+            f"({type(err).__name__}: {first}); the snapshot's {HF_CONFIG_FILE} and "
+            f"{weights.name} must be an open_clip model and its weights.",
+            param="backbone",
+        ) from None
     finally:
         root.removeFilter(drop)
-    identity = {"kind": "hf_hub", "arch": f"{HF_HUB_PREFIX}{repo}", "repo": repo, "revision": commit,
-                "sha256": file_sha256(weights)}
+    identity = {
+        "kind": "hf_hub",
+        "arch": f"{HF_HUB_PREFIX}{repo}",
+        "repo": repo,
+        "revision": commit,
+        "sha256": file_sha256(weights),
+    }
     return model, tokenizer, identity

@@ -7,8 +7,9 @@ path for a loose image), size and mtime, so a changed file is a miss and a copie
 
 Chunks are written to a temporary file and renamed; each carries its image keys and a SHA-256 of its tensor bytes,
 checked on load. Under torchrun, a cache given the job's ``Cluster`` encodes collectively: each rank encodes its
-share of the missing images into its own chunks, then reads the others' (``taskres.distributed``). An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated
-chunk is reported, deleted and re-encoded.
+share of the missing images into its own chunks, then reads the others' (``taskres.distributed``).
+An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated chunk is
+reported, deleted and re-encoded.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,8 +29,8 @@ from tqdm.auto import tqdm
 
 from taskres.atomic import write_safetensors, write_text
 from taskres.backbones import Backbone
-from taskres.distributed import Cluster, check_shared_folder
 from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE, ImageViews, transform_spec, view_seed
+from taskres.distributed import Cluster, check_shared_folder
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
 logger = logging.getLogger(__name__)
@@ -43,9 +44,11 @@ def image_key(path: str | Path, name: str | None = None) -> str:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise TaskResFileNotFoundError(f"image {path!r} does not exist; check the data folder (--data/--root) "
-                                       "and the split "
-                                       "file's paths, which are relative to it.") from None
+        raise TaskResFileNotFoundError(
+            f"image {path!r} does not exist; check the data folder (--data/--root) "
+            "and the split "
+            "file's paths, which are relative to it."
+        ) from None
     return hashlib.sha256(f"{name or path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
 
 
@@ -59,41 +62,64 @@ def check_writable_dir(folder: Path, param: str, shown: Path | None = None) -> N
             pass
     except (OSError, ValueError) as err:
         reason = getattr(err, "strerror", None) or str(err)
-        raise TaskResValueError(f"{param} {str(shown)!r} is not a writable folder ({reason}); choose another "
-                                "folder, or encode without the cache.", param=param) from None
+        raise TaskResValueError(
+            f"{param} {str(shown)!r} is not a writable folder ({reason}); choose another "
+            "folder, or encode without the cache.",
+            param=param,
+        ) from None
 
 
 class FeatureCache:
     """Encode images through a backbone, reusing every feature already on disk. ``cache_dir=None`` keeps nothing."""
 
-    def __init__(self, cache_dir: str | Path | None, batch_size: int = 32, workers: int | None = None,
-                 quiet: bool = False,
-                 chunk_size: int = 1024, max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster: Cluster | None = None):
+    def __init__(
+        self,
+        cache_dir: str | Path | None,
+        batch_size: int = 32,
+        workers: int | None = None,
+        quiet: bool = False,
+        chunk_size: int = 1024,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        cluster: Cluster | None = None,
+    ):
         self.root = Path(cache_dir).expanduser() / f"v{FORMAT}" if cache_dir is not None else None
         self.batch_size, self.workers, self.quiet, self.chunk_size = batch_size, workers, quiet, chunk_size
         self.max_pixels = max_pixels
         # the torchrun job that encodes collectively through this cache (None or one process: alone)
         self.cluster = cluster if cluster is not None and cluster.active else None
         if self.root is not None:
+            assert cache_dir is not None  # root is set from it
             check_writable_dir(self.root, "cache_dir", Path(cache_dir))
         if self.cluster is not None:
             if self.root is None:
-                raise TaskResValueError("the ranks of a torchrun job exchange features through the cache folder; "
-                                        "give one that every rank sees (--cache-dir), not --no-cache.",
-                                        param="cache_dir")
+                raise TaskResValueError(
+                    "the ranks of a torchrun job exchange features through the cache folder; "
+                    "give one that every rank sees (--cache-dir), not --no-cache.",
+                    param="cache_dir",
+                )
             check_shared_folder(self.cluster, self.root, "cache_dir")
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}
         self._chunks: dict[Path, set[str]] = {}  # namespace folder -> names of the chunk files read or written
-        self._keys: dict[tuple[str, int, int], str] = {}  # (name, size, mtime) -> image key  # namespace folder -> features read or encoded
+        self._keys: dict[tuple[str, int, int], str] = {}  # (name, size, mtime) -> image key
 
     def namespace(self, backbone: Backbone, view: int | None, scale: tuple[float, float] = TRAIN_SCALE) -> dict:
-        return {"format": FORMAT, "backbone": backbone.identity.weights_key(),
-                "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view, scale)}
+        return {
+            "format": FORMAT,
+            "backbone": backbone.identity.weights_key(),
+            "transform": transform_spec(backbone.image_size, backbone.mean, backbone.std, view, scale),
+        }
 
-    def features(self, backbone: Backbone, paths: Sequence[str | Path], view: int | None = None,
-                 skip_bad: bool = False, desc: str = "encoding", names: Sequence[str] | None = None,
-                 scale: tuple[float, float] = TRAIN_SCALE) -> tuple[torch.Tensor, list[str]]:
+    def features(
+        self,
+        backbone: Backbone,
+        paths: Sequence[str | Path],
+        view: int | None = None,
+        skip_bad: bool = False,
+        desc: str = "encoding",
+        names: Sequence[str] | None = None,
+        scale: tuple[float, float] = TRAIN_SCALE,
+    ) -> tuple[torch.Tensor, list[str]]:
         """Features (N, D) float32 for ``paths`` in order, and the paths skipped as undecodable (rows of zeros).
 
         ``view`` None is the test transform; ``v >= 0`` the v-th augmented view (RandomResizedCrop at ``scale``)
@@ -101,9 +127,9 @@ class FeatureCache:
         paths relative to the dataset's image folder, so that the views and the keys do not depend on where the
         dataset lies.
         """
-        paths = [str(p) for p in paths]
-        names = [os.path.abspath(p) for p in paths] if names is None else [str(n) for n in names]
-        keys = [self._key(p, n) for p, n in zip(paths, names)]
+        files = [str(p) for p in paths]
+        names = [os.path.abspath(p) for p in files] if names is None else [str(n) for n in names]
+        keys = [self._key(p, n) for p, n in zip(files, names)]
         ns = self.namespace(backbone, view, scale)
         folder = self._folder(ns)
         if folder is None:
@@ -116,31 +142,43 @@ class FeatureCache:
         todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
         mine = todo
         if self.cluster is not None:
-            self.cluster.agree(f"the images still to encode ({desc})", [ns, [keys[i] for i in todo]],
-                               "every rank must run the same command on the same dataset files and see the same "
-                               "cache folder (--cache-dir).")
+            self.cluster.agree(
+                f"the images still to encode ({desc})",
+                [ns, [keys[i] for i in todo]],
+                "every rank must run the same command on the same dataset files and see the same "
+                "cache folder (--cache-dir).",
+            )
             mine = self.cluster.share(todo)
         bad: set[str] = set()
         if mine:
             seeds = None if view is None else [view_seed(view, names[i]) for i in mine]
-            data = ImageViews([paths[i] for i in mine], backbone.image_size, backbone.mean, backbone.std, seeds,
-                              scale, self.max_pixels)
+            data = ImageViews(
+                [files[i] for i in mine],
+                backbone.image_size,
+                backbone.mean,
+                backbone.std,
+                seeds,
+                scale,
+                self.max_pixels,
+            )
             bad = self._encode(backbone, data, [keys[i] for i in mine], skip_bad, store, folder, desc)
         if self.cluster is not None and todo:
             bad = set().union(*self.cluster.gather(sorted(bad), f"encoding {desc}"))  # every rank's chunks written
+            assert folder is not None  # a torchrun job needs the cache folder (checked in __init__)
             self._read_chunks(folder, store)  # the other ranks' shares
-            missing = [paths[i] for i in todo if keys[i] not in store and keys[i] not in bad]
+            missing = [files[i] for i in todo if keys[i] not in store and keys[i] not in bad]
             if missing:
                 raise TaskResValueError(
                     f"rank {self.cluster.rank} cannot see the features the other ranks wrote to {str(folder)!r} "
                     f"(e.g. for {missing[0]!r}); the cache folder must be one folder that every node of the job "
                     "mounts (--cache-dir). Finished chunks are kept; fix the folder and run again.",
-                    param="cache_dir")
+                    param="cache_dir",
+                )
         if not bad and keys:
             return torch.stack([store[k] for k in keys]), []  # (N, D)
-        out = torch.zeros(len(paths), backbone.embed_dim)
+        out = torch.zeros(len(files), backbone.embed_dim)
         skipped = []
-        for i, (p, k) in enumerate(zip(paths, keys)):
+        for i, (p, k) in enumerate(zip(files, keys)):
             if k in store:
                 out[i] = store[k]
             elif k in bad:
@@ -174,9 +212,11 @@ class FeatureCache:
             if not info.exists():
                 write_text(info, json.dumps(ns, indent=1, sort_keys=True))
         except OSError as err:
-            raise TaskResValueError(f"cache_dir {str(self.root.parent)!r}: {str(folder)!r} cannot be written "
-                                    f"({err.strerror or err}); fix or remove it, or choose another cache folder.",
-                                    param="cache_dir") from None
+            raise TaskResValueError(
+                f"cache_dir {str(self.root.parent)!r}: {str(folder)!r} cannot be written "
+                f"({err.strerror or err}); fix or remove it, or choose another cache folder.",
+                param="cache_dir",
+            ) from None
         return folder
 
     def _read_chunks(self, folder: Path, store: dict[str, torch.Tensor]) -> None:
@@ -193,14 +233,23 @@ class FeatureCache:
                 if _digest(feats, meta["keys"]) != meta["sha256"] or len(keys) != feats.shape[0]:
                     raise ValueError("checksum mismatch")
             except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
-                logger.warning("feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded",
-                               chunk, err)
+                logger.warning(
+                    "feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded", chunk, err
+                )
                 chunk.unlink(missing_ok=True)
                 continue
             store.update(zip(keys, feats))
 
-    def _encode(self, backbone: Backbone, data: ImageViews, keys: list[str], skip_bad: bool,
-                store: dict[str, torch.Tensor], folder: Path | None, desc: str) -> set[str]:
+    def _encode(
+        self,
+        backbone: Backbone,
+        data: ImageViews,
+        keys: list[str],
+        skip_bad: bool,
+        store: dict[str, torch.Tensor],
+        folder: Path | None,
+        desc: str,
+    ) -> set[str]:
         pending_keys: list[str] = []
         pending: list[torch.Tensor] = []
         bad: set[str] = set()
@@ -252,15 +301,26 @@ def loader_workers(workers: int | None, images: int, batch_size: int, device: to
     return min(8, cpus - 1) if device.type == "cuda" else 1
 
 
-def encode_batches(backbone: Backbone, data: ImageViews, batch_size: int = 32, workers: int | None = None,
-                   desc: str = "encoding", quiet: bool = True) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+def encode_batches(
+    backbone: Backbone,
+    data: ImageViews,
+    batch_size: int = 32,
+    workers: int | None = None,
+    desc: str = "encoding",
+    quiet: bool = True,
+) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
     """Run ``data`` through the image encoder in batches: (indices, (B, D) features on the CPU, error per item).
     Worker processes (``loader_workers``) decode and transform the next batches while the encoder runs; on CUDA
     the batches come in pinned memory and are copied without blocking."""
     workers = loader_workers(workers, len(data), batch_size, backbone.device)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, shuffle=False,
-                                         pin_memory=backbone.device.type == "cuda",
-                                         prefetch_factor=4 if workers else None)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=batch_size,
+        num_workers=workers,
+        shuffle=False,
+        pin_memory=backbone.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     with tqdm(total=len(data), desc=desc, unit="img", disable=quiet, leave=False) as bar:
         for idx, pixels, errors in loader:
             yield idx.tolist(), backbone.encode_images(pixels).cpu(), list(errors)
@@ -272,4 +332,3 @@ def _digest(t: torch.Tensor, keys: str) -> str:
     h = hashlib.sha256(keys.encode())
     h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
-

@@ -53,7 +53,7 @@ class Cluster:
 
     def share(self, items: list) -> list:
         """This rank's share of ``items``: every ``world_size``-th, from its rank on."""
-        return items[self.rank::self.world_size]
+        return items[self.rank :: self.world_size]
 
     def barrier(self, what: str) -> None:
         if self.active:
@@ -87,7 +87,8 @@ class Cluster:
             raise RankFailure(
                 f"rank {self.rank} of {self.world_size}: another rank stopped while the job was {what} ({err}). "
                 "Its own error is above in torchrun's output. The cache chunks written so far are kept: run the "
-                "same command again to resume.") from None
+                "same command again to resume."
+            ) from None
 
 
 _current = Cluster()
@@ -105,8 +106,9 @@ def from_env() -> Cluster:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise TaskResValueError("WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers; start the job with torchrun, "
-                                "which sets them.") from None
+        raise TaskResValueError(
+            "WORLD_SIZE, RANK and LOCAL_RANK must be whole numbers; start the job with torchrun, which sets them."
+        ) from None
     if not 0 <= rank < max(world, 1):
         raise TaskResValueError(f"RANK {rank} is not in [0, WORLD_SIZE {world}); start the job with torchrun.")
     return Cluster(rank, max(world, 1), local)
@@ -140,9 +142,11 @@ def init_from_env(device: str, command: list[str]) -> Cluster:
 
 
 def _stopped(signum, frame) -> None:
-    raise RankFailure(f"rank {_current.rank} of {_current.world_size} was stopped (signal {signum}), most likely "
-                      "because another rank failed (see torchrun's output above). The cache chunks written so far "
-                      "are kept: run the same command again to resume.")
+    raise RankFailure(
+        f"rank {_current.rank} of {_current.world_size} was stopped (signal {signum}), most likely "
+        "because another rank failed (see torchrun's output above). The cache chunks written so far "
+        "are kept: run the same command again to resume."
+    )
 
 
 def shutdown() -> None:
@@ -168,4 +172,6 @@ def check_shared_folder(cluster: Cluster, folder: Path, param: str) -> None:
         raise TaskResValueError(
             f"{param} {str(folder)!r} is not shared between the nodes of this torchrun job: rank(s) {blind} cannot "
             "see a file that rank 0 wrote there. The ranks exchange features through this folder; pass a folder "
-            "on a filesystem that every node mounts at the same path.", param=param)
+            "on a filesystem that every node mounts at the same path.",
+            param=param,
+        )

@@ -1,4 +1,6 @@
-"""Training loop over cached features, method-agnostic: the official optimiser, schedule and batching (docs/protocol.md#optimisation).
+"""Training loop over cached features, method-agnostic: the official optimiser, schedule and batching.
+
+See docs/protocol.md#optimisation.
 
 The defaults are TaskRes's: Adam (betas 0.9/0.999, L2 weight decay), one constant warm-up epoch at 1e-5, then cosine
 from ``lr`` over E epochs, stepped once per epoch. Each epoch shuffles the training set with a seeded generator and
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +71,9 @@ class OptimConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("drop_last", self.drop_last, DROP_LAST)
         if self.schedule == "iteration" and self.warmup_epochs:
-            raise invalid("warmup_epochs", "be 0 with the per-iteration cosine schedule (it has no warm-up)",
-                          self.warmup_epochs)
+            raise invalid(
+                "warmup_epochs", "be 0 with the per-iteration cosine schedule (it has no warm-up)", self.warmup_epochs
+            )
         if not 0 <= self.momentum < 1:
             raise invalid("momentum", "be in [0, 1)", self.momentum)
         if not self.eps > 0:
@@ -94,22 +98,27 @@ def make_optimizer(params, config: OptimConfig) -> torch.optim.Optimizer:
     (float parameters on the CPU or CUDA): the same algorithm as the per-tensor loop, in one pass over the
     parameters instead of about eight, rounding the last bit differently (docs/performance.md)."""
     params = list(params)
-    fused = {"fused": True} if _fusable(params) else {}
+    fused: dict[str, Any] = {"fused": True} if _fusable(params) else {}
     if config.optimizer == "sgd":  # Dassl's build_optimizer: dampening 0, no Nesterov
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                               **fused)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused
+        )
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, **fused)
-    return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=config.eps, weight_decay=config.weight_decay,
-                            **fused)
+    return torch.optim.Adam(
+        params, lr=config.lr, betas=(0.9, 0.999), eps=config.eps, weight_decay=config.weight_decay, **fused
+    )
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
-    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) \
+    return (
+        bool(params)
+        and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         and len({p.device for p in params}) == 1
+    )
 
 
-def check_finite(record: dict, params: list[torch.Tensor], config: OptimConfig, epoch: int) -> None:
+def check_finite(record: dict, params: Sequence[torch.Tensor], config: OptimConfig, epoch: int) -> None:
     """Stop a diverged training: a non-finite learning rate, loss or trained tensor is an error, not a result."""
     what = [k for k in ("lr", "loss") if not math.isfinite(record[k])]
     if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
@@ -119,7 +128,8 @@ def check_finite(record: dict, params: list[torch.Tensor], config: OptimConfig, 
             f"training diverged in epoch {epoch + 1} of {config.epochs}: {', '.join(what)} became non-finite "
             f"(nan or inf). Likely causes: `lr` {config.lr:g} too large, a residual scale (`alpha`) too large, or "
             f"`weight_decay` {config.weight_decay:g} too large; lower it and run again. No run was written.",
-            param="lr")
+            param="lr",
+        )
 
 
 def fit(
@@ -154,8 +164,11 @@ def fit(
     steps_per_epoch = math.ceil(stop / config.batch_size)
     history = []
     for epoch in tqdm(range(config.epochs), desc="training", unit="epoch", disable=quiet, leave=False):
-        lr = epoch_lr(config, epoch) if config.schedule == "epoch" else \
-            iteration_lr(config, epoch * steps_per_epoch, config.epochs * steps_per_epoch)
+        lr = (
+            epoch_lr(config, epoch)
+            if config.schedule == "epoch"
+            else iteration_lr(config, epoch * steps_per_epoch, config.epochs * steps_per_epoch)
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         feats = source.epoch(epoch).to(device)
@@ -167,9 +180,8 @@ def fit(
         for step, start in enumerate(range(0, stop, config.batch_size)):
             if config.schedule == "iteration":
                 for group in optimizer.param_groups:
-                    group["lr"] = iteration_lr(config, epoch * steps_per_epoch + step,
-                                               config.epochs * steps_per_epoch)
-            idx = order[start:start + config.batch_size]
+                    group["lr"] = iteration_lr(config, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
+            idx = order[start : start + config.batch_size]
             logits = step_logits(feats[idx])  # (B, C)
             loss = F.cross_entropy(logits, labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -178,8 +190,12 @@ def fit(
             total_loss += loss.detach().double() * len(idx)
             correct += (logits.detach().argmax(dim=1) == labels[idx]).sum()
             seen += len(idx)
-        record = {"epoch": epoch, "lr": lr, "loss": float(total_loss) / seen,
-                  "train_accuracy": 100.0 * int(correct) / seen}
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "loss": float(total_loss) / seen,
+            "train_accuracy": 100.0 * int(correct) / seen,
+        }
         check_finite(record, params, config, epoch)
         history.append(record)
         if on_epoch is not None:

@@ -9,7 +9,7 @@ Each error is also the built-in a Python user expects: a bad value is a ``ValueE
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class TaskResError(Exception):

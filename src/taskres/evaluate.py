@@ -3,7 +3,8 @@ and per-class accuracy keyed by label (class names need not be unique: ImageNet 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -13,7 +14,7 @@ def predict_logits(head: torch.nn.Module, features: torch.Tensor, batch_size: in
     """(N, D) -> (N, C) logits on the CPU, in batches."""
     head.eval()
     device = next(iter(head.buffers())).device
-    out = [head(features[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(features), batch_size)]
+    out = [head(features[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(features), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
@@ -23,12 +24,13 @@ def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, classnames: Seq
     ``mean_per_class_accuracy`` (the mean over the labels that have test images: all C in a complete test split)."""
     pred = logits.argmax(dim=1)  # (N,)
     correct = pred == labels
-    per_class = []
+    per_class: list[dict[str, Any]] = []
     for c, name in enumerate(classnames):
         mask = labels == c
         n = int(mask.sum())
-        per_class.append({"label": c, "class": name, "n": n,
-                          "accuracy": 100.0 * float(correct[mask].float().mean()) if n else None})
+        per_class.append(
+            {"label": c, "class": name, "n": n, "accuracy": 100.0 * float(correct[mask].float().mean()) if n else None}
+        )
     scored = [p["accuracy"] for p in per_class if p["accuracy"] is not None]
     return {
         "accuracy": 100.0 * float(correct.float().mean()) if len(labels) else float("nan"),

@@ -30,8 +30,9 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,8 +57,10 @@ EXPORT_FORMAT = "taskres-export-1"
 PROBS_ATOL = 1e-3  # largest difference of a probability
 LOGITS_RTOL = 1e-3  # largest difference of a logit, relative to the largest |logit| (at least 1)
 DEFAULT_CHECK_IMAGES = 8
-PREPROCESSING = ("resize the shorter side to image_size (bicubic), centre crop image_size x image_size, RGB scaled "
-                 "to [0, 1], then (x - mean) / std per channel")
+PREPROCESSING = (
+    "resize the shorter side to image_size (bicubic), centre crop image_size x image_size, RGB scaled "
+    "to [0, 1], then (x - mean) / std per channel"
+)
 
 
 class ExportedClassifier(nn.Module):
@@ -72,9 +75,16 @@ class ExportedClassifier(nn.Module):
         return logits, logits.softmax(dim=-1)
 
 
-def export_run(run: str | Path, out: str | Path, format: str, check_images: Sequence[str | Path] | None = None,
-               n_check: int = DEFAULT_CHECK_IMAGES, weights_dir: str | Path | None = None, overwrite: bool = False,
-               max_image_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    format: str,
+    check_images: Sequence[str | Path] | None = None,
+    n_check: int = DEFAULT_CHECK_IMAGES,
+    weights_dir: str | Path | None = None,
+    overwrite: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> dict:
     """Write ``run``'s backbone image encoder and tuned head to ``out`` as ``format`` ("onnx" or "torchscript"),
     checked against ``predict`` on ``check_images`` (default: the first ``n_check`` images of the run's test split).
     Returns ``{"out", "format", "method", "metadata", "parity": {"images", "max_abs_logits", "max_abs_probs"}}``."""
@@ -88,8 +98,14 @@ def export_run(run: str | Path, out: str | Path, format: str, check_images: Sequ
     head, classnames, class_ids = load_run_head(run)
     method = read_classifier(run / CLASSIFIER)[0]
     # float32 on the CPU: the exported file is float32, and so is the reference it is checked against
-    setup = Setup(device="cpu", precision="fp32", cache_dir=None, quiet=True,
-                  weights_dir=str(weights_dir) if weights_dir is not None else None, max_image_pixels=max_image_pixels)
+    setup = Setup(
+        device="cpu",
+        precision="fp32",
+        cache_dir=None,
+        quiet=True,
+        weights_dir=str(weights_dir) if weights_dir is not None else None,
+        max_image_pixels=max_image_pixels,
+    )
     backbone = load_run_backbone(config, setup, precision="fp32")
     images = [str(p) for p in check_images] if check_images else _test_images(run, config, n_check)
 
@@ -98,17 +114,20 @@ def export_run(run: str | Path, out: str | Path, format: str, check_images: Sequ
     head = head.cpu().eval()
     reference = predict_logits(head, feats)  # (N, C)
     if reference.shape[1] != len(classnames):
-        raise TaskResValueError(f"run {str(run)!r}: the classifier has {reference.shape[1]} classes but its metadata "
-                                f"names {len(classnames)}; the file was edited or damaged. Re-run training.",
-                                param="run")
+        raise TaskResValueError(
+            f"run {str(run)!r}: the classifier has {reference.shape[1]} classes but its metadata "
+            f"names {len(classnames)}; the file was edited or damaged. Re-run training.",
+            param="run",
+        )
     views = ImageViews(images, backbone.image_size, backbone.mean, backbone.std, max_pixels=max_image_pixels)
     pixels = torch.stack([views[i][1] for i in range(len(views))])  # (N, 3, S, S), as predict's encoder saw them
 
     metadata = _metadata(run, config, method, classnames, class_ids, backbone)
     module = ExportedClassifier(backbone.model.visual, head).eval()
     # A traced graph must not depend on the example: trace on noise of another batch size than the check's.
-    example = torch.randn(len(images) % 3 + 2, 3, backbone.image_size, backbone.image_size,
-                          generator=torch.Generator().manual_seed(0))
+    example = torch.randn(
+        len(images) % 3 + 2, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0)
+    )
     with atomic_path(out) as tmp:
         try:
             with _quiet_exporters():
@@ -123,7 +142,8 @@ def export_run(run: str | Path, out: str | Path, format: str, check_images: Sequ
                 f"run {str(run)!r}: method {method!r} cannot be exported to {format} ({type(err).__name__}: "
                 f"{first[:300]}); its head or the backbone's image encoder does not trace into a static graph. Use "
                 f"`predict` for this run{', or try `format` torchscript' if format == 'onnx' else ''}.",
-                param="run") from None
+                param="run",
+            ) from None
         parity = _compare(logits, probs, reference)
         if parity["max_abs_probs"] > PROBS_ATOL or parity["max_abs_logits"] > parity["logits_tolerance"]:
             raise TaskResValueError(
@@ -131,11 +151,24 @@ def export_run(run: str | Path, out: str | Path, format: str, check_images: Sequ
                 f"(largest difference {parity['max_abs_logits']:.3g} in the logits, allowed "
                 f"{parity['logits_tolerance']:.3g}; {parity['max_abs_probs']:.3g} in the probabilities, allowed "
                 f"{PROBS_ATOL:g}); method {method!r}'s head does not export faithfully, so no file was written. Use "
-                "`predict` for this run.", param="run")
-    logger.info("exported %s to %s (parity on %d images: logits %.2g, probs %.2g)", run, out, len(images),
-                parity["max_abs_logits"], parity["max_abs_probs"])
-    return {"out": str(out), "format": format, "method": method, "metadata": metadata,
-            "parity": {"images": len(images), **parity}}
+                "`predict` for this run.",
+                param="run",
+            )
+    logger.info(
+        "exported %s to %s (parity on %d images: logits %.2g, probs %.2g)",
+        run,
+        out,
+        len(images),
+        parity["max_abs_logits"],
+        parity["max_abs_probs"],
+    )
+    return {
+        "out": str(out),
+        "format": format,
+        "method": method,
+        "metadata": metadata,
+        "parity": {"images": len(images), **parity},
+    }
 
 
 def require_onnx() -> None:
@@ -147,9 +180,11 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise TaskResValueError(f"format onnx needs the optional package(s) {', '.join(missing)}, which are not "
-                                f"installed; install them with: {EXTRA_INSTALL} (or choose `format` torchscript).",
-                                param="format")
+        raise TaskResValueError(
+            f"format onnx needs the optional package(s) {', '.join(missing)}, which are not "
+            f"installed; install them with: {EXTRA_INSTALL} (or choose `format` torchscript).",
+            param="format",
+        )
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -167,18 +202,22 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 # ---- internals ---------------------------------------------------------------------------------------------------
 
+
 def _check_out(out: Path, overwrite: bool) -> Path:
     if out.is_dir():
-        raise TaskResValueError(f"out {str(out)!r} is a folder; pass a file path, e.g. {str(out / 'model.onnx')!r}.",
-                                param="out")
+        raise TaskResValueError(
+            f"out {str(out)!r} is a folder; pass a file path, e.g. {str(out / 'model.onnx')!r}.", param="out"
+        )
     if out.exists() and not overwrite:
-        raise TaskResValueError(f"out {str(out)!r} already exists; choose another path, or pass `overwrite` to "
-                                "replace it.", param="out")
+        raise TaskResValueError(
+            f"out {str(out)!r} already exists; choose another path, or pass `overwrite` to replace it.", param="out"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise TaskResValueError(f"out {str(out)!r}: its folder cannot be created ({err.strerror or err}).",
-                                param="out") from None
+        raise TaskResValueError(
+            f"out {str(out)!r}: its folder cannot be created ({err.strerror or err}).", param="out"
+        ) from None
     return out
 
 
@@ -191,36 +230,58 @@ def _test_images(run: Path, config: dict, n: int) -> list[str]:
     try:
         dataset = reopen_dataset(DatasetSource.from_json(recorded), recorded.get("templates") or ["{}"])
     except TaskResError as err:
-        raise TaskResValueError(f"run {str(run)!r}: its dataset, whose test images the parity check runs on, cannot "
-                                f"be opened ({err}); pass images for the check with `check_images`.",
-                                param="check_images") from None
+        raise TaskResValueError(
+            f"run {str(run)!r}: its dataset, whose test images the parity check runs on, cannot "
+            f"be opened ({err}); pass images for the check with `check_images`.",
+            param="check_images",
+        ) from None
     except (KeyError, TypeError) as err:
-        raise TaskResValueError(f"run {str(run)!r}: config.json has a damaged dataset record ({type(err).__name__}: "
-                                f"{err}); pass images for the check with `check_images`, or re-run training.",
-                                param="run") from None
+        raise TaskResValueError(
+            f"run {str(run)!r}: config.json has a damaged dataset record ({type(err).__name__}: "
+            f"{err}); pass images for the check with `check_images`, or re-run training.",
+            param="run",
+        ) from None
     if not dataset.test:
-        raise TaskResValueError(f"run {str(run)!r}: its dataset has no test images for the parity check; pass "
-                                "images with `check_images`.", param="check_images")
+        raise TaskResValueError(
+            f"run {str(run)!r}: its dataset has no test images for the parity check; pass images with `check_images`.",
+            param="check_images",
+        )
     return [str(dataset.path(e)) for e in dataset.test[:n]]
 
 
-def _metadata(run: Path, config: dict, method: str, classnames: Sequence[str], class_ids: Sequence[str],
-              backbone) -> dict[str, Any]:
+def _metadata(
+    run: Path, config: dict, method: str, classnames: Sequence[str], class_ids: Sequence[str], backbone
+) -> dict[str, Any]:
     dataset = config.get("dataset", {})
-    identity = {"folder": str(run.resolve()), "kind": config.get("kind"), "method": method,
-                "dataset": dataset.get("name"), "split_hash": dataset.get("split_hash"),
-                "shots": config.get("shots"), "seed": config.get("seed"), "protocol": config.get("protocol"),
-                "taskres_version": config.get("taskres_version"),
-                "classifier_sha256": file_sha256(run / CLASSIFIER), "backbone": config.get("backbone")}
+    identity = {
+        "folder": str(run.resolve()),
+        "kind": config.get("kind"),
+        "method": method,
+        "dataset": dataset.get("name"),
+        "split_hash": dataset.get("split_hash"),
+        "shots": config.get("shots"),
+        "seed": config.get("seed"),
+        "protocol": config.get("protocol"),
+        "taskres_version": config.get("taskres_version"),
+        "classifier_sha256": file_sha256(run / CLASSIFIER),
+        "backbone": config.get("backbone"),
+    }
     size = backbone.image_size
     return {
-        "format": EXPORT_FORMAT, "method": method, "class_names": list(classnames), "class_ids": list(class_ids),
-        "image_size": size, "mean": list(backbone.mean), "std": list(backbone.std),
-        "logit_scale": backbone.logit_scale, "run": identity,
+        "format": EXPORT_FORMAT,
+        "method": method,
+        "class_names": list(classnames),
+        "class_ids": list(class_ids),
+        "image_size": size,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "logit_scale": backbone.logit_scale,
+        "run": identity,
         "input": f"image: float32 (N, 3, {size}, {size}), preprocessed as `preprocessing` says",
         "outputs": f"logits, probs: float32 (N, {len(classnames)}); probs = softmax(logits); classes in the order "
-                   "of class_names",
-        "preprocessing": PREPROCESSING, "taskres_version": taskres.__version__,
+        "of class_names",
+        "preprocessing": PREPROCESSING,
+        "taskres_version": taskres.__version__,
     }
 
 
@@ -261,8 +322,16 @@ def _quiet_exporters() -> Iterator[None]:
 def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
     batch = torch.export.Dim("batch")
     with torch.no_grad():
-        program = torch.onnx.export(module, (example,), input_names=["image"], output_names=["logits", "probs"],
-                                    dynamic_shapes={"image": {0: batch}}, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=["image"],
+            output_names=["logits", "probs"],
+            dynamic_shapes={"image": {0: batch}},
+            dynamo=True,
+            verbose=False,
+        )
+    assert program is not None  # the dynamo exporter returns the program
     for key, value in metadata.items():
         program.model.metadata_props[key] = _encode(value)
     program.save(str(path), external_data=False)
@@ -292,6 +361,7 @@ def _run_torchscript(path: Path, pixels: torch.Tensor) -> tuple[torch.Tensor, to
 def _compare(logits: torch.Tensor, probs: torch.Tensor, reference: torch.Tensor) -> dict:
     """The largest differences from the reference logits (equal infinities, e.g. a class a linear probe never saw,
     count as equal) and their softmax."""
+
     def largest(a: torch.Tensor, b: torch.Tensor) -> float:
         if a.shape != b.shape:
             return float("inf")
@@ -301,5 +371,8 @@ def _compare(logits: torch.Tensor, probs: torch.Tensor, reference: torch.Tensor)
 
     finite = reference[torch.isfinite(reference)]
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
-    return {"max_abs_logits": largest(logits, reference), "max_abs_probs": largest(probs, reference.softmax(dim=-1)),
-            "logits_tolerance": LOGITS_RTOL * scale}
+    return {
+        "max_abs_logits": largest(logits, reference),
+        "max_abs_probs": largest(probs, reference.softmax(dim=-1)),
+        "logits_tolerance": LOGITS_RTOL * scale,
+    }

@@ -26,8 +26,9 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,7 +39,12 @@ from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 logger = logging.getLogger(__name__)
 
 CONFIG, SPLIT, CLASSIFIER, LOG, METRICS = (
-    "config.json", "fewshot_split.json", "classifier.safetensors", "log.jsonl", "metrics.json")
+    "config.json",
+    "fewshot_split.json",
+    "classifier.safetensors",
+    "log.jsonl",
+    "metrics.json",
+)
 RUN_FILES = (CONFIG, SPLIT, CLASSIFIER, LOG, METRICS)
 CLASSIFIER_FORMAT = "taskres-classifier-1"
 DIGEST_KEY = "sha256"  # classifier metadata: SHA-256 of the tensors and the rest of the metadata
@@ -55,15 +61,27 @@ def classifier_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return h.hexdigest()
 
 
-def save_classifier(path: Path, method: str, head: torch.nn.Module, classnames: Sequence[str],
-                    class_ids: Sequence[str] | None = None) -> None:
+class ExportableHead(Protocol):
+    """What a run needs of a method's head (``taskres.methods.base.Head``, which this module does not import)."""
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+
+def save_classifier(
+    path: Path, method: str, head: ExportableHead, classnames: Sequence[str], class_ids: Sequence[str] | None = None
+) -> None:
     """The head's export as safetensors: its tensors, and in the metadata the method, the head's config (JSON),
     the class names and ids, the config's scalar values (readable without JSON) and the digest. The bytes depend
     only on the head: identical runs give identical files."""
     tensors, meta = head.export()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = {"method": method, "config": json.dumps(meta), "classnames": json.dumps(list(classnames)),
-                "class_ids": json.dumps(list(class_ids or [])), "format": CLASSIFIER_FORMAT}
+    metadata = {
+        "method": method,
+        "config": json.dumps(meta),
+        "classnames": json.dumps(list(classnames)),
+        "class_ids": json.dumps(list(class_ids or [])),
+        "format": CLASSIFIER_FORMAT,
+    }
     metadata.update({k: str(v) for k, v in meta.items() if isinstance(v, (int, float, str, bool))})
     metadata[DIGEST_KEY] = classifier_digest(tensors, metadata)
     write_safetensors(path, tensors, metadata)
@@ -77,27 +95,34 @@ def read_classifier(path: Path) -> tuple[str, dict[str, torch.Tensor], dict, lis
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as err:
-        raise TaskResValueError(f"classifier file {str(path)!r} cannot be read ({err}); re-run training.",
-                                param="run") from None
+        raise TaskResValueError(
+            f"classifier file {str(path)!r} cannot be read ({err}); re-run training.", param="run"
+        ) from None
     if "method" not in meta:
-        raise TaskResValueError(f"classifier file {str(path)!r} has no taskres metadata; it was not written by "
-                                "taskres.", param="run")
+        raise TaskResValueError(
+            f"classifier file {str(path)!r} has no taskres metadata; it was not written by taskres.", param="run"
+        )
     if DIGEST_KEY not in meta:
-        logger.warning("classifier file %s carries no checksum (written by an older taskres); it is not verified",
-                       path)
+        logger.warning("classifier file %s carries no checksum (written by an older taskres); it is not verified", path)
     elif classifier_digest(tensors, meta) != meta[DIGEST_KEY]:
-        raise TaskResValueError(f"classifier file {str(path)!r} does not match its checksum: its tensors or "
-                                "metadata changed after taskres wrote it (a damaged or edited file). Re-run "
-                                "training, or restore the file from a copy.", param="run")
+        raise TaskResValueError(
+            f"classifier file {str(path)!r} does not match its checksum: its tensors or "
+            "metadata changed after taskres wrote it (a damaged or edited file). Re-run "
+            "training, or restore the file from a copy.",
+            param="run",
+        )
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise TaskResValueError(f"classifier file {str(path)!r} holds non-finite values in {bad}; re-run "
-                                "training.", param="run")
+        raise TaskResValueError(
+            f"classifier file {str(path)!r} holds non-finite values in {bad}; re-run training.", param="run"
+        )
     try:
         parsed = (json.loads(meta["config"]), json.loads(meta["classnames"]), json.loads(meta.get("class_ids", "[]")))
     except (KeyError, json.JSONDecodeError) as err:
-        raise TaskResValueError(f"classifier file {str(path)!r} has damaged metadata ({type(err).__name__}: {err}); "
-                                "re-run training.", param="run") from None
+        raise TaskResValueError(
+            f"classifier file {str(path)!r} has damaged metadata ({type(err).__name__}: {err}); re-run training.",
+            param="run",
+        ) from None
     head_meta, classnames, class_ids = parsed
     if not (isinstance(head_meta, dict) and isinstance(classnames, list) and isinstance(class_ids, list)):
         raise TaskResValueError(f"classifier file {str(path)!r} has damaged metadata; re-run training.", param="run")
@@ -108,20 +133,35 @@ def read_run(run: str | Path) -> tuple[Path, dict]:
     """(folder, config) of a finished run."""
     run = Path(run)
     if not (run / CONFIG).is_file():
-        raise TaskResFileNotFoundError(f"{str(run)!r} is not a run folder (no config.json); pass --run a folder "
-                                       "written by `taskres train` or `taskres zeroshot`.", param="run")
+        raise TaskResFileNotFoundError(
+            f"{str(run)!r} is not a run folder (no config.json); pass --run a folder "
+            "written by `taskres train` or `taskres zeroshot`.",
+            param="run",
+        )
     if not (run / METRICS).is_file():
-        raise TaskResValueError(f"run {str(run)!r} is incomplete (no metrics.json): it was interrupted or failed. "
-                                "Re-run the same train command to finish it.", param="run")
+        raise TaskResValueError(
+            f"run {str(run)!r} is incomplete (no metrics.json): it was interrupted or failed. "
+            "Re-run the same train command to finish it.",
+            param="run",
+        )
     try:
         config = json.loads((run / CONFIG).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TaskResValueError(f"run {str(run)!r}: config.json cannot be read ({type(err).__name__}: {err}); "
-                                "it was edited or damaged. Re-run training.", param="run") from None
-    if not isinstance(config, dict) or not isinstance(config.get("backbone"), dict) \
-            or not isinstance(config.get("dataset"), dict):
-        raise TaskResValueError(f"run {str(run)!r}: config.json lacks the backbone and dataset records that taskres "
-                                "writes; it was edited or damaged. Re-run training.", param="run")
+        raise TaskResValueError(
+            f"run {str(run)!r}: config.json cannot be read ({type(err).__name__}: {err}); "
+            "it was edited or damaged. Re-run training.",
+            param="run",
+        ) from None
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("backbone"), dict)
+        or not isinstance(config.get("dataset"), dict)
+    ):
+        raise TaskResValueError(
+            f"run {str(run)!r}: config.json lacks the backbone and dataset records that taskres "
+            "writes; it was edited or damaged. Re-run training.",
+            param="run",
+        )
     return run, config
 
 
@@ -162,14 +202,16 @@ class RunLock:
         self.path = target.with_name(f".{target.name}{LOCK_TAG}")
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(10):  # retried only when the file is replaced between open and flock
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
-                raise TaskResValueError(f"out {str(self.path.parent)!r} is not writable ({err.strerror}); choose "
-                                        "another --out.", param="out") from None
+                raise TaskResValueError(
+                    f"out {str(self.path.parent)!r} is not writable ({err.strerror}); choose another --out.",
+                    param="out",
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -181,7 +223,9 @@ class RunLock:
                     f"out {str(self.target)!r} is being written by another taskres process "
                     f"(pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since "
                     f"{holder.get('since', '?')}; lock file {str(self.path)!r}); wait for it to finish or choose "
-                    "another --out.", param="out") from None
+                    "another --out.",
+                    param="out",
+                ) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -195,17 +239,22 @@ class RunLock:
                 raise TaskResValueError(
                     f"out {str(self.target)!r} is locked by pid {previous.get('pid')} on host "
                     f"{previous.get('host')!r} (lock file {str(self.path)!r}); its process cannot be checked from "
-                    "here. If it is no longer running, delete the lock file.", param="out")
+                    "here. If it is no longer running, delete the lock file.",
+                    param="out",
+                )
             if previous.get("pid") is not None:
                 state = "alive, but not holding the lock" if _pid_alive(int(previous["pid"])) else "dead"
-                logger.warning("taking over the stale lock %s of pid %s on this host (%s)", self.path,
-                               previous["pid"], state)
+                logger.warning(
+                    "taking over the stale lock %s of pid %s on this host (%s)", self.path, previous["pid"], state
+                )
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
             self.fd = fd
             return self
-        raise TaskResValueError(f"could not lock {str(self.path)!r}: it keeps changing; is another process "
-                                "writing the same --out?", param="out")
+        raise TaskResValueError(
+            f"could not lock {str(self.path)!r}: it keeps changing; is another process writing the same --out?",
+            param="out",
+        )
 
     def _holder(self, fd: int | None = None) -> dict:
         try:
@@ -245,20 +294,25 @@ def check_out(out: str | Path, overwrite: bool = False, extra_files: Iterable[st
             raise TaskResValueError(f"out {str(out)!r} exists and is not a folder; choose another path.", param="out")
         names = {p.name for p in out.iterdir()} if out.is_dir() else set()
     except (OSError, ValueError) as err:
-        raise TaskResValueError(f"out {str(out)!r} cannot be used ({err}); choose another path.",
-                                param="out") from None
+        raise TaskResValueError(f"out {str(out)!r} cannot be used ({err}); choose another path.", param="out") from None
     if not names:
         return out
     known = {*RUN_FILES, *extra_files}
     if _is_finished_run(out, names, known):
         if not overwrite:
-            raise TaskResValueError(f"run folder {str(out)!r} already holds a finished run (metrics.json); choose "
-                                    "another --out, or pass --overwrite to replace it.", param="out")
+            raise TaskResValueError(
+                f"run folder {str(out)!r} already holds a finished run (metrics.json); choose "
+                "another --out, or pass --overwrite to replace it.",
+                param="out",
+            )
         return out
     foreign = sorted(names - known) or sorted(names)
-    raise TaskResValueError(f"out {str(out)!r} holds files that taskres did not write as a finished run "
-                            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); it is left untouched. "
-                            "Choose a new or empty folder.", param="out")
+    raise TaskResValueError(
+        f"out {str(out)!r} holds files that taskres did not write as a finished run "
+        f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); it is left untouched. "
+        "Choose a new or empty folder.",
+        param="out",
+    )
 
 
 class RunWriter:
@@ -278,15 +332,16 @@ class RunWriter:
         self.finished = False
 
     @classmethod
-    def create(cls, out: str | Path, overwrite: bool = False, extra_files: Iterable[str] = ()) -> "RunWriter":
+    def create(cls, out: str | Path, overwrite: bool = False, extra_files: Iterable[str] = ()) -> RunWriter:
         out = Path(out)
         extra_files = tuple(extra_files)
         check_out(out, overwrite, extra_files)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise TaskResValueError(f"out {str(out)!r}: its parent folder cannot be created ({err}).",
-                                    param="out") from None
+            raise TaskResValueError(
+                f"out {str(out)!r}: its parent folder cannot be created ({err}).", param="out"
+            ) from None
         lock = RunLock(out).acquire()
         try:
             _recover(out)
@@ -298,14 +353,14 @@ class RunWriter:
             raise
         return cls(tmp, out, lock)
 
-    def __enter__(self) -> "RunWriter":
+    def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         if not self.finished:
             self.abort()
 
-    def write_split(self, fewshot: dict[str, Sequence]) -> None:
+    def write_split(self, fewshot: Mapping[str, Sequence]) -> None:
         write_json(self.folder / SPLIT, {k: [e.to_json() for e in v] for k, v in fewshot.items()})
 
     def epoch_log(self) -> EpochLog:
@@ -318,8 +373,15 @@ class RunWriter:
         os.chmod(self.folder / name, 0o644)
         return self.target / name
 
-    def finish(self, config: dict[str, Any], head: torch.nn.Module, method: str, classnames: Sequence[str],
-               class_ids: Sequence[str], metrics: dict[str, Any]) -> None:
+    def finish(
+        self,
+        config: dict[str, Any],
+        head: ExportableHead,
+        method: str,
+        classnames: Sequence[str],
+        class_ids: Sequence[str],
+        metrics: dict[str, Any],
+    ) -> None:
         """Write config, classifier and metrics, then put the run in place (replacing what ``out`` held)."""
         write_json(self.folder / CONFIG, config)
         save_classifier(self.folder / CLASSIFIER, method, head, classnames, class_ids)
@@ -366,7 +428,8 @@ def _recover(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def open_run(out: str | Path | None, overwrite: bool = False, extra_files: Iterable[str] = ()
-             ) -> "RunWriter | contextlib.nullcontext[None]":
+def open_run(
+    out: str | Path | None, overwrite: bool = False, extra_files: Iterable[str] = ()
+) -> RunWriter | contextlib.nullcontext[None]:
     """``with open_run(out, ...) as writer``: a RunWriter for ``out``, or None when ``out`` is None."""
     return RunWriter.create(out, overwrite, extra_files) if out is not None else contextlib.nullcontext()

@@ -59,21 +59,25 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as err:  # torch raises RuntimeError, ValueError or pickle errors for damaged archives
-            raise TaskResValueError(f"{what} {str(path)!r} cannot be read safely ({type(err).__name__}: "
-                                    f"{_first_line(err)}).") from None
+            raise TaskResValueError(
+                f"{what} {str(path)!r} cannot be read safely ({type(err).__name__}: {_first_line(err)})."
+            ) from None
         refused = [n for n in names if n not in CONTAINERS and not n.startswith(INERT)]
         if refused:
-            raise TaskResValueError(f"{what} {str(path)!r} is refused: its pickle calls "
-                                    f"{', '.join(map(repr, refused))}, "
-                                    "which could run code. Only tensors, containers and optimiser/scheduler state are "
-                                    "read; re-save the weights with safetensors or as a plain dict of tensors.")
+            raise TaskResValueError(
+                f"{what} {str(path)!r} is refused: its pickle calls "
+                f"{', '.join(map(repr, refused))}, "
+                "which could run code. Only tensors, containers and optimiser/scheduler state are "
+                "read; re-save the weights with safetensors or as a plain dict of tensors."
+            )
         extra = [(CONTAINERS[n], n) if n in CONTAINERS else (type(n, (Inert,), {}), n) for n in names]
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # the weights-only unpickler raises UnpicklingError, RuntimeError or EOFError
-        raise TaskResValueError(f"{what} {str(path)!r} cannot be read safely ({type(err).__name__}: "
-                                f"{_first_line(err)}).") from None
+        raise TaskResValueError(
+            f"{what} {str(path)!r} cannot be read safely ({type(err).__name__}: {_first_line(err)})."
+        ) from None
 
 
 def _first_line(err: Exception) -> str:
@@ -107,10 +111,13 @@ def load_plain_pickle(path: str | Path, allowed: dict[str, type], what: str = "f
             return _AllowListUnpickler(f, allowed).load()
     except pickle.UnpicklingError as err:
         if str(err).startswith("refused global"):
-            raise TaskResValueError(f"{what} {str(path)!r} is refused: its pickle asks for {str(err)[15:]}, which "
-                                    "could run code; only plain data and the records listed in the docs are "
-                                    "read.") from None
+            raise TaskResValueError(
+                f"{what} {str(path)!r} is refused: its pickle asks for {str(err)[15:]}, which "
+                "could run code; only plain data and the records listed in the docs are "
+                "read."
+            ) from None
         raise TaskResValueError(f"{what} {str(path)!r} cannot be read ({_first_line(err)}).") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as err:
-        raise TaskResValueError(f"{what} {str(path)!r} cannot be read as a pickle ({type(err).__name__}: "
-                                f"{_first_line(err)}).") from None
+        raise TaskResValueError(
+            f"{what} {str(path)!r} cannot be read as a pickle ({type(err).__name__}: {_first_line(err)})."
+        ) from None

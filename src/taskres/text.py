@@ -1,9 +1,13 @@
-"""The base classifier: class names through prompt templates and the frozen text encoder (docs/protocol.md#base-classifier)."""
+"""The base classifier: class names through prompt templates and the frozen text encoder.
+
+See docs/protocol.md#base-classifier.
+"""
 
 from __future__ import annotations
 
 import copy
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,22 +18,26 @@ from taskres.errors import TaskResValueError, check_choice
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
     if not templates:
-        raise TaskResValueError("no prompt template given; pass --template with a string holding '{}', "
-                                "e.g. --template 'a photo of a {}.'")
+        raise TaskResValueError(
+            "no prompt template given; pass --template with a string holding '{}', e.g. --template 'a photo of a {}.'"
+        )
     for t in templates:
         if t.count("{}") != 1:
-            raise TaskResValueError(f"template {t!r} must contain exactly one '{{}}' where the class name goes, "
-                                    "e.g. 'a photo of a {}.'")
+            raise TaskResValueError(
+                f"template {t!r} must contain exactly one '{{}}' where the class name goes, e.g. 'a photo of a {{}}.'"
+            )
         try:
             t.format("x")
         except (KeyError, IndexError, ValueError):
-            raise TaskResValueError(f"template {t!r} has braces other than the one '{{}}'; write a literal brace as "
-                                    "'{{' or '}}'.") from None
+            raise TaskResValueError(
+                f"template {t!r} has braces other than the one '{{}}'; write a literal brace as '{{{{' or '}}}}'."
+            ) from None
     return tuple(templates)
 
 
-def check_prompts_fit(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
-                      replace_underscores: bool = False) -> None:
+def check_prompts_fit(
+    backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], replace_underscores: bool = False
+) -> None:
     """Raise, naming the class and template, if a prompt has more tokens than the text encoder's context (the
     tokenizer would cut it, and the class name with it). Tokenizers without ``encode`` (Hugging Face ones) are not
     checked."""
@@ -45,12 +53,18 @@ def check_prompts_fit(backbone: Backbone, classnames: Sequence[str], templates: 
                 raise TaskResValueError(
                     f"the prompt {text!r} (template {template!r}, class {name!r}) is {n} tokens, but the text "
                     f"encoder reads {context}; it would be cut and lose the class name. Shorten the `templates` "
-                    "or the class name.", param="templates")
+                    "or the class name.",
+                    param="templates",
+                )
 
 
 @torch.no_grad()
-def build_base_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str],
-                          text_precision: Literal["fp32", "fp16"] = "fp32") -> torch.Tensor:
+def build_base_classifier(
+    backbone: Backbone,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    text_precision: Literal["fp32", "fp16"] = "fp32",
+) -> torch.Tensor:
     """(C, D) float32: per class, the mean over templates of the un-normalised text embeddings.
 
     Class names are used exactly as given (underscores kept), as the official code does. ``text_precision`` "fp16"
@@ -79,8 +93,7 @@ def _half_text_encoder(backbone: Backbone):
 
 
 @torch.no_grad()
-def normalized_text_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]
-                               ) -> torch.Tensor:
+def normalized_text_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """(C, D) float32, unit rows: CoOp's ``ZeroshotCLIP`` and Tip-Adapter's text classifier (docs/protocol.md#coop-
     zero-shot-clip). Class names with "_" replaced by a space; each prompt's feature normalised, averaged over the
     templates, normalised again (with one template: that prompt's normalised feature)."""

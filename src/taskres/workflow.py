@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Final, Literal
 
 import torch
 
@@ -42,12 +43,28 @@ from taskres.views import OnlineViews, ViewBank
 
 logger = logging.getLogger(__name__)
 
-ONLINE = "online"
+ONLINE: Final = "online"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest seed
 
-__all__ = ["Features", "Setup", "TrainConfig", "encode_features", "encode_split", "evaluate_run", "fit_method",
-           "encode_training", "import_official", "load_run_backbone", "load_run_head", "open_dataset", "predict",
-           "prepare_training", "reopen_dataset", "train", "zeroshot"]
+__all__ = [
+    "Features",
+    "Setup",
+    "TrainConfig",
+    "encode_features",
+    "encode_split",
+    "evaluate_run",
+    "fit_method",
+    "encode_training",
+    "import_official",
+    "load_run_backbone",
+    "load_run_head",
+    "open_dataset",
+    "predict",
+    "prepare_training",
+    "reopen_dataset",
+    "train",
+    "zeroshot",
+]
 
 
 @dataclass(frozen=True)
@@ -66,8 +83,7 @@ class Setup:
 
     def __post_init__(self) -> None:
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
-            raise invalid("max_image_pixels", "be >= 1 (pixels of the largest image to decode)",
-                          self.max_image_pixels)
+            raise invalid("max_image_pixels", "be >= 1 (pixels of the largest image to decode)", self.max_image_pixels)
         if self.batch_size < 1:
             raise invalid("batch_size", "be >= 1 (images per encoder batch)", self.batch_size)
         if self.workers is not None and self.workers < 0:
@@ -76,8 +92,14 @@ class Setup:
 
     def cache(self) -> FeatureCache:
         """The feature cache; under torchrun, the job's ranks encode through it together (taskres.distributed)."""
-        return FeatureCache(self.cache_dir, batch_size=self.batch_size, workers=self.workers, quiet=self.quiet,
-                            max_pixels=self.max_image_pixels, cluster=distributed.current())
+        return FeatureCache(
+            self.cache_dir,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            quiet=self.quiet,
+            max_pixels=self.max_image_pixels,
+            cluster=distributed.current(),
+        )
 
     def record(self) -> dict:
         return {"device": self.device, "precision": self.precision, "skip_bad_images": self.skip_bad_images}
@@ -104,7 +126,7 @@ class TrainConfig:
     protocol: Literal["default", "official", "no-val"] = "default"
 
     @classmethod
-    def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> "TrainConfig":
+    def preset(cls, method: str, shots: int, seed: int, dataset: str = "", **overrides) -> TrainConfig:
         """The method's published settings for ``dataset`` (a benchmark name, or "" for others); with
         ``protocol="official"`` among the overrides, the views of its public code."""
         spec = get_method(method)
@@ -114,10 +136,18 @@ class TrainConfig:
         return cls(shots=shots, seed=seed, method=method, **{**values, **overrides})
 
     @classmethod
-    def resolve(cls, method: str, shots: int, seed: int, dataset: str = "", options: dict[str, Any] | None = None,
-                optim: dict[str, Any] | None = None, views: int | Literal["online"] | None = None,
-                protocol: Literal["default", "official", "no-val"] = "default", fewshot_file: str | None = None
-                ) -> "TrainConfig":
+    def resolve(
+        cls,
+        method: str,
+        shots: int,
+        seed: int,
+        dataset: str = "",
+        options: dict[str, Any] | None = None,
+        optim: dict[str, Any] | None = None,
+        views: int | Literal["online"] | None = None,
+        protocol: Literal["default", "official", "no-val"] = "default",
+        fewshot_file: str | None = None,
+    ) -> TrainConfig:
         """The method's preset for ``dataset`` with the given settings on top: ``options`` (config fields of the
         method, e.g. ``{"alpha": 1.0}``), ``optim`` (OptimConfig fields, e.g. ``{"lr": 1e-3}``), ``views`` (default:
         the method's, or its public code's under the official protocol). What ``taskres train`` and ``taskres
@@ -127,63 +157,90 @@ class TrainConfig:
         options = dict(options or {})
         if protocol == "no-val" and "search" not in options and any(f.name == "search" for f in spec.options()):
             preset_config = spec.default_config(dataset)
-            if getattr(preset_config, "search", None) is not None or options.get("enhance_base") \
-                    or options.get("base_weights"):
+            if (
+                getattr(preset_config, "search", None) is not None
+                or options.get("enhance_base")
+                or options.get("base_weights")
+            ):
                 options["search"] = "none"
         if optim and not spec.trained:
-            raise TaskResValueError(f"{', '.join(f'`{k}`' for k in optim)}: method {method!r} is training-free; "
-                                    "drop the setting(s).", param=next(iter(optim)))
+            raise TaskResValueError(
+                f"{', '.join(f'`{k}`' for k in optim)}: method {method!r} is training-free; drop the setting(s).",
+                param=next(iter(optim)),
+            )
         config = cls.preset(method, shots, seed, dataset)
         method_config = spec.configure(config.method_config, **options)
         optim_config = dataclasses.replace(config.optim, **optim) if config.optim is not None else None
         if views is None:
             views = spec.official.views if protocol == "official" and spec.official is not None else config.views
-        return dataclasses.replace(config, method_config=method_config, optim=optim_config, views=views,
-                                   fewshot_file=fewshot_file, protocol=protocol)
+        return dataclasses.replace(
+            config,
+            method_config=method_config,
+            optim=optim_config,
+            views=views,
+            fewshot_file=fewshot_file,
+            protocol=protocol,
+        )
 
     def __post_init__(self) -> None:
         if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
             raise invalid("shots", "be an integer >= 1 (images per class)", self.shots)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise invalid("seed", f"be an integer in [0, {MAX_SEED}] (the range of torch's generators)", self.seed)
-        if self.views != ONLINE and (isinstance(self.views, bool) or not isinstance(self.views, int)
-                                     or self.views < 0):
+        if self.views != ONLINE and (isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 0):
             raise invalid("views", "be an integer >= 0 (0 = no augmentation) or 'online'", self.views)
         spec = self.spec
         if self.method_config is None:
             object.__setattr__(self, "method_config", spec.default_config())
         if not isinstance(self.method_config, spec.config_cls):
-            raise TaskResValueError(f"method {self.method!r} takes a {spec.config_cls.__name__}, got "
-                                    f"{type(self.method_config).__name__}.", param="method_config")
+            raise TaskResValueError(
+                f"method {self.method!r} takes a {spec.config_cls.__name__}, got {type(self.method_config).__name__}.",
+                param="method_config",
+            )
         if not spec.trained:
             object.__setattr__(self, "optim", None)  # training-free: nothing is optimised
         elif not isinstance(self.optim, OptimConfig):
-            raise TaskResValueError(f"method {self.method!r} is trained and needs an OptimConfig; got "
-                                    f"{self.optim!r}.", param="optim")
+            raise TaskResValueError(
+                f"method {self.method!r} is trained and needs an OptimConfig; got {self.optim!r}.", param="optim"
+            )
         if self.views == ONLINE and (not spec.trained or spec.test_view_only):
-            raise TaskResValueError(f"`views` online draws a fresh augmentation of every training image in every "
-                                    f"epoch, but method {self.method!r} "
-                                    f"{'is training-free' if not spec.trained else 'trains on the test transform'}; "
-                                    f"use `views` {spec.views} (its default).", param="views")
+            raise TaskResValueError(
+                f"`views` online draws a fresh augmentation of every training image in every "
+                f"epoch, but method {self.method!r} "
+                f"{'is training-free' if not spec.trained else 'trains on the test transform'}; "
+                f"use `views` {spec.views} (its default).",
+                param="views",
+            )
         check_choice("protocol", self.protocol, ("default", "official", "no-val"))
         if self.protocol == "no-val" and getattr(self.method_config, "search", None) == "val":
-            raise TaskResValueError(f"`protocol` no-val selects nothing on a validation split, but method "
-                                    f"{self.method!r} is set to search on it; set `search` none (with its fixed "
-                                    "values).", param="search")
+            raise TaskResValueError(
+                f"`protocol` no-val selects nothing on a validation split, but method "
+                f"{self.method!r} is set to search on it; set `search` none (with its fixed "
+                "values).",
+                param="search",
+            )
         if self.protocol == "official":
             official = [name for name, m in discover().items() if m.official is not None]
             if spec.official is None:
-                raise TaskResValueError(f"`protocol` official runs a method as its public code does; method "
-                                        f"{self.method!r} has no official variant (methods with one: "
-                                        f"{', '.join(official)}).", param="protocol")
+                raise TaskResValueError(
+                    f"`protocol` official runs a method as its public code does; method "
+                    f"{self.method!r} has no official variant (methods with one: "
+                    f"{', '.join(official)}).",
+                    param="protocol",
+                )
             if self.views != spec.official.views:
-                raise TaskResValueError(f"`protocol` official trains {self.method} on `views` "
-                                        f"{spec.official.views}, as its public code; got `views` {self.views}. "
-                                        "Drop the views setting.", param="views")
+                raise TaskResValueError(
+                    f"`protocol` official trains {self.method} on `views` "
+                    f"{spec.official.views}, as its public code; got `views` {self.views}. "
+                    "Drop the views setting.",
+                    param="views",
+                )
         if spec.test_view_only and self.views != 0:
-            raise TaskResValueError(f"method {self.method!r} trains on the test-transform features of the few-shot "
-                                    f"images (no augmentation); set `views` to 0 (its default); got {self.views}.",
-                                    param="views")
+            raise TaskResValueError(
+                f"method {self.method!r} trains on the test-transform features of the few-shot "
+                f"images (no augmentation); set `views` to 0 (its default); got {self.views}.",
+                param="views",
+            )
 
     @property
     def spec(self) -> Method:
@@ -206,12 +263,18 @@ class TrainConfig:
     def record(self) -> dict:
         """The run's training settings for config.json."""
         base = getattr(self.method_config, "enhanced_base", None)  # TaskRes*'s enhanced base, if any
-        return {"method": self.method, "shots": self.shots, "seed": self.seed, "views": self.views,
-                "fewshot_file": self.fewshot_file, "protocol": self.protocol,
-                "view_scale": list(self.view_scale),
-                "method_config": asdict(self.method_config),
-                "optim": asdict(self.optim) if self.optim is not None else None,
-                "base": asdict(base) if base is not None else None}
+        return {
+            "method": self.method,
+            "shots": self.shots,
+            "seed": self.seed,
+            "views": self.views,
+            "fewshot_file": self.fewshot_file,
+            "protocol": self.protocol,
+            "view_scale": list(self.view_scale),
+            "method_config": asdict(self.method_config),
+            "optim": asdict(self.optim) if self.optim is not None else None,
+            "base": asdict(base) if base is not None else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -232,13 +295,27 @@ class Features:
     full_val_labels: torch.Tensor | None = None
 
 
-def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[Entry], setup: Setup,
-                 cache: FeatureCache, view: int | None = None, desc: str = "encoding",
-                 scale: tuple[float, float] = TRAIN_SCALE) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def encode_split(
+    backbone: Backbone,
+    dataset: DatasetSplits,
+    entries: Sequence[Entry],
+    setup: Setup,
+    cache: FeatureCache,
+    view: int | None = None,
+    desc: str = "encoding",
+    scale: tuple[float, float] = TRAIN_SCALE,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Features (N, D), labels (N,), skipped paths for entries; undecodable images are dropped when skipping."""
     paths = [str(dataset.path(e)) for e in entries]
-    feats, skipped = cache.features(backbone, paths, view=view, skip_bad=setup.skip_bad_images, desc=desc,
-                                    names=[e.impath for e in entries], scale=scale)
+    feats, skipped = cache.features(
+        backbone,
+        paths,
+        view=view,
+        skip_bad=setup.skip_bad_images,
+        desc=desc,
+        names=[e.impath for e in entries],
+        scale=scale,
+    )
     labels = torch.tensor([e.label for e in entries], dtype=torch.long)
     if skipped:
         gone = set(skipped)
@@ -247,10 +324,17 @@ def encode_split(backbone: Backbone, dataset: DatasetSplits, entries: Sequence[E
     return feats, labels, skipped
 
 
-def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[str, list[Entry]],
-                    views: int | Literal["online"], setup: Setup, seed: int = 0,
-                    cache: FeatureCache | None = None, scale: tuple[float, float] = TRAIN_SCALE,
-                    full_val: bool = False) -> Features:
+def encode_features(
+    backbone: Backbone,
+    dataset: DatasetSplits,
+    fewshot: dict[str, list[Entry]],
+    views: int | Literal["online"],
+    setup: Setup,
+    seed: int = 0,
+    cache: FeatureCache | None = None,
+    scale: tuple[float, float] = TRAIN_SCALE,
+    full_val: bool = False,
+) -> Features:
     """Encode (or read from the cache) the training views, the test split and the few-shot val split.
 
     ``views`` 0 encodes the training images with the test transform; V > 0 encodes V augmented views of each (a
@@ -260,9 +344,11 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
     """
     t0 = time.perf_counter()
     if views == ONLINE and setup.skip_bad_images:
-        raise TaskResValueError("`skip_bad_images` cannot be used with `views` online (every epoch reads every "
-                                "training image); fix or remove the bad images, or use cached views.",
-                                param="skip_bad_images")
+        raise TaskResValueError(
+            "`skip_bad_images` cannot be used with `views` online (every epoch reads every "
+            "training image); fix or remove the bad images, or use cached views.",
+            param="skip_bad_images",
+        )
     cache = cache if cache is not None else setup.cache()
     test, test_labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache, desc="test")
     val, val_labels = None, None
@@ -274,47 +360,109 @@ def encode_features(backbone: Backbone, dataset: DatasetSplits, fewshot: dict[st
         extra = dict(full_val=all_val, full_val_labels=all_val_labels)
     if views == ONLINE:
         entries = fewshot["train"]
-        online = OnlineViews(backbone, [str(dataset.path(e)) for e in entries], [e.impath for e in entries], seed,
-                             setup.batch_size, setup.workers, scale, max_pixels=setup.max_image_pixels)
+        online = OnlineViews(
+            backbone,
+            [str(dataset.path(e)) for e in entries],
+            [e.impath for e in entries],
+            seed,
+            setup.batch_size,
+            setup.workers,
+            scale,
+            max_pixels=setup.max_image_pixels,
+        )
         labels = torch.tensor([e.label for e in entries], dtype=torch.long)
-        return Features(online, labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
-                        seconds=time.perf_counter() - t0, **extra)
+        return Features(
+            online,
+            labels,
+            val,
+            val_labels,
+            test,
+            test_labels,
+            skipped_test=len(skipped),
+            seconds=time.perf_counter() - t0,
+            **extra,
+        )
     view_ids: list[int | None] = [None] if views == 0 else list(range(views))
-    train_views, train_labels, skipped_train = [], None, []
+    train_views: list[torch.Tensor] = []
+    train_labels: torch.Tensor | None = None
+    skipped_train: list[str] = []
     for v in view_ids:
         desc = "train" if v is None else f"train view {v + 1}/{views}"
-        feats, labels, skipped_train = encode_split(backbone, dataset, fewshot["train"], setup, cache, view=v,
-                                                    desc=desc, scale=scale)
+        feats, labels, skipped_train = encode_split(
+            backbone, dataset, fewshot["train"], setup, cache, view=v, desc=desc, scale=scale
+        )
         if train_labels is not None and not torch.equal(labels, train_labels):
-            raise TaskResValueError("the training images decoded differently across views; re-run without "
-                                    "skip_bad_images to see which image fails.", param="skip_bad_images")
+            raise TaskResValueError(
+                "the training images decoded differently across views; re-run without "
+                "skip_bad_images to see which image fails.",
+                param="skip_bad_images",
+            )
         train_views.append(feats)
         train_labels = labels
+    assert train_labels is not None  # view_ids is never empty
     if skipped_train:
         left = set(train_labels.tolist())
         empty = [name for label, name in enumerate(dataset.classnames) if label not in left]
         if empty:
-            raise TaskResValueError(f"`skip_bad_images` left class(es) {empty[:10]} with no training image (skipped: "
-                                    f"{skipped_train[:5]}); fix or replace those images.", param="skip_bad_images")
+            raise TaskResValueError(
+                f"`skip_bad_images` left class(es) {empty[:10]} with no training image (skipped: "
+                f"{skipped_train[:5]}); fix or replace those images.",
+                param="skip_bad_images",
+            )
     bank = ViewBank(torch.stack(train_views), seed)  # (V, N, D)
-    return Features(bank, train_labels, val, val_labels, test, test_labels, skipped_test=len(skipped),
-                    skipped_train=len(skipped_train), seconds=time.perf_counter() - t0, **extra)
+    return Features(
+        bank,
+        train_labels,
+        val,
+        val_labels,
+        test,
+        test_labels,
+        skipped_test=len(skipped),
+        skipped_train=len(skipped_train),
+        seconds=time.perf_counter() - t0,
+        **extra,
+    )
 
 
-def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, backbone: Backbone,
-               dataset: DatasetSplits, setup: Setup, on_epoch: Callable[[dict], None] | None = None) -> Fitted:
+def fit_method(
+    config: TrainConfig,
+    features: Features,
+    base: torch.Tensor,
+    backbone: Backbone,
+    dataset: DatasetSplits,
+    setup: Setup,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> Fitted:
     """Fit the configured method on the features, starting from the base classifier (C, D). Under the official
     protocol, a method whose public code selects on other splits gets them (the whole val split, the test split)."""
     selection: dict[str, Any] = {}
     if config.selects_publicly:
-        selection = dict(test_features=features.test, test_labels=features.test_labels,
-                         full_val_features=features.full_val, full_val_labels=features.full_val_labels)
-    ctx = FitContext(base=base, logit_scale=backbone.logit_scale, train_views=features.train_views,
-                     train_labels=features.train_labels, val_features=features.val, val_labels=features.val_labels,
-                     optim=config.optim, seed=config.seed, classnames=dataset.classnames,
-                     templates=dataset.templates, shots=config.shots, dataset=dataset.name, backbone=backbone,
-                     device=setup.device, quiet=setup.quiet, on_epoch=on_epoch, protocol=config.protocol,
-                     **selection)
+        selection = dict(
+            test_features=features.test,
+            test_labels=features.test_labels,
+            full_val_features=features.full_val,
+            full_val_labels=features.full_val_labels,
+        )
+    ctx = FitContext(
+        base=base,
+        logit_scale=backbone.logit_scale,
+        train_views=features.train_views,
+        train_labels=features.train_labels,
+        val_features=features.val,
+        val_labels=features.val_labels,
+        optim=config.optim,
+        seed=config.seed,
+        classnames=dataset.classnames,
+        templates=dataset.templates,
+        shots=config.shots,
+        dataset=dataset.name,
+        backbone=backbone,
+        device=setup.device,
+        quiet=setup.quiet,
+        on_epoch=on_epoch,
+        protocol=config.protocol,
+        **selection,
+    )
     fitted = config.spec.fit(ctx, config.method_config)
     fitted.head = fitted.head.cpu()
     return fitted
@@ -323,11 +471,17 @@ def fit_method(config: TrainConfig, features: Features, base: torch.Tensor, back
 def run_record(kind: str, backbone: Backbone, dataset: DatasetSplits, setup: Setup, **extra) -> dict:
     """config.json: versions, backbone identity, dataset source and split hash, setup, and ``extra``."""
     return {
-        "kind": kind, "taskres_version": taskres.__version__, "torch_version": torch.__version__,
+        "kind": kind,
+        "taskres_version": taskres.__version__,
+        "torch_version": torch.__version__,
         "backbone": backbone.identity.to_json(),
-        "dataset": {"name": dataset.name, **(dataset.source.to_json() if dataset.source else {}),
-                    "num_classes": dataset.num_classes, "templates": list(dataset.templates),
-                    "split_hash": dataset.split_hash},
+        "dataset": {
+            "name": dataset.name,
+            **(dataset.source.to_json() if dataset.source else {}),
+            "num_classes": dataset.num_classes,
+            "templates": list(dataset.templates),
+            "split_hash": dataset.split_hash,
+        },
         "setup": setup.record(),
         **extra,
     }
@@ -345,9 +499,15 @@ def _all_method_files() -> list[str]:
     return [name for method in discover().values() for name in method.files]
 
 
-def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str | Path | None = None,
-             overwrite: bool = False, protocol: Literal["default", "official"] = "default",
-             cache: FeatureCache | None = None) -> dict:
+def zeroshot(
+    backbone: Backbone,
+    dataset: DatasetSplits,
+    setup: Setup,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    protocol: Literal["default", "official"] = "default",
+    cache: FeatureCache | None = None,
+) -> dict:
     """Zero-shot accuracy on the test split; writes a run folder when ``out`` is given.
 
     ``protocol`` "default": the TaskRes base at initialisation (mean un-normalised embedding over the dataset's
@@ -368,24 +528,42 @@ def zeroshot(backbone: Backbone, dataset: DatasetSplits, setup: Setup, out: str 
             templates = dataset.templates
             classifier = build_base_classifier(backbone, dataset.classnames, templates)
         head = TaskResHead(classifier, backbone.logit_scale)
-        test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(),
-                                             desc="test")
+        test, labels, skipped = encode_split(
+            backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test"
+        )
         metrics = evaluate(head, test, labels, dataset.classnames)
         metrics.update(zero_shot_accuracy=metrics["accuracy"], skipped_images=len(skipped), protocol=protocol)
         if writer is not None:
-            writer.finish(run_record("zeroshot", backbone, dataset, setup, method="zero-shot", protocol=protocol,
-                                     zeroshot_templates=list(templates)),
-                          head, "taskres", dataset.classnames, dataset.class_ids, metrics)
+            writer.finish(
+                run_record(
+                    "zeroshot",
+                    backbone,
+                    dataset,
+                    setup,
+                    method="zero-shot",
+                    protocol=protocol,
+                    zeroshot_templates=list(templates),
+                ),
+                head,
+                "taskres",
+                dataset.classnames,
+                dataset.class_ids,
+                metrics,
+            )
         return metrics
 
 
-def prepare_training(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig
-                     ) -> tuple[dict[str, list[Entry]], dict]:
+def prepare_training(
+    backbone: Backbone, dataset: DatasetSplits, config: TrainConfig
+) -> tuple[dict[str, list[Entry]], dict]:
     """The checks that ``train`` makes before any encoding, then the few-shot draw: (splits, few-shot file info)."""
     if not dataset.train:
-        raise TaskResValueError(f"dataset {dataset.name!r} has no training split (it is an evaluation-only set); "
-                                "train on imagenet and evaluate the run with `taskres eval --run RUN --dataset "
-                                f"{dataset.name}`.", param="dataset")
+        raise TaskResValueError(
+            f"dataset {dataset.name!r} has no training split (it is an evaluation-only set); "
+            "train on imagenet and evaluate the run with `taskres eval --run RUN --dataset "
+            f"{dataset.name}`.",
+            param="dataset",
+        )
     check = getattr(config.method_config, "check", None)
     if check is not None:  # checks that read files, before any encoding
         check()
@@ -394,22 +572,44 @@ def prepare_training(backbone: Backbone, dataset: DatasetSplits, config: TrainCo
     return draw_fewshot(dataset, config)
 
 
-def encode_training(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
-                    cache: FeatureCache | None = None) -> Features:
+def encode_training(
+    backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup, cache: FeatureCache | None = None
+) -> Features:
     """Encode (or find in the cache) every feature that ``train`` with ``config`` reads, without training."""
     fewshot, _ = prepare_training(backbone, dataset, config)
     return _training_features(backbone, dataset, config, fewshot, setup, cache)
 
 
-def _training_features(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig,
-                       fewshot: dict[str, list[Entry]], setup: Setup, cache: FeatureCache | None) -> Features:
-    return encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
-                           scale=config.view_scale, cache=cache, full_val=config.selects_publicly)
+def _training_features(
+    backbone: Backbone,
+    dataset: DatasetSplits,
+    config: TrainConfig,
+    fewshot: dict[str, list[Entry]],
+    setup: Setup,
+    cache: FeatureCache | None,
+) -> Features:
+    return encode_features(
+        backbone,
+        dataset,
+        fewshot,
+        config.views,
+        setup,
+        seed=config.seed,
+        scale=config.view_scale,
+        cache=cache,
+        full_val=config.selects_publicly,
+    )
 
 
-def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup: Setup,
-          out: str | Path | None = None, overwrite: bool = False, cache: FeatureCache | None = None
-          ) -> tuple[Head | None, dict]:
+def train(
+    backbone: Backbone,
+    dataset: DatasetSplits,
+    config: TrainConfig,
+    setup: Setup,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    cache: FeatureCache | None = None,
+) -> tuple[Head | None, dict]:
     """Sample K shots for the seed, fit the method on cached features, evaluate on test; return (head, metrics).
     ``cache``: a FeatureCache to share between runs (its features stay in memory); default ``setup.cache()``.
     On the other ranks of a torchrun job: their share of the encoding only, and (None, {})."""
@@ -422,8 +622,9 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
             writer.write_split(fewshot)
         features = _training_features(backbone, dataset, config, fewshot, setup, cache)
         base = base_classifier(backbone, dataset, config.official)
-        zero_shot = evaluate(TaskResHead(base, backbone.logit_scale), features.test, features.test_labels,
-                             dataset.classnames)
+        zero_shot = evaluate(
+            TaskResHead(base, backbone.logit_scale), features.test, features.test_labels, dataset.classnames
+        )
         log = writer.epoch_log() if writer is not None else None
         t0 = time.perf_counter()
         try:
@@ -442,24 +643,25 @@ def train(backbone: Backbone, dataset: DatasetSplits, config: TrainConfig, setup
             record = run_record("train", backbone, dataset, setup, **config.record())
             if fewshot_info:
                 record["fewshot_file_sha256"] = fewshot_info["fewshot_file_sha256"]
-            writer.finish(record, fitted.head, config.method,
-                          dataset.classnames, dataset.class_ids, metrics)
+            writer.finish(record, fitted.head, config.method, dataset.classnames, dataset.class_ids, metrics)
         return fitted.head, metrics
 
 
-def base_classifier(backbone: Backbone, dataset: DatasetSplits, official: OfficialVariant | None = None
-                    ) -> torch.Tensor:
+def base_classifier(
+    backbone: Backbone, dataset: DatasetSplits, official: OfficialVariant | None = None
+) -> torch.Tensor:
     """The base classifier t (C, D): the mean text embedding over the dataset's templates, or what the method's
     public code uses under the official protocol (the same in fp16, or per-template normalised with "_" replaced)."""
     if official is not None and official.base == "normalized_templates":
         return normalized_text_classifier(backbone, dataset.classnames, dataset.templates)
-    precision = "fp16" if official is not None and official.base == "fp16_text" else "fp32"
+    precision: Literal["fp32", "fp16"] = "fp16" if official is not None and official.base == "fp16_text" else "fp32"
     return build_base_classifier(backbone, dataset.classnames, dataset.templates, text_precision=precision)
 
 
 def draw_fewshot(dataset: DatasetSplits, config: TrainConfig) -> tuple[dict[str, list[Entry]], dict]:
     """The few-shot entries of a run: the official draw for (K, seed), or the images of ``config.fewshot_file``
     (whose K must be ``config.shots``); and the file's info (empty for a draw)."""
+    info: dict[str, Any]
     if config.fewshot_file is None:
         fewshot, info = sample_fewshot(dataset, config.shots, config.seed), {}
     else:
@@ -469,28 +671,37 @@ def draw_fewshot(dataset: DatasetSplits, config: TrainConfig) -> tuple[dict[str,
     if config.fewshot_file is None:
         return fewshot, info
     if info["shots"] != config.shots:
-        raise invalid("shots", f"agree with the few-shot file, which holds up to {info['shots']} images per class",
-                      config.shots)
+        raise invalid(
+            "shots", f"agree with the few-shot file, which holds up to {info['shots']} images per class", config.shots
+        )
     return fewshot, info
 
 
-def train_metrics(fitted: Fitted, features: Features, dataset: DatasetSplits, zero_shot_accuracy: float,
-                  seconds_train: float) -> dict:
+def train_metrics(
+    fitted: Fitted, features: Features, dataset: DatasetSplits, zero_shot_accuracy: float, seconds_train: float
+) -> dict:
     """metrics.json of a trained run: test metrics, zero-shot accuracy, sizes, timings, val accuracy, the
     accuracy of the method's extra heads and the method's own values."""
     metrics = evaluate(fitted.head, features.test, features.test_labels, dataset.classnames)
-    metrics.update(zero_shot_accuracy=zero_shot_accuracy,
-                   skipped_images=features.skipped_test + features.skipped_train,
-                   skipped_train_images=features.skipped_train, skipped_test_images=features.skipped_test,
-                   n_train=int(len(features.train_labels)), train_encoder_passes=train_encoder_passes(features),
-                   seconds_features=round(features.seconds, 3),
-                   seconds_train=round(seconds_train, 3))
+    metrics.update(
+        zero_shot_accuracy=zero_shot_accuracy,
+        skipped_images=features.skipped_test + features.skipped_train,
+        skipped_train_images=features.skipped_train,
+        skipped_test_images=features.skipped_test,
+        n_train=int(len(features.train_labels)),
+        train_encoder_passes=train_encoder_passes(features),
+        seconds_features=round(features.seconds, 3),
+        seconds_train=round(seconds_train, 3),
+    )
     if features.val is not None and len(features.val):
-        metrics["val_accuracy"] = evaluate(fitted.head, features.val, features.val_labels,
-                                           dataset.classnames)["accuracy"]
+        assert features.val_labels is not None  # given with the val features
+        metrics["val_accuracy"] = evaluate(fitted.head, features.val, features.val_labels, dataset.classnames)[
+            "accuracy"
+        ]
     for name, head in fitted.extra_heads.items():
-        metrics[f"{name}_accuracy"] = evaluate(head, features.test, features.test_labels,
-                                               dataset.classnames)["accuracy"]
+        metrics[f"{name}_accuracy"] = evaluate(head, features.test, features.test_labels, dataset.classnames)[
+            "accuracy"
+        ]
     metrics.update(fitted.info)
     return metrics
 
@@ -502,9 +713,15 @@ def train_encoder_passes(features: Features) -> int:
     return views.encoded if isinstance(views, OnlineViews) else views.num_views * views.num_samples
 
 
-def import_official(checkpoint: str | Path, backbone: Backbone, dataset: DatasetSplits, setup: Setup,
-                    alpha: float | None = None, out: str | Path | None = None, overwrite: bool = False
-                    ) -> tuple[TaskResHead, dict]:
+def import_official(
+    checkpoint: str | Path,
+    backbone: Backbone,
+    dataset: DatasetSplits,
+    setup: Setup,
+    alpha: float | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> tuple[TaskResHead, dict]:
     """A residual trained by the official code (Dassl's ``prompt_learner/model.pth.tar-<epoch>``, read safely), as a
     TaskRes head evaluated on ``dataset``'s test split; a run folder for ``eval`` and ``predict`` when ``out`` is
     given. ``alpha`` is not in the file (docs/protocol.md#official-checkpoints): default the paper's, 0.5 (1.0 on
@@ -517,17 +734,22 @@ def import_official(checkpoint: str | Path, backbone: Backbone, dataset: Dataset
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     names = ("base_text_features", "text_feature_residuals")
     if not isinstance(state, dict) or not all(isinstance(state.get(k), torch.Tensor) for k in names):
-        raise TaskResValueError(f"official checkpoint {str(checkpoint)!r} has no state_dict with base_text_features "
-                                "and text_feature_residuals; pass a prompt_learner/model.pth.tar-<epoch> written by "
-                                "the official TaskRes trainer.", param="checkpoint")
+        raise TaskResValueError(
+            f"official checkpoint {str(checkpoint)!r} has no state_dict with base_text_features "
+            "and text_feature_residuals; pass a prompt_learner/model.pth.tar-<epoch> written by "
+            "the official TaskRes trainer.",
+            param="checkpoint",
+        )
     base, residual = (state[k].float() for k in names)
     want = (dataset.num_classes, backbone.embed_dim)
     for name, t in zip(names, (base, residual)):
         if tuple(t.shape) != want:
-            raise TaskResValueError(f"official checkpoint {str(checkpoint)!r}: {name} is {tuple(t.shape)}, but "
-                                    f"dataset {dataset.name!r} with backbone {backbone.identity.spec!r} needs {want} "
-                                    "(classes x embedding dim); use the checkpoint of this dataset and backbone.",
-                                    param="checkpoint")
+            raise TaskResValueError(
+                f"official checkpoint {str(checkpoint)!r}: {name} is {tuple(t.shape)}, but "
+                f"dataset {dataset.name!r} with backbone {backbone.identity.spec!r} needs {want} "
+                "(classes x embedding dim); use the checkpoint of this dataset and backbone.",
+                param="checkpoint",
+            )
     config = TaskResConfig(alpha=alpha) if alpha is not None else config_preset(dataset.name)
     with open_run(out, overwrite, _all_method_files()) as writer:
         head = TaskResHead(base, backbone.logit_scale, config)
@@ -537,20 +759,31 @@ def import_official(checkpoint: str | Path, backbone: Backbone, dataset: Dataset
         ours = build_base_classifier(backbone, dataset.classnames, dataset.templates)
         metrics = evaluate(head, test, labels, dataset.classnames)
         metrics.update(
-            zero_shot_accuracy=evaluate(TaskResHead(ours, backbone.logit_scale), test, labels,
-                                        dataset.classnames)["accuracy"],
-            imported_base_accuracy=evaluate(TaskResHead(base, backbone.logit_scale), test, labels,
-                                            dataset.classnames)["accuracy"],
+            zero_shot_accuracy=evaluate(TaskResHead(ours, backbone.logit_scale), test, labels, dataset.classnames)[
+                "accuracy"
+            ],
+            imported_base_accuracy=evaluate(TaskResHead(base, backbone.logit_scale), test, labels, dataset.classnames)[
+                "accuracy"
+            ],
             # How far the file's base is from ours (fp16 text encoder, templates): a check of the setup.
             base_relative_difference=float((base - ours).norm() / ours.norm()),
-            residual_mean_abs=head.residual_mean_abs(), skipped_images=len(skipped),
-            checkpoint_epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None)
+            residual_mean_abs=head.residual_mean_abs(),
+            skipped_images=len(skipped),
+            checkpoint_epoch=ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None,
+        )
         if writer is not None:
             import hashlib
 
-            record = run_record("import", backbone, dataset, setup, method="taskres",
-                                method_config=asdict(config), checkpoint=str(checkpoint.resolve()),
-                                checkpoint_sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+            record = run_record(
+                "import",
+                backbone,
+                dataset,
+                setup,
+                method="taskres",
+                method_config=asdict(config),
+                checkpoint=str(checkpoint.resolve()),
+                checkpoint_sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+            )
             writer.finish(record, head, "taskres", dataset.classnames, dataset.class_ids, metrics)
         return head, metrics
 
@@ -561,14 +794,23 @@ def load_run_backbone(config: dict, setup: Setup, precision: str | None = None) 
     try:
         recorded = BackboneIdentity.from_json(config["backbone"])
     except (KeyError, TypeError, ValueError) as err:
-        raise TaskResValueError(f"the run's config.json has a damaged backbone record ({type(err).__name__}: "
-                                f"{err}); it was edited. Re-run training.", param="run") from None
-    backbone = load_backbone(recorded.reload_spec(), device=setup.device, precision=precision or recorded.precision,
-                             weights_dir=setup.weights_dir)
+        raise TaskResValueError(
+            f"the run's config.json has a damaged backbone record ({type(err).__name__}: "
+            f"{err}); it was edited. Re-run training.",
+            param="run",
+        ) from None
+    backbone = load_backbone(
+        recorded.reload_spec(),
+        device=setup.device,
+        precision=precision or recorded.precision,
+        weights_dir=setup.weights_dir,
+    )
     difference = backbone.identity.difference(recorded)
     if difference is not None:
-        raise TaskResValueError(f"the backbone {recorded.spec!r} on this machine differs from the one the run used "
-                                f"({difference}).", param="backbone")
+        raise TaskResValueError(
+            f"the backbone {recorded.spec!r} on this machine differs from the one the run used ({difference}).",
+            param="backbone",
+        )
     return backbone
 
 
@@ -580,26 +822,38 @@ def load_run_head(run: Path) -> tuple[Head, list[str], list[str]]:
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         if isinstance(err, TaskResValueError):
             raise
-        raise TaskResValueError(f"classifier file {str(run / CLASSIFIER)!r} cannot be rebuilt as a {method} head "
-                                f"({type(err).__name__}: {err}); its metadata was edited or damaged. Re-run "
-                                "training.", param="run") from None
+        raise TaskResValueError(
+            f"classifier file {str(run / CLASSIFIER)!r} cannot be rebuilt as a {method} head "
+            f"({type(err).__name__}: {err}); its metadata was edited or damaged. Re-run "
+            "training.",
+            param="run",
+        ) from None
     return head, classnames, class_ids
 
 
-def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = None,
-                 out: str | Path | None = None, backbone: Backbone | None = None,
-                 cache: FeatureCache | None = None) -> dict:
+def evaluate_run(
+    run: str | Path,
+    setup: Setup,
+    dataset: DatasetSplits | None = None,
+    out: str | Path | None = None,
+    backbone: Backbone | None = None,
+    cache: FeatureCache | None = None,
+) -> dict:
     """Re-evaluate a run's classifier on its own test split, or on ``dataset``'s."""
     run, config = read_run(run)
     if _helper_rank(cache):
         out = None  # under torchrun, rank 0 alone writes
     if out is not None and (Path(out) / CONFIG).exists():
-        raise TaskResValueError(f"out {str(out)!r} is a run folder; its metrics.json would be replaced. Write the "
-                                f"evaluation elsewhere, e.g. {str(Path(run) / 'eval')}.", param="out")
+        raise TaskResValueError(
+            f"out {str(out)!r} is a run folder; its metrics.json would be replaced. Write the "
+            f"evaluation elsewhere, e.g. {str(Path(run) / 'eval')}.",
+            param="out",
+        )
     if out is not None:  # before the evaluation, which may take minutes
         if Path(out).exists() and not Path(out).is_dir():
-            raise TaskResValueError(f"out {str(out)!r} exists and is not a folder; choose another path for "
-                                    "metrics.json.", param="out")
+            raise TaskResValueError(
+                f"out {str(out)!r} exists and is not a folder; choose another path for metrics.json.", param="out"
+            )
         check_writable_dir(Path(out), "out")
     head, classnames, class_ids = load_run_head(run)
     if dataset is None:
@@ -608,30 +862,39 @@ def evaluate_run(run: str | Path, setup: Setup, dataset: DatasetSplits | None = 
             dataset = reopen_dataset(DatasetSource.from_json(recorded), recorded["templates"])
             split_hash = recorded["split_hash"]
         except (KeyError, TypeError) as err:
-            raise TaskResValueError(f"run {str(run)!r}: config.json has a damaged dataset record ({type(err).__name__}"
-                                    f": {err}); it was edited. Re-run training.", param="run") from None
+            raise TaskResValueError(
+                f"run {str(run)!r}: config.json has a damaged dataset record ({type(err).__name__}"
+                f": {err}); it was edited. Re-run training.",
+                param="run",
+            ) from None
         if dataset.split_hash != split_hash:
-            raise TaskResValueError(f"the dataset of run {str(run)!r} has changed since it was trained (its split "
-                                    "entries differ from the ones recorded); pass --data/--split-file or "
-                                    "--dataset/--root to evaluate on the dataset as it is now, knowingly.",
-                                    param="dataset")
+            raise TaskResValueError(
+                f"the dataset of run {str(run)!r} has changed since it was trained (its split "
+                "entries differ from the ones recorded); pass --data/--split-file or "
+                "--dataset/--root to evaluate on the dataset as it is now, knowingly.",
+                param="dataset",
+            )
     if class_ids and dataset.class_ids and list(dataset.class_ids) != class_ids:
         from taskres.data.benchmarks import map_class_rows
 
         # Domain generalisation: keep the rows of the target's classes, matched by WordNet id
         # (docs/protocol.md#evaluation).
-        head = head.select_classes(map_class_rows(class_ids, dataset.class_ids, config["dataset"]["name"],
-                                                  dataset.name))
+        head = head.select_classes(
+            map_class_rows(class_ids, dataset.class_ids, config["dataset"]["name"], dataset.name)
+        )
     elif list(dataset.classnames) != list(classnames):
-        raise TaskResValueError(f"dataset {dataset.name!r} has classes {list(dataset.classnames)[:5]}... but run "
-                                f"{str(run)!r} was trained on {classnames[:5]}...; evaluate on a dataset with the "
-                                "same classes in the same order (or an ImageNet variant for an ImageNet run).",
-                                param="dataset")
+        raise TaskResValueError(
+            f"dataset {dataset.name!r} has classes {list(dataset.classnames)[:5]}... but run "
+            f"{str(run)!r} was trained on {classnames[:5]}...; evaluate on a dataset with the "
+            "same classes in the same order (or an ImageNet variant for an ImageNet run).",
+            param="dataset",
+        )
     if backbone is None:
         backbone = load_run_backbone(config, setup)
     elif (difference := backbone.identity.difference(BackboneIdentity.from_json(config["backbone"]))) is not None:
-        raise TaskResValueError(f"the backbone given differs from the one run {str(run)!r} used ({difference}).",
-                                param="backbone")
+        raise TaskResValueError(
+            f"the backbone given differs from the one run {str(run)!r} used ({difference}).", param="backbone"
+        )
     test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
     metrics = evaluate(head, test, labels, dataset.classnames)
     metrics.update(skipped_images=len(skipped), run=str(run), dataset=dataset.name)
@@ -648,15 +911,25 @@ def predict(run: str | Path, images: Sequence[str | Path], setup: Setup, top_k: 
         raise invalid("top_k", "be >= 1", top_k)
     head, classnames, _ = load_run_head(run)
     backbone = load_run_backbone(config, setup)
-    feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True,
-                            max_pixels=setup.max_image_pixels).features(backbone, images)
+    feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True, max_pixels=setup.max_image_pixels).features(
+        backbone, images
+    )
     probs = predict_logits(head, feats).softmax(dim=1)  # (N, C)
     if probs.shape[1] != len(classnames):
-        raise TaskResValueError(f"run {str(run)!r}: the classifier has {probs.shape[1]} classes but its metadata "
-                                f"names {len(classnames)}; the file was edited or damaged. Re-run training.",
-                                param="run")
+        raise TaskResValueError(
+            f"run {str(run)!r}: the classifier has {probs.shape[1]} classes but its metadata "
+            f"names {len(classnames)}; the file was edited or damaged. Re-run training.",
+            param="run",
+        )
     k = min(top_k, probs.shape[1])
     top = probs.topk(k, dim=1)
-    return [{"image": str(img), "top": [{"class": classnames[j], "prob": float(p)}
-                                        for p, j in zip(top.values[i].tolist(), top.indices[i].tolist())]}
-            for i, img in enumerate(images)]
+    return [
+        {
+            "image": str(img),
+            "top": [
+                {"class": classnames[j], "prob": float(p)}
+                for p, j in zip(top.values[i].tolist(), top.indices[i].tolist())
+            ],
+        }
+        for i, img in enumerate(images)
+    ]

@@ -8,8 +8,8 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from taskres.errors import TaskResError
 
@@ -28,34 +28,60 @@ def _default_device() -> str:
 
 def _common(p: argparse.ArgumentParser, data: bool = True, backbone: bool = True) -> None:
     if data:
-        p.add_argument("--data", help="dataset image folder (split-file paths are relative to it), or an ImageFolder "
-                                       "root with train/<class>/ and test/<class>/")
+        p.add_argument(
+            "--data",
+            help="dataset image folder (split-file paths are relative to it), or an ImageFolder "
+            "root with train/<class>/ and test/<class>/",
+        )
         p.add_argument("--split-file", help="CoOp split JSON (split_zhou_<Name>.json); omit for an ImageFolder")
         p.add_argument("--dataset", help="a benchmark by its CoOp config name (see `taskres datasets`), with --root")
         p.add_argument("--root", help="the folder holding CoOp's dataset folders (with --dataset)")
-        p.add_argument("--template", action="append", default=None,
-                       help="prompt template with {} (repeatable); default 'a photo of a {}.'")
+        p.add_argument(
+            "--template",
+            action="append",
+            default=None,
+            help="prompt template with {} (repeatable); default 'a photo of a {}.'",
+        )
         p.add_argument("--skip-bad-images", action="store_true", help="skip undecodable images (counted in metrics)")
-    p.add_argument("--max-image-pixels", type=_pixels_arg, default=None, metavar="N",
-                   help="refuse images with more pixels than this (default 64 million; decoding takes about 4 bytes "
-                        "a pixel)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=_pixels_arg,
+        default=None,
+        metavar="N",
+        help="refuse images with more pixels than this (default 64 million; decoding takes about 4 bytes a pixel)",
+    )
     if backbone:
-        p.add_argument("--backbone", required=True,
-                       help="RN50, RN101, ViT-B/32, ViT-B/16, RN50x16, taskres-demo, an open_clip MODEL:PRETRAINED "
-                            "pair, hf-hub:ORG/NAME[@REVISION] (from the local Hugging Face cache), or a checkpoint "
-                            "path")
-        p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                       help="backbone precision for encoding (default fp32, as the protocol)")
+        p.add_argument(
+            "--backbone",
+            required=True,
+            help="RN50, RN101, ViT-B/32, ViT-B/16, RN50x16, taskres-demo, an open_clip MODEL:PRETRAINED "
+            "pair, hf-hub:ORG/NAME[@REVISION] (from the local Hugging Face cache), or a checkpoint "
+            "path",
+        )
+        p.add_argument(
+            "--precision",
+            default="fp32",
+            choices=["fp32", "fp16", "bf16"],
+            help="backbone precision for encoding (default fp32, as the protocol)",
+        )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--cache-dir", default=None, help=f"feature cache folder (default ${CACHE_ENV} or "
-                                                     "~/.cache/taskres/features)")
+    p.add_argument(
+        "--cache-dir", default=None, help=f"feature cache folder (default ${CACHE_ENV} or ~/.cache/taskres/features)"
+    )
     p.add_argument("--no-cache", action="store_true", help="encode without reading or writing the feature cache")
-    p.add_argument("--weights-dir", default=None, help="folder with backbone weight files (default $TASKRES_WEIGHTS "
-                                                       "or ~/.cache/taskres/weights)")
+    p.add_argument(
+        "--weights-dir",
+        default=None,
+        help="folder with backbone weight files (default $TASKRES_WEIGHTS or ~/.cache/taskres/weights)",
+    )
     p.add_argument("--encode-batch-size", type=int, default=32, help="images per encoder batch (default 32)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="image-decoding worker processes (default: auto, none for a small job, 1 on the CPU, up to "
-                        "8 on a GPU; 0 = decode in the main process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="image-decoding worker processes (default: auto, none for a small job, 1 on the CPU, up to "
+        "8 on a GPU; 0 = decode in the main process)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -66,42 +92,82 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy of the text classifier")
     _common(p)
-    p.add_argument("--protocol", default="default", choices=["default", "official"],
-                   help="default: the TaskRes base at initialisation (mean embedding over the dataset's templates); "
-                        "official: CoOp's ZeroshotCLIP, the paper's zero-shot row (one template per benchmark, '_' "
-                        "replaced by a space, each prompt's feature normalised)")
+    p.add_argument(
+        "--protocol",
+        default="default",
+        choices=["default", "official"],
+        help="default: the TaskRes base at initialisation (mean embedding over the dataset's templates); "
+        "official: CoOp's ZeroshotCLIP, the paper's zero-shot row (one template per benchmark, '_' "
+        "replaced by a space, each prompt's feature normalised)",
+    )
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
     p = sub.add_parser("train", help="train a method (default TaskRes) on K shots per class")
     _common(p)
-    p.add_argument("--shots", type=int, default=None, help="K, training images per class (required unless "
-                                                           "--fewshot-file gives it)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the few-shot draw and of training (required "
-                                                          "unless --fewshot-file's name gives it: seed_<S>)")
-    p.add_argument("--fewshot-file", default=None, metavar="FILE",
-                   help="train on exactly these few-shot images: Dassl's split_fewshot/shot_<K>-seed_<S>.pkl (read "
-                        "safely; paths matched by their path relative to the image folder) or a run's "
-                        "fewshot_split.json")
-    p.add_argument("--protocol", default="default", choices=["default", "official", "no-val"],
-                   help="no-val: nothing selected or tuned on a validation split (CLAP's protocol; methods that "
-                        "search use their fixed values); official: the method as its public code runs it (taskres: --views online and the base "
-                        "from the fp16 text encoder; tip-adapter(-f): its cache views, text classifier and "
-                        "selection, on the test split where the public code selects there, labelled so)")
-    p.add_argument("--method", default="taskres", help="method (default taskres; see `taskres methods`); each "
-                                                       "method's own options below name the methods they apply to")
-    p.add_argument("--lr", type=_finite_float, default=None, help="learning rate (default: the method's preset; TaskRes "
-                                                          "2e-3, use 2e-4 for ImageNet)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the method's preset; TaskRes 100 for "
-                                                            "K <= 4, 200 for K >= 8)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the method's "
-                                                                "preset; TaskRes 256)")
-    p.add_argument("--weight-decay", type=_finite_float, default=None, help="weight decay (default: the method's preset; "
-                                                                    "TaskRes 5e-4)")
-    p.add_argument("--views", type=_views_arg, default=None, metavar="V|online",
-                   help="augmented views per training image to encode once; 0 = test transform only; online = a "
-                        "fresh augmentation of every image in every epoch, encoded as it trains (the official "
-                        "protocol) (default 50, chosen by docs/views-study.md; linear-probe: 0; tip-adapter(-f): 10)")
+    p.add_argument(
+        "--shots", type=int, default=None, help="K, training images per class (required unless --fewshot-file gives it)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the few-shot draw and of training (required unless --fewshot-file's name gives it: seed_<S>)",
+    )
+    p.add_argument(
+        "--fewshot-file",
+        default=None,
+        metavar="FILE",
+        help="train on exactly these few-shot images: Dassl's split_fewshot/shot_<K>-seed_<S>.pkl (read "
+        "safely; paths matched by their path relative to the image folder) or a run's "
+        "fewshot_split.json",
+    )
+    p.add_argument(
+        "--protocol",
+        default="default",
+        choices=["default", "official", "no-val"],
+        help="no-val: nothing selected or tuned on a validation split (CLAP's protocol; methods that "
+        "search use their fixed values); official: the method as its public code runs it "
+        "(taskres: --views online and the base from the fp16 text encoder; tip-adapter(-f): its "
+        "cache views, text classifier and selection, on the test split where the public code "
+        "selects there, labelled so)",
+    )
+    p.add_argument(
+        "--method",
+        default="taskres",
+        help="method (default taskres; see `taskres methods`); each "
+        "method's own options below name the methods they apply to",
+    )
+    p.add_argument(
+        "--lr",
+        type=_finite_float,
+        default=None,
+        help="learning rate (default: the method's preset; TaskRes 2e-3, use 2e-4 for ImageNet)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs (default: the method's preset; TaskRes 100 for K <= 4, 200 for K >= 8)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="training batch size (default: the method's preset; TaskRes 256)"
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=_finite_float,
+        default=None,
+        help="weight decay (default: the method's preset; TaskRes 5e-4)",
+    )
+    p.add_argument(
+        "--views",
+        type=_views_arg,
+        default=None,
+        metavar="V|online",
+        help="augmented views per training image to encode once; 0 = test transform only; online = a "
+        "fresh augmentation of every image in every epoch, encoded as it trains (the official "
+        "protocol) (default 50, chosen by docs/views-study.md; linear-probe: 0; tip-adapter(-f): 10)",
+    )
     _method_options(p)
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -109,15 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-official", help="turn a checkpoint of the official TaskRes trainer into a run folder")
     p.add_argument("checkpoint", help="Dassl's prompt_learner/model.pth.tar-<epoch> (read without running its pickle)")
     _common(p)
-    p.add_argument("--alpha", type=_finite_float, default=None, help="the residual scale it was trained with (not in the file; "
-                                                             "default 0.5, 1.0 for Flowers102)")
+    p.add_argument(
+        "--alpha",
+        type=_finite_float,
+        default=None,
+        help="the residual scale it was trained with (not in the file; default 0.5, 1.0 for Flowers102)",
+    )
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
     p = sub.add_parser("eval", help="re-evaluate a run (on its own test split or another dataset)")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder (--run-dir is the same flag for torchrun, whose own parser reads --run as an "
-                        "abbreviation of its --run-path)")
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="run folder (--run-dir is the same flag for torchrun, whose own parser reads --run as an "
+        "abbreviation of its --run-path)",
+    )
     _common(p, backbone=False)
     p.add_argument("--out", default=None, help="folder to write metrics.json into")
 
@@ -128,18 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     _common(p, data=False, backbone=False)
 
-    p = sub.add_parser("export", help="a run's image encoder and tuned classifier as one ONNX or TorchScript file "
-                                      "(docs/export.md)")
+    p = sub.add_parser(
+        "export", help="a run's image encoder and tuned classifier as one ONNX or TorchScript file (docs/export.md)"
+    )
     p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"],
-                   help="onnx (needs pip install 'taskres[export]') or torchscript")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["onnx", "torchscript"],
+        help="onnx (needs pip install 'taskres[export]') or torchscript",
+    )
     p.add_argument("--out", required=True, help="file to write (e.g. model.onnx, model.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--check-images", nargs="+", default=None, metavar="IMAGE",
-                   help="images for the parity check against predict (default: the first 8 test images of the run's "
-                        "dataset)")
-    p.add_argument("--weights-dir", default=None, help="folder with backbone weight files (default $TASKRES_WEIGHTS "
-                                                       "or ~/.cache/taskres/weights)")
+    p.add_argument(
+        "--check-images",
+        nargs="+",
+        default=None,
+        metavar="IMAGE",
+        help="images for the parity check against predict (default: the first 8 test images of the run's dataset)",
+    )
+    p.add_argument(
+        "--weights-dir",
+        default=None,
+        help="folder with backbone weight files (default $TASKRES_WEIGHTS or ~/.cache/taskres/weights)",
+    )
 
     p = sub.add_parser("demo", help="the offline main job: a shipped mini CLIP on generated tasks")
     p.add_argument("--out", default="demo-out", help="output folder (default ./demo-out)")
@@ -195,10 +282,17 @@ def _setup(args: argparse.Namespace):
     if args.encode_batch_size < 1:  # Setup's batch_size; --batch-size is the training batch
         raise TaskResError(f"--encode-batch-size must be >= 1; got {args.encode_batch_size}.")
     cache_dir = None if args.no_cache else (args.cache_dir or _default_cache())
-    return Setup(device=_device(args), precision=getattr(args, "precision", "fp32"),
-                 cache_dir=cache_dir, batch_size=args.encode_batch_size, workers=args.workers, quiet=args.quiet,
-                 skip_bad_images=getattr(args, "skip_bad_images", False), weights_dir=args.weights_dir,
-                 max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS)
+    return Setup(
+        device=_device(args),
+        precision=getattr(args, "precision", "fp32"),
+        cache_dir=cache_dir,
+        batch_size=args.encode_batch_size,
+        workers=args.workers,
+        quiet=args.quiet,
+        skip_bad_images=getattr(args, "skip_bad_images", False),
+        weights_dir=args.weights_dir,
+        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+    )
 
 
 def _dataset(args: argparse.Namespace, required: bool = True):
@@ -236,20 +330,30 @@ def _export(args: argparse.Namespace) -> int:
     from taskres.export import export_run
 
     try:
-        report = export_run(args.run, args.out, args.format, check_images=args.check_images,
-                            weights_dir=args.weights_dir, overwrite=args.overwrite)
+        report = export_run(
+            args.run,
+            args.out,
+            args.format,
+            check_images=args.check_images,
+            weights_dir=args.weights_dir,
+            overwrite=args.overwrite,
+        )
     except TaskResError as err:  # export's own parameters as flags (the others are mapped by main)
         text = re.sub(r"`(\w+)`", lambda m: _EXPORT_FLAGS.get(m.group(1), m.group(0)), str(err))
         if err.param in _EXPORT_FLAGS and text.startswith(f"{err.param} "):
-            text = _EXPORT_FLAGS[err.param] + text[len(err.param):]
+            text = _EXPORT_FLAGS[err.param] + text[len(err.param) :]
         raise TaskResError(text, param=None if err.param in _EXPORT_FLAGS else err.param) from None
     meta, parity = report["metadata"], report["parity"]
     print(f"{'exported':>22}: {report['out']} ({report['format']}, method {report['method']})")
-    print(f"{'input':>22}: image float32 (N, 3, {meta['image_size']}, {meta['image_size']}), mean {meta['mean']}, "
-          f"std {meta['std']}")
+    print(
+        f"{'input':>22}: image float32 (N, 3, {meta['image_size']}, {meta['image_size']}), mean {meta['mean']}, "
+        f"std {meta['std']}"
+    )
     print(f"{'outputs':>22}: logits, probs (N, {len(meta['class_names'])})")
-    print(f"{'parity with predict':>22}: {parity['images']} images, max |diff| logits {parity['max_abs_logits']:.2g}, "
-          f"probs {parity['max_abs_probs']:.2g}")
+    print(
+        f"{'parity with predict':>22}: {parity['images']} images, max |diff| logits {parity['max_abs_logits']:.2g}, "
+        f"probs {parity['max_abs_probs']:.2g}"
+    )
     return 0
 
 
@@ -274,8 +378,12 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.seeds < 1:
             raise TaskResError(f"--seeds must be >= 1; got {args.seeds}.")
-        run_demo(args.out, DemoConfig(seeds=tuple(range(1, args.seeds + 1)), views=args.views),
-                 device=_device(args), quiet=args.quiet)
+        run_demo(
+            args.out,
+            DemoConfig(seeds=tuple(range(1, args.seeds + 1)), views=args.views),
+            device=_device(args),
+            quiet=args.quiet,
+        )
         return 0
     if args.command == "datasets":
         return _datasets(args.root)
@@ -313,28 +421,53 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":  # validate the cheap things before loading a backbone
         _shots_and_seed(args, dataset)
         config = _train_config(args, dataset.name)
-    backbone = load_backbone(args.backbone, device=setup.device, precision=setup.precision,
-                             weights_dir=setup.weights_dir)
+    backbone = load_backbone(
+        args.backbone, device=setup.device, precision=setup.precision, weights_dir=setup.weights_dir
+    )
     if args.command == "zeroshot":
         metrics = zeroshot(backbone, dataset, setup, out=args.out, overwrite=args.overwrite, protocol=args.protocol)
         _print_metrics(metrics, ["accuracy", "n_test", "skipped_images"])
     elif args.command == "import-official":
         from taskres.workflow import import_official
 
-        _, metrics = import_official(args.checkpoint, backbone, dataset, setup, alpha=args.alpha, out=args.out,
-                                     overwrite=args.overwrite)
-        _print_metrics(metrics, ["zero_shot_accuracy", "imported_base_accuracy", "accuracy", "n_test",
-                                 "base_relative_difference", "skipped_images"])
+        _, metrics = import_official(
+            args.checkpoint, backbone, dataset, setup, alpha=args.alpha, out=args.out, overwrite=args.overwrite
+        )
+        _print_metrics(
+            metrics,
+            [
+                "zero_shot_accuracy",
+                "imported_base_accuracy",
+                "accuracy",
+                "n_test",
+                "base_relative_difference",
+                "skipped_images",
+            ],
+        )
     else:
         from taskres.workflow import train
 
         _, metrics = train(backbone, dataset, config, setup, out=args.out, overwrite=args.overwrite)
         if metrics.get("test_selected"):
-            print("taskres: warning: this number was selected on the test split, as the method's public code does "
-                  "(metrics.json: test_selected true); do not compare it with numbers selected without test.",
-                  file=sys.stderr)
-        _print_metrics(metrics, ["zero_shot_accuracy", "enhanced_base_accuracy", "accuracy", "n_test", "n_train",
-                                 "skipped_images", "seconds_features", "seconds_train", "text_projection_file"])
+            print(
+                "taskres: warning: this number was selected on the test split, as the method's public code does "
+                "(metrics.json: test_selected true); do not compare it with numbers selected without test.",
+                file=sys.stderr,
+            )
+        _print_metrics(
+            metrics,
+            [
+                "zero_shot_accuracy",
+                "enhanced_base_accuracy",
+                "accuracy",
+                "n_test",
+                "n_train",
+                "skipped_images",
+                "seconds_features",
+                "seconds_train",
+                "text_projection_file",
+            ],
+        )
     print(f"{'run':>22}: {args.out}")
     return 0
 
@@ -355,11 +488,14 @@ def _option_table() -> dict[str, dict]:
             meta = dict(f.metadata)
             flag = meta.pop("flag")
             help = meta.pop("help")
-            entry = table.setdefault(flag, {"field": f.name, "methods": [], "helps": [],
-                                            "kwargs": {**_argparse_type(hints[f.name]), **meta}})
+            entry = table.setdefault(
+                flag, {"field": f.name, "methods": [], "helps": [], "kwargs": {**_argparse_type(hints[f.name]), **meta}}
+            )
             if entry["field"] != f.name:
-                raise RuntimeError(f"flag {flag} sets field {entry['field']!r} of one method and {f.name!r} of "
-                                   f"{method.name!r}; one flag must set one field name")
+                raise RuntimeError(
+                    f"flag {flag} sets field {entry['field']!r} of one method and {f.name!r} of "
+                    f"{method.name!r}; one flag must set one field name"
+                )
             entry["methods"].append(method.name)
             if help not in entry["helps"]:
                 entry["helps"].append(help)
@@ -388,8 +524,13 @@ def _method_options(p: argparse.ArgumentParser) -> None:
         if kwargs.get("action") != "store_true" and "choices" not in kwargs:
             kwargs.setdefault("metavar", entry["field"].upper())
         default = False if kwargs.get("action") == "store_true" else None
-        group.add_argument(flag, dest=_dest(flag), default=default,
-                           help=f"{', '.join(entry['methods'])}: {'; '.join(entry['helps'])}", **kwargs)
+        group.add_argument(
+            flag,
+            dest=_dest(flag),
+            default=default,
+            help=f"{', '.join(entry['methods'])}: {'; '.join(entry['helps'])}",
+            **kwargs,
+        )
 
 
 def _dest(flag: str) -> str:
@@ -408,8 +549,10 @@ def _shots_and_seed(args: argparse.Namespace, dataset) -> None:
 
         _, info = load_fewshot_file(args.fewshot_file, dataset)
         if args.shots is not None and args.shots != info["shots"]:
-            raise TaskResError(f"--shots {args.shots} disagrees with --fewshot-file, which holds up to "
-                               f"{info['shots']} images per class; drop --shots or pass --shots {info['shots']}.")
+            raise TaskResError(
+                f"--shots {args.shots} disagrees with --fewshot-file, which holds up to "
+                f"{info['shots']} images per class; drop --shots or pass --shots {info['shots']}."
+            )
         args.shots = info["shots"]
         if args.seed is None:
             args.seed = info["seed"]
@@ -430,31 +573,63 @@ def _train_config(args: argparse.Namespace, dataset_name: str = ""):
         if not _given(args, _dest(flag)):
             continue
         if spec.name not in entry["methods"]:
-            raise TaskResError(f"{flag} applies to --method {' or '.join(entry['methods'])}; got --method "
-                               f"{spec.name}.")
+            raise TaskResError(f"{flag} applies to --method {' or '.join(entry['methods'])}; got --method {spec.name}.")
         values[entry["field"]] = getattr(args, _dest(flag))
     if not spec.trained:
         given = [f"--{n.replace('_', '-')}" for n in _OPTIM_OPTIONS if _given(args, n)]
         if given:
             raise TaskResError(f"{', '.join(given)}: method {spec.name!r} is training-free; drop the option(s).")
     # The same resolution as `taskres sweep`'s cells: the preset, then the options given.
-    return TrainConfig.resolve(spec.name, args.shots, args.seed, dataset_name, options=values,
-                               optim={k: getattr(args, k) for k in _OPTIM_OPTIONS if _given(args, k)},
-                               views=args.views, protocol=args.protocol, fewshot_file=args.fewshot_file)
+    return TrainConfig.resolve(
+        spec.name,
+        args.shots,
+        args.seed,
+        dataset_name,
+        options=values,
+        optim={k: getattr(args, k) for k in _OPTIM_OPTIONS if _given(args, k)},
+        views=args.views,
+        protocol=args.protocol,
+        fewshot_file=args.fewshot_file,
+    )
 
 
 def _flag_names(method: str | None) -> dict[str, str]:
     """Library parameter names -> the flags that set them (for error messages); ``method``'s options win."""
-    flags = {"views": "--views", "shots": "--shots", "seed": "--seed", "lr": "--lr", "epochs": "--epochs",
-             "batch_size": "--batch-size", "weight_decay": "--weight-decay", "device": "--device",
-             "precision": "--precision", "top_k": "--top-k", "workers": "--workers", "out": "--out",
-             "run": "--run", "method": "--method", "data": "--data", "dataset": "--dataset", "root": "--root",
-             "split_file": "--split-file", "skip_bad_images": "--skip-bad-images",
-             "fewshot_file": "--fewshot-file", "checkpoint": "CHECKPOINT", "protocol": "--protocol",
-             "cache_dir": "--cache-dir", "templates": "--template", "max_image_pixels": "--max-image-pixels",
-             "backbone": "--backbone",
-             "methods": "--methods", "seeds": "--seeds", "shard": "--shard", "preset": "--preset",
-             "config": "--config", "exp": "EXP", "eval_on": "--eval-on"}
+    flags = {
+        "views": "--views",
+        "shots": "--shots",
+        "seed": "--seed",
+        "lr": "--lr",
+        "epochs": "--epochs",
+        "batch_size": "--batch-size",
+        "weight_decay": "--weight-decay",
+        "device": "--device",
+        "precision": "--precision",
+        "top_k": "--top-k",
+        "workers": "--workers",
+        "out": "--out",
+        "run": "--run",
+        "method": "--method",
+        "data": "--data",
+        "dataset": "--dataset",
+        "root": "--root",
+        "split_file": "--split-file",
+        "skip_bad_images": "--skip-bad-images",
+        "fewshot_file": "--fewshot-file",
+        "checkpoint": "CHECKPOINT",
+        "protocol": "--protocol",
+        "cache_dir": "--cache-dir",
+        "templates": "--template",
+        "max_image_pixels": "--max-image-pixels",
+        "backbone": "--backbone",
+        "methods": "--methods",
+        "seeds": "--seeds",
+        "shard": "--shard",
+        "preset": "--preset",
+        "config": "--config",
+        "exp": "EXP",
+        "eval_on": "--eval-on",
+    }
     table = _option_table()
     flags.update({entry["field"]: flag for flag, entry in table.items() if entry["field"] not in flags})
     flags.update({entry["field"]: flag for flag, entry in table.items() if method in entry["methods"]})
@@ -470,7 +645,7 @@ def _message(err: TaskResError, method: str | None = None) -> str:
     text = str(err)
     param = getattr(err, "param", None)
     if param in flags and text.startswith(param + " "):
-        text = flags[param] + text[len(param):]
+        text = flags[param] + text[len(param) :]
     return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(1)), text)
 
 
@@ -515,8 +690,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print("taskres: interrupted; the run folder is left as it was, finished cache chunks are kept and the next "
-              "run resumes from them.", file=sys.stderr)
+        print(
+            "taskres: interrupted; the run folder is left as it was, finished cache chunks are kept and the next "
+            "run resumes from them.",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if "taskres.distributed" in sys.modules:

@@ -40,14 +40,25 @@ class DemoConfig:
 
 def demo_grid(tasks: list[dict], config: DemoConfig) -> Grid:
     """The demo as a sweep: every task, the shipped model, TaskRes with alpha 0.5 (zero-shot comes with it)."""
-    return Grid(tuple(DatasetRef(t["name"], data=str(t["image_dir"]), split_file=str(t["split_file"]),
-                                 templates=tuple(t["templates"])) for t in tasks),
-                ("taskres-demo",), ("taskres",), shots=tuple(config.shots), seeds=tuple(config.seeds),
-                options={"--alpha": 0.5}, views=config.views)
+    return Grid(
+        tuple(
+            DatasetRef(
+                t["name"], data=str(t["image_dir"]), split_file=str(t["split_file"]), templates=tuple(t["templates"])
+            )
+            for t in tasks
+        ),
+        ("taskres-demo",),
+        ("taskres",),
+        shots=tuple(config.shots),
+        seeds=tuple(config.seeds),
+        options={"--alpha": 0.5},
+        views=config.views,
+    )
 
 
-def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), device: str = "cpu", quiet: bool = False,
-             echo=print) -> dict:
+def run_demo(
+    out: str | Path, config: DemoConfig = DemoConfig(), device: str = "cpu", quiet: bool = False, echo=print
+) -> dict:
     """Generate the tasks under ``out/tasks``, run the grid, write ``out/results.json`` and the plots."""
     from taskres import distributed
 
@@ -68,12 +79,19 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), device: str = "
         raise TaskResError(f"{counts['failed']} demo run(s) failed; see {out / 'failures.jsonl'}.")
     runs = [r for r in collect(out) if not r["eval_dataset"]]
     names = {t["name"] for t in tasks}
-    runs = [r for r in runs if r["dataset"] in names and r["method"] in ("zero-shot", "taskres")
-            and (r["method"] == "zero-shot" or (r["shots"] in config.shots and r["seed"] in config.seeds))]
+    runs = [
+        r
+        for r in runs
+        if r["dataset"] in names
+        and r["method"] in ("zero-shot", "taskres")
+        and (r["method"] == "zero-shot" or (r["shots"] in config.shots and r["seed"] in config.seeds))
+    ]
     order = {t["name"]: i for i, t in enumerate(tasks)}
     runs.sort(key=lambda r: (order[r["dataset"]], r["method"] != "zero-shot", r["shots"], r["seed"] or 0))
-    records = [{"task": r["dataset"], "method": r["method"], "shots": r["shots"], "seed": r["seed"],
-                "accuracy": r["accuracy"]} for r in runs]
+    records = [
+        {"task": r["dataset"], "method": r["method"], "shots": r["shots"], "seed": r["seed"], "accuracy": r["accuracy"]}
+        for r in runs
+    ]
     residuals: dict[str, list[float]] = defaultdict(list)
     for r in runs:
         if r["method"] == "taskres" and r["shots"] == max(config.shots):
@@ -82,14 +100,23 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), device: str = "
     points = []
     for task in tasks:
         zs = zero[task["name"]]
-        points.append({"task": task["name"], "role": task["role"],
-                       "difficulty": (1.0 / zs["num_classes"]) / max(zs["accuracy"] / 100.0, 1e-6),
-                       "residual": sum(residuals[task["name"]]) / len(residuals[task["name"]]),
-                       "num_classes": zs["num_classes"], "zero_shot_accuracy": zs["accuracy"]})
-    results = {"records": records, "tasks": [{k: str(v) if isinstance(v, Path) else v for k, v in t.items()}
-                                             for t in tasks],
-               "transfer": points, "config": {"seeds": list(config.seeds), "shots": list(config.shots),
-                                              "views": config.views}, "seconds": round(time.perf_counter() - t0, 1)}
+        points.append(
+            {
+                "task": task["name"],
+                "role": task["role"],
+                "difficulty": (1.0 / zs["num_classes"]) / max(zs["accuracy"] / 100.0, 1e-6),
+                "residual": sum(residuals[task["name"]]) / len(residuals[task["name"]]),
+                "num_classes": zs["num_classes"],
+                "zero_shot_accuracy": zs["accuracy"],
+            }
+        )
+    results = {
+        "records": records,
+        "tasks": [{k: str(v) if isinstance(v, Path) else v for k, v in t.items()} for t in tasks],
+        "transfer": points,
+        "config": {"seeds": list(config.seeds), "shots": list(config.shots), "views": config.views},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     write_text(out / "results.json", json.dumps(results, indent=2))
     plot_accuracy_vs_shots(records, out / "accuracy_vs_shots.png")
     plot_residual_vs_difficulty(points, out / "residual_vs_difficulty.png")
@@ -97,6 +124,8 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), device: str = "
     echo("\nrelative transfer difficulty and residual magnitude (16 shots):")
     for p in sorted(points, key=lambda p: p["difficulty"]):
         echo(f"  {p['task']:<18} difficulty {p['difficulty']:.3f}   mean |x| {p['residual']:.5f}")
-    echo(f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'residual_vs_difficulty.png'} "
-         f"in {results['seconds']:.0f} s")
+    echo(
+        f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'residual_vs_difficulty.png'} "
+        f"in {results['seconds']:.0f} s"
+    )
     return results

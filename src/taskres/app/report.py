@@ -48,8 +48,9 @@ def collect(exp: str | Path) -> list[dict]:
     options = grid_options(Path(exp))
     runs = Path(exp) / "runs"
     if not runs.is_dir():
-        raise TaskResError(f"{str(exp)!r} is not an experiment folder (no runs/); pass a folder written by "
-                           "`taskres sweep`.")
+        raise TaskResError(
+            f"{str(exp)!r} is not an experiment folder (no runs/); pass a folder written by `taskres sweep`."
+        )
     records = []
     for metrics_file in sorted(runs.rglob("metrics.json")):
         folder = metrics_file.parent
@@ -64,19 +65,33 @@ def collect(exp: str | Path) -> list[dict]:
         metrics = json.loads(metrics_file.read_text())
         zero = config.get("kind") == "zeroshot"
         mc = config.get("method_config") or {}
-        values = tuple((n, _text(mc[f]) if not zero and f in mc and config.get("method") in takers else "")
-                       for n, f, takers in options)
+        values = tuple(
+            (n, _text(mc[f]) if not zero and f in mc and config.get("method") in takers else "")
+            for n, f, takers in options
+        )
         label = ZERO_SHOT if zero else method_label(config)
         shown = ", ".join(f"{n}={v}" for n, v in values if v != "")
-        base = {"dataset": config["dataset"]["name"], "backbone": config["backbone"]["spec"],
-                "method": f"{label} ({shown})" if shown else label, "options": values,
-                "shots": 0 if zero else config["shots"],
-                "seed": None if zero else config["seed"], "protocol": config.get("protocol", "default"),
-                "num_classes": config["dataset"].get("num_classes"), "run": str(folder)}
-        records.append({**base, "eval_dataset": "", "accuracy": metrics["accuracy"],
-                        "zero_shot_accuracy": metrics.get("zero_shot_accuracy"),
-                        "residual_mean_abs": metrics.get("residual_mean_abs"),
-                        "test_selected": bool(metrics.get("test_selected", False))})
+        base = {
+            "dataset": config["dataset"]["name"],
+            "backbone": config["backbone"]["spec"],
+            "method": f"{label} ({shown})" if shown else label,
+            "options": values,
+            "shots": 0 if zero else config["shots"],
+            "seed": None if zero else config["seed"],
+            "protocol": config.get("protocol", "default"),
+            "num_classes": config["dataset"].get("num_classes"),
+            "run": str(folder),
+        }
+        records.append(
+            {
+                **base,
+                "eval_dataset": "",
+                "accuracy": metrics["accuracy"],
+                "zero_shot_accuracy": metrics.get("zero_shot_accuracy"),
+                "residual_mean_abs": metrics.get("residual_mean_abs"),
+                "test_selected": bool(metrics.get("test_selected", False)),
+            }
+        )
         for ev in sorted(folder.glob("eval-*/metrics.json")):
             m = json.loads(ev.read_text())
             records.append({**base, "eval_dataset": m.get("dataset", ev.parent.name[5:]), "accuracy": m["accuracy"]})
@@ -93,11 +108,23 @@ def summarise(records: list[dict]) -> list[dict]:
     """Rows (dataset, backbone, method, grid options, shots, eval_dataset) -> n_seeds, mean, std (ddof=0), in %."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["backbone"], r["method"], r.get("options", ()), r["shots"],
-                r["eval_dataset"])].append(r["accuracy"])
-    return [{"dataset": d, "backbone": b, "method": m, "options": o, "shots": k, "eval_dataset": e,
-             "n_seeds": len(v), "mean": float(np.mean(v)), "std": float(np.std(v, ddof=0))}
-            for (d, b, m, o, k, e), v in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))]
+        groups[(r["dataset"], r["backbone"], r["method"], r.get("options", ()), r["shots"], r["eval_dataset"])].append(
+            r["accuracy"]
+        )
+    return [
+        {
+            "dataset": d,
+            "backbone": b,
+            "method": m,
+            "options": o,
+            "shots": k,
+            "eval_dataset": e,
+            "n_seeds": len(v),
+            "mean": float(np.mean(v)),
+            "std": float(np.std(v, ddof=0)),
+        }
+        for (d, b, m, o, k, e), v in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))
+    ]
 
 
 def load_published() -> list[dict]:
@@ -106,8 +133,10 @@ def load_published() -> list[dict]:
 
 def _published_index(published: list[dict]) -> dict[tuple, dict]:
     spec = {"RN50": "RN50", "RN101": "RN101", "ViT-B/32": "ViT-B/32", "ViT-B/16": "ViT-B/16"}
-    return {(p["dataset"], spec.get(p["backbone"], p["backbone"]), p["method"], p["shots"],
-             p.get("eval_dataset", "")): p for p in published}
+    return {
+        (p["dataset"], spec.get(p["backbone"], p["backbone"]), p["method"], p["shots"], p.get("eval_dataset", "")): p
+        for p in published
+    }
 
 
 def write_report(exp: str | Path, out: str | Path | None = None, compare_published: bool = False) -> dict:
@@ -131,8 +160,9 @@ def _write_csv(rows: list[dict], path: Path) -> Path:
     """One row per (dataset, backbone, method, shots[, eval dataset]); a column per grid option, named as it."""
     dg = any(r["eval_dataset"] for r in rows)
     option_names = [n for n, _ in rows[0]["options"]] if rows and rows[0].get("options") else []
-    columns = ["dataset", "backbone", "method", *option_names, "shots", "n_seeds", "mean", "std"] + \
-        (["eval_dataset"] if dg else [])
+    columns = ["dataset", "backbone", "method", *option_names, "shots", "n_seeds", "mean", "std"] + (
+        ["eval_dataset"] if dg else []
+    )
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -157,9 +187,13 @@ def _markdown(rows: list[dict], records: list[dict], grid: dict, published: dict
     few = [r for r in rows if not r["eval_dataset"]]
     want_seeds = len(grid.get("seeds") or []) or max((r["n_seeds"] for r in few if r["shots"]), default=1)
     protocol = grid.get("protocol", "default")
-    lines = ["# Results", "", f"Top-1 accuracy (%) on the full test splits, mean ± std over seeds (numpy std, ddof=0, "
-             f"as CoOp's parse_test_res.py); a cell with fewer seeds than the grid's {want_seeds} says n=. Protocol: "
-             f"**{protocol}** (selection on the few-shot validation split unless a run says test_selected)."]
+    lines = [
+        "# Results",
+        "",
+        f"Top-1 accuracy (%) on the full test splits, mean ± std over seeds (numpy std, ddof=0, "
+        f"as CoOp's parse_test_res.py); a cell with fewer seeds than the grid's {want_seeds} says n=. Protocol: "
+        f"**{protocol}** (selection on the few-shot validation split unless a run says test_selected).",
+    ]
     if any(r.get("test_selected") for r in records):
         lines.append("Runs marked † selected on the test split (their public code's protocol).")
     if published:
@@ -169,8 +203,7 @@ def _markdown(rows: list[dict], records: list[dict], grid: dict, published: dict
     selected = {(r["dataset"], r["backbone"], r["method"], r["shots"]) for r in records if r.get("test_selected")}
     for backbone in sorted({r["backbone"] for r in few}):
         shots = sorted({r["shots"] for r in few if r["backbone"] == backbone and r["shots"]})
-        methods = sorted({r["method"] for r in few if r["backbone"] == backbone},
-                         key=lambda m: (m != ZERO_SHOT, m))
+        methods = sorted({r["method"] for r in few if r["backbone"] == backbone}, key=lambda m: (m != ZERO_SHOT, m))
         datasets = list(dict.fromkeys(r["dataset"] for r in few if r["backbone"] == backbone))
         index = {(r["dataset"], r["method"], r["shots"]): r for r in few if r["backbone"] == backbone}
         lines += [f"## {backbone}", ""]
@@ -185,7 +218,7 @@ def _markdown(rows: list[dict], records: list[dict], grid: dict, published: dict
                     if dataset == "average":
                         parts = [index.get((d, m, kk)) for d in datasets]
                         complete = all(p is not None and (kk == 0 or p["n_seeds"] >= want_seeds) for p in parts)
-                        cells.append(f"{np.mean([p['mean'] for p in parts]):.2f}" if complete else "—")
+                        cells.append(f"{np.mean([p['mean'] for p in parts if p is not None]):.2f}" if complete else "—")
                         continue
                     pub = published.get((dataset, backbone, m, kk, ""))
                     if pub is not None:
@@ -194,54 +227,92 @@ def _markdown(rows: list[dict], records: list[dict], grid: dict, published: dict
                     row, zs = index.get((dataset, m, kk)), index.get((dataset, ZERO_SHOT, 0))
                     if row is not None and zs is not None and kk and row["mean"] < zs["mean"]:
                         mark += " ↓"
-                        negative.append(f"{backbone} {dataset} {m} {kk} shots: {row['mean']:.2f} < zero-shot "
-                                        f"{zs['mean']:.2f}")
+                        negative.append(
+                            f"{backbone} {dataset} {m} {kk} shots: {row['mean']:.2f} < zero-shot {zs['mean']:.2f}"
+                        )
                     cells.append(_cell(row, want_seeds, pub) + mark)
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
             lines.append("")
             if dataset == "average":
-                lines.append(f"The average covers the {len(datasets)} datasets above; — where a dataset lacks the "
-                             "cell or some of its seeds (never averaged over fewer).")
+                lines.append(
+                    f"The average covers the {len(datasets)} datasets above; — where a dataset lacks the "
+                    "cell or some of its seeds (never averaged over fewer)."
+                )
                 lines.append("")
                 top = max(shots) if shots else 0
                 for m in methods:
                     parts = [index.get((d, m, 0 if m == ZERO_SHOT else top)) for d in datasets]
                     if all(parts):
-                        summary.append(f"{backbone} {m} ({'zero-shot' if m == ZERO_SHOT else f'{top} shots'}), "
-                                       f"average over {len(datasets)} datasets: "
-                                       f"{np.mean([p['mean'] for p in parts]):.2f}")
+                        summary.append(
+                            f"{backbone} {m} ({'zero-shot' if m == ZERO_SHOT else f'{top} shots'}), "
+                            f"average over {len(datasets)} datasets: "
+                            f"{np.mean([p['mean'] for p in parts if p is not None]):.2f}"
+                        )
     dg = [r for r in rows if r["eval_dataset"]]
     if dg:
-        lines += ["## Domain generalisation", "", "Trained on the source dataset, evaluated on each target (mean over "
-                  "seeds); the average is over the targets.", ""]
+        lines += [
+            "## Domain generalisation",
+            "",
+            "Trained on the source dataset, evaluated on each target (mean over "
+            "seeds); the average is over the targets.",
+            "",
+        ]
         targets = sorted({r["eval_dataset"] for r in dg})
-        lines += ["| backbone | method | source | " + " | ".join(targets) + " | target average |",
-                  "| --- | --- | --- |" + " --- |" * (len(targets) + 1)]
-        for (backbone, method, source, k) in sorted({(r["backbone"], r["method"], r["dataset"], r["shots"])
-                                                     for r in dg}):
-            src = next((r for r in few if (r["backbone"], r["method"], r["dataset"], r["shots"])
-                        == (backbone, method, source, k)), None)
-            vals = {r["eval_dataset"]: r["mean"] for r in dg if (r["backbone"], r["method"], r["dataset"],
-                                                                   r["shots"]) == (backbone, method, source, k)}
+        lines += [
+            "| backbone | method | source | " + " | ".join(targets) + " | target average |",
+            "| --- | --- | --- |" + " --- |" * (len(targets) + 1),
+        ]
+        for backbone, method, source, k in sorted({(r["backbone"], r["method"], r["dataset"], r["shots"]) for r in dg}):
+            src = next(
+                (
+                    r
+                    for r in few
+                    if (r["backbone"], r["method"], r["dataset"], r["shots"]) == (backbone, method, source, k)
+                ),
+                None,
+            )
+            vals = {
+                r["eval_dataset"]: r["mean"]
+                for r in dg
+                if (r["backbone"], r["method"], r["dataset"], r["shots"]) == (backbone, method, source, k)
+            }
             cells = [f"{vals[t]:.2f}" if t in vals else "—" for t in targets]
             avg = f"{np.mean(list(vals.values())):.2f}" if len(vals) == len(targets) else "—"
-            lines.append(f"| {backbone} | {method} ({k} shots) | {src['mean']:.2f} | " if src else
-                         f"| {backbone} | {method} ({k} shots) | — | ")
+            lines.append(
+                f"| {backbone} | {method} ({k} shots) | {src['mean']:.2f} | "
+                if src
+                else f"| {backbone} | {method} ({k} shots) | — | "
+            )
             lines[-1] += " | ".join(cells) + f" | {avg} |"
         lines.append("")
     if negative:
-        lines += ["## Negative transfer", "", "Cells marked ↓ are below the zero-shot accuracy of the same dataset and "
-                  "backbone:", ""] + [f"- {n}" for n in negative] + [""]
+        lines += (
+            [
+                "## Negative transfer",
+                "",
+                "Cells marked ↓ are below the zero-shot accuracy of the same dataset and backbone:",
+                "",
+            ]
+            + [f"- {n}" for n in negative]
+            + [""]
+        )
     corr = correlations(records)
     if corr:
-        lines += ["## Residual magnitude against transfer difficulty (Fig. 4)", "",
-                  "Difficulty = (1 / C) / zero-shot accuracy; residual = mean |x| at the largest shot count, averaged "
-                  "over seeds; correlations over datasets (scipy.stats).", ""]
+        lines += [
+            "## Residual magnitude against transfer difficulty (Fig. 4)",
+            "",
+            "Difficulty = (1 / C) / zero-shot accuracy; residual = mean |x| at the largest shot count, averaged "
+            "over seeds; correlations over datasets (scipy.stats).",
+            "",
+        ]
     for c in corr:
-        lines += [f"- {c['label']}: over {c['n']} datasets, Pearson r = {c['pearson']:.3f} (p = {c['pearson_p']:.3g}), "
-                  f"Spearman rho = {c['spearman']:.3f} (p = {c['spearman_p']:.3g}), at {c['shots']} shots"]
-        summary.append(f"Fig. 4 {c['label']}: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f} "
-                       f"({c['n']} datasets)")
+        lines += [
+            f"- {c['label']}: over {c['n']} datasets, Pearson r = {c['pearson']:.3f} (p = {c['pearson_p']:.3g}), "
+            f"Spearman rho = {c['spearman']:.3f} (p = {c['spearman_p']:.3g}), at {c['shots']} shots"
+        ]
+        summary.append(
+            f"Fig. 4 {c['label']}: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f} ({c['n']} datasets)"
+        )
     if corr:
         lines.append("")
     if used_sources:
@@ -269,12 +340,16 @@ def _plot_accuracy(rows: list[dict], stem: Path) -> list[Path]:
         ax = fig.add_subplot(nrows, cols, i + 1)
         for j, m in enumerate(methods):
             ks = sorted({r["shots"] for r in few if r["method"] == m})
+            pts: list[tuple[Any, Any, Any]]
             if dataset == "average":
-                pts = [(k, [index.get((d, m, k)) for d in datasets[:-1]]) for k in ks]
-                pts = [(k, np.mean([p["mean"] for p in ps]), 0.0) for k, ps in pts if all(ps)]
+                groups = [(k, [index.get((d, m, k)) for d in datasets[:-1]]) for k in ks]
+                pts = [(k, np.mean([p["mean"] for p in ps if p is not None]), 0.0) for k, ps in groups if all(ps)]
             else:
-                pts = [(k, index[(dataset, m, k)]["mean"], index[(dataset, m, k)]["std"]) for k in ks
-                       if (dataset, m, k) in index]
+                pts = [
+                    (k, index[(dataset, m, k)]["mean"], index[(dataset, m, k)]["std"])
+                    for k in ks
+                    if (dataset, m, k) in index
+                ]
             if not pts:
                 continue
             k, mean, std = (np.array(v, dtype=float) for v in zip(*pts))
@@ -282,7 +357,13 @@ def _plot_accuracy(rows: list[dict], stem: Path) -> list[Path]:
             ax.fill_between(k, mean - std, mean + std, color=f"C{j}", alpha=0.2)
         zs = [index.get((d, ZERO_SHOT, 0)) for d in (datasets[:-1] if dataset == "average" else [dataset])]
         if all(zs):
-            ax.axhline(np.mean([z["mean"] for z in zs]), color="gray", linestyle="--", linewidth=1, label="zero-shot")
+            ax.axhline(
+                np.mean([z["mean"] for z in zs if z is not None]),
+                color="gray",
+                linestyle="--",
+                linewidth=1,
+                label="zero-shot",
+            )
         ax.set_xscale("log", base=2)
         ax.set_title(dataset)
         ax.set_xlabel("shots per class")
@@ -297,8 +378,14 @@ def _plot_accuracy(rows: list[dict], stem: Path) -> list[Path]:
 def difficulty_points(records: list[dict]) -> dict[tuple[str, str], list[tuple[str, float, float]]]:
     """Fig. 4 points per (backbone, TaskRes label): (dataset, relative transfer difficulty (1/C) / zero-shot
     accuracy, mean |residual| over seeds) at the largest shot count of that label."""
-    tr = [r for r in records if r["method"].split(" (")[0] == "taskres" and not r["eval_dataset"]
-          and r.get("residual_mean_abs") is not None and r.get("zero_shot_accuracy")]
+    tr = [
+        r
+        for r in records
+        if r["method"].split(" (")[0] == "taskres"
+        and not r["eval_dataset"]
+        and r.get("residual_mean_abs") is not None
+        and r.get("zero_shot_accuracy")
+    ]
     out: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
     for key in sorted({(r["backbone"], r["method"]) for r in tr}):
         mine = [r for r in tr if (r["backbone"], r["method"]) == key]
@@ -307,8 +394,14 @@ def difficulty_points(records: list[dict]) -> dict[tuple[str, str], list[tuple[s
         for r in mine:
             if r["shots"] == top:
                 by_dataset[r["dataset"]].append(r)
-        out[key] = [(d, (1.0 / rs[0]["num_classes"]) / max(rs[0]["zero_shot_accuracy"] / 100.0, 1e-6),
-                     float(np.mean([r["residual_mean_abs"] for r in rs]))) for d, rs in sorted(by_dataset.items())]
+        out[key] = [
+            (
+                d,
+                (1.0 / rs[0]["num_classes"]) / max(rs[0]["zero_shot_accuracy"] / 100.0, 1e-6),
+                float(np.mean([r["residual_mean_abs"] for r in rs])),
+            )
+            for d, rs in sorted(by_dataset.items())
+        ]
     return out
 
 
@@ -323,9 +416,17 @@ def correlations(records: list[dict]) -> list[dict]:
         x, y = [p[1] for p in points], [p[2] for p in points]
         pr, sr = pearsonr(x, y), spearmanr(x, y)
         shots = max(r["shots"] for r in records if r["method"] == label)
-        out.append({"label": f"{backbone} {label}", "n": len(points), "pearson": float(pr.statistic),
-                    "pearson_p": float(pr.pvalue), "spearman": float(sr.statistic), "spearman_p": float(sr.pvalue),
-                    "shots": shots})
+        out.append(
+            {
+                "label": f"{backbone} {label}",
+                "n": len(points),
+                "pearson": float(pr.statistic),
+                "pearson_p": float(pr.pvalue),
+                "spearman": float(sr.statistic),
+                "spearman_p": float(sr.pvalue),
+                "shots": shots,
+            }
+        )
     return out
 
 
@@ -339,8 +440,7 @@ def _plot_difficulty(records: list[dict], stem: Path) -> list[Path]:
     ax = fig.add_subplot()
     for j, ((backbone, label), points) in enumerate(sets.items()):
         c = stats.get(f"{backbone} {label}")
-        legend = f"{backbone} {label}" + (f": r={c['pearson']:.2f}, rho={c['spearman']:.2f}, n={c['n']}" if c
-                                          else "")
+        legend = f"{backbone} {label}" + (f": r={c['pearson']:.2f}, rho={c['spearman']:.2f}, n={c['n']}" if c else "")
         ax.scatter([p[1] for p in points], [p[2] for p in points], color=f"C{j % 10}", label=legend)
         if j == 0:
             for d, x, y in points:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def summarise(records: Sequence[dict]) -> dict[tuple[str, str, int], tuple[float, float, int]]:
@@ -69,8 +69,7 @@ def plot_residual_vs_difficulty(points: Sequence[dict], path: str | Path) -> Non
     fig, ax = _figure(6, 4.5)
     for i, p in enumerate(points):
         ax.scatter(p["difficulty"], p["residual"], color=f"C{i}", s=40)
-        ax.annotate(p["task"], (p["difficulty"], p["residual"]), fontsize=8, xytext=(4, 4),
-                    textcoords="offset points")
+        ax.annotate(p["task"], (p["difficulty"], p["residual"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("relative transfer difficulty = (1 / C) / zero-shot accuracy")
     ax.set_ylabel("mean |residual| at 16 shots")
     ax.set_title("Residual magnitude against transfer difficulty")

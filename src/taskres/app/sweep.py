@@ -18,9 +18,10 @@ import logging
 import re
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Literal, cast
 
 from taskres.atomic import write_json
 from taskres.errors import TaskResError, TaskResValueError, suggest
@@ -32,8 +33,19 @@ ZERO_SHOT = "zero-shot"
 # Grid entries that are a method with some options set: the paper's TaskRes* (the enhanced base).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"taskres*": ("taskres", {"enhance_base": True})}
 IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-PAPER_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-                  "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+PAPER_DATASETS = (
+    "imagenet",
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +91,9 @@ class Grid:
         known = list(discover()) + list(VARIANTS)
         for m in self.methods:
             if m not in known:
-                raise TaskResValueError(f"unknown method {m!r} in `methods`; {suggest(m, known)}known: "
-                                        f"{', '.join(known)}.", param="methods")
+                raise TaskResValueError(
+                    f"unknown method {m!r} in `methods`; {suggest(m, known)}known: {', '.join(known)}.", param="methods"
+                )
         for name, values in (("shots", self.shots), ("seeds", self.seeds)):
             if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
                 raise TaskResValueError(f"{name} must be a list of integers; got {list(values)!r}.", param=name)
@@ -92,21 +105,27 @@ class Grid:
         bases = {self.base_method(m) for m in self.methods}
         for flag in self.options:
             if flag not in flags:
-                raise TaskResValueError(f"unknown method option {flag!r}; {suggest(flag, flags)}known: "
-                                        f"{', '.join(flags)}.", param="options")
+                raise TaskResValueError(
+                    f"unknown method option {flag!r}; {suggest(flag, flags)}known: {', '.join(flags)}.", param="options"
+                )
             if not bases & set(flags[flag][1]):
-                raise TaskResValueError(f"{flag} applies to {' or '.join(flags[flag][1])}, none of which is in "
-                                        f"`methods` ({', '.join(self.methods)}).", param="options")
+                raise TaskResValueError(
+                    f"{flag} applies to {' or '.join(flags[flag][1])}, none of which is in "
+                    f"`methods` ({', '.join(self.methods)}).",
+                    param="options",
+                )
         if self.protocol == "official":
             from taskres.methods import get_method
 
             without = [m for m in self.methods if get_method(self.base_method(m)).official is None]
             if without:
-                raise TaskResValueError(f"`protocol` official: {', '.join(without)} have no official variant; run "
-                                        "them in a grid of the default protocol.", param="protocol")
+                raise TaskResValueError(
+                    f"`protocol` official: {', '.join(without)} have no official variant; run "
+                    "them in a grid of the default protocol.",
+                    param="protocol",
+                )
             if self.views is not None:
-                raise TaskResValueError("`protocol` official sets each method's views; drop `views`.",
-                                        param="views")
+                raise TaskResValueError("`protocol` official sets each method's views; drop `views`.", param="views")
         for name, values in self.grid.items():
             flag = grid_flag(name)
             if not values:
@@ -114,8 +133,11 @@ class Grid:
             if flag in self.options:
                 raise TaskResValueError(f"{flag} is both a fixed option and a grid option; keep one.", param="grid")
             if not bases & set(flags[flag][1]):
-                raise TaskResValueError(f"grid option {name} applies to {' or '.join(flags[flag][1])}, none of "
-                                        f"which is in `methods` ({', '.join(self.methods)}).", param="grid")
+                raise TaskResValueError(
+                    f"grid option {name} applies to {' or '.join(flags[flag][1])}, none of "
+                    f"which is in `methods` ({', '.join(self.methods)}).",
+                    param="grid",
+                )
 
     @staticmethod
     def base_method(method: str) -> str:
@@ -141,7 +163,7 @@ class Grid:
         names = [n for n in self.grid if base in flags[grid_flag(n)][1]]
         return [tuple(zip(names, combo)) for combo in itertools.product(*(self.grid[n] for n in names))]
 
-    def cells(self) -> list["Cell"]:
+    def cells(self) -> list[Cell]:
         """Every cell, in a fixed order (shards take every N-th)."""
         out = []
         for d in self.datasets:
@@ -189,9 +211,11 @@ def grid_flag(name: str) -> str:
 
     flag = "--" + name.replace("_", "-")
     if flag not in option_flags():
-        raise TaskResValueError(f"unknown grid option {name!r}; {suggest(flag, option_flags())}known: "
-                                f"{', '.join(f.lstrip('-').replace('-', '_') for f in option_flags())}.",
-                                param="grid")
+        raise TaskResValueError(
+            f"unknown grid option {name!r}; {suggest(flag, option_flags())}known: "
+            f"{', '.join(f.lstrip('-').replace('-', '_') for f in option_flags())}.",
+            param="grid",
+        )
     return flag
 
 
@@ -208,11 +232,13 @@ def parse_grid(specs: Sequence[str]) -> dict[str, tuple]:
         name, eq, text = str(spec).partition("=")
         name = name.strip()
         if not eq or not name or not text.strip():
-            raise TaskResValueError(f"grid must be NAME=V1,V2,... (e.g. alpha=0.1,0.5,1.0); got {spec!r}.",
-                                    param="grid")
+            raise TaskResValueError(
+                f"grid must be NAME=V1,V2,... (e.g. alpha=0.1,0.5,1.0); got {spec!r}.", param="grid"
+            )
         if name in out:
-            raise TaskResValueError(f"grid option {name} is given twice; give its values once: {name}=V1,V2,...",
-                                    param="grid")
+            raise TaskResValueError(
+                f"grid option {name} is given twice; give its values once: {name}=V1,V2,...", param="grid"
+            )
         field_name, methods = option_flags()[grid_flag(name)]
         annotation = typing.get_type_hints(discover()[methods[0]].config_cls)[field_name]
         out[name] = tuple(_parse_value(v.strip(), annotation, name) for v in text.split(",") if v.strip())
@@ -237,8 +263,9 @@ def _parse_value(text: str, annotation: Any, name: str) -> Any:
         return kind(text)
     except ValueError:
         kind_name = getattr(kind, "__name__", None) or ", ".join(map(str, typing.get_args(kind)))
-        raise TaskResValueError(f"grid option {name}: {text!r} is not a valid value (expected {kind_name}).",
-                                param="grid") from None
+        raise TaskResValueError(
+            f"grid option {name}: {text!r} is not a valid value (expected {kind_name}).", param="grid"
+        ) from None
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -265,23 +292,34 @@ def open_experiment(exp: Path, grid: Grid, extend: bool = False) -> None:
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
-            raise TaskResValueError(f"{str(path)!r} is not valid JSON; it is not a taskres experiment, or it was "
-                                    "damaged.", param="exp") from None
+            raise TaskResValueError(
+                f"{str(path)!r} is not valid JSON; it is not a taskres experiment, or it was damaged.", param="exp"
+            ) from None
         previous = {k: v for k, v in old.items() if k != "extended_from"}
         if previous == record:
             return  # the same grid, resumed (after an --extend too)
         if old != record:
             if not extend:
                 diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-                raise TaskResValueError(f"experiment {str(exp)!r} was written by another grid (it differs in "
-                                        f"{', '.join(diff)}); use another folder, or pass --extend to add this "
-                                        "grid's cells to it.", param="exp")
+                raise TaskResValueError(
+                    f"experiment {str(exp)!r} was written by another grid (it differs in "
+                    f"{', '.join(diff)}); use another folder, or pass --extend to add this "
+                    "grid's cells to it.",
+                    param="exp",
+                )
             record = {**record, "extended_from": old}
     write_json(path, record)
 
 
-def run_sweep(exp: str | Path, grid: Grid, setup, shard: tuple[int, int] = (1, 1), extend: bool = False,
-              progress: bool = True, replace_stale: bool = False) -> dict:
+def run_sweep(
+    exp: str | Path,
+    grid: Grid,
+    setup,
+    shard: tuple[int, int] = (1, 1),
+    extend: bool = False,
+    progress: bool = True,
+    replace_stale: bool = False,
+) -> dict:
     """Run the grid's cells of this shard that are not finished. Returns counts: done (skipped), ran, failed.
 
     A finished cell whose run was made with other settings (an option, the views, the optimiser or the protocol
@@ -298,28 +336,43 @@ def run_sweep(exp: str | Path, grid: Grid, setup, shard: tuple[int, int] = (1, 1
     cluster.barrier("opening the experiment folder")
     cells = shard_cells(grid.cells(), shard)
     counts = {"cells": len(cells), "skipped": 0, "ran": 0, "failed": 0}
-    todo, stale = [], []
+    todo: list[Cell] = []
+    stale: list[Cell] = []
     for c in cells:
         if not _finished(exp, c, grid):
             todo.append(c)
         elif (difference := _settings_difference(exp, c, grid)) is not None:
             (todo if replace_stale else stale).append(c)
             if not replace_stale:
-                _record_failure(exp, c, TaskResValueError(
-                    f"run folder {str(exp / 'runs' / c.folder)!r} holds a run made with other settings "
-                    f"({difference}); use another experiment folder, or --grid to compare settings."))
+                _record_failure(
+                    exp,
+                    c,
+                    TaskResValueError(
+                        f"run folder {str(exp / 'runs' / c.folder)!r} holds a run made with other settings "
+                        f"({difference}); use another experiment folder, or --grid to compare settings."
+                    ),
+                )
     counts["failed"] = len(stale)
     counts["skipped"] = len(cells) - len(todo) - len(stale)
     cache = setup.cache()
     if cluster.active:  # torchrun: the ranks encode every cell's features together, then split the cells
-        cluster.agree("the cells to run", [c.folder for c in todo], "every rank must see the same experiment "
-                      "folder (one on a filesystem that every node mounts) and run the same sweep command.")
+        cluster.agree(
+            "the cells to run",
+            [c.folder for c in todo],
+            "every rank must see the same experiment "
+            "folder (one on a filesystem that every node mounts) and run the same sweep command.",
+        )
         _encode_cells(todo, grid, setup, cache)
         cache.cluster = None  # each rank now runs its own cells, alone, on the features in the cache
         todo = cluster.share(todo)
         counts["skipped"] += len(cells) - len(todo) - len(stale) - counts["skipped"]
-    bar = tqdm(total=len(cells), initial=counts["skipped"], desc="sweep", unit="cell",
-               disable=not progress or not cluster.is_main)
+    bar = tqdm(
+        total=len(cells),
+        initial=counts["skipped"],
+        desc="sweep",
+        unit="cell",
+        disable=not progress or not cluster.is_main,
+    )
     try:
         for (backbone_name, dataset_name), group in _groups(todo):
             try:
@@ -346,8 +399,11 @@ def run_sweep(exp: str | Path, grid: Grid, setup, shard: tuple[int, int] = (1, 1
         bar.close()
     if cluster.active:  # rank 0 reports the whole job once every rank has finished its cells
         shares = cluster.gather({k: counts[k] for k in ("ran", "failed")}, "running the cells")
-        counts.update(ran=sum(c["ran"] for c in shares), failed=sum(c["failed"] for c in shares),
-                      skipped=counts["cells"] - sum(c["ran"] + c["failed"] for c in shares) + len(stale))
+        counts.update(
+            ran=sum(c["ran"] for c in shares),
+            failed=sum(c["failed"] for c in shares),
+            skipped=counts["cells"] - sum(c["ran"] + c["failed"] for c in shares) + len(stale),
+        )
     return counts
 
 
@@ -371,8 +427,17 @@ def _encode_cells(cells: Sequence[Cell], grid: Grid, setup, cache) -> None:
             except TaskResError:
                 continue
             if cell.method != ZERO_SHOT:
-                encode_features(backbone, dataset, fewshot, config.views, setup, seed=config.seed,
-                                scale=config.view_scale, cache=cache, full_val=config.selects_publicly)
+                encode_features(
+                    backbone,
+                    dataset,
+                    fewshot,
+                    config.views,
+                    setup,
+                    seed=config.seed,
+                    scale=config.view_scale,
+                    cache=cache,
+                    full_val=config.selects_publicly,
+                )
             for target in targets:
                 encode_split(backbone, target, target.test, setup, cache, desc=f"test {target.name}")
 
@@ -408,7 +473,7 @@ def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
     return None
 
 
-def _zeroshot_protocol(grid: Grid) -> str:
+def _zeroshot_protocol(grid: Grid) -> Literal["default", "official"]:
     """Zero-shot selects nothing: under no-val it is the default zero-shot; under official, CoOp's."""
     return "official" if grid.protocol == "official" else "default"
 
@@ -416,11 +481,17 @@ def _zeroshot_protocol(grid: Grid) -> str:
 def _resolve(cell: Cell, grid: Grid, dataset_name: str):
     from taskres.workflow import TrainConfig
 
-    return TrainConfig.resolve(grid.base_method(cell.method), cell.shots, cell.seed, dataset_name,
-                               options=grid.method_options(cell.method, cell.grid_values),
-                               optim=grid.optim if _trained(cell.method, grid) else {},
-                               views=grid.views if _views_apply(cell.method, grid) else None,
-                               protocol=grid.protocol)
+    return TrainConfig.resolve(
+        grid.base_method(cell.method),
+        cell.shots,
+        cell.seed,
+        dataset_name,
+        options=grid.method_options(cell.method, cell.grid_values),
+        optim=grid.optim if _trained(cell.method, grid) else {},
+        # the grid's values as given; TrainConfig checks them
+        views=cast("int | Literal['online'] | None", grid.views) if _views_apply(cell.method, grid) else None,
+        protocol=cast("Literal['default', 'official', 'no-val']", grid.protocol),
+    )
 
 
 def _groups(cells: Sequence[Cell]) -> Iterator[tuple[tuple[str, str], list[Cell]]]:
@@ -440,8 +511,9 @@ def _load(backbone_name: str, dataset_name: str, grid: Grid, setup):
     key = f"{backbone_name}|{setup.device}|{setup.precision}|{setup.weights_dir}"
     if key not in _loaded:
         _loaded.clear()  # one backbone in memory at a time: groups come backbone by backbone
-        _loaded[key] = load_backbone(backbone_name, device=setup.device, precision=setup.precision,
-                                     weights_dir=setup.weights_dir)
+        _loaded[key] = load_backbone(
+            backbone_name, device=setup.device, precision=setup.precision, weights_dir=setup.weights_dir
+        )
     ref = next(d for d in grid.datasets if d.name == dataset_name)
     return _loaded[key], ref.open()
 
@@ -477,9 +549,14 @@ def _views_apply(method: str, grid: Grid) -> bool:
 
 
 def _record_failure(exp: Path, cell: Cell, err: BaseException) -> None:
-    record = {"cell": cell.folder, **json.loads(json.dumps(asdict(cell))), "error": f"{type(err).__name__}: {err}",
-              "user_error": isinstance(err, TaskResError), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "traceback": "" if isinstance(err, TaskResError) else traceback.format_exc()}
+    record = {
+        "cell": cell.folder,
+        **json.loads(json.dumps(asdict(cell))),
+        "error": f"{type(err).__name__}: {err}",
+        "user_error": isinstance(err, TaskResError),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "traceback": "" if isinstance(err, TaskResError) else traceback.format_exc(),
+    }
     with open(exp / FAILURES, "a") as f:
         f.write(json.dumps(record) + "\n")
     logger.warning("cell %s failed: %s", cell.folder, record["error"])
@@ -493,46 +570,54 @@ PRESETS = ("paper-fewshot", "paper-dg", "paper-ablations", "demo-ablations")
 
 def preset(name: str, root: str | None, backbones: Sequence[str], exp: str | Path | None = None) -> Grid:
     """The paper's grids: ``paper-fewshot`` (its Fig. 3: the 11 datasets, 1-16 shots, seeds 1-3, zero-shot, linear
-    probe, CoOp, CLIP-Adapter, Tip-Adapter-F, TaskRes, TaskRes*, and the newer LP++, ZS-LP and CLAP), ``paper-dg`` (its Table 1: 16-shot ImageNet,
+    probe, CoOp, CLIP-Adapter, Tip-Adapter-F, TaskRes, TaskRes*, and the newer LP++, ZS-LP and CLAP),
+    ``paper-dg`` (its Table 1: 16-shot ImageNet,
     evaluated on V2, Sketch, A and R), ``paper-ablations`` (its Tables 2 and 5 on ImageNet: TaskRes with alpha 0.1,
     0.5, 1.0, fixed or learned; the classifier adapters, residual and direct) and ``demo-ablations`` (the same grid on
     the shipped demo model and its six generated tasks, written under EXP/tasks, at 1, 4, 16 shots: minutes on a
     CPU)."""
     if name not in PRESETS:
-        raise TaskResValueError(f"unknown preset {name!r}; {suggest(name, PRESETS)}known: {', '.join(PRESETS)}.",
-                                param="preset")
+        raise TaskResValueError(
+            f"unknown preset {name!r}; {suggest(name, PRESETS)}known: {', '.join(PRESETS)}.", param="preset"
+        )
     if name == "demo-ablations":
         from taskres.demo.synthetic import write_demo_tasks
 
         if exp is None:
-            raise TaskResValueError("preset demo-ablations writes its tasks under the experiment folder.",
-                                    param="exp")
+            raise TaskResValueError("preset demo-ablations writes its tasks under the experiment folder.", param="exp")
         tasks = write_demo_tasks(Path(exp) / "tasks", seed=0)
-        return Grid(tuple(DatasetRef(t["name"], data=str(t["image_dir"]), split_file=str(t["split_file"]))
-                          for t in tasks), ("taskres-demo",), ("taskres", "classifier-adapter"), shots=(1, 4, 16),
-                    grid=dict(ABLATION_GRID))
+        return Grid(
+            tuple(DatasetRef(t["name"], data=str(t["image_dir"]), split_file=str(t["split_file"])) for t in tasks),
+            ("taskres-demo",),
+            ("taskres", "classifier-adapter"),
+            shots=(1, 4, 16),
+            grid=dict(ABLATION_GRID),
+        )
     if root is None:
         raise TaskResValueError(f"preset {name} reads the benchmarks under `root`; pass it.", param="root")
     backbones = tuple(backbones) or ("RN50",)
     if name == "paper-fewshot":
-        return Grid(tuple(DatasetRef(d, root=root) for d in PAPER_DATASETS), backbones,
-                    ("linear-probe", "coop", "clip-adapter", "tip-adapter-f", "taskres", "taskres*", "lp++",
-                     "zs-lp", "clap"))
+        return Grid(
+            tuple(DatasetRef(d, root=root) for d in PAPER_DATASETS),
+            backbones,
+            ("linear-probe", "coop", "clip-adapter", "tip-adapter-f", "taskres", "taskres*", "lp++", "zs-lp", "clap"),
+        )
     if name == "paper-ablations":
-        return Grid((DatasetRef("imagenet", root=root),), backbones, ("taskres", "classifier-adapter"),
-                    grid=dict(ABLATION_GRID))
-    return Grid((DatasetRef("imagenet", root=root),), backbones, ("taskres",), shots=(16,),
-                eval_on=IMAGENET_VARIANTS)
+        return Grid(
+            (DatasetRef("imagenet", root=root),), backbones, ("taskres", "classifier-adapter"), grid=dict(ABLATION_GRID)
+        )
+    return Grid((DatasetRef("imagenet", root=root),), backbones, ("taskres",), shots=(16,), eval_on=IMAGENET_VARIANTS)
 
 
 def grid_from_toml(path: str | Path) -> dict:
     """The keys of a ``--config FILE.toml`` (the sweep's flags with underscores: dataset, root, backbone, methods,
     shots, seeds, eval_on, views, protocol, preset, and method and optimiser options by flag name)."""
     try:
-        import tomllib
+        import tomllib  # type: ignore[import-not-found,unused-ignore]  # Python 3.11+; mypy checks as 3.10
     except ImportError:  # Python 3.10
-        raise TaskResValueError("`config` files need Python 3.11 or later (tomllib); pass the grid as flags.",
-                                param="config") from None
+        raise TaskResValueError(
+            "`config` files need Python 3.11 or later (tomllib); pass the grid as flags.", param="config"
+        ) from None
 
     path = Path(path)
     try:
@@ -541,4 +626,3 @@ def grid_from_toml(path: str | Path) -> dict:
         raise TaskResValueError(f"config file {str(path)!r} does not exist.", param="config") from None
     except tomllib.TOMLDecodeError as err:
         raise TaskResValueError(f"config file {str(path)!r} is not valid TOML ({err}).", param="config") from None
-

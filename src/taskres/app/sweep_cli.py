@@ -9,8 +9,22 @@ from typing import Any
 from taskres.errors import TaskResError
 
 # Keys a --config TOML may hold besides the method and optimiser options (which it names by flag, without "--").
-CONFIG_KEYS = ("preset", "dataset", "root", "data", "split_file", "template", "backbone", "methods", "shots", "seeds",
-               "views", "protocol", "eval_on", "grid")
+CONFIG_KEYS = (
+    "preset",
+    "dataset",
+    "root",
+    "data",
+    "split_file",
+    "template",
+    "backbone",
+    "methods",
+    "shots",
+    "seeds",
+    "views",
+    "protocol",
+    "eval_on",
+    "grid",
+)
 OPTIM_FLAGS = {"lr": float, "epochs": int, "batch_size": int, "weight_decay": float}
 
 
@@ -21,34 +35,72 @@ def add_parsers(sub, common, method_options, views_arg) -> None:
     p.add_argument("--backbone", default=None, help="backbone(s), comma-separated (default with a preset: RN50)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="backbone precision")
     p.add_argument("--preset", default=None, help="paper-fewshot (the paper's Fig. 3 grid) or paper-dg (its Table 1)")
-    p.add_argument("--config", default=None, metavar="FILE.toml", help="the grid from a TOML file (same keys as "
-                                                                       "the flags, with underscores)")
-    p.add_argument("--methods", default=None, help="methods, comma-separated (see `taskres methods`; taskres* is "
-                                                   "TaskRes with the enhanced base); zero-shot always runs")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.toml",
+        help="the grid from a TOML file (same keys as the flags, with underscores)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="methods, comma-separated (see `taskres methods`; taskres* is "
+        "TaskRes with the enhanced base); zero-shot always runs",
+    )
     p.add_argument("--shots", default=None, help="shot counts, comma-separated (default 1,2,4,8,16)")
     p.add_argument("--seeds", default=None, help="seeds, comma-separated (default 1,2,3)")
-    p.add_argument("--views", type=views_arg, default=None, metavar="V|online",
-                   help="training views for the methods that train on augmented views (default: each method's)")
-    p.add_argument("--protocol", default=None, choices=["default", "official", "no-val"],
-                   help="the methods' protocol (no-val: no validation split, fixed values; see `taskres train`)")
-    p.add_argument("--eval-on", default=None, help="also evaluate every trained run on these datasets (with --root), "
-                                                   "e.g. imagenetv2,imagenet_sketch,imagenet_a,imagenet_r")
-    p.add_argument("--grid", action="append", default=None, metavar="NAME=V1,V2,...",
-                   help="cross a method option's values with shots and seeds (repeatable), e.g. --grid "
-                        "alpha=0.1,0.5,1.0 --grid learn_alpha=false,true; NAME is the option's flag without dashes")
-    p.add_argument("--shard", default=None, metavar="I/N", help="run only the I-th of N deterministic parts of "
-                                                                "the grid (for N machines sharing EXP and the cache)")
+    p.add_argument(
+        "--views",
+        type=views_arg,
+        default=None,
+        metavar="V|online",
+        help="training views for the methods that train on augmented views (default: each method's)",
+    )
+    p.add_argument(
+        "--protocol",
+        default=None,
+        choices=["default", "official", "no-val"],
+        help="the methods' protocol (no-val: no validation split, fixed values; see `taskres train`)",
+    )
+    p.add_argument(
+        "--eval-on",
+        default=None,
+        help="also evaluate every trained run on these datasets (with --root), "
+        "e.g. imagenetv2,imagenet_sketch,imagenet_a,imagenet_r",
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=None,
+        metavar="NAME=V1,V2,...",
+        help="cross a method option's values with shots and seeds (repeatable), e.g. --grid "
+        "alpha=0.1,0.5,1.0 --grid learn_alpha=false,true; NAME is the option's flag without dashes",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only the I-th of N deterministic parts of the grid (for N machines sharing EXP and the cache)",
+    )
     p.add_argument("--extend", action="store_true", help="add this grid's cells to an experiment of another grid")
     for flag, kind in OPTIM_FLAGS.items():
-        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None,
-                       help=f"{flag} for every trained method (default: each method's preset)")
+        p.add_argument(
+            f"--{flag.replace('_', '-')}",
+            dest=flag,
+            type=kind,
+            default=None,
+            help=f"{flag} for every trained method (default: each method's preset)",
+        )
     method_options(p)
 
     p = sub.add_parser("report", help="tables and figures of an experiment folder (reads run folders only)")
     p.add_argument("exp", help="experiment folder written by `taskres sweep`")
     p.add_argument("--out", default=None, help="report folder (default EXP/report)")
-    p.add_argument("--compare-published", action="store_true",
-                   help="show published numbers of the same protocol beside ours, with their sources")
+    p.add_argument(
+        "--compare-published",
+        action="store_true",
+        help="show published numbers of the same protocol beside ours, with their sources",
+    )
 
 
 def _list(value: Any, kind=str) -> tuple:
@@ -85,15 +137,22 @@ def grid_from_args(args: argparse.Namespace, option_dests: dict[str, str]):
             elif flag in option_dests:
                 options[flag] = value
             else:
-                raise TaskResError(f"config file {args.config!r}: unknown key {key!r}; known: "
-                                   f"{', '.join(CONFIG_KEYS + tuple(OPTIM_FLAGS))} and the method options "
-                                   f"({', '.join(f.lstrip('-').replace('-', '_') for f in option_dests)}).")
+                raise TaskResError(
+                    f"config file {args.config!r}: unknown key {key!r}; known: "
+                    f"{', '.join(CONFIG_KEYS + tuple(OPTIM_FLAGS))} and the method options "
+                    f"({', '.join(f.lstrip('-').replace('-', '_') for f in option_dests)})."
+                )
     for key in CONFIG_KEYS:
         given = getattr(args, key, None)
         if given is not None:
             values[key] = given
-    options.update({flag: getattr(args, dest) for flag, dest in option_dests.items()
-                    if getattr(args, dest) is not None and getattr(args, dest) is not False})
+    options.update(
+        {
+            flag: getattr(args, dest)
+            for flag, dest in option_dests.items()
+            if getattr(args, dest) is not None and getattr(args, dest) is not False
+        }
+    )
     optim.update({k: getattr(args, k) for k in OPTIM_FLAGS if getattr(args, k) is not None})
     backbones = _list(values.get("backbone"))
     grid_specs = values.get("grid") or []
@@ -104,44 +163,70 @@ def grid_from_args(args: argparse.Namespace, option_dests: dict[str, str]):
     if values.get("preset") is not None:
         ignored = [f"--{k.replace('_', '-')}" for k in ("dataset", "data", "split_file", "template") if k in values]
         if ignored:
-            raise TaskResError(f"--preset {values['preset']} sets the datasets; drop {', '.join(ignored)} (or "
-                               "drop --preset and give the grid with flags).")
+            raise TaskResError(
+                f"--preset {values['preset']} sets the datasets; drop {', '.join(ignored)} (or "
+                "drop --preset and give the grid with flags)."
+            )
         grid = preset(values["preset"], values.get("root"), backbones, exp=args.exp)
-        overrides = {k: _list(values[k], int) for k in ("shots", "seeds") if k in values}
+        overrides: dict[str, Any] = {k: _list(values[k], int) for k in ("shots", "seeds") if k in values}
         if "methods" in values:
             overrides["methods"] = _list(values["methods"])
         if grid_values:
             overrides["grid"] = grid_values
         if "eval_on" in values:
             overrides["eval_on"] = _list(values["eval_on"])
-        grid = Grid(**{**_fields(grid), **overrides, "options": options, "optim": optim,
-                       "views": values.get("views"), "protocol": values.get("protocol") or "default"})
+        grid = Grid(
+            **{
+                **_fields(grid),
+                **overrides,
+                "options": options,
+                "optim": optim,
+                "views": values.get("views"),
+                "protocol": values.get("protocol") or "default",
+            }
+        )
         return grid
     if "data" in values and "dataset" in values:
         raise TaskResError("pass either --dataset NAME[,NAME...] --root ROOT or --data DIR [--split-file FILE].")
     templates = _list(values.get("template")) or None
+    datasets: tuple[DatasetRef, ...]
     if "data" in values:
         from taskres.data.sources import open_dataset
 
         name = open_dataset(values["data"], values.get("split_file"), templates).name
-        datasets = (DatasetRef(name, data=str(Path(values["data"]).resolve()),
-                               split_file=str(Path(values["split_file"]).resolve()) if values.get("split_file")
-                               else None, templates=templates),)
+        datasets = (
+            DatasetRef(
+                name,
+                data=str(Path(values["data"]).resolve()),
+                split_file=str(Path(values["split_file"]).resolve()) if values.get("split_file") else None,
+                templates=templates,
+            ),
+        )
     else:
         names = _list(values.get("dataset"))
         if not names:
-            raise TaskResError("no dataset: pass --dataset NAME[,NAME...] with --root, --data DIR, a --preset or a "
-                               "--config file.")
+            raise TaskResError(
+                "no dataset: pass --dataset NAME[,NAME...] with --root, --data DIR, a --preset or a --config file."
+            )
         if values.get("root") is None:
             raise TaskResError("--dataset needs --root, the folder that holds CoOp's dataset folders.")
         datasets = tuple(DatasetRef(n, root=str(Path(values["root"]).resolve()), templates=templates) for n in names)
     if not backbones:
         raise TaskResError("--backbone is required (one or more, comma-separated).")
     methods = _list(values.get("methods")) or ("taskres",)
-    return Grid(datasets, backbones, methods, shots=_list(values.get("shots"), int) or (1, 2, 4, 8, 16),
-                seeds=_list(values.get("seeds"), int) or (1, 2, 3), options=options, optim=optim,
-                views=values.get("views"), protocol=values.get("protocol") or "default",
-                eval_on=_list(values.get("eval_on")), grid=grid_values)
+    return Grid(
+        datasets,
+        backbones,
+        methods,
+        shots=_list(values.get("shots"), int) or (1, 2, 4, 8, 16),
+        seeds=_list(values.get("seeds"), int) or (1, 2, 3),
+        options=options,
+        optim=optim,
+        views=values.get("views"),
+        protocol=values.get("protocol") or "default",
+        eval_on=_list(values.get("eval_on")),
+        grid=grid_values,
+    )
 
 
 def _fields(grid) -> dict:
@@ -164,7 +249,9 @@ def run_command(args: argparse.Namespace, setup, option_dests: dict[str, str]) -
     shard = parse_shard(args.shard)
     grid = grid_from_args(args, option_dests)
     counts = run_sweep(args.exp, grid, setup, shard=shard, extend=args.extend, progress=not args.quiet)
-    print(f"sweep {args.exp}: {counts['cells']} cells in this shard: {counts['skipped']} already done, "
-          f"{counts['ran']} run, {counts['failed']} failed"
-          + (f" (see {Path(args.exp) / 'failures.jsonl'})" if counts["failed"] else ""))
+    print(
+        f"sweep {args.exp}: {counts['cells']} cells in this shard: {counts['skipped']} already done, "
+        f"{counts['ran']} run, {counts['failed']} failed"
+        + (f" (see {Path(args.exp) / 'failures.jsonl'})" if counts["failed"] else "")
+    )
     return 1 if counts["failed"] else 0

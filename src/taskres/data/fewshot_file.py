@@ -35,8 +35,10 @@ class PlainDatum:
 
 def _records(raw: Any, where: str) -> dict[str, list[tuple[str, int, str]]]:
     if not isinstance(raw, dict) or not isinstance(raw.get("train"), list):
-        raise TaskResValueError(f"{where} must hold {{'train': [...], 'val': [...]}} (Dassl's few-shot split); got "
-                                f"{type(raw).__name__}.", param="fewshot_file")
+        raise TaskResValueError(
+            f"{where} must hold {{'train': [...], 'val': [...]}} (Dassl's few-shot split); got {type(raw).__name__}.",
+            param="fewshot_file",
+        )
     out = {}
     for split in ("train", "val"):
         items = []
@@ -47,13 +49,21 @@ def _records(raw: Any, where: str) -> dict[str, list[tuple[str, int, str]]]:
             elif isinstance(item, (list, tuple)) and len(item) == 3:
                 impath, label, classname = item
             else:
-                raise TaskResValueError(f"{where}: {split} entry {item!r} is neither a Datum nor [path, label, "
-                                        "classname].", param="fewshot_file")
-            if not isinstance(impath, str) or isinstance(label, bool) or not isinstance(label, int) \
-                    or not isinstance(classname, str):
-                raise TaskResValueError(f"{where}: {split} entry ({impath!r}, {label!r}, {classname!r}) needs a "
-                                        "string path, an integer label and a string class name.",
-                                        param="fewshot_file")
+                raise TaskResValueError(
+                    f"{where}: {split} entry {item!r} is neither a Datum nor [path, label, classname].",
+                    param="fewshot_file",
+                )
+            if (
+                not isinstance(impath, str)
+                or isinstance(label, bool)
+                or not isinstance(label, int)
+                or not isinstance(classname, str)
+            ):
+                raise TaskResValueError(
+                    f"{where}: {split} entry ({impath!r}, {label!r}, {classname!r}) needs a "
+                    "string path, an integer label and a string class name.",
+                    param="fewshot_file",
+                )
             items.append((impath, label, classname))
         out[split] = items
     return out
@@ -75,8 +85,10 @@ def load_fewshot_file(path: str | Path, dataset: DatasetSplits) -> tuple[dict[st
     path = Path(path)
     where = f"few-shot file {str(path)!r}"
     if not path.is_file():
-        raise TaskResFileNotFoundError(f"{where} does not exist; pass a Dassl split_fewshot/shot_<K>-seed_<S>.pkl "
-                                       "or a run's fewshot_split.json.", param="fewshot_file")
+        raise TaskResFileNotFoundError(
+            f"{where} does not exist; pass a Dassl split_fewshot/shot_<K>-seed_<S>.pkl or a run's fewshot_split.json.",
+            param="fewshot_file",
+        )
     if path.suffix == ".json":
         try:
             raw = json.loads(path.read_text())
@@ -95,15 +107,23 @@ def load_fewshot_file(path: str | Path, dataset: DatasetSplits) -> tuple[dict[st
             entry = _match(impath, index)
             if entry is None:
                 elsewhere = _match(impath, split_of)
-                hint = (f" (it is in the dataset's {elsewhere} split)" if elsewhere is not None
-                        else f" (no entry of {str(dataset.image_dir)!r} ends with a tail of that path)")
-                raise TaskResValueError(f"{where}: {split} image {impath!r} is not a {split} image of dataset "
-                                        f"{dataset.name!r}{hint}; use the file made for this dataset.",
-                                        param="fewshot_file")
+                hint = (
+                    f" (it is in the dataset's {elsewhere} split)"
+                    if elsewhere is not None
+                    else f" (no entry of {str(dataset.image_dir)!r} ends with a tail of that path)"
+                )
+                raise TaskResValueError(
+                    f"{where}: {split} image {impath!r} is not a {split} image of dataset "
+                    f"{dataset.name!r}{hint}; use the file made for this dataset.",
+                    param="fewshot_file",
+                )
             if (entry.label, entry.classname) != (label, classname):
-                raise TaskResValueError(f"{where}: image {impath!r} has label {label} ({classname!r}) in the file but "
-                                        f"{entry.label} ({entry.classname!r}) in dataset {dataset.name!r}; the file "
-                                        "was made for other splits or class names.", param="fewshot_file")
+                raise TaskResValueError(
+                    f"{where}: image {impath!r} has label {label} ({classname!r}) in the file but "
+                    f"{entry.label} ({entry.classname!r}) in dataset {dataset.name!r}; the file "
+                    "was made for other splits or class names.",
+                    param="fewshot_file",
+                )
             entries.append(entry)
         fewshot[split] = entries
     if not fewshot["train"]:
@@ -112,6 +132,10 @@ def load_fewshot_file(path: str | Path, dataset: DatasetSplits) -> tuple[dict[st
     for e in fewshot["train"]:
         per_label[e.label] = per_label.get(e.label, 0) + 1
     seed = re.search(r"seed_(-?\d+)", path.name)
-    info = {"fewshot_file": str(path.resolve()), "fewshot_file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "shots": max(per_label.values()), "seed": int(seed.group(1)) if seed else None}
+    info = {
+        "fewshot_file": str(path.resolve()),
+        "fewshot_file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "shots": max(per_label.values()),
+        "seed": int(seed.group(1)) if seed else None,
+    }
     return fewshot, info

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,13 @@ TRAIN_SCALE = (0.08, 1.0)  # Dassl's RRCROP_SCALE default
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
-def transform_spec(image_size: int, mean: Sequence[float], std: Sequence[float], view: int | None,
-                   scale: tuple[float, float] = TRAIN_SCALE) -> dict:
+def transform_spec(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    view: int | None,
+    scale: tuple[float, float] = TRAIN_SCALE,
+) -> dict:
     """Everything about a transform that changes the pixels, for cache keys."""
     spec = {"size": image_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic"}
     if view is None:
@@ -37,13 +42,19 @@ def transform_spec(image_size: int, mean: Sequence[float], std: Sequence[float],
     return {**spec, "kind": "train", "crop": "random_resized", "scale": list(scale), "flip": 0.5, "view": view}
 
 
-def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], augment: bool,
-                    scale: tuple[float, float] = TRAIN_SCALE) -> T.Compose:
+def build_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool,
+    scale: tuple[float, float] = TRAIN_SCALE,
+) -> T.Compose:
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     if not augment:
         return T.Compose([T.Resize(image_size, interpolation=BICUBIC), T.CenterCrop(image_size), *normalize])
-    return T.Compose([T.RandomResizedCrop(image_size, scale=scale, interpolation=BICUBIC),
-                      T.RandomHorizontalFlip(), *normalize])
+    return T.Compose(
+        [T.RandomResizedCrop(image_size, scale=scale, interpolation=BICUBIC), T.RandomHorizontalFlip(), *normalize]
+    )
 
 
 def _seed(key: str) -> int:
@@ -83,12 +94,16 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     ``max_pixels`` pixels, None: no limit) is a TaskResError that names it."""
     path = str(path)
     if os.path.isdir(path):
-        raise TaskResValueError(f"image {path!r} is a folder, not an image file; check the data folder "
-                                "(--data/--root) and the split file's paths.")
+        raise TaskResValueError(
+            f"image {path!r} is a folder, not an image file; check the data folder "
+            "(--data/--root) and the split file's paths."
+        )
     if not os.path.isfile(path):
-        raise TaskResFileNotFoundError(f"image {path!r} does not exist; check the data folder (--data/--root) "
-                                       "and the split "
-                                       "file's paths, which are relative to it.")
+        raise TaskResFileNotFoundError(
+            f"image {path!r} does not exist; check the data folder (--data/--root) "
+            "and the split "
+            "file's paths, which are relative to it."
+        )
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -96,13 +111,17 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                 raise TaskResValueError(
                     f"image {path!r} is {width} x {height} = {width * height} pixels, more than the limit of "
                     f"{max_pixels} (decoding it would take about {width * height * 4 // 2**20} MiB); downscale it, "
-                    "or raise the limit with `max_image_pixels`.", param="max_image_pixels")
+                    "or raise the limit with `max_image_pixels`.",
+                    param="max_image_pixels",
+                )
             return to_rgb(img)
     except PermissionError as err:
         raise TaskResValueError(f"image {path!r} cannot be read ({err.strerror}); fix its permissions.") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
-        raise TaskResValueError(f"image {path!r} cannot be decoded ({err}); replace or remove the file, or pass "
-                                "--skip-bad-images to leave such images out.") from None
+        raise TaskResValueError(
+            f"image {path!r} cannot be decoded ({err}); replace or remove the file, or pass "
+            "--skip-bad-images to leave such images out."
+        ) from None
 
 
 class ImageViews(torch.utils.data.Dataset):
@@ -113,8 +132,16 @@ class ImageViews(torch.utils.data.Dataset):
     ``seeds`` None: the test transform. Otherwise one seed per path for its train-transform draw.
     """
 
-    def __init__(self, paths: Sequence[str], image_size: int, mean, std, seeds: Sequence[int] | None = None,
-                 scale: tuple[float, float] = TRAIN_SCALE, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        image_size: int,
+        mean,
+        std,
+        seeds: Sequence[int] | None = None,
+        scale: tuple[float, float] = TRAIN_SCALE,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.paths, self.seeds, self.size = list(paths), None if seeds is None else list(seeds), image_size
         self.max_pixels = max_pixels
         if self.seeds is not None and len(self.seeds) != len(self.paths):

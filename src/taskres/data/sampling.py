@@ -7,7 +7,7 @@ freshly seeded global stream, so nothing drawn elsewhere can shift the selection
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from taskres.data.splits import DatasetSplits, Entry
 from taskres.errors import TaskResValueError

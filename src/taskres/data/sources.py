@@ -4,9 +4,9 @@ again the dataset that a run recorded."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from taskres.data.splits import DEFAULT_TEMPLATES, DatasetSource, DatasetSplits, load_image_folder, load_split_file
 from taskres.errors import TaskResValueError
@@ -15,25 +15,34 @@ from taskres.text import check_templates
 logger = logging.getLogger(__name__)
 
 
-def open_dataset(data: str | Path | None = None, split_file: str | Path | None = None,
-                 templates: Sequence[str] | None = None, dataset: str | None = None,
-                 root: str | Path | None = None) -> DatasetSplits:
+def open_dataset(
+    data: str | Path | None = None,
+    split_file: str | Path | None = None,
+    templates: Sequence[str] | None = None,
+    dataset: str | None = None,
+    root: str | Path | None = None,
+) -> DatasetSplits:
     """A named benchmark (``dataset`` under ``root``), a CoOp split-file dataset (``data`` + ``split_file``) or an
     ImageFolder (``data/train``, ``data/test``). ``templates`` replace the dataset's default templates."""
     if dataset is not None:
         if data is not None or split_file is not None:
-            raise TaskResValueError("pass either `dataset` and `root`, or `data` (and `split_file`), not both.",
-                                    param="dataset")
+            raise TaskResValueError(
+                "pass either `dataset` and `root`, or `data` (and `split_file`), not both.", param="dataset"
+            )
         if root is None:
-            raise TaskResValueError(f"dataset {dataset} needs `root`, the folder that holds CoOp's dataset folders.",
-                                    param="root")
+            raise TaskResValueError(
+                f"dataset {dataset} needs `root`, the folder that holds CoOp's dataset folders.", param="root"
+            )
         from taskres.data.benchmarks import load_benchmark
 
         ds = load_benchmark(dataset, root)
         return replace(ds, templates=check_templates(templates)) if templates else ds
     if data is None:
-        raise TaskResValueError("no dataset given: pass `data` (an image folder, with `split_file` for CoOp-format "
-                                "data), or `dataset` and `root` for a benchmark.", param="data")
+        raise TaskResValueError(
+            "no dataset given: pass `data` (an image folder, with `split_file` for CoOp-format "
+            "data), or `dataset` and `root` for a benchmark.",
+            param="data",
+        )
     if split_file is not None:
         from taskres.data.benchmarks import BENCHMARKS, benchmark_for_split_file
 
@@ -43,8 +52,7 @@ def open_dataset(data: str | Path | None = None, split_file: str | Path | None =
         if known is not None:
             logger.info("%s is CoOp's split file of %s: using its presets and default templates", split_file, known)
         default = BENCHMARKS[known].templates if known is not None else DEFAULT_TEMPLATES
-        return load_split_file(split_file, data, check_templates(templates) if templates else default,
-                               name=known or "")
+        return load_split_file(split_file, data, check_templates(templates) if templates else default, name=known or "")
     return load_image_folder(data, check_templates(templates) if templates else DEFAULT_TEMPLATES)
 
 

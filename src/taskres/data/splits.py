@@ -1,7 +1,8 @@
 """Datasets as lists of split entries: CoOp's split-file format and a plain ImageFolder layout.
 
 An entry is ``(impath, label, classname)`` with ``impath`` relative to the dataset's image folder, exactly as in
-CoOp's ``split_zhou_<Name>.json`` files. Class names are kept as written (underscores included: docs/protocol.md#base-classifier).
+CoOp's ``split_zhou_<Name>.json`` files.
+Class names are kept as written (underscores included: docs/protocol.md#base-classifier).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
 
@@ -34,7 +36,7 @@ class Entry:
         return [self.impath, self.label, self.classname]
 
     @classmethod
-    def from_json(cls, item: Sequence, where: str) -> "Entry":
+    def from_json(cls, item: Sequence, where: str) -> Entry:
         if not (isinstance(item, (list, tuple)) and len(item) == 3):
             raise TaskResValueError(f"{where}: an entry must be [relative_image_path, label, classname]; got {item!r}.")
         impath, label, classname = item
@@ -55,11 +57,13 @@ def check_relative_path(impath: str, where: str) -> None:
     if not impath or "\0" in impath:
         raise TaskResValueError(f"{where}: the image path is empty or holds a NUL byte.")
     if os.path.isabs(impath):
-        raise TaskResValueError(f"{where}: the image path is absolute; split paths must be relative to the image "
-                                "folder (--data).")
+        raise TaskResValueError(
+            f"{where}: the image path is absolute; split paths must be relative to the image folder (--data)."
+        )
     if os.path.normpath(impath).split(os.sep)[0] == "..":
-        raise TaskResValueError(f"{where}: the image path leads outside the image folder (..); split paths must "
-                                "stay inside it.")
+        raise TaskResValueError(
+            f"{where}: the image path leads outside the image folder (..); split paths must stay inside it."
+        )
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,14 @@ class DatasetSource:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_json(cls, record: dict) -> "DatasetSource":
+    def from_json(cls, record: dict) -> DatasetSource:
         known = ("kind", "data", "split_file", "dataset", "root")
         if record.get("kind") not in ("split_file", "image_folder", "benchmark"):
-            raise TaskResValueError(f"unknown dataset source kind {record.get('kind')!r} in a run's config; known: "
-                                    "split_file, image_folder, benchmark.", param="source")
+            raise TaskResValueError(
+                f"unknown dataset source kind {record.get('kind')!r} in a run's config; known: "
+                "split_file, image_folder, benchmark.",
+                param="source",
+            )
         return cls(**{k: record[k] for k in known if record.get(k) is not None})
 
 
@@ -150,7 +157,7 @@ def classnames_from_entries(entries: Sequence[Entry], where: str) -> tuple[str, 
     return tuple(names[i] for i in range(len(names)))
 
 
-def check_split_entries(splits: dict[str, Sequence[Entry]], where: str) -> None:
+def check_split_entries(splits: Mapping[str, Sequence[Entry]], where: str) -> None:
     """A path listed twice in one split is an error; one in both train and test is logged as a warning."""
     seen: dict[str, set[str]] = {}
     for key, entries in splits.items():
@@ -158,14 +165,20 @@ def check_split_entries(splits: dict[str, Sequence[Entry]], where: str) -> None:
         for e in entries:
             norm = os.path.normpath(e.impath)
             if norm in paths:
-                raise TaskResValueError(f"{where}: {e.impath!r} is listed twice in '{key}'; each image may appear "
-                                        "once per split. Remove the duplicate.")
+                raise TaskResValueError(
+                    f"{where}: {e.impath!r} is listed twice in '{key}'; each image may appear "
+                    "once per split. Remove the duplicate."
+                )
             paths.add(norm)
         seen[key] = paths
     both = seen.get("train", set()) & seen.get("test", set())
     if both:
-        logger.warning("%s: %d image(s) are in both train and test (e.g. %r); test accuracy will be optimistic",
-                       where, len(both), sorted(both)[0])
+        logger.warning(
+            "%s: %d image(s) are in both train and test (e.g. %r); test accuracy will be optimistic",
+            where,
+            len(both),
+            sorted(both)[0],
+        )
 
 
 def load_split_file(
@@ -174,26 +187,35 @@ def load_split_file(
     """Read a CoOp split file (``{"train": [...], "val": [...], "test": [...]}``); paths are relative to image_dir."""
     split_file, image_dir = Path(split_file), Path(image_dir)
     if not image_dir.is_dir():
-        raise TaskResFileNotFoundError(f"data folder {str(image_dir)!r} does not exist; pass --data the folder "
-                                       "that the split "
-                                       "file's image paths are relative to.")
+        raise TaskResFileNotFoundError(
+            f"data folder {str(image_dir)!r} does not exist; pass --data the folder "
+            "that the split "
+            "file's image paths are relative to."
+        )
     if not split_file.is_file():
-        raise TaskResFileNotFoundError(f"split file {str(split_file)!r} does not exist; pass --split-file a CoOp "
-                                       "split JSON "
-                                       "(split_zhou_<Name>.json), or leave it out to read --data as an ImageFolder.")
+        raise TaskResFileNotFoundError(
+            f"split file {str(split_file)!r} does not exist; pass --split-file a CoOp "
+            "split JSON "
+            "(split_zhou_<Name>.json), or leave it out to read --data as an ImageFolder."
+        )
     try:
         text = split_file.read_text()
     except OSError as err:
-        raise TaskResValueError(f"split file {str(split_file)!r} cannot be read ({err.strerror}).",
-                                param="split_file") from None
+        raise TaskResValueError(
+            f"split file {str(split_file)!r} cannot be read ({err.strerror}).", param="split_file"
+        ) from None
     try:
         raw = json.loads(text)
     except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, or an integer past Python's digit limit
-        raise TaskResValueError(f"split file {str(split_file)!r} is not valid JSON ({err}); expected "
-                                '{"train": [...], "val": [...], "test": [...]}.') from None
+        raise TaskResValueError(
+            f"split file {str(split_file)!r} is not valid JSON ({err}); expected "
+            '{"train": [...], "val": [...], "test": [...]}.'
+        ) from None
     if not isinstance(raw, dict) or not all(k in raw for k in ("train", "test")):
-        raise TaskResValueError(f"split file {str(split_file)!r} must be a JSON object with 'train', 'val' and 'test' "
-                                "lists of [relative_image_path, label, classname].")
+        raise TaskResValueError(
+            f"split file {str(split_file)!r} must be a JSON object with 'train', 'val' and 'test' "
+            "lists of [relative_image_path, label, classname]."
+        )
     splits = {}
     for key in ("train", "val", "test"):
         items = raw.get(key, [])
@@ -207,9 +229,14 @@ def load_split_file(
             raise TaskResValueError(f"split file {str(split_file)!r} has no '{key}' entries.")
     _check_every_class_present(splits["train"], classnames, f"split file {str(split_file)!r} (train)")
     return DatasetSplits(
-        name=name or split_file.stem, image_dir=image_dir, classnames=classnames, templates=tuple(templates),
+        name=name or split_file.stem,
+        image_dir=image_dir,
+        classnames=classnames,
+        templates=tuple(templates),
         source=DatasetSource("split_file", data=str(image_dir.resolve()), split_file=str(split_file.resolve())),
-        **splits,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
     )
 
 
@@ -231,8 +258,10 @@ def load_image_folder(root: str | Path, templates: Sequence[str] = DEFAULT_TEMPL
     try:
         return _load_image_folder(root, train_dir, templates, name)
     except PermissionError as err:
-        raise TaskResValueError(f"data folder {str(root)!r}: {err.filename!r} cannot be read ({err.strerror}); "
-                                "fix its permissions.", param="data") from None
+        raise TaskResValueError(
+            f"data folder {str(root)!r}: {err.filename!r} cannot be read ({err.strerror}); fix its permissions.",
+            param="data",
+        ) from None
 
 
 def _load_image_folder(root: Path, train_dir: Path, templates: Sequence[str], name: str) -> DatasetSplits:
@@ -246,9 +275,11 @@ def _load_image_folder(root: Path, train_dir: Path, templates: Sequence[str], na
         if split_dir.is_dir():
             extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classnames)
             if extra:
-                raise TaskResValueError(f"{str(split_dir)!r} has class folder(s) {extra} that train/ lacks; "
-                                        "every class "
-                                        "must have training images.")
+                raise TaskResValueError(
+                    f"{str(split_dir)!r} has class folder(s) {extra} that train/ lacks; "
+                    "every class "
+                    "must have training images."
+                )
             for label, cname in enumerate(classnames):
                 cdir = split_dir / cname
                 if not cdir.is_dir():
@@ -261,8 +292,14 @@ def _load_image_folder(root: Path, train_dir: Path, templates: Sequence[str], na
     if not splits["test"]:
         raise TaskResValueError(f"{str(root / 'test')!r} holds no images; put test images in test/<class>/.")
     return DatasetSplits(
-        name=name or root.name, image_dir=root, classnames=classnames, templates=tuple(templates),
-        source=DatasetSource("image_folder", data=str(root.resolve())), **splits,
+        name=name or root.name,
+        image_dir=root,
+        classnames=classnames,
+        templates=tuple(templates),
+        source=DatasetSource("image_folder", data=str(root.resolve())),
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
     )
 
 
@@ -272,5 +309,7 @@ def _check_every_class_present(entries: Sequence[Entry], classnames: Sequence[st
         counts[e.label] += 1
     empty = [classnames[i] for i, c in enumerate(counts) if c == 0]
     if empty:
-        raise TaskResValueError(f"{where}: class(es) {empty[:10]} have no training images; every class needs at "
-                                "least one. Add images or remove the class.")
+        raise TaskResValueError(
+            f"{where}: class(es) {empty[:10]} have no training images; every class needs at "
+            "least one. Add images or remove the class."
+        )

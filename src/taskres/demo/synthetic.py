@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,7 +70,10 @@ class Scene:
 
 
 def _jitter(rgb: Sequence[int], rng: np.random.Generator, amount: int) -> tuple[int, int, int]:
-    return tuple(int(v) for v in np.clip(np.asarray(rgb) + rng.integers(-amount, amount + 1, 3), 0, 255))
+    return cast(
+        "tuple[int, int, int]",
+        tuple(int(v) for v in np.clip(np.asarray(rgb) + rng.integers(-amount, amount + 1, 3), 0, 255)),
+    )
 
 
 def sample_scene(
@@ -90,8 +94,8 @@ def sample_scene(
     ``shape``/``colour`` fix those attributes; ``style`` and ``backdrop`` pick the rendering; ``noise``
     (pixel std, 0..255), ``contrast`` (1 = unchanged) and ``pattern`` (stripe strength) are uniform ranges.
     """
-    shape = shape if shape is not None else shapes[rng.integers(len(shapes))]
-    colour = colour if colour is not None else colours[rng.integers(len(colours))]
+    shape = shape if shape is not None else shapes[int(rng.integers(len(shapes)))]
+    colour = colour if colour is not None else colours[int(rng.integers(len(colours)))]
     size = tuple(SIZES)[rng.integers(len(SIZES))]
     radius = float(rng.uniform(*SIZES[size]))
     # Large shapes have no room to sit off-centre.
@@ -129,17 +133,23 @@ def sample_scene(
 
 # ---------------------------------------------------------------- geometry (unit radius, y pointing down)
 
+
 def _regular(n: int, radius: float, start_deg: float) -> list[tuple[float, float]]:
     return [
-        (radius * math.cos(math.radians(start_deg + 360.0 * k / n)), radius * math.sin(math.radians(start_deg + 360.0 * k / n)))
+        (
+            radius * math.cos(math.radians(start_deg + 360.0 * k / n)),
+            radius * math.sin(math.radians(start_deg + 360.0 * k / n)),
+        )
         for k in range(n)
     ]
 
 
 def _star() -> list[tuple[float, float]]:
     return [
-        ((1.1 if k % 2 == 0 else 0.45) * math.cos(math.radians(-90 + 36 * k)),
-         (1.1 if k % 2 == 0 else 0.45) * math.sin(math.radians(-90 + 36 * k)) + 0.08)
+        (
+            (1.1 if k % 2 == 0 else 0.45) * math.cos(math.radians(-90 + 36 * k)),
+            (1.1 if k % 2 == 0 else 0.45) * math.sin(math.radians(-90 + 36 * k)) + 0.08,
+        )
         for k in range(10)
     ]
 
@@ -155,8 +165,20 @@ _POLYGONS: dict[str, list[tuple[float, float]]] = {
     "square": [(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)],
     "triangle": [(x, y + 0.15) for x, y in _regular(3, 1.12, -90)],
     "star": _star(),
-    "cross": [(-0.3, -1.0), (0.3, -1.0), (0.3, -0.3), (1.0, -0.3), (1.0, 0.3), (0.3, 0.3), (0.3, 1.0), (-0.3, 1.0),
-              (-0.3, 0.3), (-1.0, 0.3), (-1.0, -0.3), (-0.3, -0.3)],
+    "cross": [
+        (-0.3, -1.0),
+        (0.3, -1.0),
+        (0.3, -0.3),
+        (1.0, -0.3),
+        (1.0, 0.3),
+        (0.3, 0.3),
+        (0.3, 1.0),
+        (-0.3, 1.0),
+        (-0.3, 0.3),
+        (-1.0, 0.3),
+        (-1.0, -0.3),
+        (-0.3, -0.3),
+    ],
     "heart": _heart(),
     "diamond": [(0.0, -1.12), (0.66, 0.0), (0.0, 1.12), (-0.66, 0.0)],
     "arrow": [(-1.0, -0.22), (0.15, -0.22), (0.15, -0.7), (1.05, 0.0), (0.15, 0.7), (0.15, 0.22), (-1.0, 0.22)],
@@ -223,7 +245,7 @@ def _backdrop(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
         return (1 - scene.pattern) * bg + scene.pattern * (w * c1 + (1 - w) * c2)
     if scene.backdrop == "clutter":
         hi = size * SUPERSAMPLE
-        canvas = Image.fromarray(bg.astype(np.uint8)).resize((hi, hi), Image.NEAREST)
+        canvas = Image.fromarray(bg.astype(np.uint8)).resize((hi, hi), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(canvas)
         names = list(COLOURS) + list(BACKGROUNDS)
         for _ in range(int(rng.integers(7, 12))):
@@ -231,19 +253,23 @@ def _backdrop(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
             x0, y0 = rng.uniform(0, hi, 2)
             if rng.random() < 0.55:
                 length, ang = rng.uniform(0.2, 0.6) * hi, rng.uniform(0, 2 * math.pi)
-                draw.line([(x0, y0), (x0 + length * math.cos(ang), y0 + length * math.sin(ang))], fill=col,
-                          width=int(rng.integers(3, 7)))
+                draw.line(
+                    [(x0, y0), (x0 + length * math.cos(ang), y0 + length * math.sin(ang))],
+                    fill=col,
+                    width=int(rng.integers(3, 7)),
+                )
             else:
                 rr = rng.uniform(1.0, 2.8) * SUPERSAMPLE
                 draw.ellipse([x0 - rr, y0 - rr, x0 + rr, y0 + rr], fill=col)
-        return np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32)
+        return np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
     raise ValueError(f"unknown backdrop {scene.backdrop!r}; known: {BACKDROPS}")
 
 
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     """Render ``scene`` as a ``size`` x ``size`` RGB image; a pure function of the scene."""
     rng = np.random.default_rng(scene.seed)
-    alpha = np.asarray(_shape_mask(scene, size).resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255.0
+    mask = _shape_mask(scene, size).resize((size, size), Image.Resampling.BOX)
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
     img = _backdrop(scene, size, rng) * (1 - alpha) + np.asarray(scene.rgb, dtype=np.float32) * alpha
     if scene.contrast != 1.0:
         img = img.mean() + (img - img.mean()) * scene.contrast
@@ -254,8 +280,19 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
 
 # ---------------------------------------------------------------- captions
 
-_PREFIXES = ("a photo of {a}", "{a}", "an image of {a}", "a picture of {a}", "a drawing of {a}", "a rendering of {a}",
-             "there is {a}", "a photo of the", "itap of {a}", "a good photo of the", "a bad photo of {a}")
+_PREFIXES = (
+    "a photo of {a}",
+    "{a}",
+    "an image of {a}",
+    "a picture of {a}",
+    "a drawing of {a}",
+    "a rendering of {a}",
+    "there is {a}",
+    "a photo of the",
+    "itap of {a}",
+    "a good photo of the",
+    "a bad photo of {a}",
+)
 _POSITION_PHRASES = {
     "center": ("in the middle", "in the center"),
     "left": ("on the left",),
@@ -320,6 +357,7 @@ def pretraining_pairs(
 
 # ---------------------------------------------------------------- downstream tasks
 
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One downstream classification task: class names, one prompt template, and a scene sampler per label."""
@@ -338,27 +376,64 @@ _NEAR_CLASSES = tuple(f"{c} {s}" for c in _NEAR_COLOURS for s in _NEAR_SHAPES)
 
 
 def _shapes_task(name: str, role: str, description: str, shapes: Sequence[str], **shift) -> TaskSpec:
-    return TaskSpec(name, role, description, tuple(shapes), "a photo of a {}.",
-                    lambda rng, label: sample_scene(rng, shape=shapes[label], **shift))
+    return TaskSpec(
+        name,
+        role,
+        description,
+        tuple(shapes),
+        "a photo of a {}.",
+        lambda rng, label: sample_scene(rng, shape=shapes[label], **shift),
+    )
 
 
 DEMO_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec(
-        "color_shapes", "near",
+        "color_shapes",
+        "near",
         "12 colour-shape pairs ('red circle') drawn as in pretraining: zero-shot should be strong.",
-        _NEAR_CLASSES, "a photo of a {}.",
-        lambda rng, label: sample_scene(rng, colour=_NEAR_CLASSES[label].split()[0], shape=_NEAR_CLASSES[label].split()[1]),
+        _NEAR_CLASSES,
+        "a photo of a {}.",
+        lambda rng, label: sample_scene(
+            rng, colour=_NEAR_CLASSES[label].split()[0], shape=_NEAR_CLASSES[label].split()[1]
+        ),
     ),
-    _shapes_task("outline_shapes", "shift", "the 6 pretraining shapes drawn as outlines only (a rendering style "
-                 "never seen in pretraining).", PRETRAIN_SHAPES, style="outline"),
-    _shapes_task("cluttered_shapes", "shift", "the 6 pretraining shapes among random lines and dots.",
-                 PRETRAIN_SHAPES, backdrop="clutter"),
-    _shapes_task("noisy_shapes", "shift", "the 6 pretraining shapes at lower contrast under strong pixel noise.",
-                 PRETRAIN_SHAPES, noise=(15.0, 25.0), contrast=(0.8, 0.9)),
-    _shapes_task("striped_shapes", "shift", "the 6 pretraining shapes on striped backgrounds.",
-                 PRETRAIN_SHAPES, backdrop="stripes", pattern=(0.35, 0.5)),
-    _shapes_task("new_shapes", "new", "5 shapes never drawn nor named in pretraining: the text encoder has never "
-                 "seen their names, so zero-shot is near chance.", HELD_OUT_SHAPES),
+    _shapes_task(
+        "outline_shapes",
+        "shift",
+        "the 6 pretraining shapes drawn as outlines only (a rendering style never seen in pretraining).",
+        PRETRAIN_SHAPES,
+        style="outline",
+    ),
+    _shapes_task(
+        "cluttered_shapes",
+        "shift",
+        "the 6 pretraining shapes among random lines and dots.",
+        PRETRAIN_SHAPES,
+        backdrop="clutter",
+    ),
+    _shapes_task(
+        "noisy_shapes",
+        "shift",
+        "the 6 pretraining shapes at lower contrast under strong pixel noise.",
+        PRETRAIN_SHAPES,
+        noise=(15.0, 25.0),
+        contrast=(0.8, 0.9),
+    ),
+    _shapes_task(
+        "striped_shapes",
+        "shift",
+        "the 6 pretraining shapes on striped backgrounds.",
+        PRETRAIN_SHAPES,
+        backdrop="stripes",
+        pattern=(0.35, 0.5),
+    ),
+    _shapes_task(
+        "new_shapes",
+        "new",
+        "5 shapes never drawn nor named in pretraining: the text encoder has never "
+        "seen their names, so zero-shot is near chance.",
+        HELD_OUT_SHAPES,
+    ),
 )
 
 
@@ -405,15 +480,17 @@ def write_demo_tasks(
                     split[part].append([rel, label, classname])
         split_file = task_dir / f"split_zhou_{name}.json"
         split_file.write_text(json.dumps(split))
-        out.append({
-            "name": name,
-            "role": spec.role,
-            "description": spec.description,
-            "image_dir": image_dir,
-            "split_file": split_file,
-            "templates": [spec.template],
-            "classnames": list(spec.classnames),
-            "num_classes": len(spec.classnames),
-            "counts": {k: len(v) for k, v in split.items()},
-        })
+        out.append(
+            {
+                "name": name,
+                "role": spec.role,
+                "description": spec.description,
+                "image_dir": image_dir,
+                "split_file": split_file,
+                "templates": [spec.template],
+                "classnames": list(spec.classnames),
+                "num_classes": len(spec.classnames),
+                "counts": {k: len(v) for k, v in split.items()},
+            }
+        )
     return out

@@ -9,7 +9,20 @@ from __future__ import annotations
 from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, cosine_logits, option
 from taskres.methods.registry import METHODS, Method, OfficialVariant, discover, get_method, register_method
 
-__all__ = ["Artifact", "CosineHead", "FitContext", "Fitted", "Head", "METHODS", "Method", "cosine_logits",
-           "OfficialVariant", "discover", "get_method", "option", "register_method"]
+__all__ = [
+    "Artifact",
+    "CosineHead",
+    "FitContext",
+    "Fitted",
+    "Head",
+    "METHODS",
+    "Method",
+    "cosine_logits",
+    "OfficialVariant",
+    "discover",
+    "get_method",
+    "option",
+    "register_method",
+]
 
 discover()  # every method module registers itself on import

@@ -15,9 +15,10 @@ and registers them with ``register_method(Method(...))`` (``taskres.methods.regi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +40,16 @@ def config_options(config_cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(config_cls) if "flag" in f.metadata]
 
 
-def cosine_logits(image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
-                  ) -> torch.Tensor:
+def cosine_logits(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """(N, D) x (C, D) -> (N, C): tau * cosine similarity; neither input needs to be normalised."""
     return logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(classifier, dim=-1).t()
 
 
-def cosine_logits_columns(image_features: torch.Tensor, classifier: torch.Tensor,
-                          logit_scale: torch.Tensor | float) -> torch.Tensor:
+def cosine_logits_columns(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """``cosine_logits`` with the classifier's norms applied to the (N, C) logits' columns instead of to its (C, D)
     rows: tau * (z / |z|) @ t^T / |t|. The same value up to rounding, and the cheaper form to train, where every
     step changes t: its backward costs one matrix product and one pass over t's (C, D) entries, where autograd
@@ -106,10 +109,10 @@ class Head(nn.Module):
         return {k: v.detach().float().contiguous().cpu() for k, v in self.tensors().items()}, self.metadata()
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "Head":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> Head:
         raise NotImplementedError
 
-    def select_classes(self, rows: Sequence[int]) -> "Head":
+    def select_classes(self, rows: Sequence[int]) -> Head:
         """A head over a subset of classes (in the given order), e.g. ImageNet-A's 200 of ImageNet's 1000."""
         tensors, meta = self.export()
         rows = list(rows)
@@ -124,8 +127,10 @@ class CosineHead(Head):
     """The frozen base classifier t (C, D) and CLIP's logit scale tau: logits = tau * cos(image side, class side).
     Subclasses change the class side (``classifier``) or the image side (``image_features``)."""
 
-    class_rows = ("base_text_features",)
-    frozen_tensors = ("base_text_features",)
+    class_rows: ClassVar[tuple[str, ...]] = ("base_text_features",)
+    frozen_tensors: ClassVar[tuple[str, ...]] = ("base_text_features",)
+    base_text_features: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    logit_scale: torch.Tensor
 
     def __init__(self, base_text_features: torch.Tensor, logit_scale: float):
         super().__init__()
@@ -183,11 +188,22 @@ class FitContext:
     def has_val(self) -> bool:
         return self.val_features is not None and len(self.val_features) > 0
 
-    def train(self, module: nn.Module, optim: OptimConfig | None = None,
-              on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    def train(
+        self, module: nn.Module, optim: OptimConfig | None = None, on_epoch: Callable[[dict], None] | None = None
+    ) -> list[dict]:
         """Train ``module``'s parameters on the training views with the run's optimiser, seed and device."""
-        return fit(module, self.train_views, self.train_labels, optim or self.optim, seed=self.seed,
-                   device=self.device, on_epoch=on_epoch or self.on_epoch, quiet=self.quiet)
+        config = optim or self.optim
+        assert config is not None, "a trained method's fit context has an optimiser"
+        return fit(
+            module,
+            self.train_views,
+            self.train_labels,
+            config,
+            seed=self.seed,
+            device=self.device,
+            on_epoch=on_epoch or self.on_epoch,
+            quiet=self.quiet,
+        )
 
 
 @dataclass(frozen=True)

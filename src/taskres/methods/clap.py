@@ -28,8 +28,9 @@ class CLAPConfig:
 
 
 @torch.no_grad()
-def penalty_weights(features: torch.Tensor, labels: torch.Tensor, base: torch.Tensor, logit_scale: float
-                    ) -> torch.Tensor:
+def penalty_weights(
+    features: torch.Tensor, labels: torch.Tensor, base: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
     """(C,) lambda_c: the mean zero-shot probability of class c over the rows of class c (0 for absent classes)."""
     probs = cosine_logits(features.float(), base.float(), logit_scale).softmax(dim=-1)  # (M, C)
     num_classes = base.shape[0]
@@ -48,15 +49,26 @@ def fit_clap(ctx: FitContext, config: CLAPConfig) -> Fitted:
     head = init_head(ctx, config)
     pool, labels = pooled_views(ctx)
     weights = penalty_weights(pool, labels, ctx.base, ctx.logit_scale).to(ctx.device)
-    train_pooled(head, ctx, pool, labels, penalty=lambda h: class_penalty(h.prototypes, h.base_text_features,
-                                                                          weights))
-    info = {"pool_size": len(pool), "clap_lambda": [float(w) for w in weights.cpu()],
-            "clap_lambda_mean": float(weights.mean()),
-            "clap_prototype_shift": float((head.prototypes.detach() - head.base_text_features).norm(dim=-1).mean())}
+    train_pooled(head, ctx, pool, labels, penalty=lambda h: class_penalty(h.prototypes, h.base_text_features, weights))
+    info = {
+        "pool_size": len(pool),
+        "clap_lambda": [float(w) for w in weights.cpu()],
+        "clap_lambda_mean": float(weights.mean()),
+        "clap_prototype_shift": float((head.prototypes.detach() - head.base_text_features).norm(dim=-1).mean()),
+    }
     return Fitted(head.cpu(), info)
 
 
-register_method(Method(
-    "clap", "CLAP: ZS-LP plus a class-wise penalty towards the zero-shot prototypes, weighted by zero-shot "
-    "confidence on the support set (Silva-Rodriguez et al. 2024)",
-    CLAPConfig, ZSLPHead, fit_clap, optim_preset=optim_preset, views=POOL_VIEWS, init_head=init_head))
+register_method(
+    Method(
+        "clap",
+        "CLAP: ZS-LP plus a class-wise penalty towards the zero-shot prototypes, weighted by zero-shot "
+        "confidence on the support set (Silva-Rodriguez et al. 2024)",
+        CLAPConfig,
+        ZSLPHead,
+        fit_clap,
+        optim_preset=optim_preset,
+        views=POOL_VIEWS,
+        init_head=init_head,
+    )
+)

@@ -26,10 +26,13 @@ from taskres.methods.registry import Method, register_method
 
 @dataclass(frozen=True)
 class ClassifierAdapterConfig:
-    form: Literal["residual", "direct"] = field(default="residual", metadata=option(
-        "--adapter-form", "t + alpha * phi(t) (residual, the default) or phi(t) (direct)"))
-    alpha: float = field(default=0.5, metadata=option(
-        "--alpha", "residual scale alpha (default 0.5; 1.0 for Flowers102)"))
+    form: Literal["residual", "direct"] = field(
+        default="residual",
+        metadata=option("--adapter-form", "t + alpha * phi(t) (residual, the default) or phi(t) (direct)"),
+    )
+    alpha: float = field(
+        default=0.5, metadata=option("--alpha", "residual scale alpha (default 0.5; 1.0 for Flowers102)")
+    )
     reduction: int = 4  # hidden width D / reduction
 
     def __post_init__(self) -> None:
@@ -43,8 +46,12 @@ class ClassifierAdapterConfig:
 class ClassifierAdapterHead(MLPAdapterHead):
     config_cls = ClassifierAdapterConfig
 
-    def __init__(self, base_text_features: torch.Tensor, logit_scale: float,
-                 config: ClassifierAdapterConfig = ClassifierAdapterConfig()):
+    def __init__(
+        self,
+        base_text_features: torch.Tensor,
+        logit_scale: float,
+        config: ClassifierAdapterConfig = ClassifierAdapterConfig(),
+    ):
         super().__init__(base_text_features, logit_scale, config)
 
     def classifier(self) -> torch.Tensor:
@@ -67,7 +74,14 @@ def fit_classifier_adapter(ctx: FitContext, config: ClassifierAdapterConfig) -> 
     return Fitted(head.cpu(), {"classifier_relative_change": change})
 
 
-register_method(Method(
-    "classifier-adapter", "Adapter on the text classifier, t + alpha * phi(t) or phi(t) (TaskRes paper, Table 2)",
-    ClassifierAdapterConfig, ClassifierAdapterHead, fit_classifier_adapter, optim_preset=taskres_method.optim_preset,
-    config_preset=config_preset))
+register_method(
+    Method(
+        "classifier-adapter",
+        "Adapter on the text classifier, t + alpha * phi(t) or phi(t) (TaskRes paper, Table 2)",
+        ClassifierAdapterConfig,
+        ClassifierAdapterHead,
+        fit_classifier_adapter,
+        optim_preset=taskres_method.optim_preset,
+        config_preset=config_preset,
+    )
+)

@@ -29,8 +29,10 @@ class ClipAdapterConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio <= 1 or self.reduction < 1:
-            raise TaskResValueError(f"CLIP-Adapter needs 0 <= ratio <= 1 and reduction >= 1; got {self.ratio!r}, "
-                                    f"{self.reduction!r}.", param="ratio")
+            raise TaskResValueError(
+                f"CLIP-Adapter needs 0 <= ratio <= 1 and reduction >= 1; got {self.ratio!r}, {self.reduction!r}.",
+                param="ratio",
+            )
 
 
 def coop_schedule_epochs(shots: int) -> int:
@@ -40,14 +42,16 @@ def coop_schedule_epochs(shots: int) -> int:
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:
     """``taskres train --method clip-adapter``: CoOp's rn50*.yaml optimiser and Dassl's SGD defaults."""
-    return OptimConfig(lr=2e-3, epochs=coop_schedule_epochs(shots), batch_size=32, weight_decay=5e-4,
-                       optimizer="sgd", momentum=0.9)
+    return OptimConfig(
+        lr=2e-3, epochs=coop_schedule_epochs(shots), batch_size=32, weight_decay=5e-4, optimizer="sgd", momentum=0.9
+    )
 
 
 def adapter_mlp(dim: int, reduction: int) -> nn.Sequential:
     """CLIP-Adapter's MLP: Linear(D, D / reduction, no bias) -> ReLU -> Linear(D / reduction, D, no bias) -> ReLU."""
-    return nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
-                         nn.Linear(dim // reduction, dim, bias=False), nn.ReLU())
+    return nn.Sequential(
+        nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(), nn.Linear(dim // reduction, dim, bias=False), nn.ReLU()
+    )
 
 
 class MLPAdapterHead(CosineHead):
@@ -62,25 +66,28 @@ class MLPAdapterHead(CosineHead):
         self.adapter = adapter_mlp(base_text_features.shape[1], config.reduction)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"base_text_features": self.base_text_features,
-                **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}}
+        return {
+            "base_text_features": self.base_text_features,
+            **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()},
+        }
 
     def metadata(self) -> dict:
         return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "MLPAdapterHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> MLPAdapterHead:
         config = cls.config_cls(**{f.name: meta[f.name] for f in fields(cls.config_cls)})
         head = cls(tensors["base_text_features"], float(meta["logit_scale"]), config)
-        head.adapter.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        head.adapter.load_state_dict({k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")})
         return head
 
 
 class ClipAdapterHead(MLPAdapterHead):
     config_cls = ClipAdapterConfig
 
-    def __init__(self, base_text_features: torch.Tensor, logit_scale: float,
-                 config: ClipAdapterConfig = ClipAdapterConfig()):
+    def __init__(
+        self, base_text_features: torch.Tensor, logit_scale: float, config: ClipAdapterConfig = ClipAdapterConfig()
+    ):
         super().__init__(base_text_features, logit_scale, config)
 
     def image_features(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -97,6 +104,13 @@ def fit_clip_adapter(ctx: FitContext, config: ClipAdapterConfig) -> Fitted:
     return Fitted(head.cpu())
 
 
-register_method(Method(
-    "clip-adapter", "CLIP-Adapter: residual MLP on the image feature, r * mlp(f) + (1 - r) * f (Gao et al.)",
-    ClipAdapterConfig, ClipAdapterHead, fit_clip_adapter, optim_preset=optim_preset))
+register_method(
+    Method(
+        "clip-adapter",
+        "CLIP-Adapter: residual MLP on the image feature, r * mlp(f) + (1 - r) * f (Gao et al.)",
+        ClipAdapterConfig,
+        ClipAdapterHead,
+        fit_clip_adapter,
+        optim_preset=optim_preset,
+    )
+)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from taskres.backbones import ClipModel
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError
 from taskres.methods.base import FitContext, Fitted, Head, cosine_logits, option
@@ -36,8 +37,9 @@ class CoOpConfig:
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or not self.init_std > 0:
-            raise TaskResValueError(f"CoOp needs `n_ctx` >= 1 and init_std > 0; got {self.n_ctx!r}, "
-                                    f"{self.init_std!r}.", param="n_ctx")
+            raise TaskResValueError(
+                f"CoOp needs `n_ctx` >= 1 and init_std > 0; got {self.n_ctx!r}, {self.init_std!r}.", param="n_ctx"
+            )
 
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:
@@ -50,6 +52,9 @@ class CoOpHead(Head):
     """The trained prompt's class text features: (N, D) features -> (N, C) logits, no text encoder needed."""
 
     class_rows = ("text_features",)
+    text_features: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    ctx: torch.Tensor
+    logit_scale: torch.Tensor
 
     def __init__(self, text_features: torch.Tensor, ctx: torch.Tensor, logit_scale: float, config: CoOpConfig):
         super().__init__()
@@ -68,7 +73,7 @@ class CoOpHead(Head):
         return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "CoOpHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> CoOpHead:
         config = CoOpConfig(n_ctx=int(meta["n_ctx"]), init_std=float(meta["init_std"]), amp=bool(meta["amp"]))
         return cls(tensors["text_features"], tensors["ctx"], float(meta["logit_scale"]), config)
 
@@ -77,7 +82,11 @@ class PromptLearner(nn.Module):
     """The context vectors in front of the frozen text encoder; the encoder is held outside the module's state, so
     only ``ctx`` is a parameter and moving the learner never moves the shared backbone."""
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, ctx: torch.Tensor, logit_scale: float, amp: bool):
+    tokens: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+
+    def __init__(self, model: ClipModel, tokens: torch.Tensor, ctx: torch.Tensor, logit_scale: float, amp: bool):
         super().__init__()
         self.encoder = (model,)
         n_ctx = ctx.shape[0]
@@ -85,7 +94,7 @@ class PromptLearner(nn.Module):
             embedding = model.token_embedding(tokens)  # (C, L, W)
         self.register_buffer("tokens", tokens)  # (C, L)
         self.register_buffer("prefix", embedding[:, :1].clone())  # SOS
-        self.register_buffer("suffix", embedding[:, 1 + n_ctx:].clone())  # class tokens, ".", EOS, padding
+        self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone())  # class tokens, ".", EOS, padding
         self.ctx = nn.Parameter(ctx)  # (M, W)
         self.logit_scale, self.amp = float(logit_scale), amp
 
@@ -112,16 +121,20 @@ def prompt_tokens(backbone, classnames, n_ctx: int) -> torch.Tensor:
     for name, prompt in zip(classnames, prompts):
         need = len(tokenizer.encode(prompt)) + 2
         if need > length:
-            raise TaskResValueError(f"CoOp's prompt for class {name!r} needs {need} tokens with {n_ctx} context "
-                                    f"vectors, but the text encoder reads {length}; use a smaller `n_ctx` (at most "
-                                    f"{n_ctx - (need - length)}).", param="n_ctx")
+            raise TaskResValueError(
+                f"CoOp's prompt for class {name!r} needs {need} tokens with {n_ctx} context "
+                f"vectors, but the text encoder reads {length}; use a smaller `n_ctx` (at most "
+                f"{n_ctx - (need - length)}).",
+                param="n_ctx",
+            )
     return tokenizer(prompts)
 
 
 def fit_coop(ctx: FitContext, config: CoOpConfig) -> Fitted:
     if ctx.backbone is None:
-        raise TaskResValueError("CoOp runs the text encoder in the training loop and needs the backbone in its "
-                                "context.", param="backbone")
+        raise TaskResValueError(
+            "CoOp runs the text encoder in the training loop and needs the backbone in its context.", param="backbone"
+        )
     model = check_text_tower(ctx.backbone, "CoOp")
     tokens = prompt_tokens(ctx.backbone, ctx.classnames, config.n_ctx).to(ctx.backbone.device)
     width = model.token_embedding.weight.shape[1]
@@ -133,6 +146,13 @@ def fit_coop(ctx: FitContext, config: CoOpConfig) -> Fitted:
     return Fitted(CoOpHead(text.cpu(), learner.ctx.detach().cpu(), ctx.logit_scale, config))
 
 
-register_method(Method(
-    "coop", "CoOp: 16 learned context vectors through the frozen text encoder (Zhou et al. 2022)",
-    CoOpConfig, CoOpHead, fit_coop, optim_preset=optim_preset))
+register_method(
+    Method(
+        "coop",
+        "CoOp: 16 learned context vectors through the frozen text encoder (Zhou et al. 2022)",
+        CoOpConfig,
+        CoOpHead,
+        fit_coop,
+        optim_preset=optim_preset,
+    )
+)

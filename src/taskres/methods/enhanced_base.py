@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,6 +38,7 @@ from taskres.methods.base import FitContext, cosine_logits
 from taskres.safe_load import load_checkpoint
 from taskres.text import check_templates
 from taskres.text_tower import check_text_tower, pooled_text, projection
+from taskres.views import TrainViews
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,11 @@ class EnhancedBaseConfig:
         if self.search not in ("val", "none"):
             raise TaskResValueError(f"--search must be 'val' or 'none'; got {self.search!r}.")
         if self.epochs < 1 or not self.lr > 0 or not all(x > 0 for x in self.lrs):
-            raise TaskResValueError("the base tuning needs epochs >= 1 and positive learning rates; got "
-                                    f"{self.epochs!r}, "
-                                    f"{self.lr!r}, {self.lrs!r}.")
+            raise TaskResValueError(
+                "the base tuning needs epochs >= 1 and positive learning rates; got "
+                f"{self.epochs!r}, "
+                f"{self.lr!r}, {self.lrs!r}."
+            )
 
     def optim(self, lr: float) -> OptimConfig:
         return OptimConfig(lr=lr, epochs=self.epochs, batch_size=self.batch_size, weight_decay=self.weight_decay)
@@ -73,7 +77,10 @@ class EnhancedBaseConfig:
 
 @torch.no_grad()
 def pre_projection_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """(C, T, W) float32: the pooled text features before the projection, names as written (docs/protocol.md#base-classifier)."""
+    """(C, T, W) float32: the pooled text features before the projection, names as written.
+
+    See docs/protocol.md#base-classifier.
+    """
     model = check_text_tower(backbone, "the enhanced base")
     templates = check_templates(templates)
     rows = []
@@ -93,15 +100,19 @@ def load_projection(path: str | Path) -> torch.Tensor:
     path = Path(path)
     what = "--base-weights file"
     if not path.is_file():
-        raise TaskResFileNotFoundError(f"{what} {str(path)!r} does not exist; pass a strong_base "
-                                       ".../model.pth.tar or a "
-                                       f"{PROJECTION_FILE} written by --enhance-base.")
+        raise TaskResFileNotFoundError(
+            f"{what} {str(path)!r} does not exist; pass a strong_base "
+            ".../model.pth.tar or a "
+            f"{PROJECTION_FILE} written by --enhance-base."
+        )
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), "pt") as f:
                 if "text_projection" not in f.keys():
-                    raise TaskResValueError(f"{what} {str(path)!r} has no 'text_projection' tensor; pass a "
-                                            f"{PROJECTION_FILE} written by --enhance-base.")
+                    raise TaskResValueError(
+                        f"{what} {str(path)!r} has no 'text_projection' tensor; pass a "
+                        f"{PROJECTION_FILE} written by --enhance-base."
+                    )
                 proj = f.get_tensor("text_projection")
         except (SafetensorError, OSError) as err:
             raise TaskResValueError(f"{what} {str(path)!r} is not a readable safetensors file ({err}).") from None
@@ -110,8 +121,10 @@ def load_projection(path: str | Path) -> torch.Tensor:
         state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
         weight = state.get("weight") if isinstance(state, dict) else None
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise TaskResValueError(f"{what} {str(path)!r} does not hold state_dict['weight'] as a 2-D tensor (the "
-                                    "strong_base layout: a linear layer's (D, W) weight).")
+            raise TaskResValueError(
+                f"{what} {str(path)!r} does not hold state_dict['weight'] as a 2-D tensor (the "
+                "strong_base layout: a linear layer's (D, W) weight)."
+            )
         proj = weight.t()
     if proj.dim() != 2:
         raise TaskResValueError(f"{what} {str(path)!r}: the text projection must be 2-D; got {tuple(proj.shape)}.")
@@ -120,13 +133,18 @@ def load_projection(path: str | Path) -> torch.Tensor:
 
 def save_projection(path: str | Path, proj: torch.Tensor, metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
-        save_file({"text_projection": proj.detach().float().contiguous().cpu()}, str(tmp),
-                  metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection",
-                            **metadata})
+        save_file(
+            {"text_projection": proj.detach().float().contiguous().cpu()},
+            str(tmp),
+            metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection", **metadata},
+        )
 
 
 class ProjectionHead(nn.Module):
     """logits = tau * cos(f, t(P)) with P trainable; templates averaged before projecting (equal by linearity)."""
+
+    pre_mean: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    logit_scale: torch.Tensor
 
     def __init__(self, pre: torch.Tensor, proj: torch.Tensor, logit_scale: float):
         super().__init__()
@@ -138,10 +156,19 @@ class ProjectionHead(nn.Module):
         return cosine_logits(image_features.float(), self.pre_mean @ self.text_projection, self.logit_scale)
 
 
-def tune_projection(pre: torch.Tensor, proj: torch.Tensor, logit_scale: float, train_views: torch.Tensor,
-                    train_labels: torch.Tensor, val_features: torch.Tensor | None, val_labels: torch.Tensor | None,
-                    config: EnhancedBaseConfig, seed: int, device: str = "cpu", quiet: bool = False
-                    ) -> tuple[torch.Tensor, dict]:
+def tune_projection(
+    pre: torch.Tensor,
+    proj: torch.Tensor,
+    logit_scale: float,
+    train_views: torch.Tensor | TrainViews,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor | None,
+    val_labels: torch.Tensor | None,
+    config: EnhancedBaseConfig,
+    seed: int,
+    device: str = "cpu",
+    quiet: bool = False,
+) -> tuple[torch.Tensor, dict]:
     """Tune P on the training views; return (P (W, D), info with the chosen lr and the search)."""
     has_val = val_features is not None and len(val_features) > 0
     lrs = config.lrs if config.search == "val" and has_val else (config.lr,)
@@ -158,14 +185,16 @@ def tune_projection(pre: torch.Tensor, proj: torch.Tensor, logit_scale: float, t
         search.append({"lr": lr, "val_accuracy": acc})
         if best is None or acc > best[0]:
             best = (acc, lr, head.text_projection.detach().clone())
+    assert best is not None  # at least one learning rate was tried
     return best[2], {"enhanced_base_lr": best[1], "enhanced_base_search": search}
 
 
 def enhanced_base(ctx: FitContext, config: EnhancedBaseConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(base (C, D), projection (W, D), info for metrics.json) for the context's backbone, classes and templates."""
     if ctx.backbone is None:
-        raise TaskResValueError("the enhanced base re-encodes the prompts and needs the backbone in the fit context.",
-                                param="backbone")
+        raise TaskResValueError(
+            "the enhanced base re-encodes the prompts and needs the backbone in the fit context.", param="backbone"
+        )
     backbone = ctx.backbone
     pre = pre_projection_features(backbone, ctx.classnames, ctx.templates)
     original = projection(backbone.model).detach().float().cpu()
@@ -176,10 +205,22 @@ def enhanced_base(ctx: FitContext, config: EnhancedBaseConfig) -> tuple[torch.Te
                 f"base_weights file {config.weights!r} holds a ({proj.shape[0]}, {proj.shape[1]}) text projection, "
                 f"but backbone {backbone.identity.spec!r} needs ({original.shape[0]}, {original.shape[1]}) (text "
                 "width, embedding dim); use the file made for this backbone (strong_base files are for RN50).",
-                param="base_weights")
-        info = {"base_weights_sha256": hashlib.sha256(Path(config.weights).read_bytes()).hexdigest()}
+                param="base_weights",
+            )
+        info: dict[str, Any] = {"base_weights_sha256": hashlib.sha256(Path(config.weights).read_bytes()).hexdigest()}
     else:
-        proj, info = tune_projection(pre, original, ctx.logit_scale, ctx.train_views, ctx.train_labels,
-                                     ctx.val_features, ctx.val_labels, config, ctx.seed, ctx.device, ctx.quiet)
+        proj, info = tune_projection(
+            pre,
+            original,
+            ctx.logit_scale,
+            ctx.train_views,
+            ctx.train_labels,
+            ctx.val_features,
+            ctx.val_labels,
+            config,
+            ctx.seed,
+            ctx.device,
+            ctx.quiet,
+        )
     info["text_projection_change"] = float((proj - original).norm() / original.norm())
     return base_from_projection(pre, proj), proj, info

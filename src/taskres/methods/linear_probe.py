@@ -16,7 +16,7 @@ import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,22 +36,27 @@ COARSE_GRID = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 @dataclass(frozen=True)
 class LinearProbeConfig:
     # inverse L2 strength; None: search it on the few-shot validation split
-    c: float | None = field(default=None, metadata=option("--lp-c", "fixed inverse regularisation C (with --search "
-                                                                    "none)"))
+    c: float | None = field(
+        default=None, metadata=option("--lp-c", "fixed inverse regularisation C (with --search none)")
+    )
     # "val": coarse grid + bisection on the few-shot val split; "none": use ``c``
-    search: Literal["val", "none"] = field(default="val", metadata=option(
-        "--search", "select C on the few-shot validation split (val, the default) or not (none)"))
+    search: Literal["val", "none"] = field(
+        default="val",
+        metadata=option("--search", "select C on the few-shot validation split (val, the default) or not (none)"),
+    )
     steps: int = 8  # lpclip's --num_step
     max_iter: int = 1000
 
     def __post_init__(self) -> None:
         check_choice("search", self.search, ("val", "none"))
         if self.search == "val" and self.c is not None:
-            raise TaskResValueError("`c` fixes the linear probe's C, which `search` val would search; set `search` "
-                                    "none with it.", param="c")
+            raise TaskResValueError(
+                "`c` fixes the linear probe's C, which `search` val would search; set `search` none with it.", param="c"
+            )
         if self.search == "none" and self.c is None:
-            raise TaskResValueError("`search` none needs a fixed C for the linear probe: set `c` (e.g. 1).",
-                                    param="search")
+            raise TaskResValueError(
+                "`search` none needs a fixed C for the linear probe: set `c` (e.g. 1).", param="search"
+            )
         if self.c is not None and not (self.c > 0 and math.isfinite(self.c)):
             raise invalid("c", "be a finite number > 0", self.c)
         if self.steps < 0:
@@ -60,6 +65,8 @@ class LinearProbeConfig:
 
 class LinearProbeHead(Head):
     class_rows = ("weight", "bias")
+    weight: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    bias: torch.Tensor
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, c: float, config: LinearProbeConfig):
         super().__init__()
@@ -78,12 +85,13 @@ class LinearProbeHead(Head):
         return {"c": self.c, "config": asdict(self.config)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LinearProbeHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LinearProbeHead:
         return cls(tensors["weight"], tensors["bias"], float(meta["c"]), LinearProbeConfig(**meta["config"]))
 
 
-def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, c: float,
-                 max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, c: float, max_iter: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(W (C, D), b (C,)) of scikit-learn's logistic regression; classes absent from ``labels`` get bias -inf."""
     x, y = features.double().numpy(), labels.numpy()
     with warnings.catch_warnings():
@@ -125,15 +133,20 @@ def search_c(fit_score, steps: int = 8) -> tuple[float, list[tuple[float, float]
 def fit_linear_probe(ctx: FitContext, config: LinearProbeConfig) -> Fitted:
     bank = as_bank(ctx.train_views, 1)
     if bank.shape[0] != 1:
-        raise TaskResValueError("the linear probe trains on the test-transform features (lpclip); set `views` to 0.",
-                                param="views")
+        raise TaskResValueError(
+            "the linear probe trains on the test-transform features (lpclip); set `views` to 0.", param="views"
+        )
     feats, labels = bank[0], ctx.train_labels  # (N, D), (N,)
     num_classes = ctx.base.shape[0]
-    c, info = config.c, {}
+    c: float | None = config.c
+    info: dict[str, Any] = {}
     if config.search == "val":
         if not ctx.has_val:
-            raise TaskResValueError("the linear probe searches C on the few-shot validation split, and this dataset "
-                                    "has none; set `search` none and a fixed `c` (e.g. 1).", param="search")
+            raise TaskResValueError(
+                "the linear probe searches C on the few-shot validation split, and this dataset "
+                "has none; set `search` none and a fixed `c` (e.g. 1).",
+                param="search",
+            )
 
         def val_accuracy(c: float) -> float:
             head = LinearProbeHead(*fit_logistic(feats, labels, num_classes, c, config.max_iter), c, config)
@@ -141,10 +154,19 @@ def fit_linear_probe(ctx: FitContext, config: LinearProbeConfig) -> Fitted:
 
         c, tried = search_c(val_accuracy, config.steps)
         info["lp_search"] = [{"c": ci, "val_accuracy": 100.0 * a} for ci, a in tried]
+    assert c is not None  # searched, or fixed (LinearProbeConfig: search none needs c)
     info["lp_c"] = c
     return Fitted(LinearProbeHead(*fit_logistic(feats, labels, num_classes, c, config.max_iter), c, config), info)
 
 
-register_method(Method(
-    "linear-probe", "Linear probe: logistic regression on raw image features, C searched on val (CoOp lpclip)",
-    LinearProbeConfig, LinearProbeHead, fit_linear_probe, views=0, test_view_only=True))
+register_method(
+    Method(
+        "linear-probe",
+        "Linear probe: logistic regression on raw image features, C searched on val (CoOp lpclip)",
+        LinearProbeConfig,
+        LinearProbeHead,
+        fit_linear_probe,
+        views=0,
+        test_view_only=True,
+    )
+)

@@ -54,9 +54,14 @@ class LPPConfig:
     alpha_every: int = 10  # alpha steps after every 10th epoch
     alpha_init_scale: float = 250.0  # calculate_init_alpha: 250 / shots * (shots * mean similarity)
     momentum: float = 0.9  # the SGD of W and b
-    search: Literal["val", "none"] = field(default="val", metadata=option(
-        "--search", "keep the epoch with the best few-shot validation accuracy (val, the default, as LP++'s code) "
-        "or the last epoch (none)"))
+    search: Literal["val", "none"] = field(
+        default="val",
+        metadata=option(
+            "--search",
+            "keep the epoch with the best few-shot validation accuracy (val, the default, as LP++'s code) "
+            "or the last epoch (none)",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_choice("search", self.search, ("val", "none"))
@@ -71,9 +76,19 @@ class LPPConfig:
 class LPPHead(Head):
     class_rows = ("weight", "bias", "alpha", "base_text_features")
     frozen_tensors = ("base_text_features",)
+    weight: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    bias: torch.Tensor
+    alpha: torch.Tensor
+    base_text_features: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor,
-                 base_text_features: torch.Tensor, config: LPPConfig = LPPConfig()):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        alpha: torch.Tensor,
+        base_text_features: torch.Tensor,
+        config: LPPConfig = LPPConfig(),
+    ):
         super().__init__()
         self.config = config
         self.register_buffer("weight", weight.detach().float().clone())  # W: (C, D)
@@ -83,24 +98,39 @@ class LPPHead(Head):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """(N, D) un-normalised image features -> (N, C) logits."""
-        return lpp_logits(F.normalize(image_features.float(), dim=-1), self.weight, self.bias, self.alpha,
-                          F.normalize(self.base_text_features, dim=-1))
+        return lpp_logits(
+            F.normalize(image_features.float(), dim=-1),
+            self.weight,
+            self.bias,
+            self.alpha,
+            F.normalize(self.base_text_features, dim=-1),
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "bias": self.bias, "alpha": self.alpha,
-                "base_text_features": self.base_text_features}
+        return {
+            "weight": self.weight,
+            "bias": self.bias,
+            "alpha": self.alpha,
+            "base_text_features": self.base_text_features,
+        }
 
     def metadata(self) -> dict:
         return {"config": asdict(self.config)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "LPPHead":
-        return cls(tensors["weight"], tensors["bias"], tensors["alpha"], tensors["base_text_features"],
-                   LPPConfig(**meta["config"]))
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LPPHead:
+        return cls(
+            tensors["weight"],
+            tensors["bias"],
+            tensors["alpha"],
+            tensors["base_text_features"],
+            LPPConfig(**meta["config"]),
+        )
 
 
-def lpp_logits(f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor,
-               text: torch.Tensor) -> torch.Tensor:
+def lpp_logits(
+    f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, text: torch.Tensor
+) -> torch.Tensor:
     """f (N, D), text (C, D), both normalised -> (N, C): f W^T + b + alpha ⊙ (f T^T)."""
     return f @ weight.t() + bias + alpha * (f @ text.t())
 
@@ -119,7 +149,7 @@ def step_size_w(features: torch.Tensor) -> float:
 def step_size_alpha(features: torch.Tensor, text: torch.Tensor) -> float:
     """``N / (4 max_c sum_i (f_i . t_c)^2)`` for normalised features (N, D) and text (C, D) (``calculate_lr_alpha``)."""
     s = features.double() @ text.double().t()  # (N, C)
-    return features.shape[0] / (4 * float((s ** 2).sum(dim=0).max()))
+    return features.shape[0] / (4 * float((s**2).sum(dim=0).max()))
 
 
 def initial_alpha(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float = 250.0) -> float:
@@ -142,8 +172,11 @@ def fit_lpp(ctx: FitContext, config: LPPConfig) -> Fitted:
     labels = ctx.train_labels.repeat(num_views)  # (V * N,)
     text = F.normalize(ctx.base.float(), dim=-1)  # (C, D)
     if config.search == "val" and not ctx.has_val:
-        raise TaskResValueError("LP++ keeps the epoch with the best few-shot validation accuracy, and this dataset "
-                                "has none; set `search` none (the last epoch).", param="search")
+        raise TaskResValueError(
+            "LP++ keeps the epoch with the best few-shot validation accuracy, and this dataset "
+            "has none; set `search` none (the last epoch).",
+            param="search",
+        )
 
     lr_w = step_size_w(features)
     lr_alpha = step_size_alpha(features, text)
@@ -159,10 +192,11 @@ def fit_lpp(ctx: FitContext, config: LPPConfig) -> Fitted:
     optimizer = torch.optim.SGD([weight, bias], lr=lr_w, momentum=config.momentum)
     alpha_grad_sum = torch.zeros_like(alpha)
     if ctx.has_val:
+        assert ctx.val_features is not None and ctx.val_labels is not None  # has_val
         val_f = F.normalize(ctx.val_features.float(), dim=-1).to(device)
         val_y = ctx.val_labels.to(device)
 
-    best = None  # (val accuracy, epoch, W, b, alpha)
+    best: tuple[float | None, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (val acc, epoch, W, b, a)
     for epoch in range(config.epochs):
         logits = lpp_logits(features, weight, bias, alpha, text)
         loss = F.cross_entropy(logits, labels)
@@ -170,16 +204,23 @@ def fit_lpp(ctx: FitContext, config: LPPConfig) -> Fitted:
         alpha.grad = None
         loss.backward()
         optimizer.step()
+        assert alpha.grad is not None  # alpha requires grad and the loss depends on it
         alpha_grad_sum += alpha.grad  # never reset, as in the public code
         if (epoch + 1) % config.alpha_every == 0:
             with torch.no_grad():
                 alpha -= lr_alpha * alpha_grad_sum
-        record = {"epoch": epoch, "lr": lr_w, "loss": loss.item(),
-                  "train_accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean())}
+        record = {
+            "epoch": epoch,
+            "lr": lr_w,
+            "loss": loss.item(),
+            "train_accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean()),
+        }
         if not all(math.isfinite(v) for v in (record["loss"],)) or not all(
-                bool(torch.isfinite(t).all()) for t in (weight, bias, alpha)):
-            raise TaskResValueError(f"LP++ diverged in epoch {epoch + 1}: the loss or the parameters became "
-                                    "non-finite.", param="method")
+            bool(torch.isfinite(t).all()) for t in (weight, bias, alpha)
+        ):
+            raise TaskResValueError(
+                f"LP++ diverged in epoch {epoch + 1}: the loss or the parameters became non-finite.", param="method"
+            )
         if config.search == "val":
             with torch.no_grad():
                 val_logits = lpp_logits(val_f, weight, bias, alpha, text)
@@ -192,16 +233,29 @@ def fit_lpp(ctx: FitContext, config: LPPConfig) -> Fitted:
     if best is None:
         best = (None, config.epochs - 1, weight.detach(), bias.detach(), alpha.detach())
     acc, chosen, w, b, a = best
-    info = {"lpp_lr_w": lr_w, "lpp_lr_alpha": lr_alpha, "lpp_alpha_init": alpha0, "lpp_epoch": chosen,
-            "lpp_alpha_mean": float(a.mean())}
+    info = {
+        "lpp_lr_w": lr_w,
+        "lpp_lr_alpha": lr_alpha,
+        "lpp_alpha_init": alpha0,
+        "lpp_epoch": chosen,
+        "lpp_alpha_mean": float(a.mean()),
+    }
     if acc is not None:
         info["lpp_val_accuracy"] = acc
-    logger.info("LP++: step sizes W/b %.4g, alpha %.4g; alpha from %.4g; kept epoch %d", lr_w, lr_alpha, alpha0,
-                chosen + 1)
+    logger.info(
+        "LP++: step sizes W/b %.4g, alpha %.4g; alpha from %.4g; kept epoch %d", lr_w, lr_alpha, alpha0, chosen + 1
+    )
     return Fitted(LPPHead(w.cpu(), b.cpu(), a.cpu(), ctx.base, config), info)
 
 
-register_method(Method(
-    "lp++", "LP++: linear probe plus class-wise scaled text logits, f W^T + b + alpha * f T^T, full-batch with "
-    "data-derived step sizes (Huang et al. 2024)",
-    LPPConfig, LPPHead, fit_lpp, views=1))
+register_method(
+    Method(
+        "lp++",
+        "LP++: linear probe plus class-wise scaled text logits, f W^T + b + alpha * f T^T, full-batch with "
+        "data-derived step sizes (Huang et al. 2024)",
+        LPPConfig,
+        LPPHead,
+        fit_lpp,
+        views=1,
+    )
+)

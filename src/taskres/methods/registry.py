@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, suggest
@@ -72,8 +73,10 @@ class Method:
         known = {f.name for f in self.options()}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise TaskResValueError(f"method {self.name!r} has no option(s) {unknown}; its options: "
-                                    f"{sorted(known) or 'none'}.", param=unknown[0])
+            raise TaskResValueError(
+                f"method {self.name!r} has no option(s) {unknown}; its options: {sorted(known) or 'none'}.",
+                param=unknown[0],
+            )
         return dataclasses.replace(config, **values) if values else config
 
 
@@ -113,8 +116,10 @@ def option_flags() -> dict[str, tuple[str, tuple[str, ...]]]:
             flag = f.metadata["flag"]
             field_name, names = table.setdefault(flag, (f.name, []))
             if field_name != f.name:
-                raise ValueError(f"flag {flag} sets field {field_name!r} of one method and {f.name!r} of "
-                                 f"{method.name!r}; one flag must set one field name")
+                raise ValueError(
+                    f"flag {flag} sets field {field_name!r} of one method and {f.name!r} of "
+                    f"{method.name!r}; one flag must set one field name"
+                )
             names.append(method.name)
     return {flag: (field_name, tuple(names)) for flag, (field_name, names) in table.items()}
 
@@ -122,6 +127,7 @@ def option_flags() -> dict[str, tuple[str, tuple[str, ...]]]:
 def get_method(name: str) -> Method:
     methods = discover()
     if name not in methods:
-        raise TaskResValueError(f"unknown method {name!r}; {suggest(name, methods)}known: {', '.join(methods)}.",
-                                param="method")
+        raise TaskResValueError(
+            f"unknown method {name!r}; {suggest(name, methods)}known: {', '.join(methods)}.", param="method"
+        )
     return methods[name]

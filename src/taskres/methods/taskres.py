@@ -15,16 +15,21 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, check_choice, invalid
-from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, option
-from taskres.methods.enhanced_base import PROJECTION_FILE, EnhancedBaseConfig, enhanced_base, load_projection, \
-    save_projection
+from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, option
+from taskres.methods.enhanced_base import (
+    PROJECTION_FILE,
+    EnhancedBaseConfig,
+    enhanced_base,
+    load_projection,
+    save_projection,
+)
 from taskres.methods.registry import Method, OfficialVariant, register_method
 
 Variant = Literal["text", "image", "both"]
@@ -34,21 +39,39 @@ IMAGENET_FAMILY = ("imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "i
 
 @dataclass(frozen=True)
 class TaskResConfig:
-    alpha: float = field(default=0.5, metadata=option(
-        "--alpha", "residual scale alpha (default 0.5; 1.0 for Flowers102)"))
-    variant: Variant = field(default="text", metadata=option(
-        "--variant", "TaskRes-T (text), TaskRes-I (image) or both (default text)"))
+    alpha: float = field(
+        default=0.5, metadata=option("--alpha", "residual scale alpha (default 0.5; 1.0 for Flowers102)")
+    )
+    variant: Variant = field(
+        default="text", metadata=option("--variant", "TaskRes-T (text), TaskRes-I (image) or both (default text)")
+    )
     learn_alpha: bool = field(default=False, metadata=option("--learn-alpha", "train alpha as a scalar parameter"))
     # TaskRes*: the enhanced base, from a file or tuned now (at most one of the two).
-    base_weights: str | None = field(default=None, metadata=option(
-        "--base-weights", "(TaskRes*) rebuild the base with this text projection: a strong_base .../model.pth.tar "
-        "or a text_projection.safetensors from --enhance-base", metavar="FILE"))
-    enhance_base: bool = field(default=False, metadata=option(
-        "--enhance-base", "(TaskRes*) tune the text projection for 50 epochs first, save it as "
-        "RUN/text_projection.safetensors and train the residual on the enhanced base"))
-    search: Literal["val", "none"] | None = field(default=None, metadata=option(
-        "--search", "(TaskRes*, with --enhance-base) pick the base's lr on the few-shot validation split (val, the "
-        "default) or not (none)"))
+    base_weights: str | None = field(
+        default=None,
+        metadata=option(
+            "--base-weights",
+            "(TaskRes*) rebuild the base with this text projection: a strong_base .../model.pth.tar "
+            "or a text_projection.safetensors from --enhance-base",
+            metavar="FILE",
+        ),
+    )
+    enhance_base: bool = field(
+        default=False,
+        metadata=option(
+            "--enhance-base",
+            "(TaskRes*) tune the text projection for 50 epochs first, save it as "
+            "RUN/text_projection.safetensors and train the residual on the enhanced base",
+        ),
+    )
+    search: Literal["val", "none"] | None = field(
+        default=None,
+        metadata=option(
+            "--search",
+            "(TaskRes*, with --enhance-base) pick the base's lr on the few-shot validation split (val, the "
+            "default) or not (none)",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_choice("variant", self.variant, VARIANTS)
@@ -57,15 +80,18 @@ class TaskResConfig:
         if not self.alpha > 0 and not self.learn_alpha:
             raise invalid("alpha", "be > 0 (the residual scale)", self.alpha)
         if self.base_weights is not None and self.enhance_base:
-            raise TaskResValueError("pass either `base_weights` (a released or saved projection) or "
-                                    "`enhance_base` (tune "
-                                    "one now), not both.", param="base_weights")
+            raise TaskResValueError(
+                "pass either `base_weights` (a released or saved projection) or "
+                "`enhance_base` (tune "
+                "one now), not both.",
+                param="base_weights",
+            )
         if self.search is not None:
             check_choice("search", self.search, ("val", "none"))
             if self.base_weights is None and not self.enhance_base:
-                raise TaskResValueError("`search` applies to taskres only with `enhance_base` (it picks the "
-                                        "base's lr).",
-                                        param="search")
+                raise TaskResValueError(
+                    "`search` applies to taskres only with `enhance_base` (it picks the base's lr).", param="search"
+                )
 
     @property
     def enhanced_base(self) -> EnhancedBaseConfig | None:
@@ -82,6 +108,8 @@ class TaskResConfig:
 
 class TaskResHead(CosineHead):
     class_rows = ("base_text_features", "text_feature_residuals")
+    text_feature_residuals: torch.Tensor  # a parameter or a buffer, by variant
+    alpha: torch.Tensor  # a parameter or a buffer, by learn_alpha
 
     def __init__(self, base_text_features: torch.Tensor, logit_scale: float, config: TaskResConfig = TaskResConfig()):
         super().__init__(base_text_features, logit_scale)
@@ -92,8 +120,9 @@ class TaskResHead(CosineHead):
             self.text_feature_residuals = nn.Parameter(residual)  # x: (C, D)
         else:
             self.register_buffer("text_feature_residuals", residual)
-        self.image_feature_residual = nn.Parameter(torch.zeros(1, dim)) if config.variant in ("image", "both") \
-            else None  # r: (1, D)
+        self.image_feature_residual = (
+            nn.Parameter(torch.zeros(1, dim)) if config.variant in ("image", "both") else None
+        )  # r: (1, D)
         if config.learn_alpha:
             self.alpha = nn.Parameter(torch.tensor(float(config.alpha)))
         else:
@@ -121,13 +150,18 @@ class TaskResHead(CosineHead):
         return out
 
     def metadata(self) -> dict:
-        return {"alpha": float(self.alpha.detach()), "variant": self.config.variant,
-                "learn_alpha": self.config.learn_alpha, "logit_scale": float(self.logit_scale)}
+        return {
+            "alpha": float(self.alpha.detach()),
+            "variant": self.config.variant,
+            "learn_alpha": self.config.learn_alpha,
+            "logit_scale": float(self.logit_scale),
+        }
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "TaskResHead":
-        config = TaskResConfig(alpha=float(meta["alpha"]), variant=meta["variant"],
-                               learn_alpha=bool(meta["learn_alpha"]))
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> TaskResHead:
+        config = TaskResConfig(
+            alpha=float(meta["alpha"]), variant=meta["variant"], learn_alpha=bool(meta["learn_alpha"])
+        )
         head = cls(tensors["base_text_features"], float(meta["logit_scale"]), config)
         with torch.no_grad():
             head.text_feature_residuals.copy_(tensors["text_feature_residuals"])
@@ -152,25 +186,46 @@ def init_head(ctx: FitContext, config: TaskResConfig) -> TaskResHead:
 
 
 def fit_taskres(ctx: FitContext, config: TaskResConfig) -> Fitted:
-    base, info, extra_heads, artifacts = ctx.base, {}, {}, []
+    base = ctx.base
+    info: dict[str, Any] = {}
+    extra_heads: dict[str, Head] = {}
+    artifacts: list[Artifact] = []
     if config.enhanced_base is not None:  # TaskRes*
         base, projection, info = enhanced_base(ctx, config.enhanced_base)
         extra_heads["enhanced_base"] = TaskResHead(base, ctx.logit_scale)
         if config.enhance_base:
-            meta = {"backbone": json.dumps(ctx.backbone.identity.to_json() if ctx.backbone is not None else None),
-                    "dataset": ctx.dataset, "shots": str(ctx.shots), "seed": str(ctx.seed)}
-            artifacts.append(Artifact(PROJECTION_FILE, lambda path: save_projection(path, projection, meta),
-                                      metrics_key="text_projection_file"))
+            meta = {
+                "backbone": json.dumps(ctx.backbone.identity.to_json() if ctx.backbone is not None else None),
+                "dataset": ctx.dataset,
+                "shots": str(ctx.shots),
+                "seed": str(ctx.seed),
+            }
+            artifacts.append(
+                Artifact(
+                    PROJECTION_FILE,
+                    lambda path: save_projection(path, projection, meta),
+                    metrics_key="text_projection_file",
+                )
+            )
     head = TaskResHead(base, ctx.logit_scale, config)
     ctx.train(head)
     info["residual_mean_abs"] = head.residual_mean_abs()
     return Fitted(head.cpu(), info, extra_heads, artifacts)
 
 
-register_method(Method(
-    "taskres", "Task Residual: frozen text classifier t plus a learned residual, t + alpha * x (Yu et al. 2023); "
-    "TaskRes* with --enhance-base or --base-weights",
-    TaskResConfig, TaskResHead, fit_taskres, optim_preset=optim_preset, config_preset=config_preset,
-    init_head=init_head, files=(PROJECTION_FILE,),
-    # The official trainer: a fresh augmentation every epoch, the base from the fp16 text encoder.
-    official=OfficialVariant(views="online", base="fp16_text")))
+register_method(
+    Method(
+        "taskres",
+        "Task Residual: frozen text classifier t plus a learned residual, t + alpha * x (Yu et al. 2023); "
+        "TaskRes* with --enhance-base or --base-weights",
+        TaskResConfig,
+        TaskResHead,
+        fit_taskres,
+        optim_preset=optim_preset,
+        config_preset=config_preset,
+        init_head=init_head,
+        files=(PROJECTION_FILE,),
+        # The official trainer: a fresh augmentation every epoch, the base from the fp16 text encoder.
+        official=OfficialVariant(views="online", base="fp16_text"),
+    )
+)

@@ -15,7 +15,6 @@ for a, b in the outer loop, first best kept. Initial values and search scales ar
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -49,15 +48,22 @@ GENERIC = (1.0, 1.17, (10.0, 10.0))
 
 @dataclass(frozen=True)
 class TipAdapterConfig:
-    alpha: float | None = field(default=None, metadata=option(
-        "--tip-alpha", "fixed a (with --search none; default: the preset's initial a)"))
-    beta: float | None = field(default=None, metadata=option(
-        "--tip-beta", "fixed b (with --search none; default: the preset's initial b)"))
+    alpha: float | None = field(
+        default=None, metadata=option("--tip-alpha", "fixed a (with --search none; default: the preset's initial a)")
+    )
+    beta: float | None = field(
+        default=None, metadata=option("--tip-beta", "fixed b (with --search none; default: the preset's initial b)")
+    )
     init_alpha: float = GENERIC[1]
     init_beta: float = GENERIC[0]
-    search: Literal["val", "none"] = field(default="val", metadata=option(
-        "--search", "select a and b (and Tip-Adapter-F's epoch) on the few-shot validation split (val, the default) "
-        "or not (none)"))
+    search: Literal["val", "none"] = field(
+        default="val",
+        metadata=option(
+            "--search",
+            "select a and b (and Tip-Adapter-F's epoch) on the few-shot validation split (val, the default) "
+            "or not (none)",
+        ),
+    )
     search_scale: tuple[float, float] = GENERIC[2]  # (b, a) upper ends of the grids
     search_step: tuple[int, int] = (200, 20)  # (b steps, a steps)
     preset: str = "generic"  # the public config the values come from
@@ -67,17 +73,25 @@ class TipAdapterConfig:
         object.__setattr__(self, "search_step", tuple(int(x) for x in self.search_step))
         check_choice("search", self.search, ("val", "none"))
         if self.search == "val" and (self.alpha is not None or self.beta is not None):
-            raise TaskResValueError("`alpha`/`beta` fix Tip-Adapter's a and b, which `search` val would search; "
-                                    "set `search` "
-                                    "none with them.", param="alpha" if self.alpha is not None else "beta")
-        if any(v is not None and not (v >= 0 and math.isfinite(v)) for v in (self.alpha, self.beta)) \
-                or min(self.search_step) < 1:
-            raise TaskResValueError(f"`alpha` and `beta` must be finite and >= 0 and the search steps >= 1; got "
-                                    f"a={self.alpha!r}, "
-                                    f"b={self.beta!r}, steps={self.search_step!r}.", param="alpha")
+            raise TaskResValueError(
+                "`alpha`/`beta` fix Tip-Adapter's a and b, which `search` val would search; "
+                "set `search` "
+                "none with them.",
+                param="alpha" if self.alpha is not None else "beta",
+            )
+        if (
+            any(v is not None and not (v >= 0 and math.isfinite(v)) for v in (self.alpha, self.beta))
+            or min(self.search_step) < 1
+        ):
+            raise TaskResValueError(
+                f"`alpha` and `beta` must be finite and >= 0 and the search steps >= 1; got "
+                f"a={self.alpha!r}, "
+                f"b={self.beta!r}, steps={self.search_step!r}.",
+                param="alpha",
+            )
 
     @classmethod
-    def for_dataset(cls, dataset: str, **overrides) -> "TipAdapterConfig":
+    def for_dataset(cls, dataset: str, **overrides) -> TipAdapterConfig:
         """The public config of ``dataset`` (a benchmark name), or the generic one."""
         beta, alpha, scale = PUBLIC_CONFIGS.get(dataset, GENERIC)
         preset = dataset if dataset in PUBLIC_CONFIGS else "generic"
@@ -86,9 +100,20 @@ class TipAdapterConfig:
 
 class TipAdapterHead(CosineHead):
     class_columns = ("cache_values",)
+    cache_values: torch.Tensor  # a buffer
+    cache_keys: torch.Tensor  # a parameter (train_keys) or a buffer
 
-    def __init__(self, base: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, logit_scale: float,
-                 alpha: float, beta: float, train_keys: bool = False, config: TipAdapterConfig | None = None):
+    def __init__(
+        self,
+        base: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        logit_scale: float,
+        alpha: float,
+        beta: float,
+        train_keys: bool = False,
+        config: TipAdapterConfig | None = None,
+    ):
         super().__init__(base, logit_scale)
         self.config = config
         self.register_buffer("cache_values", values.detach().float().clone())  # V: (NK, C)
@@ -110,22 +135,37 @@ class TipAdapterHead(CosineHead):
         return clip_logits + self.alpha * cache_logits
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"base_text_features": self.base_text_features, "cache_keys": self.cache_keys,
-                "cache_values": self.cache_values}
+        return {
+            "base_text_features": self.base_text_features,
+            "cache_keys": self.cache_keys,
+            "cache_values": self.cache_values,
+        }
 
     def metadata(self) -> dict:
-        return {"alpha": self.alpha, "beta": self.beta, "logit_scale": float(self.logit_scale),
-                "config": asdict(self.config) if self.config is not None else None}
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "logit_scale": float(self.logit_scale),
+            "config": asdict(self.config) if self.config is not None else None,
+        }
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "TipAdapterHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> TipAdapterHead:
         config = TipAdapterConfig(**meta["config"]) if meta.get("config") else None
-        return cls(tensors["base_text_features"], tensors["cache_keys"], tensors["cache_values"],
-                   float(meta["logit_scale"]), float(meta["alpha"]), float(meta["beta"]), config=config)
+        return cls(
+            tensors["base_text_features"],
+            tensors["cache_keys"],
+            tensors["cache_values"],
+            float(meta["logit_scale"]),
+            float(meta["alpha"]),
+            float(meta["beta"]),
+            config=config,
+        )
 
 
-def build_cache(train_views: torch.Tensor | TrainViews, labels: torch.Tensor, num_classes: int,
-                augment_epochs: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def build_cache(
+    train_views: torch.Tensor | TrainViews, labels: torch.Tensor, num_classes: int, augment_epochs: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, N, D) raw features (or a view source: ``augment_epochs`` draws) -> keys (N, D): mean over views,
     normalised; values (N, C): one-hot labels."""
     keys = F.normalize(as_bank(train_views, augment_epochs).float().mean(dim=0), dim=-1)
@@ -137,8 +177,9 @@ def grid(scale: float, steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def search_alpha_beta(head: TipAdapterHead, features: torch.Tensor, labels: torch.Tensor,
-                      config: TipAdapterConfig) -> tuple[float, float, float]:
+def search_alpha_beta(
+    head: TipAdapterHead, features: torch.Tensor, labels: torch.Tensor, config: TipAdapterConfig
+) -> tuple[float, float, float]:
     """(a, b, accuracy %) with the best accuracy on (features, labels); b outer, a inner, first best kept."""
     features, labels = features.to(head.cache_keys.device), labels.to(head.cache_keys.device)
     clip_logits = cosine_logits(features.float(), head.base_text_features, head.logit_scale)  # (M, C)
@@ -147,8 +188,10 @@ def search_alpha_beta(head: TipAdapterHead, features: torch.Tensor, labels: torc
     best = (-1, 0.0, 0.0)
     for beta in grid(config.search_scale[0], config.search_step[0]):
         cache_logits = torch.exp(-(beta - beta * affinity)) @ head.cache_values  # (M, C)
-        correct = [int(((clip_logits + alpha * cache_logits).argmax(dim=-1) == labels).sum())  # (M, C) at a time
-                   for alpha in alpha_list]
+        correct = [
+            int(((clip_logits + alpha * cache_logits).argmax(dim=-1) == labels).sum())  # (M, C) at a time
+            for alpha in alpha_list
+        ]
         i = max(range(len(correct)), key=lambda j: (correct[j], -j))  # the first of the best a for this b
         if correct[i] > best[0]:
             best = (correct[i], alpha_list[i], beta)
@@ -157,9 +200,11 @@ def search_alpha_beta(head: TipAdapterHead, features: torch.Tensor, labels: torc
 
 def require_val(ctx: FitContext) -> None:
     if not ctx.has_val:
-        raise TaskResValueError("Tip-Adapter searches a and b on the few-shot validation split, and this dataset has "
-                                "none; set `search` none (with fixed `alpha` and `beta`, or the initial values).",
-                                param="search")
+        raise TaskResValueError(
+            "Tip-Adapter searches a and b on the few-shot validation split, and this dataset has "
+            "none; set `search` none (with fixed `alpha` and `beta`, or the initial values).",
+            param="search",
+        )
 
 
 def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterConfig, info: dict) -> TipAdapterHead:
@@ -170,8 +215,11 @@ def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterC
     """
     if ctx.protocol == "official":
         if config.search == "none" or config.alpha is not None or config.beta is not None:
-            raise TaskResValueError("`protocol` official searches a and b as the public code does; drop `search` "
-                                    "none and the fixed `alpha`/`beta`.", param="protocol")
+            raise TaskResValueError(
+                "`protocol` official searches a and b as the public code does; drop `search` "
+                "none and the fixed `alpha`/`beta`.",
+                param="protocol",
+            )
         features, labels, split = public_search_split(ctx)
         head.alpha, head.beta, acc = search_alpha_beta(head, features, labels, config)
         info.update(tip_search_split=split, tip_search_accuracy=acc)
@@ -179,6 +227,7 @@ def choose_alpha_beta(head: TipAdapterHead, ctx: FitContext, config: TipAdapterC
             info["test_selected"] = True
     elif config.search == "val":
         require_val(ctx)
+        assert ctx.val_features is not None and ctx.val_labels is not None  # require_val
         head.alpha, head.beta, acc = search_alpha_beta(head, ctx.val_features, ctx.val_labels, config)
         info["tip_search_val_accuracy"] = acc
     else:
@@ -192,19 +241,26 @@ def public_search_split(ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor, st
     """(features, labels, split name) that Tip-Adapter's public code searches a and b on."""
     if ctx.dataset == "imagenet":
         if ctx.test_features is None:
-            raise TaskResValueError("the official Tip-Adapter protocol searches ImageNet's a and b on the test split, "
-                                    "which the fit context lacks.", param="protocol")
+            raise TaskResValueError(
+                "the official Tip-Adapter protocol searches ImageNet's a and b on the test split, "
+                "which the fit context lacks.",
+                param="protocol",
+            )
+        assert ctx.test_labels is not None  # given with the test features
         return ctx.test_features, ctx.test_labels, "test"
     if ctx.full_val_features is None or not len(ctx.full_val_features):
-        raise TaskResValueError("the official Tip-Adapter protocol searches a and b on the dataset's whole val "
-                                "split, and this dataset has none; use the default `protocol`.", param="protocol")
+        raise TaskResValueError(
+            "the official Tip-Adapter protocol searches a and b on the dataset's whole val "
+            "split, and this dataset has none; use the default `protocol`.",
+            param="protocol",
+        )
+    assert ctx.full_val_labels is not None  # given with the val features
     return ctx.full_val_features, ctx.full_val_labels, "full_val"
 
 
 def fit_tip_adapter(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
     keys, values = build_cache(ctx.train_views, ctx.train_labels, ctx.base.shape[0])
-    head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta,
-                          config=config)
+    head = TipAdapterHead(ctx.base, keys, values, ctx.logit_scale, config.init_alpha, config.init_beta, config=config)
     info: dict = {}
     return Fitted(choose_alpha_beta(head, ctx, config, info), info)
 
@@ -213,7 +269,15 @@ def fit_tip_adapter(ctx: FitContext, config: TipAdapterConfig) -> Fitted:
 # per-template normalisation, a and b searched on the whole val split (ImageNet: on test).
 PUBLIC = OfficialVariant(views=10, view_scale=(0.5, 1.0), base="normalized_templates", selection="public")
 
-register_method(Method(
-    "tip-adapter", "Tip-Adapter: training-free key-value cache of the few-shot features (Zhang et al. 2022)",
-    TipAdapterConfig, TipAdapterHead, fit_tip_adapter, config_preset=TipAdapterConfig.for_dataset, official=PUBLIC,
-    views=10))  # the public cache: 10 augmented epochs
+register_method(
+    Method(
+        "tip-adapter",
+        "Tip-Adapter: training-free key-value cache of the few-shot features (Zhang et al. 2022)",
+        TipAdapterConfig,
+        TipAdapterHead,
+        fit_tip_adapter,
+        config_preset=TipAdapterConfig.for_dataset,
+        official=PUBLIC,
+        views=10,
+    )
+)  # the public cache: 10 augmented epochs

@@ -21,8 +21,8 @@ engine's (``make_optimizer``, ``epoch_lr``); the shuffle is seeded from ``ctx.se
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class ZSLPHead(CosineHead):
         return {"logit_scale": float(self.logit_scale)}
 
     @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "ZSLPHead":
+    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> ZSLPHead:
         head = cls(tensors["base_text_features"], float(meta["logit_scale"]))
         with torch.no_grad():
             head.prototypes.copy_(tensors["prototypes"])
@@ -70,8 +70,16 @@ class ZSLPHead(CosineHead):
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:
     """CLAP's ``SGD_lr1e-1_B256_ep300.yaml`` for every dataset and shot count (ZS-LP and CLAP alike)."""
-    return OptimConfig(lr=0.1, epochs=300, batch_size=256, weight_decay=0.0, optimizer="sgd", momentum=0.9,
-                       warmup_epochs=1, warmup_lr=1e-5)
+    return OptimConfig(
+        lr=0.1,
+        epochs=300,
+        batch_size=256,
+        weight_decay=0.0,
+        optimizer="sgd",
+        momentum=0.9,
+        warmup_epochs=1,
+        warmup_lr=1e-5,
+    )
 
 
 def pooled_views(ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,8 +96,13 @@ def batches_per_epoch(num_images: int, optim: OptimConfig) -> int:
     return num_images // optim.batch_size
 
 
-def train_pooled(head: ZSLPHead, ctx: FitContext, pool: torch.Tensor, pool_labels: torch.Tensor,
-                 penalty: Callable[[ZSLPHead], torch.Tensor] | None = None) -> list[dict]:
+def train_pooled(
+    head: ZSLPHead,
+    ctx: FitContext,
+    pool: torch.Tensor,
+    pool_labels: torch.Tensor,
+    penalty: Callable[[ZSLPHead], torch.Tensor] | None = None,
+) -> list[dict]:
     """Train the prototypes on batches drawn from the shuffled pool, cross-entropy plus ``penalty(head)``."""
     optim = ctx.optim
     if optim is None:
@@ -111,7 +124,7 @@ def train_pooled(head: ZSLPHead, ctx: FitContext, pool: torch.Tensor, pool_label
             lr_now = lr if optim.schedule == "epoch" else iteration_lr(optim, epoch * steps + step, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            idx = order[step * optim.batch_size:(step + 1) * optim.batch_size]
+            idx = order[step * optim.batch_size : (step + 1) * optim.batch_size]
             logits = head.train_logits(pool[idx])
             loss = F.cross_entropy(logits, pool_labels[idx])
             extra = penalty(head) if penalty is not None else None
@@ -146,7 +159,16 @@ def fit_zs_lp(ctx: FitContext, config: ZSLPConfig) -> Fitted:
     return Fitted(head.cpu(), {"pool_size": len(pool)})
 
 
-register_method(Method(
-    "zs-lp", "ZS-LP: cosine linear probe initialised at the zero-shot prototypes, one fixed SGD setting "
-    "(Silva-Rodriguez et al. 2024)",
-    ZSLPConfig, ZSLPHead, fit_zs_lp, optim_preset=optim_preset, views=POOL_VIEWS, init_head=init_head))
+register_method(
+    Method(
+        "zs-lp",
+        "ZS-LP: cosine linear probe initialised at the zero-shot prototypes, one fixed SGD setting "
+        "(Silva-Rodriguez et al. 2024)",
+        ZSLPConfig,
+        ZSLPHead,
+        fit_zs_lp,
+        optim_preset=optim_preset,
+        views=POOL_VIEWS,
+        init_head=init_head,
+    )
+)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from taskres.data.splits import Entry
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
@@ -71,7 +72,7 @@ class BenchmarkSpec:
     templates: tuple[str, ...]
     published: Published
     download: str
-    reader: Callable[["BenchmarkSpec", Path], Parts]
+    reader: Callable[[BenchmarkSpec, Path], Parts]
     sample_val: bool = True
     # ImageNet's variants are evaluation sets only (CoOp: "This dataset is used for testing only").
     test_only: bool = False
@@ -93,7 +94,9 @@ def listdir_nohidden(path: Path) -> list[str]:
     return sorted(name for name in os.listdir(path) if not name.startswith("."))
 
 
-def check_images(spec: BenchmarkSpec, dataset_dir: Path, image_dir: Path, splits: dict[str, Sequence[Entry]]) -> None:
+def check_images(
+    spec: BenchmarkSpec, dataset_dir: Path, image_dir: Path, splits: Mapping[str, Sequence[Entry]]
+) -> None:
     """Every referenced image must exist (Dassl's ``Datum`` asserts ``os.path.isfile``); name the first missing."""
     prefix = str(image_dir)
     missing: list[tuple[str, str]] = []
@@ -131,8 +134,9 @@ def warn_on_counts(spec: BenchmarkSpec, num_classes: int, counts: dict[str, int]
     for split in ("train", "val", "test"):
         expected = getattr(pub, split)
         if expected is not None and counts[split] != expected:
-            log.warning("%s: %s has %d images, but the published split has %d", spec.name, split, counts[split],
-                        expected)
+            log.warning(
+                "%s: %s has %d images, but the published split has %d", spec.name, split, counts[split], expected
+            )
 
 
 def read_text_lines(spec: BenchmarkSpec, path: Path) -> list[str]:
@@ -145,6 +149,8 @@ def read_text_lines(spec: BenchmarkSpec, path: Path) -> list[str]:
     while lines and not lines[-1]:
         lines.pop()
     if "" in lines:
-        raise TaskResValueError(f"dataset {spec.name!r}: {str(path)!r} has a blank line at line {lines.index('') + 1}; "
-                                "each line must name one entry. Remove the blank line.")
+        raise TaskResValueError(
+            f"dataset {spec.name!r}: {str(path)!r} has a blank line at line {lines.index('') + 1}; "
+            "each line must name one entry. Remove the blank line."
+        )
     return lines

@@ -24,9 +24,11 @@ def read_fgvc_aircraft(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     cname2lab: dict[str, int] = {}
     for label, cname in enumerate(classnames):
         if cname2lab.setdefault(cname, label) != label:
-            raise TaskResValueError(f"dataset {spec.name!r}: variant {cname!r} appears twice in "
-                                    f"{str(variants_file)!r}; "
-                                    "each variant must be listed once.")
+            raise TaskResValueError(
+                f"dataset {spec.name!r}: variant {cname!r} appears twice in "
+                f"{str(variants_file)!r}; "
+                "each variant must be listed once."
+            )
     splits: dict[str, tuple[Entry, ...]] = {}
     for split, filename in _SPLIT_FILES.items():
         path = dataset_dir / filename
@@ -46,7 +48,10 @@ def read_fgvc_aircraft(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
 
 # Layout and reading: CoOp datasets/fgvc_aircraft.py; template: docs/protocol.md#base-classifier; counts: CoOp paper.
 SPEC = BenchmarkSpec(
-    name="fgvc_aircraft", coop_class="FGVCAircraft", dataset_dir="fgvc_aircraft", image_dir="images",
+    name="fgvc_aircraft",
+    coop_class="FGVCAircraft",
+    dataset_dir="fgvc_aircraft",
+    image_dir="images",
     split_source="variants.txt + images_variant_{train,val,test}.txt",
     required=(("images", "image folder"), ("variants.txt", "class-name file"))
     + tuple((f, "split file") for f in _SPLIT_FILES.values()),

@@ -28,8 +28,14 @@ import logging
 import os
 from pathlib import Path
 
-from taskres.data.benchmarks._base import IMAGENET_TEMPLATES, BenchmarkSpec, Parts, Published, listdir_nohidden
-from taskres.data.benchmarks._base import read_text_lines
+from taskres.data.benchmarks._base import (
+    IMAGENET_TEMPLATES,
+    BenchmarkSpec,
+    Parts,
+    Published,
+    listdir_nohidden,
+    read_text_lines,
+)
 from taskres.data.splits import Entry
 from taskres.errors import TaskResValueError
 
@@ -42,8 +48,10 @@ def read_classnames(spec: BenchmarkSpec, path: Path) -> dict[str, str]:
     for n, line in enumerate(read_text_lines(spec, path), start=1):
         wnid, _, name = line.partition(" ")
         if wnid in out:
-            raise TaskResValueError(f"dataset {spec.name!r}: {str(path)!r} lists {wnid!r} twice (line {n}); "
-                                    "each WordNet id must appear once.")
+            raise TaskResValueError(
+                f"dataset {spec.name!r}: {str(path)!r} lists {wnid!r} twice (line {n}); "
+                "each WordNet id must appear once."
+            )
         out[wnid] = name
     return out
 
@@ -65,9 +73,10 @@ def _lookup(spec: BenchmarkSpec, names: dict[str, str], wnid: str, where: Path, 
     return names[wnid]
 
 
-def _read_folders(split_dir: Path, prefix: str, wnids: list[str], labels: dict[str, int],
-                  names: dict[str, str]) -> tuple[Entry, ...]:
-    entries = []
+def _read_folders(
+    split_dir: Path, prefix: str, wnids: list[str], labels: dict[str, int], names: dict[str, str]
+) -> tuple[Entry, ...]:
+    entries: list[Entry] = []
     for wnid in wnids:
         label, cname = labels[wnid], names[wnid]
         entries.extend(Entry(f"{prefix}{wnid}/{f}", label, cname) for f in _files(split_dir / wnid))
@@ -81,8 +90,10 @@ def read_imagenet(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     train_dir, val_dir = image_dir / "train", image_dir / "val"
     wnids = _class_folders(train_dir)
     if not wnids:
-        raise TaskResValueError(f"dataset {spec.name!r}: {str(train_dir)!r} holds no class folders; expected "
-                                f"{str(train_dir)}/<wnid>/<image>. {spec.download_hint(dataset_dir)}.")
+        raise TaskResValueError(
+            f"dataset {spec.name!r}: {str(train_dir)!r} holds no class folders; expected "
+            f"{str(train_dir)}/<wnid>/<image>. {spec.download_hint(dataset_dir)}."
+        )
     val_wnids = _class_folders(val_dir)
     if val_wnids != wnids:
         only_train = sorted(set(wnids) - set(val_wnids))[:5]
@@ -106,8 +117,10 @@ def read_sorted_variant(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     names = read_classnames(spec, names_file)
     wnids = _class_folders(image_dir)
     if not wnids:
-        raise TaskResValueError(f"dataset {spec.name!r}: {str(image_dir)!r} holds no class folders; expected "
-                                f"{str(image_dir)}/<wnid>/<image>. {spec.download_hint(dataset_dir)}.")
+        raise TaskResValueError(
+            f"dataset {spec.name!r}: {str(image_dir)!r} holds no class folders; expected "
+            f"{str(image_dir)}/<wnid>/<image>. {spec.download_hint(dataset_dir)}."
+        )
     for wnid in wnids:
         _lookup(spec, names, wnid, image_dir, names_file)
     labels = {w: i for i, w in enumerate(wnids)}
@@ -120,9 +133,13 @@ def read_imagenetv2(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
     names = read_classnames(spec, dataset_dir / "classnames.txt")
     wnids = list(names)
     if wnids != sorted(wnids):
-        log.warning("%s: %s is not in sorted WordNet-id order, but ImageNetV2's folder i holds the i-th class in "
-                    "sorted order; labels follow the file, as in CoOp", spec.name, dataset_dir / "classnames.txt")
-    entries = []
+        log.warning(
+            "%s: %s is not in sorted WordNet-id order, but ImageNetV2's folder i holds the i-th class in "
+            "sorted order; labels follow the file, as in CoOp",
+            spec.name,
+            dataset_dir / "classnames.txt",
+        )
+    entries: list[Entry] = []
     for label, wnid in enumerate(wnids):
         class_dir = image_dir / str(label)
         if not class_dir.is_dir():
@@ -134,56 +151,92 @@ def read_imagenetv2(spec: BenchmarkSpec, dataset_dir: Path) -> Parts:
 _COPY_NAMES = "; copy CoOp's classnames.txt from <root>/imagenet/ into {dir}/"
 
 # Layouts: CoOp datasets/imagenet.py, imagenet_a.py, imagenet_r.py, imagenet_sketch.py, imagenetv2.py;
-# templates: docs/protocol.md#base-classifier; counts: CoOp paper (ImageNet train 1,281,167 / test 50,000; V2 10,000; Sketch 50,889;
-# A 7,500; R 30,000).
+# templates: docs/protocol.md#base-classifier; counts: CoOp paper (ImageNet train 1,281,167 / test 50,000; V2 10,000;
+# Sketch 50,889; A 7,500; R 30,000).
 SPECS = (
     BenchmarkSpec(
-        name="imagenet", coop_class="ImageNet", dataset_dir="imagenet", image_dir="images",
+        name="imagenet",
+        coop_class="ImageNet",
+        dataset_dir="imagenet",
+        image_dir="images",
         split_source="images/{train,val}/<wnid>/ + classnames.txt",
-        required=(("images/train", "image folder"), ("images/val", "image folder"),
-                  ("classnames.txt", "class-name file")),
-        templates=IMAGENET_TEMPLATES, published=Published(1000, 1281167, None, 50000),
+        required=(
+            ("images/train", "image folder"),
+            ("images/val", "image folder"),
+            ("classnames.txt", "class-name file"),
+        ),
+        templates=IMAGENET_TEMPLATES,
+        published=Published(1000, 1281167, None, 50000),
         download="download ILSVRC-2012 from https://image-net.org and extract the training and validation sets so "
         "that {dir}/images/train/<wnid>/ and {dir}/images/val/<wnid>/ hold the images (validation images sorted "
         "into wnid folders); put CoOp's classnames.txt (lines '<wnid> <class name>', linked from CoOp's "
         "DATASETS.md) in {dir}/",
-        reader=read_imagenet, sample_val=False, listed_images=True,
+        reader=read_imagenet,
+        sample_val=False,
+        listed_images=True,
     ),
     BenchmarkSpec(
-        name="imagenetv2", coop_class="ImageNetV2", dataset_dir="imagenetv2",
+        name="imagenetv2",
+        coop_class="ImageNetV2",
+        dataset_dir="imagenetv2",
         image_dir="imagenetv2-matched-frequency-format-val",
         split_source="imagenetv2-matched-frequency-format-val/<label>/ + classnames.txt",
         required=(("imagenetv2-matched-frequency-format-val", "image folder"), ("classnames.txt", "class-name file")),
-        templates=IMAGENET_TEMPLATES, published=Published(1000, None, None, 10000),
+        templates=IMAGENET_TEMPLATES,
+        published=Published(1000, None, None, 10000),
         download="download imagenetv2-matched-frequency.tar.gz (https://github.com/modestyachts/ImageNetV2) and "
         "extract it into {dir}/ so that {dir}/imagenetv2-matched-frequency-format-val/0/ ... exist" + _COPY_NAMES,
-        reader=read_imagenetv2, sample_val=False, test_only=True, listed_images=True,
+        reader=read_imagenetv2,
+        sample_val=False,
+        test_only=True,
+        listed_images=True,
     ),
     BenchmarkSpec(
-        name="imagenet_sketch", coop_class="ImageNetSketch", dataset_dir="imagenet-sketch", image_dir="images",
+        name="imagenet_sketch",
+        coop_class="ImageNetSketch",
+        dataset_dir="imagenet-sketch",
+        image_dir="images",
         split_source="images/<wnid>/ + classnames.txt",
         required=(("images", "image folder"), ("classnames.txt", "class-name file")),
-        templates=IMAGENET_TEMPLATES, published=Published(1000, None, None, 50889),
+        templates=IMAGENET_TEMPLATES,
+        published=Published(1000, None, None, 50889),
         download="download ImageNet-Sketch (https://github.com/HaohanWang/ImageNet-Sketch) and extract it so that "
         "{dir}/images/<wnid>/ holds the sketches" + _COPY_NAMES,
-        reader=read_sorted_variant, sample_val=False, test_only=True, listed_images=True,
+        reader=read_sorted_variant,
+        sample_val=False,
+        test_only=True,
+        listed_images=True,
     ),
     BenchmarkSpec(
-        name="imagenet_a", coop_class="ImageNetA", dataset_dir="imagenet-adversarial", image_dir="imagenet-a",
+        name="imagenet_a",
+        coop_class="ImageNetA",
+        dataset_dir="imagenet-adversarial",
+        image_dir="imagenet-a",
         split_source="imagenet-a/<wnid>/ + classnames.txt",
         required=(("imagenet-a", "image folder"), ("classnames.txt", "class-name file")),
-        templates=IMAGENET_TEMPLATES, published=Published(200, None, None, 7500),
+        templates=IMAGENET_TEMPLATES,
+        published=Published(200, None, None, 7500),
         download="download imagenet-a.tar (https://github.com/hendrycks/natural-adv-examples) and extract it into "
         "{dir}/ so that {dir}/imagenet-a/<wnid>/ holds the images" + _COPY_NAMES,
-        reader=read_sorted_variant, sample_val=False, test_only=True, listed_images=True,
+        reader=read_sorted_variant,
+        sample_val=False,
+        test_only=True,
+        listed_images=True,
     ),
     BenchmarkSpec(
-        name="imagenet_r", coop_class="ImageNetR", dataset_dir="imagenet-rendition", image_dir="imagenet-r",
+        name="imagenet_r",
+        coop_class="ImageNetR",
+        dataset_dir="imagenet-rendition",
+        image_dir="imagenet-r",
         split_source="imagenet-r/<wnid>/ + classnames.txt",
         required=(("imagenet-r", "image folder"), ("classnames.txt", "class-name file")),
-        templates=IMAGENET_TEMPLATES, published=Published(200, None, None, 30000),
+        templates=IMAGENET_TEMPLATES,
+        published=Published(200, None, None, 30000),
         download="download imagenet-r.tar (https://github.com/hendrycks/imagenet-r) and extract it into {dir}/ so "
         "that {dir}/imagenet-r/<wnid>/ holds the images" + _COPY_NAMES,
-        reader=read_sorted_variant, sample_val=False, test_only=True, listed_images=True,
+        reader=read_sorted_variant,
+        sample_val=False,
+        test_only=True,
+        listed_images=True,
     ),
 )
