@@ -68,16 +68,44 @@ def test_fit_with_the_columns_form_lands_where_the_normalised_form_does():
     opt = torch.optim.Adam([x], lr=config.lr, weight_decay=config.weight_decay, foreach=False, fused=False)
     order_gen = torch.Generator().manual_seed(3)
     for epoch in range(config.epochs):
-        lr = config.warmup_lr if epoch < 1 else config.lr * (1 + torch.cos(torch.tensor(
-            torch.pi * (epoch - 1) / config.epochs)).item()) / 2
+        lr = (
+            config.warmup_lr
+            if epoch < 1
+            else config.lr * (1 + torch.cos(torch.tensor(torch.pi * (epoch - 1) / config.epochs)).item()) / 2
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         order = torch.randperm(n, generator=order_gen)
         for start in range(0, n, config.batch_size):
-            idx = order[start:start + config.batch_size]
+            idx = order[start : start + config.batch_size]
             loss = F.cross_entropy(_reference(feats[idx], base + 0.5 * x, 100.0), labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     assert not torch.equal(head.text_feature_residuals.detach(), torch.zeros_like(x))
     assert torch.allclose(head.text_feature_residuals.detach(), x.detach(), rtol=0, atol=1e-5)
+
+
+def test_a_backbone_without_the_clip_text_tower_is_named_for_the_methods_that_need_it(openai_rn_file):
+    """CoOp and TaskRes* rebuild the text tower: a model without it, or with a biased projection, is a clear error
+    naming the backbone (it was an AttributeError)."""
+    import dataclasses
+
+    import pytest
+
+    from taskres.backbones import load_backbone
+    from taskres.errors import TaskResValueError
+    from taskres.text_tower import check_text_tower
+
+    backbone = load_backbone(str(openai_rn_file))
+    assert check_text_tower(backbone, "coop") is backbone.model
+    dim = backbone.model.text_projection.shape[0]
+    biased = dataclasses.replace(backbone, model=torch.nn.Module())
+    for name in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+        setattr(biased.model, name, getattr(backbone.model, name))
+    biased.model.text_projection = torch.nn.Linear(dim, 4, bias=True)
+    with pytest.raises(TaskResValueError, match=r"coop replaces the text projection, but backbone '.*tiny-rn\.pt'"):
+        check_text_tower(biased, "coop")
+    bare = dataclasses.replace(backbone, model=torch.nn.Module())
+    with pytest.raises(TaskResValueError, match=r"needs a CLIP text transformer .* backbone '.*tiny-rn\.pt' has"):
+        check_text_tower(bare, "coop")

@@ -22,17 +22,14 @@ def check_text_tower(backbone: Backbone, method: str) -> ClipModel:
     if not all(hasattr(model, name) for name in needed):
         raise TaskResValueError(
             f"{method} needs a CLIP text transformer (token embedding, transformer, ln_final, text "
-            # BUG, left as is (a fix changes behaviour): BackboneIdentity has no .get, so this
-            # error path raises AttributeError; the fix is backbone.identity.spec
-            f"projection); backbone {backbone.identity.get('spec')!r} has another text "  # type: ignore[attr-defined]
-            "tower. Use an "
+            f"projection); backbone {backbone.identity.spec!r} has another text tower. Use an "
             "OpenAI CLIP (RN50, ViT-B/16, ...) or an open_clip model with the CLIP text tower."
         )
     proj = model.text_projection
     if isinstance(proj, torch.nn.Linear) and proj.bias is not None:
         raise TaskResValueError(
             f"{method} replaces the text projection, but backbone "
-            f"{backbone.identity.get('spec')!r} "  # type: ignore[attr-defined]  # BUG: as above
+            f"{backbone.identity.spec!r} "
             "has a projection with a bias; use a backbone whose text projection is a matrix."
         )
     return model
