@@ -23,7 +23,10 @@ case "${1:-fast}" in
   *) modules=("$@") ;;
 esac
 
-# Tests that start `python -m taskres` in a subprocess must import the mutated copy, not the installed package.
+# Tests that start `python -m taskres` in a subprocess must import the mutated copy, not the installed package. The
+# folder must exist before Python starts: a path that is missing at start-up is cached as empty, and the tests would
+# then import the installed (unmutated) package and every mutant would be reported as not covered.
+mkdir -p mutants/src
 export PYTHONPATH="$PWD/mutants/src${PYTHONPATH:+:$PYTHONPATH}"
 patterns=()
 for m in "${modules[@]}"; do patterns+=("$m.*"); done
