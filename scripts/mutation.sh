@@ -4,6 +4,8 @@
 #   scripts/mutation.sh            the fast subset: sampling, transforms and views, schedule, heads, evaluation
 #   scripts/mutation.sh full       every module listed in [tool.mutmut] only_mutate (pyproject.toml)
 #   scripts/mutation.sh MODULE...  mutants of these modules only, e.g. taskres.engine taskres.methods.taskres
+#   scripts/mutation.sh NAME...    these mutants only (names as `mutmut results` prints them), e.g. to recheck
+#                                  the survivors after adding tests
 #
 # Needs mutmut (pip install -c constraints.txt -e ".[mutation]"). Results stay in mutants/ (git-ignored); a rerun
 # only tests the mutants of functions that changed. `mutmut results` lists the survivors, `mutmut show NAME` a diff.
@@ -27,9 +29,14 @@ esac
 # folder must exist before Python starts: a path that is missing at start-up is cached as empty, and the tests would
 # then import the installed (unmutated) package and every mutant would be reported as not covered.
 mkdir -p mutants/src
+# mutmut forks one process per mutant from a process that has already run torch: a forked child that inherits an
+# OpenMP thread pool can hang until the CPU limit (a false "timeout"). One thread each keeps the forks safe.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export PYTHONPATH="$PWD/mutants/src${PYTHONPATH:+:$PYTHONPATH}"
 patterns=()
-for m in "${modules[@]}"; do patterns+=("$m.*"); done
+for m in "${modules[@]}"; do
+  case "$m" in *__mutmut_*) patterns+=("$m") ;; *) patterns+=("$m.*") ;; esac
+done
 "$PY" -m mutmut run --max-children "$CHILDREN" "${patterns[@]}"
 "$PY" -m mutmut export-cicd-stats >/dev/null 2>&1 || true
 "$PY" - "${modules[@]}" <<'PYEOF'
@@ -44,7 +51,7 @@ rows = {}
 for meta in Path("mutants").rglob("*.py.meta"):
     for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
         module = name[:name.index(".x")]
-        if any(module == m or module.startswith(m + ".") for m in sys.argv[1:]):
+        if any(module == m or module.startswith(m + ".") or name == m for m in sys.argv[1:]):
             rows.setdefault(module, Counter())[status_by_exit_code[code]] += 1
 total = Counter()
 for c in rows.values():

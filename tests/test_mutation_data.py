@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from taskres.backbones import load_backbone
+from taskres.data.sampling import sample_fewshot
+from taskres.data.splits import DatasetSplits, Entry
 from taskres.cache import FORMAT, FeatureCache, image_key
 from taskres.errors import TaskResError
 from taskres.safe_load import Inert, load_checkpoint, load_plain_pickle
@@ -210,3 +212,12 @@ def test_plain_pickle_reader_builds_only_allowed_records(tmp_path):
     name = f"{Record.__module__}.Record"
     out = load_plain_pickle(rec, {name: Record})
     assert isinstance(out, Record) and out.__dict__ == {"args": (1, 2)}
+
+
+@pytest.mark.parametrize("shots", [True, False, 2.0, "3", None])
+def test_shots_must_be_a_plain_integer(shots, tmp_path):
+    entries = tuple(Entry(f"{i}.png", i % 2, f"c{i % 2}") for i in range(8))
+    ds = DatasetSplits("toy", image_dir=tmp_path, train=entries, val=entries, test=entries, classnames=("c0", "c1"))
+    with pytest.raises(TaskResError, match="--shots must be an integer >= 1"):
+        sample_fewshot(ds, shots, 0)
+    assert len(sample_fewshot(ds, 1, 0)["train"]) == 2

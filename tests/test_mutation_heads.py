@@ -12,7 +12,7 @@ from conftest import cluster_context
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResError
 from taskres.evaluate import accuracy_metrics, evaluate, predict_logits
-from taskres.methods.base import CosineHead, Fitted, config_options, cosine_logits, option
+from taskres.methods.base import CosineHead, Head, Fitted, config_options, cosine_logits, option
 from taskres.methods.taskres import (IMAGENET_FAMILY, TaskResConfig, TaskResHead, config_preset, fit_taskres,
                                      optim_preset)
 
@@ -209,3 +209,32 @@ def test_predict_logits_batches_and_evaluate():
     assert predict_logits(head, feats[:0]).shape == (0, 0)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])
     assert evaluate(head, feats, labels, ["x", "y", "z"]) == accuracy_metrics(full, labels, ["x", "y", "z"])
+
+
+class ColumnsHead(Head):
+    """A head with a tensor indexed by class on both dims (rows and columns), as Tip-Adapter's cache values."""
+
+    class_rows = ("rows",)
+    class_columns = ("columns",)
+
+    def __init__(self, rows, columns):
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.register_buffer("columns", columns)
+
+    def tensors(self):
+        return {"rows": self.rows, "columns": self.columns}
+
+    def metadata(self):
+        return {"kind": "columns"}
+
+    @classmethod
+    def from_export(cls, tensors, meta):
+        assert meta == {"kind": "columns"}
+        return cls(tensors["rows"], tensors["columns"])
+
+
+def test_select_classes_takes_rows_and_columns_in_the_given_order():
+    rows, columns = torch.arange(12.0).reshape(4, 3), torch.arange(20.0).reshape(5, 4)
+    sub = ColumnsHead(rows, columns).select_classes([3, 1])
+    assert torch.equal(sub.rows, rows[[3, 1]]) and torch.equal(sub.columns, columns[:, [3, 1]])
