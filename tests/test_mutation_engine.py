@@ -208,3 +208,25 @@ def test_optim_config_bounds(kwargs, ok):
     else:
         with pytest.raises(TaskResError):
             OptimConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1.0), "lr must be a finite number > 0; got -1.0."),
+    (dict(epochs=0), "epochs must be a finite number > 0; got 0."),
+    (dict(batch_size=-3), "batch_size must be a finite number > 0; got -3."),
+    (dict(weight_decay=-0.5), "weight_decay must be a finite number >= 0; got -0.5."),
+    (dict(epochs=2, warmup_epochs=5), "warmup_epochs must be in [0, epochs]; got 5."),
+    (dict(optimizer="rmsprop"), "optimizer must be one of adam, sgd, adamw; got 'rmsprop'."),
+    (dict(schedule="step"), "schedule must be one of epoch, iteration; got 'step'."),
+    (dict(drop_last="always"), "drop_last must be one of auto, never; got 'always'."),
+    (dict(schedule="iteration", warmup_epochs=2),
+     "warmup_epochs must be 0 with the per-iteration cosine schedule (it has no warm-up); got 2."),
+    (dict(momentum=1.5), "momentum must be in [0, 1); got 1.5."),
+    (dict(eps=-1e-3), "eps must be > 0; got -0.001."),
+])
+def test_optim_config_errors_name_the_setting_and_the_rule(kwargs, message):
+    """A bad setting is reported by its name (the CLI maps the name to its flag), its rule and its value."""
+    with pytest.raises(TaskResError) as err:
+        OptimConfig(**kwargs)
+    assert str(err.value) == message
+    assert err.value.param == message.split(" ")[0]
