@@ -238,3 +238,9 @@ def test_select_classes_takes_rows_and_columns_in_the_given_order():
     rows, columns = torch.arange(12.0).reshape(4, 3), torch.arange(20.0).reshape(5, 4)
     sub = ColumnsHead(rows, columns).select_classes([3, 1])
     assert torch.equal(sub.rows, rows[[3, 1]]) and torch.equal(sub.columns, columns[:, [3, 1]])
+
+
+def test_mean_per_class_accuracy_with_one_scored_class():
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    m = accuracy_metrics(logits, torch.tensor([0, 0, 0]), ["a", "b"])  # only class a has test images
+    assert m["mean_per_class_accuracy"] == pytest.approx(100.0 * 2 / 3) == pytest.approx(m["accuracy"])

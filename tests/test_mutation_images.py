@@ -273,3 +273,8 @@ def test_online_views_encode_the_seeded_draws(openai_rn_file, photos):
     assert views.encoded == 9
     with pytest.raises(TaskResError, match="one name per image"):
         OnlineViews(tiny, photos, names[:2], seed=0)
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(TaskResError, match="is a folder, not an image file"):
+        read_image(tmp_path)
