@@ -278,3 +278,12 @@ def test_online_views_encode_the_seeded_draws(openai_rn_file, photos):
 def test_a_folder_is_named_as_a_folder(tmp_path):
     with pytest.raises(TaskResError, match="is a folder, not an image file"):
         read_image(tmp_path)
+
+
+def test_pixel_limit_error_names_the_setting_and_the_memory(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (512, 512)).save(path)  # 4 bytes a pixel: exactly 1 MiB decoded
+    with pytest.raises(TaskResError, match=r"is 512 x 512 = 262144 pixels, more than the limit of 1000 \(decoding it "
+                                           r"would take about 1 MiB\)") as err:
+        read_image(path, max_pixels=1000)
+    assert err.value.param == "max_image_pixels"
