@@ -115,6 +115,8 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                     param="max_image_pixels",
                 )
             return to_rgb(img)
+    except TaskResError:  # the pixel limit's own error, raised above: not a decoding failure
+        raise
     except PermissionError as err:
         raise TaskResValueError(f"image {path!r} cannot be read ({err.strerror}); fix its permissions.") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
