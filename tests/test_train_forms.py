@@ -109,3 +109,22 @@ def test_a_backbone_without_the_clip_text_tower_is_named_for_the_methods_that_ne
     bare = dataclasses.replace(backbone, model=torch.nn.Module())
     with pytest.raises(TaskResValueError, match=r"needs a CLIP text transformer .* backbone '.*tiny-rn\.pt' has"):
         check_text_tower(bare, "coop")
+
+
+def test_the_residual_form_has_the_gradients_of_autograd_through_t_plus_alpha_x():
+    from taskres.methods.base import cosine_logits_residual
+
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    base = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    upstream = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    ours = cosine_logits_residual(z, base, x, 0.7, 2.0)
+    ref = _reference(z, base + 0.7 * x, 2.0)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, (z, x), upstream), torch.autograd.grad(ref, (z, x), upstream)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    base.requires_grad_(True)  # both sides of the sum
+    grads = torch.autograd.grad(cosine_logits_residual(z, base, x, 0.7, 2.0), (base, x), upstream)
+    refs = torch.autograd.grad(_reference(z, base + 0.7 * x, 2.0), (base, x), upstream)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads, refs))

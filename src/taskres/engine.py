@@ -183,12 +183,13 @@ def fit(
                     group["lr"] = iteration_lr(config, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
             idx = order[start : start + config.batch_size]
             logits = step_logits(feats[idx])  # (B, C)
-            loss = F.cross_entropy(logits, labels[idx])
+            targets = labels[idx]
+            loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.detach().double() * len(idx)
-            correct += (logits.detach().argmax(dim=1) == labels[idx]).sum()
+            correct += (logits.detach().argmax(dim=1) == targets).sum()
             seen += len(idx)
         record = {
             "epoch": epoch,

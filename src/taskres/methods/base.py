@@ -54,32 +54,52 @@ def cosine_logits_columns(
     rows: tau * (z / |z|) @ t^T / |t|. The same value up to rounding, and the cheaper form to train, where every
     step changes t: its backward costs one matrix product and one pass over t's (C, D) entries, where autograd
     through ``F.normalize`` takes about eight passes (docs/performance.md)."""
-    return _ColumnCosine.apply(logit_scale * F.normalize(image_features, dim=-1), classifier)
+    return _ColumnCosine.apply(logit_scale * F.normalize(image_features, dim=-1), classifier, None, 1.0)
+
+
+def cosine_logits_residual(
+    image_features: torch.Tensor,
+    base: torch.Tensor,
+    residual: torch.Tensor,
+    alpha: float,
+    logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """``cosine_logits_columns`` against the classifier ``base + alpha * residual`` (a fixed alpha), made in one
+    pass, and differentiated with respect to ``residual`` without a pass of its own (alpha scales the (N, C) side)."""
+    return _ColumnCosine.apply(logit_scale * F.normalize(image_features, dim=-1), base, residual, alpha)
 
 
 class _ColumnCosine(torch.autograd.Function):
-    """(N, D) scaled unit image features z, (C, D) classifier t -> z @ t^T / max(|t|, eps), with a hand-written
-    backward: dL/dz = (G / n) @ t;  dL/dt = (G / n)^T @ z - t * sum_n(G * logits) / n^2 (zero where |t| <= eps,
-    as F.normalize's clamp)."""
+    """(N, D) scaled unit image features z and the classifier t = base (+ alpha * residual), (C, D) ->
+    z @ t^T / max(|t|, eps), with a hand-written backward: dL/dz = (G / n) @ t;
+    dL/dt = (G / n)^T @ z - t * sum_n(G * logits) / n^2 (zero where |t| <= eps, as F.normalize's clamp);
+    dL/dresidual = alpha * dL/dt."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, base: torch.Tensor, residual: torch.Tensor | None, alpha: float) -> torch.Tensor:
+        t = base if residual is None else torch.add(base, residual, alpha=alpha)
         norms = t.norm(dim=-1)  # (C,)
         clamped = norms.clamp_min(1e-12)
         logits = z @ t.t() / clamped  # (N, C)
         ctx.save_for_backward(z, t, clamped, norms > 1e-12, logits)
+        ctx.alpha = alpha
         return logits
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         z, t, clamped, live, logits = ctx.saved_tensors
+        need_z, need_base, need_residual = ctx.needs_input_grad[:3]
         scaled = grad / clamped  # (N, C)
-        grad_z = scaled @ t if ctx.needs_input_grad[0] else None
-        grad_t = None
-        if ctx.needs_input_grad[1]:
+        grad_z = scaled @ t if need_z else None
+        grad_base = grad_residual = None
+        if need_base or need_residual:
             coef = torch.where(live, -(grad * logits).sum(dim=0) / (clamped * clamped), 0.0)  # (C,)
-            grad_t = (scaled.t() @ z).addcmul_(t, coef[:, None])
-        return grad_z, grad_t
+            if need_base:
+                grad_base = (scaled.t() @ z).addcmul_(t, coef[:, None])
+                grad_residual = grad_base * ctx.alpha if need_residual else None
+            else:  # alpha applied to the (N, C) and (C,) factors: no pass over (C, D) for it
+                grad_residual = ((scaled * ctx.alpha).t() @ z).addcmul_(t, (coef * ctx.alpha)[:, None])
+        return grad_z, grad_base, grad_residual, None
 
 
 class Head(nn.Module):

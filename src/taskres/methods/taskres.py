@@ -22,7 +22,7 @@ from torch import nn
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, check_choice, invalid
-from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, option
+from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, cosine_logits_residual, option
 from taskres.methods.enhanced_base import (
     PROJECTION_FILE,
     EnhancedBaseConfig,
@@ -137,6 +137,19 @@ class TaskResHead(CosineHead):
         if self.image_feature_residual is not None:
             z = z + self.alpha * self.image_feature_residual
         return z
+
+    def train_logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """With a fixed alpha, t + alpha * x is made and differentiated inside the column-scaled cosine
+        (``cosine_logits_residual``); a learned alpha trains through autograd."""
+        if self.config.learn_alpha:
+            return super().train_logits(image_features)
+        return cosine_logits_residual(
+            self.image_features(image_features),
+            self.base_text_features,
+            self.text_feature_residuals,
+            float(self.config.alpha),
+            self.logit_scale,
+        )
 
     def residual_mean_abs(self) -> float:
         """Mean |x| over the residual's entries: the paper's residual magnitude (its Fig. 4)."""
