@@ -336,3 +336,22 @@ def test_pixel_limit_error_names_the_setting_and_the_memory(tmp_path):
     ) as err:
         read_image(path, max_pixels=1000)
     assert err.value.param == "max_image_pixels"
+
+
+def test_a_missing_image_and_a_folder_get_the_whole_message_with_the_fix(tmp_path):
+    """The user reads the whole hint: where the paths come from and what to check."""
+    from taskres.data.images import read_image
+
+    missing = tmp_path / "gone.png"
+    with pytest.raises(TaskResError) as err:
+        read_image(missing)
+    assert str(err.value) == (
+        f"image {str(missing)!r} does not exist; check the data folder (--data/--root) and the split file's paths, "
+        "which are relative to it."
+    )
+    with pytest.raises(TaskResError) as err:
+        read_image(tmp_path)
+    assert str(err.value) == (
+        f"image {str(tmp_path)!r} is a folder, not an image file; check the data folder (--data/--root) and the "
+        "split file's paths."
+    )
