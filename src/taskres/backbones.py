@@ -63,6 +63,19 @@ OPENAI_MODELS = {
     "ViT-L/14@336px": "ViT-L-14-336",
 }
 SHIPPED_MODELS = ("taskres-demo",)
+# What building a model from a damaged or foreign weights file raises (torch, open_clip, safetensors, pickle).
+LOAD_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ValueError,
+    OSError,
+    EOFError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AssertionError,
+    pickle.UnpicklingError,
+    SafetensorError,
+)
 HF_HUB_PREFIX = "hf-hub:"
 # open_clip's own names on the Hub (open_clip.pretrained: HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME), in
 # the order its hf-hub loader prefers them
@@ -452,18 +465,7 @@ def _load_open_clip_pair(spec: str, weights_dir: Path) -> tuple[ClipModel, Any, 
         )
     try:
         model = open_clip.create_model(model_name, pretrained=source, load_weights=True, force_quick_gelu=quick_gelu)
-    except (
-        RuntimeError,
-        ValueError,
-        OSError,
-        EOFError,
-        KeyError,
-        IndexError,
-        TypeError,
-        AssertionError,
-        pickle.UnpicklingError,
-        SafetensorError,
-    ) as err:
+    except LOAD_ERRORS as err:
         # by the file's damage: torch's weights-only unpickler (which raises IndexError or TypeError on some random
         # bytes), safetensors and open_clip's own asserts
         first = str(err).splitlines()[0] if str(err) else ""
@@ -690,20 +692,7 @@ def _load_hf_hub(spec: str) -> tuple[ClipModel, Any, dict]:
         model = open_clip.create_model(f"local-dir:{snapshot}", load_weights=False, pretrained_text=False)
         open_clip.load_checkpoint(model, str(weights), strict=True)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{snapshot}")
-    except (
-        RuntimeError,
-        ValueError,
-        OSError,
-        EOFError,
-        KeyError,
-        IndexError,
-        TypeError,
-        AssertionError,
-        ImportError,
-        pickle.UnpicklingError,
-        SafetensorError,
-        json.JSONDecodeError,
-    ) as err:
+    except LOAD_ERRORS + (ImportError, json.JSONDecodeError) as err:
         first = str(err).splitlines()[0] if str(err) else ""
         raise TaskResValueError(
             f"backbone {spec!r}: open_clip could not build the model of {str(snapshot)!r} "

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from taskres.atomic import write_json
+from taskres.data.benchmarks import IMAGENET_VARIANTS, PAPER_DATASETS
 from taskres.errors import TaskResError, TaskResValueError, suggest
 
 logger = logging.getLogger(__name__)
@@ -32,20 +33,6 @@ GRID_FILE, FAILURES = "sweep.json", "failures.jsonl"
 ZERO_SHOT = "zero-shot"
 # Grid entries that are a method with some options set: the paper's TaskRes* (the enhanced base).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"taskres*": ("taskres", {"enhance_base": True})}
-IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-PAPER_DATASETS = (
-    "imagenet",
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-)
 
 
 @dataclass(frozen=True)

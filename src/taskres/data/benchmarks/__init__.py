@@ -32,7 +32,8 @@ __all__ = [
     "benchmark_for_split_file",
 ]
 
-_ORDER = (
+# The paper's 11 few-shot benchmarks and ImageNet's shifted variants, in the paper's order.
+PAPER_DATASETS = (
     "imagenet",
     "caltech101",
     "oxford_pets",
@@ -44,11 +45,9 @@ _ORDER = (
     "dtd",
     "eurosat",
     "ucf101",
-    "imagenetv2",
-    "imagenet_sketch",
-    "imagenet_a",
-    "imagenet_r",
 )
+IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+_ORDER = PAPER_DATASETS + IMAGENET_VARIANTS
 _ALL = {s.name: s for s in (*imagenet.SPECS, *coop_splits.SPECS, fgvc_aircraft.SPEC)}
 # CoOp's config names (configs/datasets/<name>.yaml) -> spec, in the order of the paper's tables.
 BENCHMARKS: Mapping[str, BenchmarkSpec] = MappingProxyType({name: _ALL[name] for name in _ORDER})
