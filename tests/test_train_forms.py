@@ -49,7 +49,7 @@ def test_a_head_evaluates_in_the_normalised_form_and_trains_in_the_columns_form(
     z = torch.randn(5, 8, generator=g)
     classifier = base + 0.5 * head.text_feature_residuals.detach()
     assert torch.equal(head(z), cosine_logits(z, classifier, 100.0))  # what eval and predict compute, bit for bit
-    assert torch.allclose(head.train_logits(z), head(z), rtol=0, atol=1e-4)
+    assert torch.allclose(head.train_logits(head.train_inputs(z)), head(z), rtol=0, atol=1e-4)
 
 
 def test_fit_with_the_columns_form_lands_where_the_normalised_form_does():
@@ -128,3 +128,57 @@ def test_the_residual_form_has_the_gradients_of_autograd_through_t_plus_alpha_x(
     grads = torch.autograd.grad(cosine_logits_residual(z, base, x, 0.7, 2.0), (base, x), upstream)
     refs = torch.autograd.grad(_reference(z, base + 0.7 * x, 2.0), (base, x), upstream)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads, refs))
+
+
+def test_the_residual_alone_gets_the_gradient_of_autograd_through_t_plus_alpha_x():
+    """The training path: the image side is fixed, so only the residual needs a gradient (alpha is folded into the
+    (C,) factors there)."""
+    from taskres.methods.base import column_cosine, scaled_unit
+
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    base = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    upstream = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    ours = torch.autograd.grad(column_cosine(scaled_unit(f, 2.0), base, x, 0.7), x, upstream)[0]
+    ref = torch.autograd.grad(_reference(f, base + 0.7 * x, 2.0), x, upstream)[0]
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
+
+
+def _fit_taskres(views: torch.Tensor, labels: torch.Tensor, base: torch.Tensor, variant: str = "text"):
+    head = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5, variant=variant))
+    history = fit(head, views, labels, OptimConfig(lr=2e-3, epochs=5, batch_size=8), seed=7, quiet=True)
+    return head, history
+
+
+def test_the_view_bank_mapped_once_trains_exactly_as_mapped_per_batch(monkeypatch):
+    """The engine maps a small bank of cached views through train_inputs once per run, a large one batch by batch
+    (PREPARED_BANK_MAX_BYTES): the residual and the log are the same bit for bit, one view or several."""
+    import taskres.engine as engine
+
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(4, 16, generator=g)
+    labels = torch.arange(4).repeat_interleave(5)
+    for views in (torch.randn(20, 16, generator=g) * 3, torch.randn(3, 20, 16, generator=g) * 3):
+        once, log_once = _fit_taskres(views, labels, base)
+        monkeypatch.setattr(engine, "PREPARED_BANK_MAX_BYTES", 0)
+        per_batch, log_per_batch = _fit_taskres(views, labels, base)
+        monkeypatch.undo()
+        assert not torch.equal(once.text_feature_residuals, torch.zeros(4, 16))
+        assert torch.equal(once.text_feature_residuals, per_batch.text_feature_residuals)
+        assert log_once == log_per_batch
+
+
+def test_a_trained_image_side_is_not_mapped_ahead():
+    """TaskRes with an image residual changes tau * f / |f| while it trains: train_inputs leaves the features as they
+    are, and the image residual gets its gradient."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(4, 16, generator=g)
+    feats = torch.randn(20, 16, generator=g)
+    head = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5, variant="both"))
+    assert head.train_inputs(feats) is feats
+    plain = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5))
+    assert torch.allclose(plain.train_inputs(feats), 100.0 * F.normalize(feats, dim=-1), rtol=0, atol=0)
+    trained, _ = _fit_taskres(feats, torch.arange(4).repeat_interleave(5), base, variant="both")
+    assert trained.image_feature_residual is not None
+    assert not torch.equal(trained.image_feature_residual.detach(), torch.zeros(1, 16))

@@ -64,6 +64,12 @@ def test_view_bank_draws_each_epochs_view_with_the_seed():
     assert all(sorted(views_a[:3, i].tolist()) == [0, 1, 2] for i in range(5))
     assert not torch.equal(seq_a, seq_b)
     assert torch.equal(ViewBank(bank[:1], seed=1).epoch(7), bank[0])
+    # a bank that is not contiguous in memory (views of a larger tensor) reads the same rows
+    strided = torch.arange(5 * 3).float().reshape(5, 3, 1).transpose(0, 1)  # view v of image i holds 3 * i + v
+    c = ViewBank(strided, seed=1)
+    assert not strided.is_contiguous()
+    for e in range(6):
+        assert torch.equal(c.epoch(e)[:, 0], 3 * torch.arange(5).float() + c.view_index(e))
 
 
 def classifier(run_dir):

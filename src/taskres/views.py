@@ -60,7 +60,12 @@ class ViewBank:
     def epoch(self, epoch: int) -> torch.Tensor:
         if self.num_views == 1:
             return self.views[0]
-        return self.views[self.view_index(epoch), torch.arange(self.num_samples)]  # (N, D)
+        # (N, D): row n of view view_index[n]; index_select on the flattened bank (a view of it when it is
+        # contiguous) gathers the same rows as views[view_index, arange(N)], about twice as fast on a CPU
+        rows = torch.arange(self.num_samples)
+        if not self.views.is_contiguous():
+            return self.views[self.view_index(epoch), rows]
+        return self.views.flatten(0, 1).index_select(0, self.view_index(epoch) * self.num_samples + rows)
 
     def bank(self, count: int | None = None) -> torch.Tensor:
         return self.views

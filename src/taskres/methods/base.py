@@ -47,6 +47,19 @@ def cosine_logits(
     return logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(classifier, dim=-1).t()
 
 
+def scaled_unit(image_features: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """tau * f / |f|, row by row: the image side of the cosine logits."""
+    return logit_scale * F.normalize(image_features, dim=-1)
+
+
+def column_cosine(
+    z: torch.Tensor, classifier: torch.Tensor, residual: torch.Tensor | None = None, alpha: float = 1.0
+) -> torch.Tensor:
+    """The column-scaled cosine logits from the image side ``z = scaled_unit(f, tau)`` (N, D): z @ t^T / |t| with
+    t = classifier (+ alpha * residual, for a fixed alpha), differentiated by hand (``_ColumnCosine``)."""
+    return _ColumnCosine.apply(z, classifier, residual, alpha)
+
+
 def cosine_logits_columns(
     image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
 ) -> torch.Tensor:
@@ -54,7 +67,7 @@ def cosine_logits_columns(
     rows: tau * (z / |z|) @ t^T / |t|. The same value up to rounding, and the cheaper form to train, where every
     step changes t: its backward costs one matrix product and one pass over t's (C, D) entries, where autograd
     through ``F.normalize`` takes about eight passes (docs/performance.md)."""
-    return _ColumnCosine.apply(logit_scale * F.normalize(image_features, dim=-1), classifier, None, 1.0)
+    return column_cosine(scaled_unit(image_features, logit_scale), classifier)
 
 
 def cosine_logits_residual(
@@ -66,7 +79,7 @@ def cosine_logits_residual(
 ) -> torch.Tensor:
     """``cosine_logits_columns`` against the classifier ``base + alpha * residual`` (a fixed alpha), made in one
     pass, and differentiated with respect to ``residual`` without a pass of its own (alpha scales the (N, C) side)."""
-    return _ColumnCosine.apply(logit_scale * F.normalize(image_features, dim=-1), base, residual, alpha)
+    return column_cosine(scaled_unit(image_features, logit_scale), base, residual, alpha)
 
 
 class _ColumnCosine(torch.autograd.Function):
@@ -89,16 +102,22 @@ class _ColumnCosine(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         z, t, clamped, live, logits = ctx.saved_tensors
         need_z, need_base, need_residual = ctx.needs_input_grad[:3]
-        scaled = grad / clamped  # (N, C)
+        # alpha goes into the (C,) factors when only the residual needs a gradient: no pass of its own over (N, C)
+        # or (C, D)
+        only_residual = need_residual and not (need_z or need_base)
+        scaled = grad * (ctx.alpha / clamped) if only_residual else grad / clamped  # (N, C)
         grad_z = scaled @ t if need_z else None
         grad_base = grad_residual = None
         if need_base or need_residual:
-            coef = torch.where(live, -(grad * logits).sum(dim=0) / (clamped * clamped), 0.0)  # (C,)
-            if need_base:
-                grad_base = (scaled.t() @ z).addcmul_(t, coef[:, None])
-                grad_residual = grad_base * ctx.alpha if need_residual else None
-            else:  # alpha applied to the (N, C) and (C,) factors: no pass over (C, D) for it
-                grad_residual = ((scaled * ctx.alpha).t() @ z).addcmul_(t, (coef * ctx.alpha)[:, None])
+            dots = (grad * logits).sum(dim=0)
+            coef = dots * (-ctx.alpha / (clamped * clamped)) if only_residual else -dots / (clamped * clamped)
+            coef = torch.where(live, coef, 0.0)  # (C,)
+            grad_t = (scaled.t() @ z).addcmul_(t, coef[:, None])
+            if only_residual:
+                grad_residual = grad_t
+            else:
+                grad_base = grad_t if need_base else None
+                grad_residual = grad_t * ctx.alpha if need_residual else None
         return grad_z, grad_base, grad_residual, None
 
 
@@ -115,9 +134,16 @@ class Head(nn.Module):
     class_columns: ClassVar[tuple[str, ...]] = ()
     frozen_tensors: ClassVar[tuple[str, ...]] = ()
 
-    def train_logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        """The logits that training steps differentiate: ``forward``'s, in whatever form trains fastest."""
-        return self(image_features)
+    def train_inputs(self, image_features: torch.Tensor) -> torch.Tensor:
+        """What ``train_logits`` takes, row by row: the part of the training logits that depends on the image
+        features alone and that training does not change. The engine applies it once per run to a bank of cached
+        views (``engine.fit``), so that no step repeats it. Default: the features themselves."""
+        return image_features
+
+    def train_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The logits that training steps differentiate, from a batch of ``train_inputs``: ``forward``'s, in
+        whatever form trains fastest."""
+        return self(inputs)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -167,12 +193,32 @@ class CosineHead(Head):
         """(N, D) un-normalised image features -> (N, C) logits."""
         return cosine_logits(self.image_features(image_features), self.classifier(), self.logit_scale)
 
-    def train_logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        """The same logits in the column-scaled form (``cosine_logits_columns``), cheaper to train through; a
-        subclass with its own ``forward`` trains through that."""
-        if type(self).forward is not CosineHead.forward:
-            return self(image_features)
-        return cosine_logits_columns(self.image_features(image_features), self.classifier(), self.logit_scale)
+    def column_form(self) -> bool:
+        """Whether training uses the column-scaled form of ``forward`` (a subclass with its own ``forward`` trains
+        through that)."""
+        return type(self).forward is CosineHead.forward
+
+    def image_side_trains(self) -> bool:
+        """Whether training changes the image side tau * f / |f| (a subclass whose ``image_features`` holds
+        trainable parameters says so); if not, ``train_inputs`` is that image side."""
+        return type(self).image_features is not CosineHead.image_features
+
+    def train_inputs(self, image_features: torch.Tensor) -> torch.Tensor:
+        if not self.column_form() or self.image_side_trains():
+            return image_features
+        return scaled_unit(self.image_features(image_features), self.logit_scale)
+
+    def train_z(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The image side tau * f / |f| of a batch of ``train_inputs`` (column form)."""
+        if self.image_side_trains():
+            return scaled_unit(self.image_features(inputs), self.logit_scale)
+        return inputs
+
+    def train_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The same logits in the column-scaled form (``cosine_logits_columns``), cheaper to train through."""
+        if not self.column_form():
+            return self(inputs)
+        return column_cosine(self.train_z(inputs), self.classifier())
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, check_choice, invalid
-from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, cosine_logits_residual, option
+from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, column_cosine, option
 from taskres.methods.enhanced_base import (
     PROJECTION_FILE,
     EnhancedBaseConfig,
@@ -138,17 +138,16 @@ class TaskResHead(CosineHead):
             z = z + self.alpha * self.image_feature_residual
         return z
 
-    def train_logits(self, image_features: torch.Tensor) -> torch.Tensor:
+    def image_side_trains(self) -> bool:
+        return self.image_feature_residual is not None
+
+    def train_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """With a fixed alpha, t + alpha * x is made and differentiated inside the column-scaled cosine
-        (``cosine_logits_residual``); a learned alpha trains through autograd."""
+        (``column_cosine``); a learned alpha trains through autograd."""
         if self.config.learn_alpha:
-            return super().train_logits(image_features)
-        return cosine_logits_residual(
-            self.image_features(image_features),
-            self.base_text_features,
-            self.text_feature_residuals,
-            float(self.config.alpha),
-            self.logit_scale,
+            return super().train_logits(inputs)
+        return column_cosine(
+            self.train_z(inputs), self.base_text_features, self.text_feature_residuals, float(self.config.alpha)
         )
 
     def residual_mean_abs(self) -> float:

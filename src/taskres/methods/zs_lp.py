@@ -125,7 +125,7 @@ def train_pooled(
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
             idx = order[step * optim.batch_size : (step + 1) * optim.batch_size]
-            logits = head.train_logits(pool[idx])
+            logits = head.train_logits(head.train_inputs(pool[idx]))
             loss = F.cross_entropy(logits, pool_labels[idx])
             extra = penalty(head) if penalty is not None else None
             if extra is not None:
