@@ -182,3 +182,20 @@ def test_a_trained_image_side_is_not_mapped_ahead():
     trained, _ = _fit_taskres(feats, torch.arange(4).repeat_interleave(5), base, variant="both")
     assert trained.image_feature_residual is not None
     assert not torch.equal(trained.image_feature_residual.detach(), torch.zeros(1, 16))
+
+
+def test_the_reused_classifier_buffer_fails_loudly_rather_than_giving_a_stale_gradient():
+    """TaskRes forms t + alpha * x in one buffer step after step. A second forward before the first backward
+    overwrites what that backward needs: torch's in-place check must stop it. After fit the buffer is dropped."""
+    import pytest
+
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(4, 16, generator=g)
+    feats = torch.randn(6, 16, generator=g)
+    head = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5)).train()
+    first = head.train_logits(head.train_inputs(feats)).sum()
+    head.train_logits(head.train_inputs(feats))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
+    trained, _ = _fit_taskres(feats, torch.arange(4).repeat_interleave(2)[:6], base)
+    assert trained._t_buffer is None and not trained.training

@@ -53,11 +53,19 @@ def scaled_unit(image_features: torch.Tensor, logit_scale: torch.Tensor | float)
 
 
 def column_cosine(
-    z: torch.Tensor, classifier: torch.Tensor, residual: torch.Tensor | None = None, alpha: float = 1.0
+    z: torch.Tensor,
+    classifier: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The column-scaled cosine logits from the image side ``z = scaled_unit(f, tau)`` (N, D): z @ t^T / |t| with
-    t = classifier (+ alpha * residual, for a fixed alpha), differentiated by hand (``_ColumnCosine``)."""
-    return _ColumnCosine.apply(z, classifier, residual, alpha)
+    t = classifier (+ alpha * residual, for a fixed alpha), differentiated by hand (``_ColumnCosine``).
+
+    ``out``: a (C, D) tensor to form t in, reused step after step by a training loop instead of a fresh one each
+    step. Autograd keeps it for the backward; forming the next t in it before that backward has run makes the
+    backward fail (torch's in-place check), it never computes a wrong gradient."""
+    return _ColumnCosine.apply(z, classifier, residual, alpha, out)
 
 
 def cosine_logits_columns(
@@ -89,11 +97,18 @@ class _ColumnCosine(torch.autograd.Function):
     dL/dresidual = alpha * dL/dt."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, base: torch.Tensor, residual: torch.Tensor | None, alpha: float) -> torch.Tensor:
-        t = base if residual is None else torch.add(base, residual, alpha=alpha)
+    def forward(
+        ctx,
+        z: torch.Tensor,
+        base: torch.Tensor,
+        residual: torch.Tensor | None,
+        alpha: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t = base if residual is None else torch.add(base, residual, alpha=alpha, out=out)
         norms = t.norm(dim=-1)  # (C,)
         clamped = norms.clamp_min(1e-12)
-        logits = z @ t.t() / clamped  # (N, C)
+        logits = (z @ t.t()).div_(clamped)  # (N, C)
         ctx.save_for_backward(z, t, clamped, norms > 1e-12, logits)
         ctx.alpha = alpha
         return logits
@@ -118,7 +133,7 @@ class _ColumnCosine(torch.autograd.Function):
             else:
                 grad_base = grad_t if need_base else None
                 grad_residual = grad_t * ctx.alpha if need_residual else None
-        return grad_z, grad_base, grad_residual, None
+        return grad_z, grad_base, grad_residual, None, None
 
 
 class Head(nn.Module):

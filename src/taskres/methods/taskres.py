@@ -127,6 +127,7 @@ class TaskResHead(CosineHead):
             self.alpha = nn.Parameter(torch.tensor(float(config.alpha)))
         else:
             self.register_buffer("alpha", torch.tensor(float(config.alpha)))
+        self._t_buffer: torch.Tensor | None = None
 
     def classifier(self) -> torch.Tensor:
         """The tuned classifier t + alpha * x, un-normalised: (C, D)."""
@@ -146,9 +147,18 @@ class TaskResHead(CosineHead):
         (``column_cosine``); a learned alpha trains through autograd."""
         if self.config.learn_alpha:
             return super().train_logits(inputs)
+        base = self.base_text_features
+        buffer = self._t_buffer
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (base.shape, base.dtype, base.device):
+            self._t_buffer = torch.empty_like(base)  # t formed in place every step: no fresh (C, D) tensor a step
         return column_cosine(
-            self.train_z(inputs), self.base_text_features, self.text_feature_residuals, float(self.config.alpha)
+            self.train_z(inputs), base, self.text_feature_residuals, float(self.config.alpha), out=self._t_buffer
         )
+
+    def train(self, mode: bool = True) -> TaskResHead:
+        if not mode:
+            self._t_buffer = None  # training's scratch classifier, not kept beyond it
+        return super().train(mode)
 
     def residual_mean_abs(self) -> float:
         """Mean |x| over the residual's entries: the paper's residual magnitude (its Fig. 4)."""
