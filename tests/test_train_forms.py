@@ -199,3 +199,27 @@ def test_the_reused_classifier_buffer_fails_loudly_rather_than_giving_a_stale_gr
         first.backward()
     trained, _ = _fit_taskres(feats, torch.arange(4).repeat_interleave(2)[:6], base)
     assert trained._t_buffer is None and not trained.training
+
+
+def test_the_fused_cross_entropy_has_the_loss_and_gradients_of_autograd():
+    """column_cosine_cross_entropy against F.cross_entropy of the normalised form through autograd (float64): the
+    loss, the logits, and the gradients for the residual alone (TaskRes), the residual with the image side
+    (TaskRes with an image residual) and the base."""
+    from taskres.methods.base import column_cosine_cross_entropy
+
+    g = torch.Generator().manual_seed(10)
+    f = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    base = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    targets = torch.tensor([0, 3, 3, 1, 2, 0, 1])
+    for wrt in ("residual", "image and residual", "base"):
+        x = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+        image = f.clone().requires_grad_(wrt == "image and residual")
+        b = base.clone().requires_grad_(wrt == "base")
+        inputs = [v for v in (image, b, x) if v.requires_grad]
+        loss, logits = column_cosine_cross_entropy(2.0 * F.normalize(image, dim=-1), targets, b, x, 0.7)
+        ref_logits = _reference(image, b + 0.7 * x, 2.0)
+        ref = F.cross_entropy(ref_logits, targets)
+        assert torch.allclose(logits, ref_logits, rtol=0, atol=1e-12) and not logits.requires_grad
+        assert torch.allclose(loss, ref, rtol=0, atol=1e-12)
+        ours, theirs = torch.autograd.grad(3.0 * loss, inputs), torch.autograd.grad(3.0 * ref, inputs)
+        assert all(torch.allclose(a, c, rtol=0, atol=1e-12) for a, c in zip(ours, theirs)), wrt

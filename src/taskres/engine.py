@@ -157,6 +157,11 @@ def prepare_views(
     return ViewBank(mapped, source.seed) if mapped is not None else None
 
 
+def _cross_entropy_step(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    logits = module(inputs)
+    return F.cross_entropy(logits, targets), logits
+
+
 def fit(
     head: torch.nn.Module,
     views: torch.Tensor | TrainViews,
@@ -180,9 +185,9 @@ def fit(
     if not params:
         raise TaskResValueError("the method has no trainable parameters.")
     head.to(device).train()
-    # a Head's training form of its logits, and the image-only part of it that training does not change
+    # a Head's training loss (with its logits), and the image-only part of them that training does not change
     # (taskres.methods), applied once to a bank of cached views or else to each batch
-    step_logits = getattr(head, "train_logits", head)
+    step_loss = getattr(head, "train_loss", None) or (lambda x, y: _cross_entropy_step(head, x, y))
     step_inputs = getattr(head, "train_inputs", None)
     prepared = prepare_views(source, step_inputs, device)
     if prepared is not None:
@@ -214,9 +219,8 @@ def fit(
                     group["lr"] = iteration_lr(config, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
             idx = order[start : start + config.batch_size]
             batch = feats.index_select(0, idx)  # the same rows as feats[idx], gathered about twice as fast on a CPU
-            logits = step_logits(batch if step_inputs is None else step_inputs(batch))  # (B, C)
             targets = labels.index_select(0, idx)
-            loss = F.cross_entropy(logits, targets)
+            loss, logits = step_loss(batch if step_inputs is None else step_inputs(batch), targets)  # logits (B, C)
             for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-step Python overhead
                 p.grad = None
             loss.backward()

@@ -68,6 +68,20 @@ def column_cosine(
     return _ColumnCosine.apply(z, classifier, residual, alpha, out)
 
 
+def column_cosine_cross_entropy(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    classifier: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits): ``F.cross_entropy(column_cosine(z, classifier, residual, alpha, out), targets)`` and the
+    logits, as one autograd node (``_ColumnCosineCE``); the logits carry no gradient."""
+    loss, logits = _ColumnCosineCE.apply(z, classifier, residual, alpha, out, targets)
+    return loss, logits
+
+
 def cosine_logits_columns(
     image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
 ) -> torch.Tensor:
@@ -90,6 +104,41 @@ def cosine_logits_residual(
     return column_cosine(scaled_unit(image_features, logit_scale), base, residual, alpha)
 
 
+def _column_logits(ctx, z, base, residual, alpha, out) -> torch.Tensor:
+    """The forward of the column-scaled cosine; saves what ``_column_grads`` needs."""
+    t = base if residual is None else torch.add(base, residual, alpha=alpha, out=out)
+    norms = t.norm(dim=-1)  # (C,)
+    clamped = norms.clamp_min(1e-12)
+    logits = (z @ t.t()).div_(clamped)  # (N, C)
+    ctx.save_for_backward(z, t, clamped, norms > 1e-12, logits)
+    ctx.alpha = alpha
+    return logits
+
+
+def _column_grads(ctx, grad: torch.Tensor, scale: torch.Tensor | float = 1.0, saved=None):
+    """The gradients of z, base and residual for the upstream gradient ``scale * grad`` (N, C). The scalar
+    ``scale``, and alpha when only the residual needs a gradient, are applied through the (C,) factors: no pass of
+    their own over (N, C) or (C, D)."""
+    z, t, clamped, live, logits = saved if saved is not None else ctx.saved_tensors
+    need_z, need_base, need_residual = ctx.needs_input_grad[:3]
+    only_residual = need_residual and not (need_z or need_base)
+    factor = scale * ctx.alpha if only_residual else scale
+    plain = isinstance(factor, float) and factor == 1.0
+    scaled = grad / clamped if plain else grad * (factor / clamped)  # (N, C)
+    grad_z = scaled @ t if need_z else None
+    grad_base = grad_residual = None
+    if need_base or need_residual:
+        dots = (grad * logits).sum(dim=0)
+        coef = -dots / (clamped * clamped) if plain else dots * (-factor / (clamped * clamped))
+        grad_t = (scaled.t() @ z).addcmul_(t, torch.where(live, coef, 0.0)[:, None])
+        if only_residual:
+            grad_residual = grad_t
+        else:
+            grad_base = grad_t if need_base else None
+            grad_residual = grad_t * ctx.alpha if need_residual else None
+    return grad_z, grad_base, grad_residual
+
+
 class _ColumnCosine(torch.autograd.Function):
     """(N, D) scaled unit image features z and the classifier t = base (+ alpha * residual), (C, D) ->
     z @ t^T / max(|t|, eps), with a hand-written backward: dL/dz = (G / n) @ t;
@@ -97,43 +146,34 @@ class _ColumnCosine(torch.autograd.Function):
     dL/dresidual = alpha * dL/dt."""
 
     @staticmethod
-    def forward(
-        ctx,
-        z: torch.Tensor,
-        base: torch.Tensor,
-        residual: torch.Tensor | None,
-        alpha: float,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        t = base if residual is None else torch.add(base, residual, alpha=alpha, out=out)
-        norms = t.norm(dim=-1)  # (C,)
-        clamped = norms.clamp_min(1e-12)
-        logits = (z @ t.t()).div_(clamped)  # (N, C)
-        ctx.save_for_backward(z, t, clamped, norms > 1e-12, logits)
-        ctx.alpha = alpha
-        return logits
+    def forward(ctx, z, base, residual, alpha, out=None):
+        return _column_logits(ctx, z, base, residual, alpha, out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        z, t, clamped, live, logits = ctx.saved_tensors
-        need_z, need_base, need_residual = ctx.needs_input_grad[:3]
-        # alpha goes into the (C,) factors when only the residual needs a gradient: no pass of its own over (N, C)
-        # or (C, D)
-        only_residual = need_residual and not (need_z or need_base)
-        scaled = grad * (ctx.alpha / clamped) if only_residual else grad / clamped  # (N, C)
-        grad_z = scaled @ t if need_z else None
-        grad_base = grad_residual = None
-        if need_base or need_residual:
-            dots = (grad * logits).sum(dim=0)
-            coef = dots * (-ctx.alpha / (clamped * clamped)) if only_residual else -dots / (clamped * clamped)
-            coef = torch.where(live, coef, 0.0)  # (C,)
-            grad_t = (scaled.t() @ z).addcmul_(t, coef[:, None])
-            if only_residual:
-                grad_residual = grad_t
-            else:
-                grad_base = grad_t if need_base else None
-                grad_residual = grad_t * ctx.alpha if need_residual else None
-        return grad_z, grad_base, grad_residual, None, None
+        return (*_column_grads(ctx, grad), None, None)
+
+
+class _ColumnCosineCE(torch.autograd.Function):
+    """``_ColumnCosine`` followed by the mean cross-entropy over ``targets``, in one node: returns the loss (as
+    ``F.cross_entropy``) and the logits (not differentiable). Its backward forms the logits' gradient
+    (softmax - one-hot) / N in one pass where autograd through ``F.cross_entropy`` takes four."""
+
+    @staticmethod
+    def forward(ctx, z, base, residual, alpha, out, targets):
+        logits = _column_logits(ctx, z, base, residual, alpha, out)
+        log_probs = torch.log_softmax(logits, dim=1)
+        ctx.log_probs, ctx.targets = log_probs, targets
+        ctx.mark_non_differentiable(logits)
+        return F.nll_loss(log_probs, targets), logits
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_logits):
+        saved = ctx.saved_tensors
+        grad = ctx.log_probs.exp_()  # softmax, in place: the log-probabilities are not needed again
+        grad[torch.arange(len(grad), device=grad.device), ctx.targets] -= 1.0
+        ctx.log_probs = ctx.targets = None
+        return (*_column_grads(ctx, grad, grad_loss / len(grad), saved), None, None, None)
 
 
 class Head(nn.Module):
@@ -159,6 +199,12 @@ class Head(nn.Module):
         """The logits that training steps differentiate, from a batch of ``train_inputs``: ``forward``'s, in
         whatever form trains fastest."""
         return self(inputs)
+
+    def train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training step's (loss, logits) for a batch of ``train_inputs``: the mean cross-entropy of
+        ``train_logits`` against ``targets``, and those logits."""
+        logits = self.train_logits(inputs)
+        return F.cross_entropy(logits, targets), logits
 
     def tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -22,7 +22,16 @@ from torch import nn
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, check_choice, invalid
-from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, column_cosine, option
+from taskres.methods.base import (
+    Artifact,
+    CosineHead,
+    FitContext,
+    Fitted,
+    Head,
+    column_cosine,
+    column_cosine_cross_entropy,
+    option,
+)
 from taskres.methods.enhanced_base import (
     PROJECTION_FILE,
     EnhancedBaseConfig,
@@ -147,13 +156,23 @@ class TaskResHead(CosineHead):
         (``column_cosine``); a learned alpha trains through autograd."""
         if self.config.learn_alpha:
             return super().train_logits(inputs)
-        base = self.base_text_features
-        buffer = self._t_buffer
+        x, alpha = self.text_feature_residuals, float(self.config.alpha)
+        return column_cosine(self.train_z(inputs), self.base_text_features, x, alpha, out=self._scratch_t())
+
+    def train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With a fixed alpha, the logits and the cross-entropy in one node (``column_cosine_cross_entropy``)."""
+        if self.config.learn_alpha:
+            return super().train_loss(inputs, targets)
+        x, alpha = self.text_feature_residuals, float(self.config.alpha)
+        z = self.train_z(inputs)
+        return column_cosine_cross_entropy(z, targets, self.base_text_features, x, alpha, out=self._scratch_t())
+
+    def _scratch_t(self) -> torch.Tensor:
+        """The (C, D) tensor that training forms t + alpha * x in, step after step (no fresh tensor a step)."""
+        base, buffer = self.base_text_features, self._t_buffer
         if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (base.shape, base.dtype, base.device):
-            self._t_buffer = torch.empty_like(base)  # t formed in place every step: no fresh (C, D) tensor a step
-        return column_cosine(
-            self.train_z(inputs), base, self.text_feature_residuals, float(self.config.alpha), out=self._t_buffer
-        )
+            buffer = self._t_buffer = torch.empty_like(base)
+        return buffer
 
     def train(self, mode: bool = True) -> TaskResHead:
         if not mode:
