@@ -214,6 +214,10 @@ def test_default_batches_of_32_and_chunks_of_1024(tiny, tmp_path):
     FeatureCache(tmp_path / "c", workers=0).features(counting, [path] * n, names=[f"n{i}" for i in range(n)])
     assert counting.batches == [32] * 34 + [12]
     assert sorted(len(t) for _, t in _chunks(tmp_path / "c")) == [76, 1024]
+    counting.batches.clear()
+    data = ImageViews([str(path)] * 40, tiny.image_size, tiny.mean, tiny.std)
+    assert sum(len(idx) for idx, _, _ in encode_batches(counting, data, workers=0)) == 40
+    assert counting.batches == [32, 8]  # encode_batches' own default
 
 
 def test_a_corrupt_chunk_is_named_deleted_and_re_encoded(tiny, tmp_path, caplog):
