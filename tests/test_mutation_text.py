@@ -50,10 +50,12 @@ def test_escaped_braces_are_literal_text_not_the_placeholder(tiny):
     for template in ("a photo of a {{}}.", "{{}}", "a {{{{}}}}"):
         with pytest.raises(TaskResError, match="must contain exactly one '{}' where the class name goes"):
             check_templates([template])
-    template = "a {{}} photo of a {}."
-    assert check_templates([template]) == (template,)
-    base = build_base_classifier(tiny, ["cat", "dog"], [template])
-    torch.testing.assert_close(base, encode(tiny, ["a {} photo of a cat.", "a {} photo of a dog."]))
+    templates = ["a {{}} photo of a {}.", "{{{}}}", "{}}}"]
+    assert check_templates(templates) == tuple(templates)
+    base = build_base_classifier(tiny, ["cat", "dog"], templates)
+    for row, name in zip(base, ["cat", "dog"]):
+        prompts = [f"a {{}} photo of a {name}.", f"{{{name}}}", f"{name}}}"]
+        torch.testing.assert_close(row, encode(tiny, prompts).mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_underscores_count_as_encoded_in_the_length_check(tiny):

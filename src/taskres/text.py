@@ -22,8 +22,8 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
             "no prompt template given; pass --template with a string holding '{}', e.g. --template 'a photo of a {}.'"
         )
     for t in templates:
-        # '{{' and '}}' are literal braces: "{{}}" is not a place for the class name, nor a second one beside "{}"
-        if t.replace("{{", "").replace("}}", "").count("{}") != 1:
+        # '{{' is a literal brace: "{{}}" is not a place for the class name, nor a second one beside "{}"
+        if t.replace("{{", "").count("{}") != 1:
             raise TaskResValueError(
                 f"template {t!r} must contain exactly one '{{}}' where the class name goes, e.g. 'a photo of a {{}}.'"
             )
