@@ -100,7 +100,7 @@ def test_fgvc_variants_listed_twice_and_variants_with_two_spaces(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["imagenet", "imagenet_a", "imagenetv2"])
-def test_a_wordnet_id_listed_twice_is_named_with_its_line(name, tmp_path):
+def test_classnames_txt_with_an_id_twice_or_a_blank_line(name, tmp_path):
     make = {"imagenet": make_imagenet, "imagenetv2": make_imagenetv2}.get(name, lambda r: make_variant(r, name))
     make(tmp_path)
     names_file = tmp_path / BENCHMARKS[name].dataset_dir / "classnames.txt"
@@ -108,6 +108,11 @@ def test_a_wordnet_id_listed_twice_is_named_with_its_line(name, tmp_path):
     names_file.write_text("\n".join(lines[:3] + [lines[1]] + lines[3:]) + "\n")
     assert message(lambda: load_benchmark(name, tmp_path)) == (
         f"dataset {name!r}: {str(names_file)!r} lists {WNIDS[1]!r} twice (line 4); each WordNet id must appear once."
+    )
+    names_file.write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")
+    assert message(lambda: load_benchmark(name, tmp_path)) == (
+        f"dataset {name!r}: {str(names_file)!r} has a blank line at line 3; each line must name one entry. "
+        "Remove the blank line."
     )
 
 
@@ -118,16 +123,19 @@ def test_imagenet_folder_messages(tmp_path):
     make_imagenet(tmp_path)
     d = tmp_path / "imagenet"
     train, val = d / "images/train", d / "images/val"
-    extra = [f"n0000000{i}" for i in range(7)]
+    extra = [f"n000000{i:02d}" for i in range(12)]
     for wnid in extra[:6]:
         (train / wnid).mkdir()
-    (val / extra[6]).mkdir()
+    for wnid in extra[6:]:
+        (val / wnid).mkdir()
     assert message(lambda: load_benchmark("imagenet", tmp_path)) == (
         f"dataset 'imagenet': {str(train)!r} and {str(val)!r} must hold the same wnid folders; only in train: "
-        f"{extra[:5]}, only in val: {extra[6:]}. Sort the validation images into wnid folders."
+        f"{extra[:5]}, only in val: {extra[6:11]}. Sort the validation images into wnid folders."
     )  # five of each side at most
     for wnid in extra[:6]:
         (train / wnid).rmdir()
+    for wnid in extra[7:]:
+        (val / wnid).rmdir()
     (train / extra[6]).mkdir()
     assert message(lambda: load_benchmark("imagenet", tmp_path)) == (
         f"dataset 'imagenet': class folder {str(train / extra[6])!r} is not listed in {str(d / 'classnames.txt')!r}; "
@@ -280,3 +288,15 @@ def test_class_rows_messages(tmp_path):
         "dataset 'dtd' has no class ids (WordNet ids); mapping a classifier across datasets needs ImageNet or one of "
         "its variants (imagenetv2, imagenet_sketch, imagenet_a, imagenet_r)."
     )
+
+
+def test_count_warnings_are_whole_lines(tmp_path, caplog):
+    make_split_fake(tmp_path, "oxford_pets")
+    with caplog.at_level(logging.WARNING, logger="taskres.data.benchmarks"):
+        load_benchmark("oxford_pets", tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        "oxford_pets: 3 classes, but the published dataset has 37",
+        "oxford_pets: train has 10 images, but the published split has 2944",
+        "oxford_pets: val has 6 images, but the published split has 736",
+        "oxford_pets: test has 5 images, but the published split has 3669",
+    ]
