@@ -300,3 +300,22 @@ def test_count_warnings_are_whole_lines(tmp_path, caplog):
         "oxford_pets: val has 6 images, but the published split has 736",
         "oxford_pets: test has 5 images, but the published split has 3669",
     ]
+
+
+@pytest.mark.parametrize(
+    "name,rel,what",
+    [("oxford_pets", "images", "image folder"), ("oxford_pets", "split_zhou_OxfordPets.json", "split file")],
+)
+def test_a_missing_required_path_says_what_it_is(name, rel, what, tmp_path):
+    make_split_fake(tmp_path, name)
+    d = tmp_path / BENCHMARKS[name].dataset_dir
+    target = d / rel
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert message(lambda: load_benchmark(name, tmp_path)) == (
+        f"dataset {name!r}: {what} {str(target)!r} does not exist. To install {BENCHMARKS[name].coop_class}: "
+        f"{hint(name, d)}."
+    )
+    assert hint(name, d).endswith(
+        f"; put split_zhou_OxfordPets.json (linked from CoOp's DATASETS.md) in {d}/ "
+        "(layouts and split files: https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md)"
+    )
