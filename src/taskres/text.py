@@ -22,13 +22,14 @@ def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
             "no prompt template given; pass --template with a string holding '{}', e.g. --template 'a photo of a {}.'"
         )
     for t in templates:
-        if t.count("{}") != 1:
+        # '{{' is a literal brace: "{{}}" is not a place for the class name, nor a second one beside "{}"
+        if t.replace("{{", "").count("{}") != 1:
             raise TaskResValueError(
                 f"template {t!r} must contain exactly one '{{}}' where the class name goes, e.g. 'a photo of a {{}}.'"
             )
         try:
             t.format("x")
-        except (KeyError, IndexError, ValueError):
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError):  # '{0.x}', '{0[a]}' too
             raise TaskResValueError(
                 f"template {t!r} has braces other than the one '{{}}'; write a literal brace as '{{{{' or '}}}}'."
             ) from None
