@@ -7,12 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from taskres.engine import OptimConfig, fit
-from taskres.methods.base import cosine_logits, cosine_logits_columns
+from taskres.methods.base import column_cosine, cosine_logits, scaled_unit
 from taskres.methods.taskres import TaskResConfig, TaskResHead
 
 
 def _reference(z: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
     return scale * F.normalize(z, dim=-1) @ F.normalize(t, dim=-1).t()
+
+
+def cosine_logits_columns(z: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    return column_cosine(scaled_unit(z, scale), t)
+
+
+def cosine_logits_residual(z: torch.Tensor, base: torch.Tensor, x: torch.Tensor, alpha: float, scale: float):
+    return column_cosine(scaled_unit(z, scale), base, x, alpha)
 
 
 def test_columns_form_has_the_value_and_gradients_of_the_normalised_form():
@@ -112,8 +120,6 @@ def test_a_backbone_without_the_clip_text_tower_is_named_for_the_methods_that_ne
 
 
 def test_the_residual_form_has_the_gradients_of_autograd_through_t_plus_alpha_x():
-    from taskres.methods.base import cosine_logits_residual
-
     g = torch.Generator().manual_seed(4)
     z = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
     base = torch.randn(3, 5, dtype=torch.float64, generator=g)

@@ -62,6 +62,12 @@ def column_cosine(
     """The column-scaled cosine logits from the image side ``z = scaled_unit(f, tau)`` (N, D): z @ t^T / |t| with
     t = classifier (+ alpha * residual, for a fixed alpha), differentiated by hand (``_ColumnCosine``).
 
+    ``cosine_logits`` with the classifier's norms applied to the (N, C) logits' columns instead of its (C, D) rows:
+    the same value up to rounding, and the cheaper form to train, where every step changes t. Its backward costs
+    one matrix product and one pass over t's (C, D) entries, where autograd through ``F.normalize`` takes about
+    eight passes; alpha scales the (C,) factors, so the residual's gradient has no pass of its own
+    (docs/performance.md).
+
     ``out``: a (C, D) tensor to form t in, reused step after step by a training loop instead of a fresh one each
     step. Autograd keeps it for the backward; forming the next t in it before that backward has run makes the
     backward fail (torch's in-place check), it never computes a wrong gradient."""
@@ -80,28 +86,6 @@ def column_cosine_cross_entropy(
     logits, as one autograd node (``_ColumnCosineCE``); the logits carry no gradient."""
     loss, logits = _ColumnCosineCE.apply(z, classifier, residual, alpha, out, targets)
     return loss, logits
-
-
-def cosine_logits_columns(
-    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: torch.Tensor | float
-) -> torch.Tensor:
-    """``cosine_logits`` with the classifier's norms applied to the (N, C) logits' columns instead of to its (C, D)
-    rows: tau * (z / |z|) @ t^T / |t|. The same value up to rounding, and the cheaper form to train, where every
-    step changes t: its backward costs one matrix product and one pass over t's (C, D) entries, where autograd
-    through ``F.normalize`` takes about eight passes (docs/performance.md)."""
-    return column_cosine(scaled_unit(image_features, logit_scale), classifier)
-
-
-def cosine_logits_residual(
-    image_features: torch.Tensor,
-    base: torch.Tensor,
-    residual: torch.Tensor,
-    alpha: float,
-    logit_scale: torch.Tensor | float,
-) -> torch.Tensor:
-    """``cosine_logits_columns`` against the classifier ``base + alpha * residual`` (a fixed alpha), made in one
-    pass, and differentiated with respect to ``residual`` without a pass of its own (alpha scales the (N, C) side)."""
-    return column_cosine(scaled_unit(image_features, logit_scale), base, residual, alpha)
 
 
 def _column_logits(ctx, z, base, residual, alpha, out) -> torch.Tensor:
@@ -276,7 +260,7 @@ class CosineHead(Head):
         return inputs
 
     def train_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The same logits in the column-scaled form (``cosine_logits_columns``), cheaper to train through."""
+        """The same logits in the column-scaled form (``column_cosine``), cheaper to train through."""
         if not self.column_form():
             return self(inputs)
         return column_cosine(self.train_z(inputs), self.classifier())
