@@ -192,3 +192,22 @@ def test_taskres_head_train_defaults_to_training_mode():
     assert head.train() is head
     assert head.training
     assert not head.train(False).training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_column_whose_norm_is_exactly_eps_gets_the_clamps_gradient(dtype):
+    """At |t| == eps F.normalize's clamp passes no gradient to the norm (torch's clamp_min), so the column's
+    gradient is the linear term alone; the hand-written backward agrees with autograd there."""
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(5, 3, generator=g, dtype=dtype)
+    base = torch.randn(2, 3, generator=g, dtype=dtype)
+    base[1] = torch.tensor([1e-12, 0.0, 0.0], dtype=dtype)
+    assert base[1].norm().item() == torch.tensor(1e-12, dtype=dtype).item()
+    upstream = torch.randn(5, 2, generator=g, dtype=dtype)
+    ours = base.clone().requires_grad_()
+    (column_cosine(z, ours) * upstream).sum().backward()
+    theirs = base.clone().requires_grad_()
+    (z @ F.normalize(theirs, dim=-1).t() * upstream).sum().backward()
+    expected = (upstream[:, 1:].t() @ z) / base[1].norm()
+    torch.testing.assert_close(theirs.grad[1:], expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=0)
