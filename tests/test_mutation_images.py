@@ -355,3 +355,75 @@ def test_a_missing_image_and_a_folder_get_the_whole_message_with_the_fix(tmp_pat
         f"image {str(tmp_path)!r} is a folder, not an image file; check the data folder (--data/--root) and the "
         "split file's paths."
     )
+
+
+def _grey(img: Image.Image) -> list:
+    out = np.asarray(to_rgb(img))
+    assert out.ndim == 3 and out.shape[2] == 3 and np.array_equal(out[..., 0], out[..., 2])
+    return out[..., 0].tolist()
+
+
+@pytest.mark.parametrize(
+    ("values", "mode", "top"),
+    [
+        # float images: [0, 1] is scaled by 255, [0, 255] kept, anything else stretched min..max; ranges that do not
+        # span the whole scale, so that scaling and stretching differ, and values at each boundary
+        ([0.2, 0.6], "F", 1.0),
+        ([0.0, 1.0], "F", 1.0),
+        ([0.2, 1.5], "F", 255.0),
+        ([0.0, 100.0], "F", 255.0),
+        ([50.0, 255.0], "F", 255.0),
+        ([10.0, 255.5], "F", None),
+        ([-1.0, 100.0], "F", None),
+        # integer images: 16-bit data [0, 65535] scaled by 255 / 65535, anything else stretched
+        ([1000, 2000], "I", 65535.0),
+        ([0, 1000], "I", 65535.0),
+        ([1000, 65535], "I", 65535.0),
+        ([65407, 0], "I", 65535.0),  # 65407 / 257 = 254.502: 255 here, 254 with 65536 for 65535
+        ([1000, 65536], "I", None),
+        ([70000, 70001], "I", None),  # a range of 1: 0 and 255
+    ],
+)
+def test_to_rgb_scales_or_stretches_by_the_value_range(values, mode, top):
+    """to_rgb against the rule written out: scale a standard range by 255 / top, otherwise map min..max to
+    0..255 (a range below 1 counts as 1), rounded to the nearest integer."""
+    dtype = np.float32 if mode == "F" else np.int32
+    arr = np.array([values], dtype=dtype)
+    data = arr.astype(np.float64)
+    if top is None:
+        data, top = data - data.min(), max(float(data.max() - data.min()), 1.0)
+    expected = np.rint(data * (255.0 / top)).astype(int).tolist()
+    assert _grey(Image.fromarray(arr, mode=mode)) == expected
+
+
+def test_an_empty_high_bit_depth_image_converts_to_an_empty_rgb_image():
+    for mode in ("F", "I", "I;16"):
+        out = to_rgb(Image.new(mode, (0, 0)))
+        assert out.mode == "RGB" and out.size == (0, 0)
+
+
+def test_the_pixel_limit_unreadable_and_undecodable_messages_are_whole(tmp_path, monkeypatch):
+    import taskres.data.images as images
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (1024, 640)).save(path)  # 2.5 MiB decoded at 4 bytes a pixel
+    with pytest.raises(TaskResError) as err:
+        read_image(path, max_pixels=1000)
+    assert str(err.value) == (
+        f"image {str(path)!r} is 1024 x 640 = 655360 pixels, more than the limit of 1000 (decoding it would take "
+        "about 2 MiB); downscale it, or raise the limit with `max_image_pixels`."
+    )
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(TaskResError) as err:
+        read_image(broken)
+    assert str(err.value).startswith(f"image {str(broken)!r} cannot be decoded (")
+    assert str(err.value).endswith("); replace or remove the file, or pass --skip-bad-images to leave such images out.")
+
+    def locked(*args, **kwargs):  # what the OS says for a file without read permission (root reads any file)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(images.Image, "open", locked)
+    with pytest.raises(TaskResError) as err:
+        read_image(path)
+    assert str(err.value) == f"image {str(path)!r} cannot be read (Permission denied); fix its permissions."
