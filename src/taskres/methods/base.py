@@ -99,11 +99,11 @@ def _column_logits(ctx, z, base, residual, alpha, out) -> torch.Tensor:
     return logits
 
 
-def _column_grads(ctx, grad: torch.Tensor, scale: torch.Tensor | float = 1.0, saved=None):
+def _column_grads(ctx, grad: torch.Tensor, scale: torch.Tensor | float = 1.0):
     """The gradients of z, base and residual for the upstream gradient ``scale * grad`` (N, C). The scalar
     ``scale``, and alpha when only the residual needs a gradient, are applied through the (C,) factors: no pass of
     their own over (N, C) or (C, D)."""
-    z, t, clamped, live, logits = saved if saved is not None else ctx.saved_tensors
+    z, t, clamped, live, logits = ctx.saved_tensors
     need_z, need_base, need_residual = ctx.needs_input_grad[:3]
     only_residual = need_residual and not (need_z or need_base)
     factor = scale * ctx.alpha if only_residual else scale
@@ -153,11 +153,10 @@ class _ColumnCosineCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_logits):
-        saved = ctx.saved_tensors
         grad = ctx.log_probs.exp_()  # softmax, in place: the log-probabilities are not needed again
         grad[torch.arange(len(grad), device=grad.device), ctx.targets] -= 1.0
         ctx.log_probs = ctx.targets = None
-        return (*_column_grads(ctx, grad, grad_loss / len(grad), saved), None, None, None)
+        return (*_column_grads(ctx, grad, grad_loss / len(grad)), None, None, None)
 
 
 class Head(nn.Module):
