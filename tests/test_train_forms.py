@@ -204,7 +204,7 @@ def test_the_reused_classifier_buffer_fails_loudly_rather_than_giving_a_stale_gr
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         first.backward()
     trained, _ = _fit_taskres(feats, torch.arange(4).repeat_interleave(2)[:6], base)
-    assert trained._t_buffer is None and not trained.training
+    assert trained._buffers_in_training == {} and not trained.training
 
 
 def test_the_fused_cross_entropy_has_the_loss_and_gradients_of_autograd():
@@ -229,3 +229,47 @@ def test_the_fused_cross_entropy_has_the_loss_and_gradients_of_autograd():
         assert torch.allclose(loss, ref, rtol=0, atol=1e-12)
         ours, theirs = torch.autograd.grad(3.0 * loss, inputs), torch.autograd.grad(3.0 * ref, inputs)
         assert all(torch.allclose(a, c, rtol=0, atol=1e-12) for a, c in zip(ours, theirs)), wrt
+
+
+def test_the_closed_form_residual_step_is_autograd_bit_for_bit():
+    """column_cosine_residual_step (no autograd, buffers reused) against column_cosine_cross_entropy and a
+    backward: the same loss, logits and residual gradient to the bit, with a zero class row (the clamp) and with
+    and without the output buffers."""
+    from taskres.methods.base import column_cosine_cross_entropy, column_cosine_residual_step
+
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(6, 12, generator=g)
+    base[2] = 0.0
+    x = torch.randn(6, 12, generator=g) * 0.1
+    x[2] = 0.0
+    z = scaled_unit(torch.randn(9, 12, generator=g), 50.0)
+    targets = torch.randint(0, 6, (9,), generator=g)
+    leaf = x.clone().requires_grad_(True)
+    loss, logits = column_cosine_cross_entropy(z, targets, base, leaf, 0.3)
+    loss.backward()
+    for t_out, grad_out in ((None, None), (torch.empty(6, 12), torch.full((6, 12), float("nan")))):
+        ours_loss, ours_logits, ours_grad = column_cosine_residual_step(z, targets, base, x, 0.3, t_out, grad_out)
+        assert torch.equal(ours_loss, loss.detach()) and torch.equal(ours_logits, logits)
+        assert torch.equal(ours_grad, leaf.grad) and not ours_grad.requires_grad
+        assert grad_out is None or ours_grad.data_ptr() == grad_out.data_ptr()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0  # the zero row: the clamp's gradient
+
+
+def test_fit_trains_taskres_in_closed_form_as_autograd_would(monkeypatch):
+    """The text-only TaskRes step in closed form (TaskResHead.train_step) against the Head default (autograd through
+    train_loss): the same residual and the same log, bit for bit, over a few epochs with a partial last batch."""
+    from taskres.methods.base import Head
+
+    g = torch.Generator().manual_seed(22)
+    base = torch.randn(5, 16, generator=g)
+    feats = torch.randn(2, 23, 16, generator=g)
+    labels = torch.arange(23) % 5
+    config = OptimConfig(lr=1e-2, epochs=4, batch_size=8, drop_last="never")
+    fast = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5))
+    fast_log = fit(fast, feats, labels, config, seed=3)
+    monkeypatch.setattr(TaskResHead, "train_step", Head.train_step)
+    slow = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5))
+    slow_log = fit(slow, feats, labels, config, seed=3)
+    assert torch.equal(fast.text_feature_residuals, slow.text_feature_residuals)
+    assert fast_log == slow_log and fast.text_feature_residuals.abs().sum() > 0
+    assert fast._buffers_in_training == {}

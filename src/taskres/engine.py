@@ -158,8 +158,20 @@ def prepare_views(
 
 
 def _cross_entropy_step(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    """A plain module's training step (a ``Head`` has its own ``train_step``): cross-entropy through autograd."""
     logits = module(inputs)
-    return F.cross_entropy(logits, targets), logits
+    loss = F.cross_entropy(logits, targets)
+    loss.backward()
+    return loss.detach(), logits.detach()
+
+
+def _mean_loss(losses: list[torch.Tensor], batch_size: int, total: int) -> float:
+    """The epoch's loss per sample from its batches' mean losses (all full but the last), summed in float64 in
+    step order."""
+    summed = 0.0
+    for step, loss in enumerate(torch.stack(losses).tolist()):
+        summed += loss * min(batch_size, total - step * batch_size)
+    return summed / total
 
 
 def fit(
@@ -185,9 +197,9 @@ def fit(
     if not params:
         raise TaskResValueError("the method has no trainable parameters.")
     head.to(device).train()
-    # a Head's training loss (with its logits), and the image-only part of them that training does not change
-    # (taskres.methods), applied once to a bank of cached views or else to each batch
-    step_loss = getattr(head, "train_loss", None) or (lambda x, y: _cross_entropy_step(head, x, y))
+    # a Head's training step (loss and logits, gradients in .grad), and the image-only part of the logits that
+    # training does not change (taskres.methods), applied once to a bank of cached views or else to each batch
+    train_step = getattr(head, "train_step", None) or (lambda x, y: _cross_entropy_step(head, x, y))
     step_inputs = getattr(head, "train_inputs", None)
     prepared = prepare_views(source, step_inputs, device)
     if prepared is not None:
@@ -209,10 +221,8 @@ def fit(
             group["lr"] = lr
         feats = source.epoch(epoch).to(device)
         order = torch.randperm(n, generator=generator).to(device)
-        # summed on the device and read once per epoch: a read per step would wait for the GPU every step
-        total_loss = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
+        # kept on the device and read once per epoch: a read per step would wait for the GPU every step
+        losses, predictions = [], []
         for step, start in enumerate(range(0, stop, config.batch_size)):
             if config.schedule == "iteration":
                 for group in optimizer.param_groups:
@@ -220,19 +230,17 @@ def fit(
             idx = order[start : start + config.batch_size]
             batch = feats.index_select(0, idx)  # the same rows as feats[idx], gathered about twice as fast on a CPU
             targets = labels.index_select(0, idx)
-            loss, logits = step_loss(batch if step_inputs is None else step_inputs(batch), targets)  # logits (B, C)
             for p in params:  # optimizer.zero_grad(set_to_none=True), without its per-step Python overhead
                 p.grad = None
-            loss.backward()
+            loss, logits = train_step(batch if step_inputs is None else step_inputs(batch), targets)  # logits (B, C)
             optimizer.step()
-            total_loss += loss.detach().double() * len(idx)
-            correct += (logits.detach().argmax(dim=1) == targets).sum()
-            seen += len(idx)
+            losses.append(loss)
+            predictions.append(logits.argmax(dim=1))
         record = {
             "epoch": epoch,
             "lr": lr,
-            "loss": float(total_loss) / seen,
-            "train_accuracy": 100.0 * int(correct) / seen,
+            "loss": _mean_loss(losses, config.batch_size, stop),
+            "train_accuracy": 100.0 * int((torch.cat(predictions) == labels[order[:stop]]).sum()) / stop,
         }
         check_finite(record, params, config, epoch)
         history.append(record)

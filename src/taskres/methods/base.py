@@ -90,23 +90,35 @@ def column_cosine_cross_entropy(
 
 def _column_logits(ctx, z, base, residual, alpha, out) -> torch.Tensor:
     """The forward of the column-scaled cosine; saves what ``_column_grads`` needs."""
-    t = base if residual is None else torch.add(base, residual, alpha=alpha, out=out)
-    norms = t.norm(dim=-1)  # (C,)
-    clamped = norms.clamp_min(1e-12)
-    logits = (z @ t.t()).div_(clamped)  # (N, C)
-    ctx.save_for_backward(z, t, clamped, norms > 1e-12, logits)
+    t, clamped, live, logits = _column_forward(z, base, residual, alpha, out)
+    ctx.save_for_backward(z, t, clamped, live, logits)
     ctx.alpha = alpha
     return logits
 
 
+def _column_forward(z, base, residual, alpha, out):
+    """t = base (+ alpha * residual, formed in ``out``), its clamped row norms, where they exceed the clamp, and
+    the logits z @ t^T / clamped."""
+    t = base if residual is None else torch.add(base, residual, alpha=alpha, out=out)
+    norms = t.norm(dim=-1)  # (C,)
+    clamped = norms.clamp_min(1e-12)
+    logits = (z @ t.t()).div_(clamped)  # (N, C)
+    return t, clamped, norms > 1e-12, logits
+
+
 def _column_grads(ctx, grad: torch.Tensor, scale: torch.Tensor | float = 1.0):
-    """The gradients of z, base and residual for the upstream gradient ``scale * grad`` (N, C). The scalar
-    ``scale``, and alpha when only the residual needs a gradient, are applied through the (C,) factors: no pass of
-    their own over (N, C) or (C, D)."""
-    z, t, clamped, live, logits = ctx.saved_tensors
+    """The gradients of z, base and residual for the upstream gradient ``scale * grad`` (N, C)."""
     need_z, need_base, need_residual = ctx.needs_input_grad[:3]
+    return _column_backward(ctx.saved_tensors, grad, scale, ctx.alpha, need_z, need_base, need_residual)
+
+
+def _column_backward(saved, grad, scale, alpha, need_z, need_base, need_residual, out=None):
+    """``_column_grads`` from the forward's (z, t, clamped, live, logits). The scalar ``scale``, and alpha when
+    only the residual needs a gradient, are applied through the (C,) factors: no pass of their own over (N, C) or
+    (C, D). ``out``: a (C, D) tensor to form the class side's gradient in."""
+    z, t, clamped, live, logits = saved
     only_residual = need_residual and not (need_z or need_base)
-    factor = scale * ctx.alpha if only_residual else scale
+    factor = scale * alpha if only_residual else scale
     plain = isinstance(factor, float) and factor == 1.0
     scaled = grad / clamped if plain else grad * (factor / clamped)  # (N, C)
     grad_z = scaled @ t if need_z else None
@@ -114,13 +126,26 @@ def _column_grads(ctx, grad: torch.Tensor, scale: torch.Tensor | float = 1.0):
     if need_base or need_residual:
         dots = (grad * logits).sum(dim=0)
         coef = -dots / (clamped * clamped) if plain else dots * (-factor / (clamped * clamped))
-        grad_t = (scaled.t() @ z).addcmul_(t, torch.where(live, coef, 0.0)[:, None])
+        grad_t = torch.mm(scaled.t(), z, out=out).addcmul_(t, torch.where(live, coef, 0.0)[:, None])
         if only_residual:
             grad_residual = grad_t
         else:
             grad_base = grad_t if need_base else None
-            grad_residual = grad_t * ctx.alpha if need_residual else None
+            grad_residual = grad_t * alpha if need_residual else None
     return grad_z, grad_base, grad_residual
+
+
+def _cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mean cross-entropy as ``F.cross_entropy`` computes it, the log-probabilities)."""
+    log_probs = torch.log_softmax(logits, dim=1)
+    return F.nll_loss(log_probs, targets), log_probs
+
+
+def _cross_entropy_grad(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """softmax - one-hot, formed in place of ``log_probs`` (not needed again): the summed loss's gradient."""
+    grad = log_probs.exp_()
+    grad[torch.arange(len(grad), device=grad.device), targets] -= 1.0
+    return grad
 
 
 class _ColumnCosine(torch.autograd.Function):
@@ -146,17 +171,38 @@ class _ColumnCosineCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, base, residual, alpha, out, targets):
         logits = _column_logits(ctx, z, base, residual, alpha, out)
-        log_probs = torch.log_softmax(logits, dim=1)
-        ctx.log_probs, ctx.targets = log_probs, targets
+        loss, ctx.log_probs = _cross_entropy_forward(logits, targets)
+        ctx.targets = targets
         ctx.mark_non_differentiable(logits)
-        return F.nll_loss(log_probs, targets), logits
+        return loss, logits
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_logits):
-        grad = ctx.log_probs.exp_()  # softmax, in place: the log-probabilities are not needed again
-        grad[torch.arange(len(grad), device=grad.device), ctx.targets] -= 1.0
+        grad = _cross_entropy_grad(ctx.log_probs, ctx.targets)
         ctx.log_probs = ctx.targets = None
         return (*_column_grads(ctx, grad, grad_loss / len(grad)), None, None, None)
+
+
+def column_cosine_residual_step(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    classifier: torch.Tensor,
+    residual: torch.Tensor,
+    alpha: float,
+    t_out: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, logits, the residual's gradient) without autograd: the values that ``column_cosine_cross_entropy``
+    and a backward from its loss give when only the residual trains, bit for bit (the same operations in the same
+    order). ``t_out`` / ``grad_out``: (C, D) tensors to form t and the gradient in, reused step after step; the
+    gradient is ``grad_out`` itself when given."""
+    with torch.no_grad():
+        saved = _column_forward(z, classifier, residual, alpha, t_out)
+        loss, log_probs = _cross_entropy_forward(saved[-1], targets)
+        grad = _cross_entropy_grad(log_probs, targets)
+        scale = torch.ones((), dtype=loss.dtype, device=loss.device) / len(grad)  # autograd's d(mean)/d(sum)
+        grad_residual = _column_backward((z, *saved), grad, scale, alpha, False, False, True, out=grad_out)[2]
+    return loss, saved[-1], grad_residual
 
 
 class Head(nn.Module):
@@ -188,6 +234,14 @@ class Head(nn.Module):
         ``train_logits`` against ``targets``, and those logits."""
         logits = self.train_logits(inputs)
         return F.cross_entropy(logits, targets), logits
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step's forward and backward: ``train_loss``'s (loss, logits), detached, with the gradients
+        of the trainable parameters left in their ``.grad`` (the engine clears them before each step). Default:
+        autograd through ``train_loss``; a head may compute its gradients in closed form instead."""
+        loss, logits = self.train_loss(inputs, targets)
+        loss.backward()
+        return loss.detach(), logits.detach()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
