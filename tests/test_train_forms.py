@@ -252,7 +252,39 @@ def test_the_closed_form_residual_step_is_autograd_bit_for_bit():
         assert torch.equal(ours_loss, loss.detach()) and torch.equal(ours_logits, logits)
         assert torch.equal(ours_grad, leaf.grad) and not ours_grad.requires_grad
         assert grad_out is None or ours_grad.data_ptr() == grad_out.data_ptr()
+        assert t_out is None or torch.equal(t_out, torch.add(base, x, alpha=0.3))  # t formed where asked
     assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0  # the zero row: the clamp's gradient
+    # float64, and a batch of 9: the mean's 1/9 is rounded in the loss's dtype, as autograd's
+    z64, base64, x64 = z.double(), base.double(), x.double()
+    leaf64 = x64.clone().requires_grad_(True)
+    loss64, _ = column_cosine_cross_entropy(z64, targets, base64, leaf64, 0.3)
+    loss64.backward()
+    assert torch.equal(column_cosine_residual_step(z64, targets, base64, x64, 0.3)[2], leaf64.grad)
+
+
+def test_taskres_steps_reuse_one_gradient_and_one_classifier_buffer():
+    """Step after step, the closed-form TaskRes step forms t and the residual's gradient in the same two (C, D)
+    tensors (no fresh tensor a step), and the gradient it leaves is the step's own."""
+    from taskres.methods.base import column_cosine_residual_step
+
+    g = torch.Generator().manual_seed(23)
+    base = torch.randn(5, 16, generator=g)
+    head = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5)).train()
+    x = head.text_feature_residuals
+    batches = [torch.randn(8, 16, generator=g) for _ in range(2)]
+    targets = torch.arange(8) % 5
+    pointers = []
+    for batch in batches:
+        with torch.no_grad():
+            x.add_(0.01)
+        x.grad = None
+        head.train_step(head.train_inputs(batch), targets)
+        expected = column_cosine_residual_step(head.train_inputs(batch), targets, base, x.detach(), 0.5)[2]
+        assert torch.equal(x.grad, expected)
+        t = head._buffers_in_training["t"]
+        assert torch.equal(t, torch.add(base, x.detach(), alpha=0.5))  # this step's t, formed in the buffer
+        pointers.append((x.grad.data_ptr(), t.data_ptr()))
+    assert pointers[0] == pointers[1] and pointers[0][0] != pointers[0][1]
 
 
 def test_fit_trains_taskres_in_closed_form_as_autograd_would(monkeypatch):
