@@ -123,3 +123,54 @@ def test_every_image_visits_each_view_once_per_cycle_in_a_seeded_order():
     assert not all(len(set(seen[e].tolist())) == 1 for e in range(6))  # images do not move in lockstep
     assert torch.equal(seen, views_seen(run_batches(8, 8, epochs=6, views=3, seed=1), 8))
     assert not torch.equal(seen, views_seen(run_batches(8, 8, epochs=6, views=3, seed=2), 8))
+
+
+def test_the_logged_loss_is_the_float64_sum_of_the_batch_losses_in_step_order():
+    """fit logs, per epoch, sum over steps of float64(batch loss) * batch size, added in step order, over the
+    samples (the partial last batch weighted by its size), and the share of argmax hits: checked against that
+    formula written out, with batch losses whose float32 values make the order and the weights visible."""
+
+    class Scripted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+            self.losses = iter([0.1, 1e8, 0.3, 7.0, 1e-3, 2.5])
+
+        def train_step(self, inputs, targets):
+            self.w.grad = torch.zeros(3)
+            logits = torch.zeros(len(targets), 3)
+            logits[:, 1] = 1.0
+            return torch.tensor(next(self.losses), dtype=torch.float32), logits
+
+    labels = torch.tensor([1, 0, 1, 2, 1, 1, 0, 1, 2, 1])  # 10 samples, batches of 4: 4, 4, 2
+    log = fit(
+        Scripted(), torch.zeros(10, 2), labels, OptimConfig(lr=1e-3, epochs=2, batch_size=4, drop_last="never"), seed=0
+    )
+    values = [0.1, 1e8, 0.3, 7.0, 1e-3, 2.5]
+    for epoch, record in enumerate(log):
+        total = torch.zeros((), dtype=torch.float64)
+        for value, size in zip(values[3 * epoch : 3 * epoch + 3], (4, 4, 2)):
+            total += torch.tensor(value, dtype=torch.float32).double() * size
+        assert record["loss"] == float(total) / 10
+        assert record["train_accuracy"] == 60.0  # six of the labels are class 1, every argmax
+
+
+def test_a_module_that_is_not_a_head_trains_with_its_own_train_loss():
+    """fit takes any module: one with a train_loss (and no train_step) is trained on that loss through autograd,
+    not on the cross-entropy of its forward."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2, 3))
+
+        def forward(self, x):
+            return x @ self.w
+
+        def train_loss(self, inputs, targets):
+            logits = self(inputs)
+            return (logits**2).mean() + 5.0, logits
+
+    module = Scaled()
+    log = fit(module, torch.zeros(6, 2), torch.zeros(6, dtype=torch.long), OptimConfig(lr=1e-3, epochs=1), seed=0)
+    assert log[0]["loss"] == 5.0 and module.w.grad is not None  # zero inputs: the loss is the constant alone

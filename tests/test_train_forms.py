@@ -3,6 +3,7 @@ F.normalize, and the head contract that evaluation keeps the normalised form."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -287,21 +288,52 @@ def test_taskres_steps_reuse_one_gradient_and_one_classifier_buffer():
     assert pointers[0] == pointers[1] and pointers[0][0] != pointers[0][1]
 
 
-def test_fit_trains_taskres_in_closed_form_as_autograd_would(monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adamw"])
+@pytest.mark.parametrize("transposed_base", [False, True])
+def test_fit_trains_taskres_in_closed_form_as_autograd_would(monkeypatch, optimizer, transposed_base):
     """The text-only TaskRes step in closed form (TaskResHead.train_step) against the Head default (autograd through
-    train_loss): the same residual and the same log, bit for bit, over a few epochs with a partial last batch."""
+    train_loss): the same residual and the same log, bit for bit, over a few epochs with a partial last batch, for
+    each optimiser, and with a base stored transposed (column-major), whose gradient must still be laid out as x."""
+    import taskres.methods.taskres as taskres_module
     from taskres.methods.base import Head
 
     g = torch.Generator().manual_seed(22)
-    base = torch.randn(5, 16, generator=g)
+    base = torch.randn(16, 5, generator=g).t() if transposed_base else torch.randn(5, 16, generator=g)
     feats = torch.randn(2, 23, 16, generator=g)
     labels = torch.arange(23) % 5
-    config = OptimConfig(lr=1e-2, epochs=4, batch_size=8, drop_last="never")
+    config = OptimConfig(lr=1e-2, epochs=4, batch_size=8, drop_last="never", optimizer=optimizer)
+    calls = []
+    closed_form = taskres_module.column_cosine_residual_step
+    monkeypatch.setattr(
+        taskres_module, "column_cosine_residual_step", lambda *a, **k: calls.append(1) or closed_form(*a, **k)
+    )
     fast = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5))
     fast_log = fit(fast, feats, labels, config, seed=3)
+    assert len(calls) == 4 * 3  # every step took the closed form
     monkeypatch.setattr(TaskResHead, "train_step", Head.train_step)
     slow = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5))
     slow_log = fit(slow, feats, labels, config, seed=3)
+    assert len(calls) == 12
     assert torch.equal(fast.text_feature_residuals, slow.text_feature_residuals)
     assert fast_log == slow_log and fast.text_feature_residuals.abs().sum() > 0
     assert fast._buffers_in_training == {}
+
+
+def test_the_closed_form_step_leaves_to_autograd_a_gradient_to_add_to_and_a_residual_of_another_dtype():
+    """A gradient already in x.grad is added to (as autograd does), not overwritten; a residual whose dtype is not
+    the base's (a float64 default dtype) trains through autograd instead of failing."""
+    from taskres.methods.base import Head
+
+    g = torch.Generator().manual_seed(24)
+    base = torch.randn(5, 16, generator=g)
+    z, targets = torch.randn(8, 16, generator=g), torch.arange(8) % 5
+    heads = [TaskResHead(base, 100.0, TaskResConfig(alpha=0.5)).train() for _ in range(2)]
+    for head, step in zip(heads, (TaskResHead.train_step, Head.train_step)):
+        head.text_feature_residuals.grad = torch.ones(5, 16)
+        step(head, head.train_inputs(z), targets)
+    assert torch.equal(heads[0].text_feature_residuals.grad, heads[1].text_feature_residuals.grad)
+    assert not torch.equal(heads[0].text_feature_residuals.grad, torch.ones(5, 16))
+    head = TaskResHead(base, 100.0, TaskResConfig(alpha=0.5)).train()
+    head.text_feature_residuals.data = head.text_feature_residuals.data.double()
+    loss, _ = head.train_step(head.train_inputs(z), targets)
+    assert head.text_feature_residuals.grad.dtype == torch.float64 and torch.isfinite(loss)

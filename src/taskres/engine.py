@@ -14,6 +14,7 @@ own eps (Tip-Adapter-F), cosine stepped per iteration without warm-up (Tip-Adapt
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -157,12 +158,21 @@ def prepare_views(
     return ViewBank(mapped, source.seed) if mapped is not None else None
 
 
-def _cross_entropy_step(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
-    """A plain module's training step (a ``Head`` has its own ``train_step``): cross-entropy through autograd."""
-    logits = module(inputs)
-    loss = F.cross_entropy(logits, targets)
+def autograd_step(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training step through autograd: ``loss_fn``'s (loss, logits), the loss differentiated into the parameters'
+    ``.grad``, both returned detached."""
+    loss, logits = loss_fn(inputs, targets)
     loss.backward()
     return loss.detach(), logits.detach()
+
+
+def _cross_entropy_loss(module: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    logits = module(inputs)
+    return F.cross_entropy(logits, targets), logits
 
 
 def _mean_loss(losses: list[torch.Tensor], batch_size: int, total: int) -> float:
@@ -199,7 +209,10 @@ def fit(
     head.to(device).train()
     # a Head's training step (loss and logits, gradients in .grad), and the image-only part of the logits that
     # training does not change (taskres.methods), applied once to a bank of cached views or else to each batch
-    train_step = getattr(head, "train_step", None) or (lambda x, y: _cross_entropy_step(head, x, y))
+    train_step = getattr(head, "train_step", None)
+    if train_step is None:  # a module that is not a Head: its own train_loss, or the cross-entropy of its forward
+        loss_fn = getattr(head, "train_loss", None) or functools.partial(_cross_entropy_loss, head)
+        train_step = functools.partial(autograd_step, loss_fn)
     step_inputs = getattr(head, "train_inputs", None)
     prepared = prepare_views(source, step_inputs, device)
     if prepared is not None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskres.backbones import Backbone
-from taskres.engine import OptimConfig, fit
+from taskres.engine import OptimConfig, autograd_step, fit
 from taskres.views import TrainViews
 
 
@@ -239,9 +239,7 @@ class Head(nn.Module):
         """One training step's forward and backward: ``train_loss``'s (loss, logits), detached, with the gradients
         of the trainable parameters left in their ``.grad`` (the engine clears them before each step). Default:
         autograd through ``train_loss``; a head may compute its gradients in closed form instead."""
-        loss, logits = self.train_loss(inputs, targets)
-        loss.backward()
-        return loss.detach(), logits.detach()
+        return autograd_step(self.train_loss, inputs, targets)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError

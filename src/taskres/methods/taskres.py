@@ -158,7 +158,9 @@ class TaskResHead(CosineHead):
         if self.config.learn_alpha:
             return super().train_logits(inputs)
         x, alpha = self.text_feature_residuals, float(self.config.alpha)
-        return column_cosine(self.train_z(inputs), self.base_text_features, x, alpha, out=self._scratch("t"))
+        return column_cosine(
+            self.train_z(inputs), self.base_text_features, x, alpha, out=self._scratch("t", self.base_text_features)
+        )
 
     def train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """With a fixed alpha, the logits and the cross-entropy in one node (``column_cosine_cross_entropy``)."""
@@ -166,33 +168,38 @@ class TaskResHead(CosineHead):
             return super().train_loss(inputs, targets)
         x, alpha = self.text_feature_residuals, float(self.config.alpha)
         z = self.train_z(inputs)
-        return column_cosine_cross_entropy(z, targets, self.base_text_features, x, alpha, out=self._scratch("t"))
+        return column_cosine_cross_entropy(
+            z, targets, self.base_text_features, x, alpha, out=self._scratch("t", self.base_text_features)
+        )
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """When the text residual alone trains (fixed alpha, no image residual), its gradient in closed form
-        (``column_cosine_residual_step``), in a reused buffer: the same values as autograd, without its per-step
-        overhead."""
-        x = self.text_feature_residuals
+        (``column_cosine_residual_step``): the same values as autograd, without its per-step overhead. The step sets
+        ``x.grad`` to a tensor that the next step reuses, and runs no autograd hooks; where ``x.grad`` already holds
+        a gradient (to add to) or ``x``'s dtype is not the base's, it goes through autograd (``Head.train_step``)."""
+        x, base = self.text_feature_residuals, self.base_text_features
         if self.config.learn_alpha or self.image_side_trains() or not x.requires_grad:
+            return super().train_step(inputs, targets)
+        if x.grad is not None or x.dtype != base.dtype:
             return super().train_step(inputs, targets)
         loss, logits, x.grad = column_cosine_residual_step(
             self.train_z(inputs),
             targets,
-            self.base_text_features,
+            base,
             x,
             float(self.config.alpha),
-            t_out=self._scratch("t"),
-            grad_out=self._scratch("grad"),
+            t_out=self._scratch("t", base),
+            grad_out=self._scratch("grad", x),  # x's own layout: the optimiser pairs .grad with x element by element
         )
         return loss, logits
 
-    def _scratch(self, name: str) -> torch.Tensor:
-        """A (C, D) tensor that training forms t + alpha * x ("t") or its gradient ("grad") in, step after step
-        (no fresh tensor a step)."""
-        base = self.base_text_features
+    def _scratch(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out as ``like`` that training forms t + alpha * x ("t") or x's gradient ("grad") in, step
+        after step (no fresh tensor a step)."""
         buffer = self._buffers_in_training.get(name)
-        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (base.shape, base.dtype, base.device):
-            buffer = self._buffers_in_training[name] = torch.empty_like(base)
+        layout = (like.shape, like.stride(), like.dtype, like.device)
+        if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype, buffer.device) != layout:
+            buffer = self._buffers_in_training[name] = torch.empty_like(like)
         return buffer
 
     def train(self, mode: bool = True) -> TaskResHead:
