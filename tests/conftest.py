@@ -160,3 +160,29 @@ def cluster_context(c=3, d=16, shots=8, views=3, val=4, seed=0, **kw):
         quiet=True,
     )
     return FitContext(**{**defaults, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny(openai_rn_file):
+    """The tiny OpenAI-format RN backbone, loaded once per test module."""
+    from taskres.backbones import load_backbone
+
+    return load_backbone(str(openai_rn_file))
+
+
+def encode_texts(backbone, texts):
+    """The backbone's text embeddings of ``texts``, float32, without autograd."""
+    with torch.no_grad():
+        return backbone.model.encode_text(backbone.tokenizer(texts)).float()
+
+
+def write_pngs(folder: Path, n: int = 4) -> list[Path]:
+    """``n`` random 34 x 30 RGB PNGs in ``folder`` (created): 0.png, 1.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        p = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (30, 34, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths

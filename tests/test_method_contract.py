@@ -9,7 +9,6 @@ line to NEEDS (what its fit needs) below, or none.
 import pytest
 import torch
 
-from taskres.backbones import load_backbone
 from taskres.engine import OptimConfig
 from taskres.methods import METHODS, FitContext, cosine_logits
 from taskres.text import build_base_classifier
@@ -18,11 +17,6 @@ from taskres.text import build_base_classifier
 NEEDS = {
     "coop": {"backbone": True, "config": {"n_ctx": 4}},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(openai_rn_file):
-    return load_backbone(str(openai_rn_file))
 
 
 def make_context(method, backbone, seed=0) -> FitContext:

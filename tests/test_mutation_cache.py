@@ -20,32 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_pngs
 from PIL import Image
 from safetensors import safe_open
 from test_mutation_images import _photo, rrc_flip
 
 import taskres.cache as cache_module
-from taskres.backbones import load_backbone
 from taskres.cache import FORMAT, FeatureCache, check_writable_dir, encode_batches, image_key, loader_workers
 from taskres.data.images import ImageViews, view_seed
 from taskres.distributed import Cluster
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
-
-
-@pytest.fixture(scope="module")
-def tiny(openai_rn_file):
-    return load_backbone(str(openai_rn_file))
-
-
-def _pngs(folder: Path, n: int = 4) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(2)
-    paths = []
-    for i in range(n):
-        p = folder / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (30, 34, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
 
 
 def _test_namespace(tiny) -> dict:
@@ -83,7 +67,7 @@ def _cache_logs(caplog) -> list[str]:
 
 
 def test_a_missing_image_is_named_by_its_absolute_path_with_the_fix(tiny, tmp_path, monkeypatch):
-    paths = _pngs(tmp_path / "data" / "train", 1)
+    paths = write_pngs(tmp_path / "data" / "train", 1)
     missing = tmp_path / "data" / "train" / "gone.png"
     monkeypatch.chdir(tmp_path)  # the relative names do not lead to the files from here
     with pytest.raises(TaskResFileNotFoundError) as err:
@@ -126,7 +110,7 @@ def test_the_write_probe_goes_in_the_folder_itself_and_is_removed(tmp_path, monk
 
 
 def test_the_namespace_folder_and_its_description_are_the_documented_hash_and_json(tiny, tmp_path):
-    paths = _pngs(tmp_path / "img", 2)
+    paths = write_pngs(tmp_path / "img", 2)
     cache = FeatureCache(tmp_path / "c", quiet=True)
     cache.features(tiny, paths, view=1, names=["a.png", "b.png"], scale=(0.5, 1.0))
     cache.features(tiny, paths, names=["a.png", "b.png"])
@@ -149,7 +133,7 @@ def test_the_namespace_folder_and_its_description_are_the_documented_hash_and_js
 
 
 def test_a_cache_folder_removed_while_in_use_is_made_again(tiny, tmp_path):
-    paths = _pngs(tmp_path / "img", 2)
+    paths = write_pngs(tmp_path / "img", 2)
     cache = FeatureCache(tmp_path / "c", quiet=True)
     shutil.rmtree(tmp_path / "c")  # e.g. cleared between two runs of a notebook
     feats, _ = cache.features(tiny, paths)
@@ -160,7 +144,7 @@ def test_a_cache_folder_removed_while_in_use_is_made_again(tiny, tmp_path):
 
 
 def test_a_namespace_folder_that_cannot_be_made_is_named_with_the_reason(tiny, tmp_path):
-    paths = _pngs(tmp_path / "img", 1)
+    paths = write_pngs(tmp_path / "img", 1)
     cache = FeatureCache(tmp_path / "c", quiet=True)
     folder = _ns_folder(tmp_path / "c", _test_namespace(tiny))
     folder.write_text("a file in the way")
@@ -177,7 +161,7 @@ def test_a_namespace_folder_that_cannot_be_made_is_named_with_the_reason(tiny, t
 
 
 def test_chunks_hold_chunk_size_images_with_their_keys_and_checksum(tiny, tmp_path):
-    paths = _pngs(tmp_path / "img", 7)
+    paths = write_pngs(tmp_path / "img", 7)
     names = [f"train/{p.name}" for p in paths]
     cache = FeatureCache(tmp_path / "c", quiet=True, batch_size=2, chunk_size=4, cluster=Cluster())
     feats, _ = cache.features(tiny, paths, names=names)
@@ -221,7 +205,7 @@ def test_default_batches_of_32_and_chunks_of_1024(tiny, tmp_path):
 
 
 def test_a_corrupt_chunk_is_named_deleted_and_re_encoded(tiny, tmp_path, caplog):
-    paths = _pngs(tmp_path / "img", 3)
+    paths = write_pngs(tmp_path / "img", 3)
     good, _ = FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths)
     (chunk,) = (tmp_path / "c").rglob("chunk-*.safetensors")
     data = bytearray(chunk.read_bytes())
@@ -239,7 +223,7 @@ def test_a_corrupt_chunk_is_named_deleted_and_re_encoded(tiny, tmp_path, caplog)
 
 def test_a_chunk_another_rank_deleted_first_is_not_an_error(tiny, tmp_path, monkeypatch, caplog):
     # two ranks that find the same corrupt chunk both delete it: the second one finds it gone
-    paths = _pngs(tmp_path / "img", 2)
+    paths = write_pngs(tmp_path / "img", 2)
     good, _ = FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths)
     real_open = cache_module.safe_open
 
@@ -259,7 +243,7 @@ def test_a_chunk_another_rank_deleted_first_is_not_an_error(tiny, tmp_path, monk
 
 
 def test_a_skipped_image_is_named_in_the_warning(tiny, tmp_path, caplog):
-    paths = _pngs(tmp_path / "img", 3)
+    paths = write_pngs(tmp_path / "img", 3)
     paths[1].write_bytes(b"not a png")
     with caplog.at_level(logging.WARNING):
         feats, skipped = FeatureCache(None, quiet=True).features(tiny, paths, skip_bad=True)
@@ -268,7 +252,7 @@ def test_a_skipped_image_is_named_in_the_warning(tiny, tmp_path, caplog):
 
 
 def test_the_pixel_limit_reaches_the_decoder(tiny, tmp_path):
-    (path,) = _pngs(tmp_path / "img", 1)  # 34 x 30 = 1020 pixels
+    (path,) = write_pngs(tmp_path / "img", 1)  # 34 x 30 = 1020 pixels
     with pytest.raises(TaskResValueError, match=r"is 34 x 30 = 1020 pixels, more than the limit of 1019 "):
         FeatureCache(None, quiet=True, max_pixels=1019).features(tiny, [path])
     with pytest.raises(TaskResValueError, match="more than the limit of 1019"):
@@ -287,7 +271,7 @@ class _WorkerTaggingViews(ImageViews):
 
 
 def test_the_given_worker_count_is_used(tiny, tmp_path, monkeypatch):
-    paths = [str(p) for p in _pngs(tmp_path / "img", 2)]
+    paths = [str(p) for p in write_pngs(tmp_path / "img", 2)]
     # two images in batches of 1: the automatic choice would decode them in this process
     assert loader_workers(None, 2, 1, torch.device("cpu")) == 0
     data = _WorkerTaggingViews(paths, tiny.image_size, tiny.mean, tiny.std)
@@ -337,7 +321,7 @@ def test_loader_workers_policy(monkeypatch):
 
 
 def test_encoding_on_the_cpu_asks_for_no_pinned_memory(tiny, tmp_path):
-    paths = _pngs(tmp_path / "img", 2)
+    paths = write_pngs(tmp_path / "img", 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # pinned memory without a GPU is a UserWarning
         feats, _ = FeatureCache(None, quiet=True).features(tiny, paths)
@@ -348,7 +332,7 @@ def test_encoding_on_the_cpu_asks_for_no_pinned_memory(tiny, tmp_path):
 
 
 def test_the_progress_bar_counts_images_under_its_label_and_is_cleared(tiny, tmp_path, capsys):
-    paths = _pngs(tmp_path / "img", 7)
+    paths = write_pngs(tmp_path / "img", 7)
     capsys.readouterr()
     FeatureCache(None, batch_size=3).features(tiny, paths, desc="train views")  # shown by default
     err = capsys.readouterr().err
@@ -392,7 +376,7 @@ def _digest(value) -> str:
 @pytest.fixture()
 def job(tiny, tmp_path):
     """Five images; image 0 was cached by an earlier run, in a chunk whose name sorts first."""
-    paths = _pngs(tmp_path / "img", 5)
+    paths = write_pngs(tmp_path / "img", 5)
     names = [f"train/{p.name}" for p in paths]
     FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths[:1], names=names[:1])
     (first,) = (tmp_path / "c").rglob("chunk-*.safetensors")

@@ -8,13 +8,11 @@ import json
 import os
 import pickle
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from conftest import encode_texts, write_pngs
 
-from taskres.backbones import load_backbone
 from taskres.cache import FORMAT, FeatureCache, image_key
 from taskres.data.sampling import sample_fewshot
 from taskres.data.splits import DatasetSplits, Entry
@@ -23,23 +21,15 @@ from taskres.safe_load import Inert, load_checkpoint, load_plain_pickle
 from taskres.text import build_base_classifier, check_prompts_fit, check_templates, normalized_text_classifier
 
 
-@pytest.fixture(scope="module")
-def tiny(openai_rn_file):
-    return load_backbone(str(openai_rn_file))
-
-
-def encode(backbone, texts):
-    with torch.no_grad():
-        return backbone.model.encode_text(backbone.tokenizer(texts)).float()
-
-
 def test_base_classifier_rows_are_mean_unnormalised_embeddings(tiny):
     templates = ["a photo of a {}.", "{} art."]
     names = ["sea_lion", "cat", "red fox"]
     base = build_base_classifier(tiny, names, templates)
     assert base.shape == (3, 32) and base.dtype == torch.float32
     for row, name in zip(base, names):
-        torch.testing.assert_close(row, encode(tiny, [t.format(name) for t in templates]).mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            row, encode_texts(tiny, [t.format(name) for t in templates]).mean(0), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_base_classifier_in_half_precision(tiny):
@@ -57,10 +47,14 @@ def test_normalized_classifier_is_coops_zero_shot_rows(tiny):
     templates = ["a photo of a {}.", "{} art.", "a {} in the wild."]
     rows = normalized_text_classifier(tiny, ["sea_lion", "cat"], templates)
     for row, name in zip(rows, ["sea lion", "cat"]):  # underscores become spaces
-        expected = F.normalize(F.normalize(encode(tiny, [t.format(name) for t in templates]), dim=-1).mean(0), dim=0)
+        expected = F.normalize(
+            F.normalize(encode_texts(tiny, [t.format(name) for t in templates]), dim=-1).mean(0), dim=0
+        )
         torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
     one = normalized_text_classifier(tiny, ["cat"], ["a photo of a {}."])
-    torch.testing.assert_close(one[0], F.normalize(encode(tiny, ["a photo of a cat."])[0], dim=0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        one[0], F.normalize(encode_texts(tiny, ["a photo of a cat."])[0], dim=0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_templates_need_exactly_one_placeholder():
@@ -99,19 +93,8 @@ def test_image_key_is_the_documented_hash(tmp_path):
         image_key(tmp_path / "missing.png")
 
 
-def _pngs(folder, n=4):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    paths = []
-    for i in range(n):
-        p = folder / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (30, 34, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
-
-
 def test_cache_namespaces_keep_transforms_apart_and_reuse_the_same(tiny, tmp_path):
-    paths = _pngs(tmp_path / "img")
+    paths = write_pngs(tmp_path / "img")
     names = [p.name for p in paths]
     cache = FeatureCache(tmp_path / "cache", quiet=True, batch_size=3, chunk_size=2)
     assert cache.root == tmp_path / "cache" / f"v{FORMAT}"
@@ -141,7 +124,7 @@ def test_cache_namespaces_keep_transforms_apart_and_reuse_the_same(tiny, tmp_pat
 
 
 def test_cache_duplicates_and_skipped_images(tiny, tmp_path):
-    paths = _pngs(tmp_path / "img", 3)
+    paths = write_pngs(tmp_path / "img", 3)
     cache = FeatureCache(tmp_path / "cache", quiet=True)
     feats, _ = cache.features(tiny, [paths[0], paths[1], paths[0]])
     assert cache.encoded == 2 and torch.equal(feats[0], feats[2])

@@ -12,7 +12,6 @@ import torch
 from conftest import cluster_context
 from safetensors import safe_open
 
-from taskres.backbones import load_backbone
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResError
 from taskres.methods import get_method
@@ -23,11 +22,6 @@ from taskres.text_tower import pooled_text, projection
 
 NAMES = ["red", "green", "blue"]
 TEMPLATES = ["a photo of a {}.", "itap of a {}."]
-
-
-@pytest.fixture(scope="module")
-def tiny(openai_rn_file):
-    return load_backbone(str(openai_rn_file))
 
 
 def refused(param, message, **kwargs):

@@ -8,21 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import encode_texts
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
-from taskres.backbones import load_backbone
 from taskres.errors import TaskResError
 from taskres.text import build_base_classifier, check_prompts_fit, check_templates, normalized_text_classifier
-
-
-@pytest.fixture(scope="module")
-def tiny(openai_rn_file):
-    return load_backbone(str(openai_rn_file))
-
-
-def encode(backbone, texts):
-    with torch.no_grad():
-        return backbone.model.encode_text(backbone.tokenizer(texts)).float()
 
 
 def test_no_template_says_how_to_pass_one():
@@ -55,7 +45,7 @@ def test_escaped_braces_are_literal_text_not_the_placeholder(tiny):
     base = build_base_classifier(tiny, ["cat", "dog"], templates)
     for row, name in zip(base, ["cat", "dog"]):
         prompts = [f"a {{}} photo of a {name}.", f"{{{name}}}", f"{name}}}"]
-        torch.testing.assert_close(row, encode(tiny, prompts).mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(row, encode_texts(tiny, prompts).mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_underscores_count_as_encoded_in_the_length_check(tiny):
@@ -72,7 +62,7 @@ def test_underscores_count_as_encoded_in_the_length_check(tiny):
         check_prompts_fit(tiny, [name], ["{}"])  # the default: names as given
     check_prompts_fit(tiny, [name], ["{}"], replace_underscores=True)
     rows = normalized_text_classifier(tiny, [name], ["{}"])
-    torch.testing.assert_close(rows[0], F.normalize(encode(tiny, [spaced])[0], dim=0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rows[0], F.normalize(encode_texts(tiny, [spaced])[0], dim=0), rtol=1e-5, atol=1e-6)
 
 
 def test_a_long_prompt_is_refused_naming_prompt_template_class_and_param(tiny):

@@ -15,13 +15,6 @@ from taskres.errors import TaskResError
 from taskres.views import OnlineViews, ViewBank, as_bank
 
 
-@pytest.fixture(scope="module")
-def tiny(openai_rn_file):
-    from taskres.backbones import load_backbone
-
-    return load_backbone(str(openai_rn_file))
-
-
 @pytest.fixture()
 def photos(tmp_path):
     return [str(_photo(tmp_path / "a.png", 50, 40, 3)), str(_photo(tmp_path / "b.png", 44, 60, 4))]
