@@ -8,7 +8,8 @@ import torch
 from conftest import TINY_RN, tiny_clip
 from open_clip.model import QuickGELU
 
-from taskres.backbones import _network_reachable, load_backbone
+from taskres.backbones import load_backbone
+from taskres.backbones.weights import network_reachable
 from taskres.errors import TaskResError
 
 
@@ -116,7 +117,7 @@ def test_named_weights_missing_offline_fail_fast(tmp_path, monkeypatch):
 
 def test_network_probe_gives_up_quickly():
     start = time.monotonic()
-    assert _network_reachable("https://no-such-host.invalid/x", timeout=2.0) is False
+    assert network_reachable("https://no-such-host.invalid/x", timeout=2.0) is False
     assert time.monotonic() - start < 5
 
 

@@ -25,13 +25,14 @@ import torch
 import taskres
 from taskres import distributed
 from taskres.atomic import write_json
-from taskres.backbones import Backbone, BackboneIdentity, load_backbone, parse_device
+from taskres.backbones import Backbone, BackboneIdentity, load_backbone
 from taskres.cache import FeatureCache, check_writable_dir
 from taskres.data.fewshot_file import load_fewshot_file
 from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE
 from taskres.data.sampling import sample_fewshot
 from taskres.data.sources import open_dataset, reopen_dataset
 from taskres.data.splits import DatasetSource, DatasetSplits, Entry
+from taskres.devices import parse_device
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.evaluate import evaluate, predict_logits
