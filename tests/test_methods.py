@@ -1,9 +1,16 @@
-"""The comparison methods on small synthetic features and the tiny CLIP: identity at init, only the method's own
-parameters change, searches pick the known best, independent re-derivations, and safe checkpoint reading."""
+"""What a method is (methods/base.py: heads, their export, the fit context, options; the registry) and the
+comparison methods on small synthetic features and the tiny CLIP: identity at init, only the method's own parameters
+change, searches pick the known best, independent re-derivations, and safe checkpoint reading."""
 
+import ast
+import dataclasses
+import json
 import math
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +19,12 @@ import torch.nn.functional as F
 from conftest import cluster_context
 
 from taskres.backbones import load_backbone
-from taskres.engine import OptimConfig, fit, iteration_lr
-from taskres.errors import TaskResError
-from taskres.methods import METHODS, get_method
-from taskres.methods.base import FitContext
+from taskres.engine import OptimConfig, fit
+from taskres.errors import TaskResError, TaskResValueError
+from taskres.methods import METHODS, get_method, registry
+from taskres.methods.base import CosineHead, FitContext, Head, config_options, option
 from taskres.methods.base import cosine_logits as zero_shot_logits
+from taskres.methods.classifier_adapter import ClassifierAdapterConfig, ClassifierAdapterHead
 from taskres.methods.clip_adapter import ClipAdapterConfig, ClipAdapterHead, fit_clip_adapter
 from taskres.methods.coop import CoOpConfig, CoOpHead, PromptLearner, fit_coop, prompt_tokens
 from taskres.methods.enhanced_base import (
@@ -28,12 +36,20 @@ from taskres.methods.enhanced_base import (
     pre_projection_features,
     save_projection,
 )
-from taskres.methods.linear_probe import LinearProbeConfig, fit_linear_probe, fit_logistic, search_c
-from taskres.methods.taskres import TaskResConfig
+from taskres.methods.linear_probe import (
+    LinearProbeConfig,
+    LinearProbeHead,
+    fit_linear_probe,
+    fit_logistic,
+    search_c,
+)
+from taskres.methods.lp_plus_plus import LPPConfig, LPPHead
+from taskres.methods.taskres import TaskResConfig, TaskResHead
 from taskres.methods.tip_adapter import TipAdapterConfig, TipAdapterHead, fit_tip_adapter, grid, search_alpha_beta
 from taskres.methods.tip_adapter_f import fit_tip_adapter_f
+from taskres.methods.zs_lp import ZSLPHead
 from taskres.text import build_base_classifier
-from taskres.text_tower import pooled_text, projection
+from taskres.text_tower import check_text_tower, pooled_text, projection
 from taskres.workflow import TrainConfig
 
 
@@ -49,7 +65,181 @@ def changed(before, module):
     return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
 
 
-# ---- registry and engine options -------------------------------------------------------------------------------
+# ---- heads, their export, the fit context, options -----------------------------------------------------------------
+
+
+def cos_logits(z, t, tau):
+    """tau * cos, one pair at a time."""
+    out = torch.empty(len(z), len(t))
+    for i in range(len(z)):
+        for j in range(len(t)):
+            out[i, j] = tau * torch.dot(z[i], t[j]) / (z[i].norm() * t[j].norm())
+    return out
+
+
+def test_cosine_head_and_logits():
+    g = torch.Generator().manual_seed(3)
+    base, feats = torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g) * 7
+    head = CosineHead(base, 12.5)
+    torch.testing.assert_close(head(feats), cos_logits(feats, base, 12.5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zero_shot_logits(feats, base, 2.0), cos_logits(feats, base, 2.0), rtol=1e-5, atol=1e-5)
+    base[0, 0] = 100.0  # the head keeps its own copy
+    assert head.base_text_features[0, 0] != 100.0
+    assert head.base_text_features.dtype == torch.float32 and float(head.logit_scale) == 12.5
+
+
+def test_an_incomplete_head_fails_at_construction():
+    class NoTensors(Head):
+        def forward(self, image_features):
+            return image_features
+
+    class NoForward(Head):
+        def tensors(self):
+            return {}
+
+    with pytest.raises(TypeError, match="abstract method.* tensors"):
+        NoTensors()
+    with pytest.raises(TypeError, match="abstract method.* forward"):
+        NoForward()
+
+
+def heads_with_known_metadata():
+    """(head, its metadata exactly, keys in order): what classifier.safetensors holds for each head's layout."""
+    g = torch.Generator().manual_seed(11)
+    base, w, keys = (torch.randn(3, 4, generator=g) for _ in range(3))
+    bias, alpha = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    tip = TipAdapterConfig(search="none", alpha=0.5, beta=2.0)
+    probe, lpp = LinearProbeConfig(c=0.5, search="none"), LPPConfig(search="none")
+    return [
+        (CosineHead(base, 12.5), {"logit_scale": 12.5}),
+        (ZSLPHead(base, 100.0), {"logit_scale": 100.0}),
+        (
+            TaskResHead(base, 30.0, TaskResConfig(alpha=0.7, variant="image", enhance_base=True)),
+            {"alpha": pytest.approx(0.7), "variant": "image", "learn_alpha": False, "logit_scale": 30.0},
+        ),
+        (ClipAdapterHead(base, 100.0), {"ratio": 0.2, "reduction": 4, "logit_scale": 100.0}),
+        (
+            ClassifierAdapterHead(base, 100.0, ClassifierAdapterConfig(form="direct", reduction=2)),
+            {"form": "direct", "alpha": 0.5, "reduction": 2, "logit_scale": 100.0},
+        ),
+        (
+            CoOpHead(base, torch.randn(2, 5, generator=g), 100.0, CoOpConfig(n_ctx=2)),
+            {"n_ctx": 2, "init_std": 0.02, "amp": True, "logit_scale": 100.0},
+        ),
+        (LinearProbeHead(w, bias, 0.5, probe), {"c": 0.5, "config": dataclasses.asdict(probe)}),
+        (LPPHead(w, bias, alpha, base, lpp), {"config": dataclasses.asdict(lpp)}),
+        (
+            TipAdapterHead(base, keys, torch.eye(3), 100.0, 1.5, 2.5, config=tip),
+            {"alpha": 1.5, "beta": 2.5, "logit_scale": 100.0, "config": dataclasses.asdict(tip)},
+        ),
+        (
+            TipAdapterHead(base, keys, torch.eye(3), 100.0, 1.5, 2.5),
+            {"alpha": 1.5, "beta": 2.5, "logit_scale": 100.0, "config": None},
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_each_heads_metadata_and_its_round_trip_through_json(case):
+    """The metadata Head builds from a head's declared scalars and config, key by key in order (the bytes of
+    classifier.safetensors depend on both), and the head rebuilt from its JSON with every tensor and value."""
+    head, expected = heads_with_known_metadata()[case]
+    tensors, meta = head.export()
+    assert meta == expected and list(meta) == list(expected)
+    again = type(head).from_export(tensors, json.loads(json.dumps(meta)))
+    tensors_again, meta_again = again.export()
+    assert json.dumps(meta_again) == json.dumps(meta)
+    assert list(tensors_again) == list(tensors)
+    assert all(torch.equal(tensors_again[k], tensors[k]) for k in tensors)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(again(x), head(x))
+
+
+def test_from_export_reads_older_metadata_and_refuses_a_tensor_of_another_shape():
+    """A Tip-Adapter file without a config entry rebuilds with none (the constructor's default); a tensor copied
+    into the head must have the head's shape (no silent broadcast)."""
+    head, _ = heads_with_known_metadata()[-1]
+    tensors, meta = head.export()
+    del meta["config"]
+    assert TipAdapterHead.from_export(tensors, meta).config is None
+    zs_tensors, zs_meta = ZSLPHead(torch.randn(3, 4), 100.0).export()
+    zs_tensors["prototypes"] = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match=r"^prototypes is \(1, 4\); the head needs \(3, 4\)$"):
+        ZSLPHead.from_export(zs_tensors, zs_meta)
+
+
+class ColumnsHead(Head):
+    """A head with a tensor indexed by class on both dims (rows and columns), as Tip-Adapter's cache values."""
+
+    class_rows = ("rows",)
+    class_columns = ("columns",)
+
+    def __init__(self, rows, columns):
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.register_buffer("columns", columns)
+
+    def forward(self, image_features):
+        return image_features @ self.rows.t()
+
+    def tensors(self):
+        return {"rows": self.rows, "columns": self.columns}
+
+    def metadata(self):
+        return {"kind": "columns"}
+
+    @classmethod
+    def from_export(cls, tensors, meta):
+        assert meta == {"kind": "columns"}
+        return cls(tensors["rows"], tensors["columns"])
+
+
+def test_select_classes_takes_rows_and_columns_in_the_given_order():
+    rows, columns = torch.arange(12.0).reshape(4, 3), torch.arange(20.0).reshape(5, 4)
+    sub = ColumnsHead(rows, columns).select_classes([3, 1])
+    assert torch.equal(sub.rows, rows[[3, 1]]) and torch.equal(sub.columns, columns[:, [3, 1]])
+
+
+def test_context_train_uses_its_own_optim_or_the_given_one():
+    ctx = cluster_context(optim=OptimConfig(lr=1e-2, epochs=3, batch_size=8))
+    head = TaskResHead(ctx.base, ctx.logit_scale)
+    records = []
+    history = ctx.train(head, on_epoch=records.append)
+    assert len(history) == 3 and records == history
+    history = ctx.train(TaskResHead(ctx.base, ctx.logit_scale), optim=OptimConfig(lr=1e-2, epochs=2, batch_size=8))
+    assert len(history) == 2
+    assert ctx.has_val and not cluster_context(val_features=None).has_val
+    assert not cluster_context(val_features=torch.zeros(0, 16)).has_val
+
+
+def test_config_options_are_the_flagged_fields():
+    @dataclasses.dataclass
+    class Cfg:
+        a: int = dataclasses.field(default=1, metadata=option("--a", "help a", metavar="N"))
+        b: int = 2
+
+    (field,) = config_options(Cfg)
+    assert field.name == "a" and dict(field.metadata) == {"flag": "--a", "help": "help a", "metavar": "N"}
+
+
+def test_the_registry_does_not_import_its_package():
+    """Discovery finds the method modules beside the registry: the registry imports no ``taskres.methods``, so the
+    package and its registry form no import circle."""
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert "taskres.methods" not in imported and "taskres" not in imported
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["taskres.methods.registry", "taskres.methods"])
+def test_a_fresh_process_imports_the_registry_or_the_package_with_every_method(module):
+    code = f"import {module}; from taskres.methods.registry import METHODS; print(len(METHODS), next(iter(METHODS)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(len(METHODS)), "taskres"]
+
+
+# ---- registry and presets ---------------------------------------------------------------------------------------
 
 
 def test_registry_lists_every_method_with_a_summary():
@@ -112,68 +302,6 @@ def test_training_free_methods_record_no_optimiser_and_linear_probe_needs_the_te
         TrainConfig(shots=4, seed=1, method="linear-probe", views=10)
     with pytest.raises(TaskResError, match="method 'coop' takes a CoOpConfig, got TaskResConfig"):
         TrainConfig(shots=4, seed=1, method="coop", method_config=TaskResConfig(enhance_base=True))
-
-
-def test_iteration_schedule_matches_torch_cosine_annealing():
-    cfg = OptimConfig(
-        lr=1e-3,
-        epochs=3,
-        batch_size=4,
-        schedule="iteration",
-        warmup_epochs=0,
-        drop_last="never",
-        optimizer="adamw",
-        eps=1e-4,
-        weight_decay=0.01,
-    )
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([p], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=9)
-    for step in range(9):
-        assert math.isclose(iteration_lr(cfg, step, 9), opt.param_groups[0]["lr"], rel_tol=1e-9)
-        opt.step()
-        sched.step()
-    with pytest.raises(TaskResError, match="no warm-up"):
-        OptimConfig(schedule="iteration")
-
-
-class LrRecorder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(2, 2))
-        self.sizes = []
-
-    def forward(self, x):
-        self.sizes.append(len(x))
-        return x @ self.w.t()
-
-
-def test_sgd_and_never_dropping_the_partial_batch():
-    """10 samples, batch 4, drop_last never: 4, 4, 2 per epoch; SGD with momentum moves the weights as torch's."""
-    feats, labels = torch.randn(10, 2, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 2
-    cfg = OptimConfig(
-        lr=0.1,
-        epochs=1,
-        batch_size=4,
-        optimizer="sgd",
-        momentum=0.9,
-        weight_decay=0.0,
-        warmup_epochs=0,
-        drop_last="never",
-    )
-    head = LrRecorder()
-    fit(head, feats, labels, cfg, seed=0, quiet=True)
-    assert head.sizes == [4, 4, 2]
-    # the same three steps with torch's SGD, in the engine's order
-    w = torch.nn.Parameter(torch.zeros(2, 2))
-    opt = torch.optim.SGD([w], lr=0.1 * (1 + math.cos(0)) / 2, momentum=0.9)
-    order = torch.randperm(10, generator=torch.Generator().manual_seed(0))
-    for start in (0, 4, 8):
-        idx = order[start : start + 4]
-        opt.zero_grad()
-        F.cross_entropy(feats[idx] @ w.t(), labels[idx]).backward()
-        opt.step()
-    torch.testing.assert_close(head.w.detach(), w.detach())
 
 
 # ---- linear probe -----------------------------------------------------------------------------------------------
@@ -396,6 +524,23 @@ def test_coop_trains_only_the_context_and_reloads_without_the_encoder(tiny_backb
 def test_coop_prompt_that_does_not_fit_is_an_error(tiny_backbone):
     with pytest.raises(TaskResError, match="needs 20 tokens with 16 context vectors.*at most 12"):
         prompt_tokens(tiny_backbone, ["red"], 16)
+
+
+def test_a_backbone_without_the_clip_text_tower_is_named_for_the_methods_that_need_it(tiny_backbone):
+    """CoOp and TaskRes* rebuild the text tower: a model without it, or with a biased projection, is a clear error
+    naming the backbone (it was an AttributeError)."""
+    backbone = tiny_backbone
+    assert check_text_tower(backbone, "coop") is backbone.model
+    dim = backbone.model.text_projection.shape[0]
+    biased = dataclasses.replace(backbone, model=torch.nn.Module())
+    for name in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+        setattr(biased.model, name, getattr(backbone.model, name))
+    biased.model.text_projection = torch.nn.Linear(dim, 4, bias=True)
+    with pytest.raises(TaskResValueError, match=r"coop replaces the text projection, but backbone '.*tiny-rn\.pt'"):
+        check_text_tower(biased, "coop")
+    bare = dataclasses.replace(backbone, model=torch.nn.Module())
+    with pytest.raises(TaskResValueError, match=r"needs a CLIP text transformer .* backbone '.*tiny-rn\.pt' has"):
+        check_text_tower(bare, "coop")
 
 
 # ---- TaskRes*: the enhanced base --------------------------------------------------------------------------------

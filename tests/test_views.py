@@ -72,6 +72,15 @@ def test_view_bank_draws_each_epochs_view_with_the_seed():
         assert torch.equal(c.epoch(e)[:, 0], 3 * torch.arange(5).float() + c.view_index(e))
 
 
+def test_a_non_contiguous_bank_draws_the_same_rows_as_its_contiguous_copy():
+    wide = torch.randn(3, 7, 10, generator=torch.Generator().manual_seed(6))
+    views = wide[:, :, ::2]  # (3, 7, 5), not contiguous
+    assert not views.is_contiguous()
+    strided, dense = ViewBank(views, seed=9), ViewBank(views.contiguous(), seed=9)
+    for epoch in range(7):
+        assert torch.equal(strided.epoch(epoch), dense.epoch(epoch))
+
+
 def classifier(run_dir):
     with safe_open(str(run_dir / "classifier.safetensors"), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}

@@ -5,16 +5,20 @@ loop, gets the backbone explicitly). It is one module that defines
 
 - a frozen **config** dataclass whose defaults are the published preset; a field that the user may set from the
   command line carries ``metadata=option("--flag", "help")``;
-- a **head** (a :class:`Head`): ``(N, D)`` image features -> ``(N, C)`` logits, with ``export()`` /
-  ``from_export()`` and ``select_classes()``;
+- a **head** (a :class:`Head`): ``forward``, ``(N, D)`` image features -> ``(N, C)`` logits, and ``tensors()``;
+  what else its ``classifier.safetensors`` holds (scalars, its config) it declares in class attributes, from which
+  ``Head`` exports it and rebuilds it (``export`` / ``from_export``, ``select_classes``);
 - a **fit** function ``fit(ctx: FitContext, config) -> Fitted``;
 
-and registers them with ``register_method(Method(...))`` (``taskres.methods.registry``).
+and registers them with ``register_method(Method(...))`` (``taskres.methods.registry``). How the cosine heads train
+fast (the column-scaled cosine, its hand-written gradients) is in ``taskres.methods._fused``.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ from torch import nn
 
 from taskres.backbones import Backbone
 from taskres.engine import OptimConfig, autograd_step, fit
+from taskres.methods._fused import column_cosine
 from taskres.views import TrainViews
 
 
@@ -52,171 +57,41 @@ def scaled_unit(image_features: torch.Tensor, logit_scale: torch.Tensor | float)
     return logit_scale * F.normalize(image_features, dim=-1)
 
 
-def column_cosine(
-    z: torch.Tensor,
-    classifier: torch.Tensor,
-    residual: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The column-scaled cosine logits from the image side ``z = scaled_unit(f, tau)`` (N, D): z @ t^T / |t| with
-    t = classifier (+ alpha * residual, for a fixed alpha), differentiated by hand (``_ColumnCosine``).
-
-    ``cosine_logits`` with the classifier's norms applied to the (N, C) logits' columns instead of its (C, D) rows:
-    the same value up to rounding, and the cheaper form to train, where every step changes t. Its backward costs
-    one matrix product and one pass over t's (C, D) entries, where autograd through ``F.normalize`` takes about
-    eight passes; alpha scales the (C,) factors, so the residual's gradient has no pass of its own
-    (docs/performance.md).
-
-    ``out``: a (C, D) tensor to form t in, reused step after step by a training loop instead of a fresh one each
-    step. Autograd keeps it for the backward; forming the next t in it before that backward has run makes the
-    backward fail (torch's in-place check), it never computes a wrong gradient."""
-    return _ColumnCosine.apply(z, classifier, residual, alpha, out)
+def _float(value: torch.Tensor | float) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def column_cosine_cross_entropy(
-    z: torch.Tensor,
-    targets: torch.Tensor,
-    classifier: torch.Tensor,
-    residual: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits): ``F.cross_entropy(column_cosine(z, classifier, residual, alpha, out), targets)`` and the
-    logits, as one autograd node (``_ColumnCosineCE``); the logits carry no gradient."""
-    loss, logits = _ColumnCosineCE.apply(z, classifier, residual, alpha, out, targets)
-    return loss, logits
-
-
-def _column_logits(ctx, z, base, residual, alpha, out) -> torch.Tensor:
-    """The forward of the column-scaled cosine; saves what ``_column_grads`` needs."""
-    t, clamped, live, logits = _column_forward(z, base, residual, alpha, out)
-    ctx.save_for_backward(z, t, clamped, live, logits)
-    ctx.alpha = alpha
-    return logits
-
-
-def _column_forward(z, base, residual, alpha, out):
-    """t = base (+ alpha * residual, formed in ``out``), its clamped row norms, where they exceed the clamp, and
-    the logits z @ t^T / clamped."""
-    t = base if residual is None else torch.add(base, residual, alpha=alpha, out=out)
-    norms = t.norm(dim=-1)  # (C,)
-    clamped = norms.clamp_min(1e-12)
-    logits = (z @ t.t()).div_(clamped)  # (N, C)
-    return t, clamped, norms > 1e-12, logits
-
-
-def _column_grads(ctx, grad: torch.Tensor, scale: torch.Tensor | float = 1.0):
-    """The gradients of z, base and residual for the upstream gradient ``scale * grad`` (N, C)."""
-    need_z, need_base, need_residual = ctx.needs_input_grad[:3]
-    return _column_backward(ctx.saved_tensors, grad, scale, ctx.alpha, need_z, need_base, need_residual)
-
-
-def _column_backward(saved, grad, scale, alpha, need_z, need_base, need_residual, out=None):
-    """``_column_grads`` from the forward's (z, t, clamped, live, logits). The scalar ``scale``, and alpha when
-    only the residual needs a gradient, are applied through the (C,) factors: no pass of their own over (N, C) or
-    (C, D). ``out``: a (C, D) tensor to form the class side's gradient in."""
-    z, t, clamped, live, logits = saved
-    only_residual = need_residual and not (need_z or need_base)
-    factor = scale * alpha if only_residual else scale
-    plain = isinstance(factor, float) and factor == 1.0
-    scaled = grad / clamped if plain else grad * (factor / clamped)  # (N, C)
-    grad_z = scaled @ t if need_z else None
-    grad_base = grad_residual = None
-    if need_base or need_residual:
-        dots = (grad * logits).sum(dim=0)
-        coef = -dots / (clamped * clamped) if plain else dots * (-factor / (clamped * clamped))
-        grad_t = torch.mm(scaled.t(), z, out=out).addcmul_(t, torch.where(live, coef, 0.0)[:, None])
-        if only_residual:
-            grad_residual = grad_t
-        else:
-            grad_base = grad_t if need_base else None
-            grad_residual = grad_t * alpha if need_residual else None
-    return grad_z, grad_base, grad_residual
-
-
-def _cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the mean cross-entropy as ``F.cross_entropy`` computes it, the log-probabilities)."""
-    log_probs = torch.log_softmax(logits, dim=1)
-    return F.nll_loss(log_probs, targets), log_probs
-
-
-def _cross_entropy_grad(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """softmax - one-hot, formed in place of ``log_probs`` (not needed again): the summed loss's gradient."""
-    grad = log_probs.exp_()
-    grad[torch.arange(len(grad), device=grad.device), targets] -= 1.0
-    return grad
-
-
-class _ColumnCosine(torch.autograd.Function):
-    """(N, D) scaled unit image features z and the classifier t = base (+ alpha * residual), (C, D) ->
-    z @ t^T / max(|t|, eps), with a hand-written backward: dL/dz = (G / n) @ t;
-    dL/dt = (G / n)^T @ z - t * sum_n(G * logits) / n^2 (zero where |t| <= eps, as F.normalize's clamp);
-    dL/dresidual = alpha * dL/dt."""
-
-    @staticmethod
-    def forward(ctx, z, base, residual, alpha, out=None):
-        return _column_logits(ctx, z, base, residual, alpha, out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return (*_column_grads(ctx, grad), None, None)
-
-
-class _ColumnCosineCE(torch.autograd.Function):
-    """``_ColumnCosine`` followed by the mean cross-entropy over ``targets``, in one node: returns the loss (as
-    ``F.cross_entropy``) and the logits (not differentiable). Its backward forms the logits' gradient
-    (softmax - one-hot) / N in one pass where autograd through ``F.cross_entropy`` takes four."""
-
-    @staticmethod
-    def forward(ctx, z, base, residual, alpha, out, targets):
-        logits = _column_logits(ctx, z, base, residual, alpha, out)
-        loss, ctx.log_probs = _cross_entropy_forward(logits, targets)
-        ctx.targets = targets
-        ctx.mark_non_differentiable(logits)
-        return loss, logits
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_logits):
-        grad = _cross_entropy_grad(ctx.log_probs, ctx.targets)
-        ctx.log_probs = ctx.targets = None
-        return (*_column_grads(ctx, grad, grad_loss / len(grad)), None, None, None)
-
-
-def column_cosine_residual_step(
-    z: torch.Tensor,
-    targets: torch.Tensor,
-    classifier: torch.Tensor,
-    residual: torch.Tensor,
-    alpha: float,
-    t_out: torch.Tensor | None = None,
-    grad_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, logits, the residual's gradient) without autograd: the values that ``column_cosine_cross_entropy``
-    and a backward from its loss give when only the residual trains, bit for bit (the same operations in the same
-    order). ``t_out`` / ``grad_out``: (C, D) tensors to form t and the gradient in, reused step after step; the
-    gradient is ``grad_out`` itself when given."""
-    with torch.no_grad():
-        saved = _column_forward(z, classifier, residual, alpha, t_out)
-        loss, log_probs = _cross_entropy_forward(saved[-1], targets)
-        grad = _cross_entropy_grad(log_probs, targets)
-        scale = torch.ones((), dtype=loss.dtype, device=loss.device) / len(grad)  # autograd's d(mean)/d(sum)
-        grad_residual = _column_backward((z, *saved), grad, scale, alpha, False, False, True, out=grad_out)[2]
-    return loss, saved[-1], grad_residual
-
-
-class Head(nn.Module):
+class Head(nn.Module, abc.ABC):
     """A tuned classifier over cached image features: ``forward`` maps (N, D) un-normalised features to (N, C).
 
-    Saved as ``classifier.safetensors``: ``export()`` gives the tensors (float32, CPU) and a JSON-able metadata dict;
-    ``from_export`` rebuilds the head. ``class_rows`` / ``class_columns`` name the exported tensors indexed by class
-    on dim 0 / dim 1, which is all ``select_classes`` needs; ``frozen_tensors`` name those that training never
-    changes (the contract test checks it).
+    Saved as ``classifier.safetensors``: ``export()`` gives ``tensors()`` (float32, CPU) and the ``metadata()``
+    that ``from_export`` rebuilds the head from. ``class_rows`` / ``class_columns`` name the exported tensors indexed
+    by class on dim 0 / dim 1, which is all ``select_classes`` needs; ``frozen_tensors`` name those that training
+    never changes (the contract test checks it).
+
+    The metadata is declared, not written per head: ``scalars`` name float attributes of the head (its logit scale,
+    a searched value), and a head with a ``config_cls`` keeps that dataclass as ``self.config``, whose fields
+    (``config_fields``, default all) come first, one key each, a scalar of the same name standing for the field (a
+    learned alpha); with ``nest_config`` they form one "config" entry after the scalars instead.
     """
 
     class_rows: ClassVar[tuple[str, ...]] = ()
     class_columns: ClassVar[tuple[str, ...]] = ()
     frozen_tensors: ClassVar[tuple[str, ...]] = ()
+    scalars: ClassVar[tuple[str, ...]] = ()
+    config_cls: ClassVar[type | None] = None
+    config_fields: ClassVar[tuple[str, ...] | None] = None
+    nest_config: ClassVar[bool] = False
+    config: Any  # an instance of config_cls (or None, where the head's constructor allows it)
+
+    @abc.abstractmethod
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(N, D) un-normalised image features -> (N, C) logits."""
+
+    @abc.abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The head's own tensors by their exported names: what ``from_export`` passes to the constructor (a
+        parameter of that name) or copies back into them."""
 
     def train_inputs(self, image_features: torch.Tensor) -> torch.Tensor:
         """What ``train_logits`` takes, row by row: the part of the training logits that depends on the image
@@ -241,18 +116,43 @@ class Head(nn.Module):
         autograd through ``train_loss``; a head may compute its gradients in closed form instead."""
         return autograd_step(self.train_loss, inputs, targets)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
     def metadata(self) -> dict:
-        raise NotImplementedError
+        """The scalars and the config, laid out as the class attributes say (JSON-able)."""
+        scalars = {name: _float(getattr(self, name)) for name in self.scalars}
+        if self.config_cls is None:
+            return scalars
+        config = None if self.config is None else dataclasses.asdict(self.config)
+        if config is not None and self.config_fields is not None:
+            config = {k: v for k, v in config.items() if k in self.config_fields}
+        return {**scalars, "config": config} if self.nest_config else {**(config or {}), **scalars}
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: v.detach().float().contiguous().cpu() for k, v in self.tensors().items()}, self.metadata()
 
     @classmethod
     def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> Head:
-        raise NotImplementedError
+        """The head again: its constructor called with the exported tensors, scalars and config that its parameters
+        name (a nested config missing from ``meta`` leaves the parameter's default), then the other exported
+        tensors copied into the head's own."""
+        values: dict[str, Any] = {**tensors, **{name: meta[name] for name in cls.scalars}}
+        if cls.config_cls is not None and (not cls.nest_config or "config" in meta):
+            values["config"] = cls._config_from(cls.config_cls, meta)
+        parameters = inspect.signature(cls).parameters
+        head = cls(**{name: value for name, value in values.items() if name in parameters})
+        with torch.no_grad():
+            for name, own in head.tensors().items():
+                if name not in parameters:
+                    if tensors[name].shape != own.shape:
+                        raise ValueError(f"{name} is {tuple(tensors[name].shape)}; the head needs {tuple(own.shape)}")
+                    own.copy_(tensors[name])
+        return head
+
+    @classmethod
+    def _config_from(cls, config_cls: type, meta: dict) -> Any:
+        if cls.nest_config:
+            return None if meta["config"] is None else config_cls(**meta["config"])
+        names = cls.config_fields or [f.name for f in dataclasses.fields(config_cls)]
+        return config_cls(**{name: meta[name] for name in names})
 
     def select_classes(self, rows: Sequence[int]) -> Head:
         """A head over a subset of classes (in the given order), e.g. ImageNet-A's 200 of ImageNet's 1000."""
@@ -271,6 +171,7 @@ class CosineHead(Head):
 
     class_rows: ClassVar[tuple[str, ...]] = ("base_text_features",)
     frozen_tensors: ClassVar[tuple[str, ...]] = ("base_text_features",)
+    scalars: ClassVar[tuple[str, ...]] = ("logit_scale",)
     base_text_features: torch.Tensor  # buffers (registered in __init__), declared for the type checker
     logit_scale: torch.Tensor
 
@@ -278,6 +179,9 @@ class CosineHead(Head):
         super().__init__()
         self.register_buffer("base_text_features", base_text_features.detach().float().clone())  # (C, D)
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"base_text_features": self.base_text_features}
 
     def classifier(self) -> torch.Tensor:
         return self.base_text_features  # (C, D)

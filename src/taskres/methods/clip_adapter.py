@@ -11,7 +11,7 @@ the cached augmented views.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,8 +58,6 @@ class MLPAdapterHead(CosineHead):
     """A cosine head with CLIP-Adapter's MLP (``self.adapter``) and a config dataclass with a ``reduction`` field;
     exported as the base, the MLP's weights (``adapter.*``) and the config. Subclasses say where the MLP acts."""
 
-    config_cls: type = object
-
     def __init__(self, base_text_features: torch.Tensor, logit_scale: float, config):
         super().__init__(base_text_features, logit_scale)
         self.config = config
@@ -70,16 +68,6 @@ class MLPAdapterHead(CosineHead):
             "base_text_features": self.base_text_features,
             **{f"adapter.{k}": v for k, v in self.adapter.state_dict().items()},
         }
-
-    def metadata(self) -> dict:
-        return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
-
-    @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> MLPAdapterHead:
-        config = cls.config_cls(**{f.name: meta[f.name] for f in fields(cls.config_cls)})
-        head = cls(tensors["base_text_features"], float(meta["logit_scale"]), config)
-        head.adapter.load_state_dict({k[len("adapter.") :]: v for k, v in tensors.items() if k.startswith("adapter.")})
-        return head
 
 
 class ClipAdapterHead(MLPAdapterHead):

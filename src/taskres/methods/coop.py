@@ -15,7 +15,7 @@ need no text encoder.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ class CoOpHead(Head):
     """The trained prompt's class text features: (N, D) features -> (N, C) logits, no text encoder needed."""
 
     class_rows = ("text_features",)
+    config_cls = CoOpConfig
+    scalars = ("logit_scale",)
     text_features: torch.Tensor  # buffers (registered in __init__), declared for the type checker
     ctx: torch.Tensor
     logit_scale: torch.Tensor
@@ -68,14 +70,6 @@ class CoOpHead(Head):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"text_features": self.text_features, "ctx": self.ctx}
-
-    def metadata(self) -> dict:
-        return {**asdict(self.config), "logit_scale": float(self.logit_scale)}
-
-    @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> CoOpHead:
-        config = CoOpConfig(n_ctx=int(meta["n_ctx"]), init_std=float(meta["init_std"]), amp=bool(meta["amp"]))
-        return cls(tensors["text_features"], tensors["ctx"], float(meta["logit_scale"]), config)
 
 
 class PromptLearner(nn.Module):

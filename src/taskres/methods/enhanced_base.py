@@ -19,6 +19,7 @@ validation split from ``lrs`` (first best; ``search="none"`` or no validation sp
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from taskres.atomic import atomic_path
 from taskres.backbones import Backbone
 from taskres.engine import OptimConfig, fit
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
-from taskres.methods.base import FitContext, cosine_logits
+from taskres.methods.base import Artifact, FitContext, cosine_logits
 from taskres.safe_load import load_checkpoint
 from taskres.text import check_templates
 from taskres.text_tower import check_text_tower, pooled_text, projection
@@ -138,6 +139,18 @@ def save_projection(path: str | Path, proj: torch.Tensor, metadata: dict[str, st
             str(tmp),
             metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection", **metadata},
         )
+
+
+def projection_artifact(ctx: FitContext, proj: torch.Tensor) -> Artifact:
+    """RUN/text_projection.safetensors: the tuned projection, with the backbone, dataset, shots and seed it was
+    tuned for (``--base-weights`` reads it back)."""
+    meta = {
+        "backbone": json.dumps(ctx.backbone.identity.to_json() if ctx.backbone is not None else None),
+        "dataset": ctx.dataset,
+        "shots": str(ctx.shots),
+        "seed": str(ctx.seed),
+    }
+    return Artifact(PROJECTION_FILE, lambda path: save_projection(path, proj, meta), metrics_key="text_projection_file")
 
 
 class ProjectionHead(nn.Module):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -65,6 +65,9 @@ class LinearProbeConfig:
 
 class LinearProbeHead(Head):
     class_rows = ("weight", "bias")
+    config_cls = LinearProbeConfig
+    nest_config = True
+    scalars = ("c",)  # the C chosen
     weight: torch.Tensor  # buffers (registered in __init__), declared for the type checker
     bias: torch.Tensor
 
@@ -80,13 +83,6 @@ class LinearProbeHead(Head):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "bias": self.bias}
-
-    def metadata(self) -> dict:
-        return {"c": self.c, "config": asdict(self.config)}
-
-    @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LinearProbeHead:
-        return cls(tensors["weight"], tensors["bias"], float(meta["c"]), LinearProbeConfig(**meta["config"]))
 
 
 def fit_logistic(

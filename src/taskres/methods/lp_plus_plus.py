@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -76,6 +76,8 @@ class LPPConfig:
 class LPPHead(Head):
     class_rows = ("weight", "bias", "alpha", "base_text_features")
     frozen_tensors = ("base_text_features",)
+    config_cls = LPPConfig
+    nest_config = True
     weight: torch.Tensor  # buffers (registered in __init__), declared for the type checker
     bias: torch.Tensor
     alpha: torch.Tensor
@@ -114,19 +116,6 @@ class LPPHead(Head):
             "base_text_features": self.base_text_features,
         }
 
-    def metadata(self) -> dict:
-        return {"config": asdict(self.config)}
-
-    @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> LPPHead:
-        return cls(
-            tensors["weight"],
-            tensors["bias"],
-            tensors["alpha"],
-            tensors["base_text_features"],
-            LPPConfig(**meta["config"]),
-        )
-
 
 def lpp_logits(
     f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, text: torch.Tensor
@@ -163,87 +152,143 @@ def initial_alpha(features: torch.Tensor, labels: torch.Tensor, text: torch.Tens
     return scale * float((sums[present] / counts[present]).mean())
 
 
-def fit_lpp(ctx: FitContext, config: LPPConfig) -> Fitted:
+def training_rows(ctx: FitContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(every cached view of every support image as a normalised row (V * N, D), its label (V * N,), the normalised
+    base T (C, D), V)."""
     bank = as_bank(ctx.train_views, 1).float()  # (V, N, D)
-    num_views = bank.shape[0]
+    features = F.normalize(bank.reshape(-1, bank.shape[-1]), dim=-1)  # (V * N, D) rows
+    return features, ctx.train_labels.repeat(bank.shape[0]), F.normalize(ctx.base.float(), dim=-1), bank.shape[0]
+
+
+@dataclass(eq=False)
+class LPPProbe:
+    """W, b and alpha while they train, with their step sizes: the public code's update order, one epoch at a time."""
+
+    weight: torch.Tensor  # W: (C, D)
+    bias: torch.Tensor  # b: (C,)
+    alpha_init: float  # every class's alpha at the start
+    lr_w: float
+    lr_alpha: float
+    momentum: float
+
+    def __post_init__(self) -> None:
+        self.weight.requires_grad_(True)
+        self.bias.requires_grad_(True)
+        self.alpha = torch.full(self.bias.shape, self.alpha_init, device=self.bias.device, requires_grad=True)
+        self.optimizer = torch.optim.SGD([self.weight, self.bias], lr=self.lr_w, momentum=self.momentum)
+        self.alpha_grad_sum = torch.zeros_like(self.alpha)
+
+    def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return lpp_logits(features, self.weight, self.bias, self.alpha, text)
+
+    def epoch(
+        self, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, alpha_step: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One full-batch forward, the W/b step and (``alpha_step``) alpha's: (loss, logits)."""
+        logits = self.logits(features, text)
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.alpha.grad = None
+        loss.backward()
+        self.optimizer.step()
+        assert self.alpha.grad is not None  # alpha requires grad and the loss depends on it
+        self.alpha_grad_sum += self.alpha.grad  # never reset, as in the public code
+        if alpha_step:
+            with torch.no_grad():
+                self.alpha -= self.lr_alpha * self.alpha_grad_sum
+        return loss, logits
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.weight, self.bias, self.alpha))
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.weight.detach().clone(), self.bias.detach().clone(), self.alpha.detach().clone()
+
+
+def initial_probe(
+    ctx: FitContext, config: LPPConfig, features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, num_views: int
+) -> LPPProbe:
+    """W at the per-image class sums, b at nn.Linear's default drawn from the run's seed, alpha and the step sizes
+    from the data; on the run's device."""
     num_classes, dim = ctx.base.shape
-    device = ctx.device
-    features = F.normalize(bank.reshape(-1, dim), dim=-1)  # (V * N, D) rows
-    labels = ctx.train_labels.repeat(num_views)  # (V * N,)
-    text = F.normalize(ctx.base.float(), dim=-1)  # (C, D)
+    lr_w, lr_alpha = step_size_w(features), step_size_alpha(features, text)
+    alpha0 = initial_alpha(features, labels, text, config.alpha_init_scale)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's default bias, drawn from the run's seed only
+        torch.manual_seed(ctx.seed)
+        bias0 = nn.Linear(dim, num_classes).bias.detach().clone()
+    weight = (class_sums(features.cpu(), labels.cpu(), num_classes) / num_views).to(ctx.device)
+    return LPPProbe(weight, bias0.to(ctx.device), alpha0, lr_w, lr_alpha, config.momentum)
+
+
+Best = tuple[float | None, int, torch.Tensor, torch.Tensor, torch.Tensor]  # (val accuracy, epoch, W, b, alpha)
+
+
+def train_lpp(
+    ctx: FitContext,
+    config: LPPConfig,
+    probe: LPPProbe,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    text: torch.Tensor,
+) -> Best:
+    """``config.epochs`` full-batch epochs; returns the last epoch with the best few-shot validation accuracy
+    (``search`` val), else the last epoch."""
+    features, labels, text = features.to(ctx.device), labels.to(ctx.device), text.to(ctx.device)
+    if config.search == "val":
+        assert ctx.val_features is not None and ctx.val_labels is not None  # checked by fit_lpp
+        val_f, val_y = F.normalize(ctx.val_features.float(), dim=-1).to(ctx.device), ctx.val_labels.to(ctx.device)
+    best: Best | None = None
+    best_acc = -math.inf
+    for epoch in range(config.epochs):
+        loss, logits = probe.epoch(features, labels, text, alpha_step=(epoch + 1) % config.alpha_every == 0)
+        record = {
+            "epoch": epoch,
+            "lr": probe.lr_w,
+            "loss": loss.item(),
+            "train_accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean()),
+        }
+        if not math.isfinite(record["loss"]) or not probe.finite():
+            raise TaskResValueError(
+                f"LP++ diverged in epoch {epoch + 1}: the loss or the parameters became non-finite.", param="method"
+            )
+        if config.search == "val":
+            with torch.no_grad():
+                acc = 100.0 * float((probe.logits(val_f, text).argmax(1) == val_y).float().mean())
+            record["val_accuracy"] = acc
+            if best is None or acc >= best_acc:
+                best_acc, best = acc, (acc, epoch, *probe.snapshot())
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(record)
+    if best is None:
+        best = (None, config.epochs - 1, probe.weight.detach(), probe.bias.detach(), probe.alpha.detach())
+    return best
+
+
+def fit_lpp(ctx: FitContext, config: LPPConfig) -> Fitted:
+    features, labels, text, num_views = training_rows(ctx)
     if config.search == "val" and not ctx.has_val:
         raise TaskResValueError(
             "LP++ keeps the epoch with the best few-shot validation accuracy, and this dataset "
             "has none; set `search` none (the last epoch).",
             param="search",
         )
-
-    lr_w = step_size_w(features)
-    lr_alpha = step_size_alpha(features, text)
-    alpha0 = initial_alpha(features, labels, text, config.alpha_init_scale)
-    with torch.random.fork_rng(devices=[]):  # nn.Linear's default bias, drawn from the run's seed only
-        torch.manual_seed(ctx.seed)
-        bias0 = nn.Linear(dim, num_classes).bias.detach().clone()
-
-    features, labels, text = features.to(device), labels.to(device), text.to(device)
-    weight = (class_sums(features.cpu(), labels.cpu(), num_classes) / num_views).to(device).requires_grad_(True)
-    bias = bias0.to(device).requires_grad_(True)
-    alpha = torch.full((num_classes,), alpha0, device=device, requires_grad=True)
-    optimizer = torch.optim.SGD([weight, bias], lr=lr_w, momentum=config.momentum)
-    alpha_grad_sum = torch.zeros_like(alpha)
-    if ctx.has_val:
-        assert ctx.val_features is not None and ctx.val_labels is not None  # has_val
-        val_f = F.normalize(ctx.val_features.float(), dim=-1).to(device)
-        val_y = ctx.val_labels.to(device)
-
-    best: tuple[float | None, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (val acc, epoch, W, b, a)
-    for epoch in range(config.epochs):
-        logits = lpp_logits(features, weight, bias, alpha, text)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        alpha.grad = None
-        loss.backward()
-        optimizer.step()
-        assert alpha.grad is not None  # alpha requires grad and the loss depends on it
-        alpha_grad_sum += alpha.grad  # never reset, as in the public code
-        if (epoch + 1) % config.alpha_every == 0:
-            with torch.no_grad():
-                alpha -= lr_alpha * alpha_grad_sum
-        record = {
-            "epoch": epoch,
-            "lr": lr_w,
-            "loss": loss.item(),
-            "train_accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean()),
-        }
-        if not all(math.isfinite(v) for v in (record["loss"],)) or not all(
-            bool(torch.isfinite(t).all()) for t in (weight, bias, alpha)
-        ):
-            raise TaskResValueError(
-                f"LP++ diverged in epoch {epoch + 1}: the loss or the parameters became non-finite.", param="method"
-            )
-        if config.search == "val":
-            with torch.no_grad():
-                val_logits = lpp_logits(val_f, weight, bias, alpha, text)
-                acc = 100.0 * float((val_logits.argmax(1) == val_y).float().mean())
-            record["val_accuracy"] = acc
-            if best is None or acc >= best[0]:
-                best = (acc, epoch, weight.detach().clone(), bias.detach().clone(), alpha.detach().clone())
-        if ctx.on_epoch is not None:
-            ctx.on_epoch(record)
-    if best is None:
-        best = (None, config.epochs - 1, weight.detach(), bias.detach(), alpha.detach())
-    acc, chosen, w, b, a = best
+    probe = initial_probe(ctx, config, features, labels, text, num_views)
+    acc, chosen, w, b, a = train_lpp(ctx, config, probe, features, labels, text)
     info = {
-        "lpp_lr_w": lr_w,
-        "lpp_lr_alpha": lr_alpha,
-        "lpp_alpha_init": alpha0,
+        "lpp_lr_w": probe.lr_w,
+        "lpp_lr_alpha": probe.lr_alpha,
+        "lpp_alpha_init": probe.alpha_init,
         "lpp_epoch": chosen,
         "lpp_alpha_mean": float(a.mean()),
     }
     if acc is not None:
         info["lpp_val_accuracy"] = acc
     logger.info(
-        "LP++: step sizes W/b %.4g, alpha %.4g; alpha from %.4g; kept epoch %d", lr_w, lr_alpha, alpha0, chosen + 1
+        "LP++: step sizes W/b %.4g, alpha %.4g; alpha from %.4g; kept epoch %d",
+        probe.lr_w,
+        probe.lr_alpha,
+        probe.alpha_init,
+        chosen + 1,
     )
     return Fitted(LPPHead(w.cpu(), b.cpu(), a.cpu(), ctx.base, config), info)
 

@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from taskres.engine import OptimConfig
@@ -95,14 +96,14 @@ _discovered = False
 
 
 def discover() -> dict[str, Method]:
-    """Import every module of ``taskres.methods`` once, so that each registers itself; return the registry."""
+    """Import every public module beside this one (the package ``taskres.methods``) once, so that each registers
+    itself; return the registry. The package's folder is found from this file, not by importing the package."""
     global _discovered
     if not _discovered:
-        import taskres.methods as package
-
+        names = [m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_")]
         # TaskRes first (the default method, listed first by `taskres methods`), then by module name.
-        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: (m.name != "taskres", m.name)):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+        for name in sorted(names, key=lambda name: (name != "taskres", name)):
+            importlib.import_module(f"{__package__}.{name}")
         _discovered = True
     return METHODS
 

@@ -12,7 +12,6 @@ up to 4 shots and 200 above; alpha 0.5 (1.0 on Flowers102).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,23 +21,14 @@ from torch import nn
 
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, check_choice, invalid
-from taskres.methods.base import (
-    Artifact,
-    CosineHead,
-    FitContext,
-    Fitted,
-    Head,
-    column_cosine,
-    column_cosine_cross_entropy,
-    column_cosine_residual_step,
-    option,
-)
+from taskres.methods._fused import ResidualTraining
+from taskres.methods.base import Artifact, CosineHead, FitContext, Fitted, Head, option
 from taskres.methods.enhanced_base import (
     PROJECTION_FILE,
     EnhancedBaseConfig,
     enhanced_base,
     load_projection,
-    save_projection,
+    projection_artifact,
 )
 from taskres.methods.registry import Method, OfficialVariant, register_method
 
@@ -116,8 +106,13 @@ class TaskResConfig:
             load_projection(self.base_weights)
 
 
-class TaskResHead(CosineHead):
+class TaskResHead(ResidualTraining, CosineHead):
+    """logits = tau * cos(z + alpha * r, t + alpha * x); trained in the fused form while alpha is fixed (_fused)."""
+
     class_rows = ("base_text_features", "text_feature_residuals")
+    config_cls = TaskResConfig
+    config_fields = ("alpha", "variant", "learn_alpha")  # the rest shapes the base before the head exists
+    scalars = ("alpha", "logit_scale")  # alpha as trained (learn_alpha)
     text_feature_residuals: torch.Tensor  # a parameter or a buffer, by variant
     alpha: torch.Tensor  # a parameter or a buffer, by learn_alpha
 
@@ -137,7 +132,6 @@ class TaskResHead(CosineHead):
             self.alpha = nn.Parameter(torch.tensor(float(config.alpha)))
         else:
             self.register_buffer("alpha", torch.tensor(float(config.alpha)))
-        self._buffers_in_training: dict[str, torch.Tensor] = {}
 
     def classifier(self) -> torch.Tensor:
         """The tuned classifier t + alpha * x, un-normalised: (C, D)."""
@@ -152,60 +146,8 @@ class TaskResHead(CosineHead):
     def image_side_trains(self) -> bool:
         return self.image_feature_residual is not None
 
-    def train_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """With a fixed alpha, t + alpha * x is made and differentiated inside the column-scaled cosine
-        (``column_cosine``); a learned alpha trains through autograd."""
-        if self.config.learn_alpha:
-            return super().train_logits(inputs)
-        x, alpha = self.text_feature_residuals, float(self.config.alpha)
-        return column_cosine(
-            self.train_z(inputs), self.base_text_features, x, alpha, out=self._scratch("t", self.base_text_features)
-        )
-
-    def train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """With a fixed alpha, the logits and the cross-entropy in one node (``column_cosine_cross_entropy``)."""
-        if self.config.learn_alpha:
-            return super().train_loss(inputs, targets)
-        x, alpha = self.text_feature_residuals, float(self.config.alpha)
-        z = self.train_z(inputs)
-        return column_cosine_cross_entropy(
-            z, targets, self.base_text_features, x, alpha, out=self._scratch("t", self.base_text_features)
-        )
-
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """When the text residual alone trains (fixed alpha, no image residual), its gradient in closed form
-        (``column_cosine_residual_step``): the same values as autograd, without its per-step overhead. The step sets
-        ``x.grad`` to a tensor that the next step reuses, and runs no autograd hooks; where ``x.grad`` already holds
-        a gradient (to add to) or ``x``'s dtype is not the base's, it goes through autograd (``Head.train_step``)."""
-        x, base = self.text_feature_residuals, self.base_text_features
-        if self.config.learn_alpha or self.image_side_trains() or not x.requires_grad:
-            return super().train_step(inputs, targets)
-        if x.grad is not None or x.dtype != base.dtype:
-            return super().train_step(inputs, targets)
-        loss, logits, x.grad = column_cosine_residual_step(
-            self.train_z(inputs),
-            targets,
-            base,
-            x,
-            float(self.config.alpha),
-            t_out=self._scratch("t", base),
-            grad_out=self._scratch("grad", x),  # x's own layout: the optimiser pairs .grad with x element by element
-        )
-        return loss, logits
-
-    def _scratch(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """A tensor laid out as ``like`` that training forms t + alpha * x ("t") or x's gradient ("grad") in, step
-        after step (no fresh tensor a step)."""
-        buffer = self._buffers_in_training.get(name)
-        layout = (like.shape, like.stride(), like.dtype, like.device)
-        if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype, buffer.device) != layout:
-            buffer = self._buffers_in_training[name] = torch.empty_like(like)
-        return buffer
-
-    def train(self, mode: bool = True) -> TaskResHead:
-        if not mode:
-            self._buffers_in_training = {}  # training's scratch tensors, not kept beyond it
-        return super().train(mode)
+    def fixed_residual(self) -> tuple[torch.Tensor, float] | None:
+        return None if self.config.learn_alpha else (self.text_feature_residuals, float(self.config.alpha))
 
     def residual_mean_abs(self) -> float:
         """Mean |x| over the residual's entries: the paper's residual magnitude (its Fig. 4)."""
@@ -217,26 +159,6 @@ class TaskResHead(CosineHead):
         if self.image_feature_residual is not None:
             out["image_feature_residual"] = self.image_feature_residual
         return out
-
-    def metadata(self) -> dict:
-        return {
-            "alpha": float(self.alpha.detach()),
-            "variant": self.config.variant,
-            "learn_alpha": self.config.learn_alpha,
-            "logit_scale": float(self.logit_scale),
-        }
-
-    @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> TaskResHead:
-        config = TaskResConfig(
-            alpha=float(meta["alpha"]), variant=meta["variant"], learn_alpha=bool(meta["learn_alpha"])
-        )
-        head = cls(tensors["base_text_features"], float(meta["logit_scale"]), config)
-        with torch.no_grad():
-            head.text_feature_residuals.copy_(tensors["text_feature_residuals"])
-            if head.image_feature_residual is not None:
-                head.image_feature_residual.copy_(tensors["image_feature_residual"])
-        return head
 
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:
@@ -255,6 +177,8 @@ def init_head(ctx: FitContext, config: TaskResConfig) -> TaskResHead:
 
 
 def fit_taskres(ctx: FitContext, config: TaskResConfig) -> Fitted:
+    """The residual trained on the base; for TaskRes*, on the enhanced base, which is evaluated beside the head
+    (``enhanced_base_accuracy``) and, tuned now, saved with the run."""
     base = ctx.base
     info: dict[str, Any] = {}
     extra_heads: dict[str, Head] = {}
@@ -263,19 +187,7 @@ def fit_taskres(ctx: FitContext, config: TaskResConfig) -> Fitted:
         base, projection, info = enhanced_base(ctx, config.enhanced_base)
         extra_heads["enhanced_base"] = TaskResHead(base, ctx.logit_scale)
         if config.enhance_base:
-            meta = {
-                "backbone": json.dumps(ctx.backbone.identity.to_json() if ctx.backbone is not None else None),
-                "dataset": ctx.dataset,
-                "shots": str(ctx.shots),
-                "seed": str(ctx.seed),
-            }
-            artifacts.append(
-                Artifact(
-                    PROJECTION_FILE,
-                    lambda path: save_projection(path, projection, meta),
-                    metrics_key="text_projection_file",
-                )
-            )
+            artifacts.append(projection_artifact(ctx, projection))
     head = TaskResHead(base, ctx.logit_scale, config)
     ctx.train(head)
     info["residual_mean_abs"] = head.residual_mean_abs()

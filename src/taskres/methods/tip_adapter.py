@@ -15,7 +15,7 @@ for a, b in the outer loop, first best kept. Initial values and search scales ar
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -100,24 +100,27 @@ class TipAdapterConfig:
 
 class TipAdapterHead(CosineHead):
     class_columns = ("cache_values",)
+    config_cls = TipAdapterConfig
+    nest_config = True
+    scalars = ("alpha", "beta", "logit_scale")  # a and b as chosen
     cache_values: torch.Tensor  # a buffer
     cache_keys: torch.Tensor  # a parameter (train_keys) or a buffer
 
     def __init__(
         self,
-        base: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        base_text_features: torch.Tensor,
+        cache_keys: torch.Tensor,
+        cache_values: torch.Tensor,
         logit_scale: float,
         alpha: float,
         beta: float,
         train_keys: bool = False,
         config: TipAdapterConfig | None = None,
     ):
-        super().__init__(base, logit_scale)
+        super().__init__(base_text_features, logit_scale)
         self.config = config
-        self.register_buffer("cache_values", values.detach().float().clone())  # V: (NK, C)
-        keys = keys.detach().float().clone()  # K: (NK, D)
+        self.register_buffer("cache_values", cache_values.detach().float().clone())  # V: (NK, C)
+        keys = cache_keys.detach().float().clone()  # K: (NK, D)
         if train_keys:
             self.cache_keys = nn.Parameter(keys)
         else:
@@ -140,27 +143,6 @@ class TipAdapterHead(CosineHead):
             "cache_keys": self.cache_keys,
             "cache_values": self.cache_values,
         }
-
-    def metadata(self) -> dict:
-        return {
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "logit_scale": float(self.logit_scale),
-            "config": asdict(self.config) if self.config is not None else None,
-        }
-
-    @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> TipAdapterHead:
-        config = TipAdapterConfig(**meta["config"]) if meta.get("config") else None
-        return cls(
-            tensors["base_text_features"],
-            tensors["cache_keys"],
-            tensors["cache_values"],
-            float(meta["logit_scale"]),
-            float(meta["alpha"]),
-            float(meta["beta"]),
-            config=config,
-        )
 
 
 def build_cache(

@@ -57,16 +57,6 @@ class ZSLPHead(CosineHead):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"base_text_features": self.base_text_features, "prototypes": self.prototypes}
 
-    def metadata(self) -> dict:
-        return {"logit_scale": float(self.logit_scale)}
-
-    @classmethod
-    def from_export(cls, tensors: dict[str, torch.Tensor], meta: dict) -> ZSLPHead:
-        head = cls(tensors["base_text_features"], float(meta["logit_scale"]))
-        with torch.no_grad():
-            head.prototypes.copy_(tensors["prototypes"])
-        return head
-
 
 def optim_preset(shots: int, dataset: str) -> OptimConfig:
     """CLAP's ``SGD_lr1e-1_B256_ep300.yaml`` for every dataset and shot count (ZS-LP and CLAP alike)."""
