@@ -132,58 +132,16 @@ class FeatureCache:
         keys = [self._key(p, n) for p, n in zip(files, names)]
         ns = self.namespace(backbone, view, scale)
         folder = self._folder(ns)
-        if folder is None:
-            store: dict[str, torch.Tensor] = {}
-        elif folder in self._stores:  # read once per object: train, val and test often share a namespace
-            store = self._stores[folder]
-        else:
-            store = self._stores[folder] = {}
-            self._read_chunks(folder, store)
-        todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
-        mine = todo
-        if self.cluster is not None:
-            self.cluster.agree(
-                f"the images still to encode ({desc})",
-                [ns, [keys[i] for i in todo]],
-                "every rank must run the same command on the same dataset files and see the same "
-                "cache folder (--cache-dir).",
-            )
-            mine = self.cluster.share(todo)
+        store = self._store(folder)
+        todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())  # one image per missing key
+        mine = self._my_share(todo, keys, ns, desc)
         bad: set[str] = set()
         if mine:
-            seeds = None if view is None else [view_seed(view, names[i]) for i in mine]
-            data = ImageViews(
-                [files[i] for i in mine],
-                backbone.image_size,
-                backbone.mean,
-                backbone.std,
-                seeds,
-                scale,
-                self.max_pixels,
-            )
+            data = self._image_views(backbone, [files[i] for i in mine], [names[i] for i in mine], view, scale)
             bad = self._encode(backbone, data, [keys[i] for i in mine], skip_bad, store, folder, desc)
         if self.cluster is not None and todo:
-            bad = set().union(*self.cluster.gather(sorted(bad), f"encoding {desc}"))  # every rank's chunks written
-            assert folder is not None  # a torchrun job needs the cache folder (checked in __init__)
-            self._read_chunks(folder, store)  # the other ranks' shares
-            missing = [files[i] for i in todo if keys[i] not in store and keys[i] not in bad]
-            if missing:
-                raise TaskResValueError(
-                    f"rank {self.cluster.rank} cannot see the features the other ranks wrote to {str(folder)!r} "
-                    f"(e.g. for {missing[0]!r}); the cache folder must be one folder that every node of the job "
-                    "mounts (--cache-dir). Finished chunks are kept; fix the folder and run again.",
-                    param="cache_dir",
-                )
-        if not bad and keys:
-            return torch.stack([store[k] for k in keys]), []  # (N, D)
-        out = torch.zeros(len(files), backbone.embed_dim)
-        skipped = []
-        for i, (p, k) in enumerate(zip(files, keys)):
-            if k in store:
-                out[i] = store[k]
-            elif k in bad:
-                skipped.append(p)
-        return out, skipped
+            bad = self._read_other_shares(folder, store, [(files[i], keys[i]) for i in todo], bad, desc)
+        return _rows(files, keys, store, bad, backbone.embed_dim)
 
     def _key(self, path: str, name: str) -> str:
         """``image_key``: the file is checked (stat) on every call, so a changed file is a miss at once; the hash
@@ -198,6 +156,60 @@ class FeatureCache:
         return self._keys[identity]
 
     # ---- internals --------------------------------------------------------------------------------------------
+
+    def _store(self, folder: Path | None) -> dict[str, torch.Tensor]:
+        """The features known in a namespace folder, read once per object (train, val and test often share a
+        namespace); without a cache folder, a store of the call's own."""
+        if folder is None:
+            return {}
+        if folder not in self._stores:
+            store = self._stores[folder] = {}
+            self._read_chunks(folder, store)
+        return self._stores[folder]
+
+    def _my_share(self, todo: list[int], keys: list[str], ns: dict, desc: str) -> list[int]:
+        """The images of ``todo`` that this process encodes: all of them alone; in a torchrun job, once every rank
+        agrees on what is missing, this rank's share."""
+        if self.cluster is None:
+            return todo
+        self.cluster.agree(
+            f"the images still to encode ({desc})",
+            [ns, [keys[i] for i in todo]],
+            "every rank must run the same command on the same dataset files and see the same "
+            "cache folder (--cache-dir).",
+        )
+        return self.cluster.share(todo)
+
+    def _image_views(
+        self, backbone: Backbone, files: list[str], names: list[str], view: int | None, scale: tuple[float, float]
+    ) -> ImageViews:
+        """The images to encode: the test transform (``view`` None) or view ``view``'s crops, seeded by name."""
+        seeds = None if view is None else [view_seed(view, n) for n in names]
+        return ImageViews(files, backbone.image_size, backbone.mean, backbone.std, seeds, scale, self.max_pixels)
+
+    def _read_other_shares(
+        self,
+        folder: Path | None,
+        store: dict[str, torch.Tensor],
+        todo: list[tuple[str, str]],
+        bad: set[str],
+        desc: str,
+    ) -> set[str]:
+        """In a torchrun job, once every rank has written its chunks: read the other ranks' shares of ``todo``
+        (file, key) into ``store`` and return the keys every rank found undecodable. A feature no rank's chunk
+        holds means the ranks do not share the cache folder."""
+        assert self.cluster is not None and folder is not None  # a torchrun job needs the cache folder (__init__)
+        bad = set().union(*self.cluster.gather(sorted(bad), f"encoding {desc}"))  # every rank's chunks written
+        self._read_chunks(folder, store)
+        missing = [file for file, key in todo if key not in store and key not in bad]
+        if missing:
+            raise TaskResValueError(
+                f"rank {self.cluster.rank} cannot see the features the other ranks wrote to {str(folder)!r} "
+                f"(e.g. for {missing[0]!r}); the cache folder must be one folder that every node of the job "
+                "mounts (--cache-dir). Finished chunks are kept; fix the folder and run again.",
+                param="cache_dir",
+            )
+        return bad
 
     def _folder(self, ns: dict) -> Path | None:
         if self.root is None:
@@ -325,6 +337,22 @@ def encode_batches(
         for idx, pixels, errors in loader:
             yield idx.tolist(), backbone.encode_images(pixels).cpu(), list(errors)
             bar.update(len(idx))
+
+
+def _rows(
+    files: list[str], keys: list[str], store: dict[str, torch.Tensor], bad: set[str], dim: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Features (N, D) for ``keys`` from ``store``, rows of zeros for the undecodable ones, and the files skipped."""
+    if not bad and keys:
+        return torch.stack([store[k] for k in keys]), []  # (N, D)
+    out = torch.zeros(len(files), dim)
+    skipped = []
+    for i, (p, k) in enumerate(zip(files, keys)):
+        if k in store:
+            out[i] = store[k]
+        elif k in bad:
+            skipped.append(p)
+    return out, skipped
 
 
 def _digest(t: torch.Tensor, keys: str) -> str:

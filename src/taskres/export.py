@@ -97,77 +97,29 @@ def export_run(
     run, config = read_run(run)
     head, classnames, class_ids = load_run_head(run)
     method = read_classifier(run / CLASSIFIER)[0]
-    # float32 on the CPU: the exported file is float32, and so is the reference it is checked against
-    setup = Setup(
-        device="cpu",
-        precision="fp32",
-        cache_dir=None,
-        quiet=True,
-        weights_dir=str(weights_dir) if weights_dir is not None else None,
-        max_image_pixels=max_image_pixels,
-    )
-    backbone = load_run_backbone(config, setup, precision="fp32")
+    backbone = load_run_backbone(config, _fp32_cpu_setup(weights_dir, max_image_pixels), precision="fp32")
     images = [str(p) for p in check_images] if check_images else _test_images(run, config, n_check)
-
-    # The reference: what predict computes for these images (features, then the run's head).
-    feats, _ = FeatureCache(None, quiet=True, max_pixels=max_image_pixels).features(backbone, images)
     head = head.cpu().eval()
-    reference = predict_logits(head, feats)  # (N, C)
-    if reference.shape[1] != len(classnames):
-        raise TaskResValueError(
-            f"run {str(run)!r}: the classifier has {reference.shape[1]} classes but its metadata "
-            f"names {len(classnames)}; the file was edited or damaged. Re-run training.",
-            param="run",
-        )
+    reference = _reference(run, head, backbone, images, len(classnames), max_image_pixels)
     views = ImageViews(images, backbone.image_size, backbone.mean, backbone.std, max_pixels=max_image_pixels)
     pixels = torch.stack([views[i][1] for i in range(len(views))])  # (N, 3, S, S), as predict's encoder saw them
 
     metadata = _metadata(run, config, method, classnames, class_ids, backbone)
     module = ExportedClassifier(backbone.model.visual, head).eval()
-    # A traced graph must not depend on the example: trace on noise of another batch size than the check's.
-    example = torch.randn(
-        len(images) % 3 + 2, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0)
-    )
+    example = _trace_example(len(images), backbone.image_size)
+    what = f"run {str(run)!r}: method {method!r}"
     with atomic_path(out) as tmp:
-        try:
-            with _quiet_exporters():
-                (_write_onnx if format == "onnx" else _write_torchscript)(module, example, tmp, metadata)
-                logits, probs = (_run_onnx if format == "onnx" else _run_torchscript)(tmp, pixels)
-        except (TaskResError, MemoryError):
-            raise
-        except Exception as err:  # torch's exporters raise many types (export, dynamo, tracer, ONNX checker)
-            text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch colours its messages
-            first = text.splitlines()[0] if text else ""
-            raise TaskResValueError(
-                f"run {str(run)!r}: method {method!r} cannot be exported to {format} ({type(err).__name__}: "
-                f"{first[:300]}); its head or the backbone's image encoder does not trace into a static graph. Use "
-                f"`predict` for this run{', or try `format` torchscript' if format == 'onnx' else ''}.",
-                param="run",
-            ) from None
+        logits, probs = _export_and_run(module, example, tmp, metadata, pixels, format, what)
         parity = _compare(logits, probs, reference)
-        if parity["max_abs_probs"] > PROBS_ATOL or parity["max_abs_logits"] > parity["logits_tolerance"]:
-            raise TaskResValueError(
-                f"run {str(run)!r}: the exported {format} model disagrees with predict on {len(images)} test images "
-                f"(largest difference {parity['max_abs_logits']:.3g} in the logits, allowed "
-                f"{parity['logits_tolerance']:.3g}; {parity['max_abs_probs']:.3g} in the probabilities, allowed "
-                f"{PROBS_ATOL:g}); method {method!r}'s head does not export faithfully, so no file was written. Use "
-                "`predict` for this run.",
-                param="run",
-            )
-    logger.info(
-        "exported %s to %s (parity on %d images: logits %.2g, probs %.2g)",
-        run,
-        out,
-        len(images),
-        parity["max_abs_logits"],
-        parity["max_abs_probs"],
-    )
+        _check_parity(parity, run, format, method, len(images))
+    n, d_logits, d_probs = len(images), parity["max_abs_logits"], parity["max_abs_probs"]
+    logger.info("exported %s to %s (parity on %d images: logits %.2g, probs %.2g)", run, out, n, d_logits, d_probs)
     return {
         "out": str(out),
         "format": format,
         "method": method,
         "metadata": metadata,
-        "parity": {"images": len(images), **parity},
+        "parity": {"images": n, **parity},
     }
 
 
@@ -247,6 +199,73 @@ def _test_images(run: Path, config: dict, n: int) -> list[str]:
             param="check_images",
         )
     return [str(dataset.path(e)) for e in dataset.test[:n]]
+
+
+def _fp32_cpu_setup(weights_dir: str | Path | None, max_image_pixels: int | None) -> Setup:
+    """float32 on the CPU: the exported file is float32, and so is the reference it is checked against."""
+    return Setup(
+        device="cpu",
+        precision="fp32",
+        cache_dir=None,
+        quiet=True,
+        weights_dir=str(weights_dir) if weights_dir is not None else None,
+        max_image_pixels=max_image_pixels,
+    )
+
+
+def _reference(
+    run: Path, head: nn.Module, backbone, images: list[str], n_classes: int, max_pixels: int | None
+) -> torch.Tensor:
+    """What ``predict`` computes for ``images``: the run's head on the backbone's features, logits (N, C)."""
+    feats, _ = FeatureCache(None, quiet=True, max_pixels=max_pixels).features(backbone, images)
+    reference = predict_logits(head, feats)  # (N, C)
+    if reference.shape[1] != n_classes:
+        raise TaskResValueError(
+            f"run {str(run)!r}: the classifier has {reference.shape[1]} classes but its metadata "
+            f"names {n_classes}; the file was edited or damaged. Re-run training.",
+            param="run",
+        )
+    return reference
+
+
+def _trace_example(n_check: int, size: int) -> torch.Tensor:
+    """Noise to trace on: a traced graph must not depend on the example, so another batch size than the check's."""
+    return torch.randn(n_check % 3 + 2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _export_and_run(
+    module: nn.Module, example: torch.Tensor, path: Path, metadata: dict, pixels: torch.Tensor, format: str, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``module`` to ``path`` as ``format`` and run the file on ``pixels``: (logits, probs). An exporter's
+    failure is a TaskResValueError that names ``what`` is exported and the way out."""
+    try:
+        with _quiet_exporters():
+            (_write_onnx if format == "onnx" else _write_torchscript)(module, example, path, metadata)
+            return (_run_onnx if format == "onnx" else _run_torchscript)(path, pixels)
+    except (TaskResError, MemoryError):
+        raise
+    except Exception as err:  # torch's exporters raise many types (export, dynamo, tracer, ONNX checker)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch colours its messages
+        first = text.splitlines()[0] if text else ""
+        raise TaskResValueError(
+            f"{what} cannot be exported to {format} ({type(err).__name__}: "
+            f"{first[:300]}); its head or the backbone's image encoder does not trace into a static graph. Use "
+            f"`predict` for this run{', or try `format` torchscript' if format == 'onnx' else ''}.",
+            param="run",
+        ) from None
+
+
+def _check_parity(parity: dict, run: Path, format: str, method: str, n_images: int) -> None:
+    """Refuse (no file is written) an exported model that disagrees with ``predict`` beyond the tolerances."""
+    if parity["max_abs_probs"] > PROBS_ATOL or parity["max_abs_logits"] > parity["logits_tolerance"]:
+        raise TaskResValueError(
+            f"run {str(run)!r}: the exported {format} model disagrees with predict on {n_images} test images "
+            f"(largest difference {parity['max_abs_logits']:.3g} in the logits, allowed "
+            f"{parity['logits_tolerance']:.3g}; {parity['max_abs_probs']:.3g} in the probabilities, allowed "
+            f"{PROBS_ATOL:g}); method {method!r}'s head does not export faithfully, so no file was written. Use "
+            "`predict` for this run.",
+            param="run",
+        )
 
 
 def _metadata(

@@ -1,8 +1,10 @@
-"""The feature cache (docs/mutation.md), against computations written out here: the namespace folder and its
-description hashed by hand, chunk sizes and metadata, the exact messages (and ``param``) of the errors and warnings a
-user sees, the pixel limit and the worker count reaching the decoder, view seeds taken from the image names (expected
-crops from tests/test_mutation_images.py), the loader-worker policy, the progress bar, and a torchrun job's collective
-encoding played in one process by a scripted ``Cluster`` (the other rank's part written out in each test)."""
+"""The feature cache (taskres.cache; docs/mutation.md), against computations written out here: the image key and the
+namespace folder and its description hashed by hand, chunk sizes and metadata, round trips that are bit-exact and
+misses for a changed image, view, transform or backbone, the exact messages (and ``param``) of the errors and warnings
+a user sees, the pixel limit and the worker count reaching the decoder, view seeds taken from the image names
+(expected crops from tests/test_images.py), the loader-worker policy, the progress bar, and a torchrun job's
+collective encoding played in one process by a scripted ``Cluster`` (the other rank's part written out in each
+test)."""
 
 from __future__ import annotations
 
@@ -23,13 +25,14 @@ import torch
 from conftest import write_pngs
 from PIL import Image
 from safetensors import safe_open
-from test_mutation_images import _photo, rrc_flip
+from test_images import rrc_flip, write_photo
 
 import taskres.cache as cache_module
+from taskres.backbones import load_backbone
 from taskres.cache import FORMAT, FeatureCache, check_writable_dir, encode_batches, image_key, loader_workers
 from taskres.data.images import ImageViews, view_seed
 from taskres.distributed import Cluster
-from taskres.errors import TaskResFileNotFoundError, TaskResValueError
+from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError
 
 
 def _test_namespace(tiny) -> dict:
@@ -63,7 +66,33 @@ def _cache_logs(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "taskres.cache"]
 
 
+@pytest.fixture()
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(7):
+        p = tmp_path / "img" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
 # ---- keys, folders and their errors --------------------------------------------------------------------------------
+
+
+def test_image_key_is_the_documented_hash(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(b"123456")
+    st = os.stat(path)
+    expected = hashlib.sha256(f"train/a.png|6|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    assert image_key(path, "train/a.png") == expected
+    absolute = hashlib.sha256(f"{os.path.abspath(path)}|6|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    assert image_key(path) == absolute
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    assert image_key(path, "train/a.png") != expected  # a touched file is a new key
+    with pytest.raises(TaskResError, match="does not exist"):
+        image_key(tmp_path / "missing.png")
 
 
 def test_a_missing_image_is_named_by_its_absolute_path_with_the_fix(tiny, tmp_path, monkeypatch):
@@ -157,6 +186,114 @@ def test_a_namespace_folder_that_cannot_be_made_is_named_with_the_reason(tiny, t
     )
 
 
+# ---- round trips, re-use and misses --------------------------------------------------------------------------------
+
+
+def test_round_trip_is_bit_exact_and_reused(tiny, images, tmp_path):
+    plain, _ = FeatureCache(None, batch_size=3, quiet=True).features(tiny, images)
+    cache = FeatureCache(tmp_path / "c", batch_size=3, quiet=True)
+    first, _ = cache.features(tiny, images)
+    assert cache.encoded == 7 and torch.equal(first, plain)
+    again = FeatureCache(tmp_path / "c", quiet=True)
+    second, _ = again.features(tiny, images[::-1])
+    assert again.encoded == 0 and torch.equal(second, plain.flip(0))
+
+
+def test_cache_namespaces_keep_transforms_apart_and_reuse_the_same(tiny, tmp_path):
+    paths = write_pngs(tmp_path / "img")
+    names = [p.name for p in paths]
+    cache = FeatureCache(tmp_path / "cache", quiet=True, batch_size=3, chunk_size=2)
+    assert cache.root == tmp_path / "cache" / f"v{FORMAT}"
+    test, _ = cache.features(tiny, paths, names=names)
+    assert cache.encoded == 4
+    view0, _ = cache.features(tiny, paths, view=0, names=names)
+    small, _ = cache.features(tiny, paths, view=0, names=names, scale=(0.5, 0.6))
+    assert cache.encoded == 12 and not torch.allclose(test, view0) and not torch.allclose(view0, small)
+    folders = sorted(p for p in cache.root.iterdir() if p.is_dir())
+    assert len(folders) == 3
+    described = [json.loads((f / "namespace.json").read_text()) for f in folders]
+    assert all(d["format"] == FORMAT and d["backbone"] == tiny.identity.weights_key() for d in described)
+    assert sorted(len(list(f.glob("chunk-*.safetensors"))) for f in folders) == [2, 2, 2]  # chunks of 2
+    again = FeatureCache(tmp_path / "cache", quiet=True)
+    for view, scale, expected in ((None, (0.08, 1.0), test), (0, (0.08, 1.0), view0), (0, (0.5, 0.6), small)):
+        feats, skipped = again.features(
+            tiny, list(reversed(paths)), view=view, names=list(reversed(names)), scale=scale
+        )
+        assert torch.equal(feats, expected.flip(0)) and skipped == []
+    assert again.encoded == 0
+    renamed, _ = again.features(tiny, paths, names=["x" + n for n in names])  # names are part of the key
+    assert again.encoded == 4
+    torch.testing.assert_close(renamed, test)
+    no_cache = FeatureCache(None, quiet=True)
+    torch.testing.assert_close(no_cache.features(tiny, paths, names=names)[0], test)
+    assert no_cache.encoded == 4 and no_cache.root is None
+
+
+def test_changed_image_view_or_backbone_is_a_miss(tiny, images, tmp_path, openai_vit_jit_file):
+    cache = FeatureCache(tmp_path / "c", quiet=True)
+    before, _ = cache.features(tiny, images)
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(images[2])
+    cache.encoded = 0
+    after, _ = cache.features(tiny, images)
+    assert cache.encoded == 1
+    assert not torch.equal(after[2], before[2]) and torch.equal(after[3], before[3])
+    cache.encoded = 0
+    v0, _ = cache.features(tiny, images, view=0)
+    v1, _ = cache.features(tiny, images, view=1)
+    assert cache.encoded == 14 and not torch.equal(v0, v1) and not torch.equal(v0, after)
+    v0_again, _ = FeatureCache(tmp_path / "c", quiet=True).features(tiny, images, view=0)
+    assert torch.equal(v0, v0_again)  # augmented views are reproducible
+    other = FeatureCache(tmp_path / "c", quiet=True)
+    other.features(load_backbone(str(openai_vit_jit_file)), images)
+    assert other.encoded == 7
+
+
+def test_cached_views_do_not_depend_on_where_the_dataset_lies(tiny, split_dataset, tmp_path):
+    image_dir, _ = split_dataset
+    copy = tmp_path / "elsewhere" / "images"
+    shutil.copytree(image_dir, copy, copy_function=shutil.copy)  # new absolute paths, new modification times
+    kept = tmp_path / "kept" / "images"
+    shutil.copytree(image_dir, kept)  # as `cp -p`: modification times kept
+    names = ["train/red_0.png", "train/blue_1.png"]
+    feats = []
+    for root, encoded in ((image_dir, 2), (copy, 2), (kept, 0)):
+        cache = FeatureCache(tmp_path / "cache", quiet=True)
+        f, _ = cache.features(tiny, [root / n for n in names], view=3, names=names)
+        feats.append(f)
+        assert cache.encoded == encoded  # a new file identity is encoded again (to the same features)
+    assert torch.equal(feats[0], feats[1]) and torch.equal(feats[0], feats[2])
+    other_view, _ = FeatureCache(None).features(tiny, [image_dir / n for n in names], view=4, names=names)
+    assert not torch.allclose(other_view, feats[0])
+
+
+def test_cached_views_are_seeded_by_the_image_name_not_its_place(tiny, tmp_path):
+    (tmp_path / "a").mkdir()
+    photo = write_photo(tmp_path / "a" / "cat.png", 50, 40, 3)
+    copy = tmp_path / "b" / "cat.png"
+    copy.parent.mkdir()
+    shutil.copy2(photo, copy)
+    names = ["train/cat.png", "train/dog.png"]  # the same pixels under two names
+    feats, _ = FeatureCache(None, quiet=True).features(tiny, [photo, copy], view=2, names=names, scale=(0.3, 0.9))
+    img = Image.open(photo).convert("RGB")
+    pixels = torch.stack([rrc_flip(img, 32, view_seed(2, n), scale=(0.3, 0.9)) for n in names])
+    torch.testing.assert_close(feats, tiny.encode_images(pixels).cpu(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(feats[0], feats[1])
+    moved, _ = FeatureCache(None, quiet=True).features(tiny, [copy], view=2, names=names[:1], scale=(0.3, 0.9))
+    torch.testing.assert_close(moved[0], feats[0])  # another place, the same name: the same crop
+
+
+def test_interrupted_extraction_resumes(tiny, images, tmp_path):
+    images[5].write_bytes(b"not an image")
+    # chunks hold up to 1024 images: the four encoded before the error are flushed when it stops
+    cache = FeatureCache(tmp_path / "c", batch_size=2, quiet=True)
+    with pytest.raises(TaskResError, match=r"5.png' cannot be decoded"):
+        cache.features(tiny, images)
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(images[5])
+    resumed = FeatureCache(tmp_path / "c", quiet=True)
+    resumed.features(tiny, images)
+    assert resumed.encoded == 3  # images 0-3 were kept from the interrupted run
+
+
 # ---- chunks --------------------------------------------------------------------------------------------------------
 
 
@@ -204,6 +341,20 @@ def test_default_batches_of_32_and_chunks_of_1024(tiny, tmp_path):
     assert counting.batches == [32, 8]  # encode_batches' own default
 
 
+def test_corrupt_chunk_is_rebuilt_with_a_warning(tiny, images, tmp_path, caplog):
+    cache = FeatureCache(tmp_path / "c", chunk_size=4, batch_size=4, quiet=True)
+    good, _ = cache.features(tiny, images)
+    chunks = sorted((tmp_path / "c").rglob("chunk-*.safetensors"))
+    assert len(chunks) == 2
+    data = chunks[0].read_bytes()
+    chunks[0].write_bytes(data[: len(data) // 2])  # truncated
+    fresh = FeatureCache(tmp_path / "c", quiet=True)
+    with caplog.at_level(logging.WARNING):
+        again, _ = fresh.features(tiny, images)
+    assert "is corrupt" in caplog.text
+    assert fresh.encoded in (3, 4) and torch.equal(again, good)
+
+
 def test_a_corrupt_chunk_is_named_deleted_and_re_encoded(tiny, tmp_path, caplog):
     paths = write_pngs(tmp_path / "img", 3)
     good, _ = FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths)
@@ -239,7 +390,22 @@ def test_a_chunk_another_rank_deleted_first_is_not_an_error(tiny, tmp_path, monk
     assert len(_cache_logs(caplog)) == 1 and "is corrupt" in _cache_logs(caplog)[0]
 
 
-# ---- decoding: skipped images, pixel limit, workers, view seeds ---------------------------------------------------
+# ---- decoding: skipped images, pixel limit, workers ----------------------------------------------------------------
+
+
+def test_cache_duplicates_and_skipped_images(tiny, tmp_path):
+    paths = write_pngs(tmp_path / "img", 3)
+    cache = FeatureCache(tmp_path / "cache", quiet=True)
+    feats, _ = cache.features(tiny, [paths[0], paths[1], paths[0]])
+    assert cache.encoded == 2 and torch.equal(feats[0], feats[2])
+    bad = tmp_path / "img" / "bad.png"
+    bad.write_bytes(b"junk")
+    feats, skipped = cache.features(tiny, [paths[2], bad, paths[0]], skip_bad=True)
+    assert skipped == [str(bad)] and torch.equal(feats[1], torch.zeros(32)) and feats[0].abs().sum() > 0
+    assert feats.shape == (3, 32)
+    with pytest.raises(TaskResError, match="cannot be decoded"):
+        FeatureCache(None, quiet=True).features(tiny, [paths[0], bad])
+    assert FeatureCache(None).features(tiny, [])[0].shape == (0, 32)
 
 
 def test_a_skipped_image_is_named_in_the_warning(tiny, tmp_path, caplog):
@@ -283,20 +449,10 @@ def test_the_given_worker_count_is_used(tiny, tmp_path, monkeypatch):
         FeatureCache(None, batch_size=1, workers=1, quiet=True).features(tiny, paths)
 
 
-def test_cached_views_are_seeded_by_the_image_name_not_its_place(tiny, tmp_path):
-    (tmp_path / "a").mkdir()
-    photo = _photo(tmp_path / "a" / "cat.png", 50, 40, 3)
-    copy = tmp_path / "b" / "cat.png"
-    copy.parent.mkdir()
-    shutil.copy2(photo, copy)
-    names = ["train/cat.png", "train/dog.png"]  # the same pixels under two names
-    feats, _ = FeatureCache(None, quiet=True).features(tiny, [photo, copy], view=2, names=names, scale=(0.3, 0.9))
-    img = Image.open(photo).convert("RGB")
-    pixels = torch.stack([rrc_flip(img, 32, view_seed(2, n), scale=(0.3, 0.9)) for n in names])
-    torch.testing.assert_close(feats, tiny.encode_images(pixels).cpu(), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(feats[0], feats[1])
-    moved, _ = FeatureCache(None, quiet=True).features(tiny, [copy], view=2, names=names[:1], scale=(0.3, 0.9))
-    torch.testing.assert_close(moved[0], feats[0])  # another place, the same name: the same crop
+def test_bad_image_in_a_worker_process_keeps_its_message(tiny, images, tmp_path):
+    images[3].write_bytes(b"garbage")
+    with pytest.raises(TaskResError, match=r"^image '.*3.png' cannot be decoded"):
+        FeatureCache(tmp_path / "c", workers=1, quiet=True).features(tiny, images)
 
 
 def test_loader_workers_policy(monkeypatch):

@@ -1,5 +1,5 @@
 """Prompt templates, the prompt-length check and the base classifiers of text.py, against what the text tower of the
-tiny backbone gives when called here (docs/mutation.md)."""
+tiny backbone gives when called here: rows averaged by hand, the exact message of each refusal (docs/mutation.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,61 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
 from taskres.errors import TaskResError
 from taskres.text import build_base_classifier, check_prompts_fit, check_templates, normalized_text_classifier
+
+# ---- base classifiers ----------------------------------------------------------------------------------------------
+
+
+def test_base_classifier_rows_are_mean_unnormalised_embeddings(tiny):
+    templates = ["a photo of a {}.", "{} art."]
+    names = ["sea_lion", "cat", "red fox"]
+    base = build_base_classifier(tiny, names, templates)
+    assert base.shape == (3, 32) and base.dtype == torch.float32
+    for row, name in zip(base, names):
+        torch.testing.assert_close(
+            row, encode_texts(tiny, [t.format(name) for t in templates]).mean(0), rtol=1e-5, atol=1e-6
+        )
+    spaced = build_base_classifier(tiny, ["sea lion"], templates)
+    assert not torch.allclose(spaced[0], base[0])  # underscores are kept, so the base differs
+
+
+def test_base_classifier_in_half_precision(tiny):
+    templates = ["a photo of a {}.", "{} art."]
+    half = build_base_classifier(tiny, ["cat", "dog"], templates, text_precision="fp16")
+    full = build_base_classifier(tiny, ["cat", "dog"], templates)
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+    assert next(tiny.model.parameters()).dtype == torch.float32  # the backbone itself stays fp32
+    with pytest.raises(TaskResError):
+        build_base_classifier(tiny, ["cat"], templates, text_precision="bf16")
+
+
+def test_normalized_classifier_is_coops_zero_shot_rows(tiny):
+    templates = ["a photo of a {}.", "{} art.", "a {} in the wild."]
+    rows = normalized_text_classifier(tiny, ["sea_lion", "cat"], templates)
+    for row, name in zip(rows, ["sea lion", "cat"]):  # underscores become spaces
+        expected = F.normalize(
+            F.normalize(encode_texts(tiny, [t.format(name) for t in templates]), dim=-1).mean(0), dim=0
+        )
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
+    one = normalized_text_classifier(tiny, ["cat"], ["a photo of a {}."])
+    torch.testing.assert_close(
+        one[0], F.normalize(encode_texts(tiny, ["a photo of a cat."])[0], dim=0), rtol=1e-5, atol=1e-6
+    )
+
+
+# ---- templates -----------------------------------------------------------------------------------------------------
+
+
+def test_templates_need_exactly_one_placeholder():
+    assert check_templates(["a {}.", "b {} {{x}}"]) == ("a {}.", "b {} {{x}}")
+    for bad in ([], ["no slot"], ["{} and {}"], ["{} {0}"], ["{} {x}"], ["{} {"]):
+        with pytest.raises(TaskResError):
+            check_templates(bad)
+
+
+def test_template_without_placeholder(tiny):
+    with pytest.raises(TaskResError, match=r"template 'a photo' must contain exactly one '\{\}'"):
+        build_base_classifier(tiny, ["cat"], ["a photo"])
 
 
 def test_no_template_says_how_to_pass_one():
@@ -46,6 +101,24 @@ def test_escaped_braces_are_literal_text_not_the_placeholder(tiny):
     for row, name in zip(base, ["cat", "dog"]):
         prompts = [f"a {{}} photo of a {name}.", f"{{{name}}}", f"{name}}}"]
         torch.testing.assert_close(row, encode_texts(tiny, prompts).mean(0), rtol=1e-5, atol=1e-6)
+
+
+# ---- the prompt-length check ---------------------------------------------------------------------------------------
+
+
+def test_prompt_length_limit_counts_start_and_end_tokens(tiny):
+    context = tiny.tokenizer.context_length
+    word = "cat"
+    n_word = len(tiny.tokenizer.encode(word + " "))  # tokens one repetition adds
+    fits = " ".join([word] * (context - 2))
+    assert len(tiny.tokenizer.encode(fits)) + 2 == context and n_word == 1
+    check_prompts_fit(tiny, [fits], ["{}"])  # exactly the context: fits
+    with pytest.raises(TaskResError, match=f"is {context + 1} tokens, but the text encoder reads {context}"):
+        check_prompts_fit(tiny, [fits + " cat"], ["{}"])
+    # with underscores replaced, "a_b" is two words: counted as the text that is encoded
+    under = "_".join(["cat"] * (context - 2))
+    with pytest.raises(TaskResError):
+        check_prompts_fit(tiny, [under + "_cat"], ["{}"], replace_underscores=True)
 
 
 def test_underscores_count_as_encoded_in_the_length_check(tiny):

@@ -25,6 +25,47 @@ def assert_weights(loaded):
         assert got.device.type == "cpu" and got.dtype == tensor.dtype and torch.equal(got, tensor)
 
 
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+class EvalCall:
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+class Record:
+    def __init__(self, *args):
+        self.args = args
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_reader_keeps_tensors_and_refuses_code(tmp_path):
+    weights = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 50}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9)
+    good = tmp_path / "model.pth.tar"
+    torch.save({**weights, "optimizer": opt, "scheduler": None}, good)
+    ckpt = load_checkpoint(good)
+    assert torch.equal(ckpt["state_dict"]["w"], weights["state_dict"]["w"]) and ckpt["epoch"] == 50
+    assert isinstance(ckpt["optimizer"], Inert)
+    plain = tmp_path / "plain.pt"
+    torch.save(weights, plain)
+    assert torch.equal(load_checkpoint(plain)["state_dict"]["w"], weights["state_dict"]["w"])
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, evil)
+    with pytest.raises(TaskResError, match=r"refused: its pickle calls .*system"):
+        load_checkpoint(evil, what="strong_base")
+    with pytest.raises(TaskResError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.pt")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(TaskResError, match="cannot be read safely"):
+        load_checkpoint(damaged)
+
+
 def test_missing_files_are_named_with_what_they_are(tmp_path):
     missing = tmp_path / "none.pt"
     cases = [
@@ -37,16 +78,6 @@ def test_missing_files_are_named_with_what_they_are(tmp_path):
         with pytest.raises(TaskResFileNotFoundError) as err:
             call()
         assert str(err.value) == f"{what} {str(missing)!r} does not exist."
-
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-class EvalCall:
-    def __reduce__(self):
-        return (eval, ("1 + 1",))
 
 
 def test_every_unsafe_global_is_named_in_the_refusal(tmp_path):
@@ -204,6 +235,34 @@ def test_optimiser_and_scheduler_objects_keep_their_state_and_run_nothing(tmp_pa
     assert state["defaults"]["lr"] == 0.1 and state["defaults"]["momentum"] == 0.9
     (group,) = state["param_groups"]
     assert group["lr"] == 0.1 and torch.equal(group["params"][0], param.detach())
+
+
+# ---- plain pickles -------------------------------------------------------------------------------------------------
+
+
+def test_plain_pickle_reader_builds_only_allowed_records(tmp_path):
+    data = tmp_path / "ok.pkl"
+    data.write_bytes(pickle.dumps({"a": [1, 2.5, "x"], "b": (None, True)}))
+    assert load_plain_pickle(data, {}) == {"a": [1, 2.5, "x"], "b": (None, True)}
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(TaskResError, match=r"refused: its pickle asks for '(posix|os)\.system'"):
+        load_plain_pickle(evil, {}, what="split")
+    truncated = tmp_path / "t.pkl"
+    truncated.write_bytes(pickle.dumps(list(range(100)))[:20])
+    with pytest.raises(TaskResError, match=r"cannot be read \(pickle data was truncated\)"):
+        load_plain_pickle(truncated, {})
+    empty = tmp_path / "empty.pkl"
+    empty.write_bytes(b"")
+    with pytest.raises(TaskResError, match="cannot be read as a pickle .EOFError"):
+        load_plain_pickle(empty, {})
+    with pytest.raises(TaskResError, match="does not exist"):
+        load_plain_pickle(tmp_path / "none.pkl", {})
+    rec = tmp_path / "rec.pkl"
+    rec.write_bytes(pickle.dumps(Record(1, 2)))
+    name = f"{Record.__module__}.Record"
+    out = load_plain_pickle(rec, {name: Record})
+    assert isinstance(out, Record) and out.__dict__ == {"args": (1, 2)}
 
 
 def test_plain_pickle_messages_name_the_file_and_the_global(tmp_path):

@@ -1,6 +1,7 @@
-"""Transforms, image reading and training views against computations written here independently of the package
-(docs/mutation.md): CLIP's preprocessing and torchvision's RandomResizedCrop + flip written out with PIL and numpy,
-the seeds' hash written out with hashlib, the view-bank's visiting rule checked by counting."""
+"""Transforms and image reading (taskres.data.images) against computations written here independently of the
+package (docs/mutation.md): CLIP's preprocessing and torchvision's RandomResizedCrop + flip written out with PIL and
+numpy (test_views.py and test_cache.py use them too), the seeds' hash written out with hashlib, ``to_rgb`` against its
+rule written out, and the whole message of each unreadable image."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ from taskres.data.images import (
     view_seed,
 )
 from taskres.errors import TaskResError
-from taskres.views import OnlineViews, ViewBank, as_bank, as_views
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
+
+
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _photo(path, w, h, seed=0):
+def write_photo(path, w, h, seed=0):
     rng = np.random.default_rng(seed)
     # smooth gradients plus noise: interpolation kernels give different pixels on it
     y, x = np.mgrid[0:h, 0:w]
@@ -91,10 +93,13 @@ def _rrc_flip(img, size, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 @pytest.fixture()
 def photos(tmp_path):
     return [
-        str(_photo(tmp_path / "wide.png", 61, 43, 0)),
-        str(_photo(tmp_path / "tall.png", 37, 58, 1)),
-        str(_photo(tmp_path / "square.png", 45, 45, 2)),
+        str(write_photo(tmp_path / "wide.png", 61, 43, 0)),
+        str(write_photo(tmp_path / "tall.png", 37, 58, 1)),
+        str(write_photo(tmp_path / "square.png", 45, 45, 2)),
     ]
+
+
+# ---- transforms and seeds ------------------------------------------------------------------------------------------
 
 
 def test_test_transform_is_clips_preprocessing_bicubic(photos):
@@ -195,6 +200,9 @@ def test_transform_spec_names_everything_that_changes_pixels():
     assert len({repr(sorted(s.items())) for s in specs}) == len(specs)
 
 
+# ---- to_rgb --------------------------------------------------------------------------------------------------------
+
+
 def test_to_rgb_scales_by_the_images_value_range():
     i16 = Image.fromarray(np.array([[0, 65535], [32768, 1000]], dtype=np.uint16))
     assert i16.mode.startswith("I;16") or i16.mode == "I"
@@ -215,146 +223,6 @@ def test_to_rgb_scales_by_the_images_value_range():
 
     rgba = Image.fromarray(np.array([[[10, 20, 30, 0]]], dtype=np.uint8), mode="RGBA")
     assert to_rgb(rgba).mode == "RGB" and np.asarray(to_rgb(rgba)).tolist() == [[[10, 20, 30]]]
-
-
-def test_pixel_limit_is_inclusive(tmp_path):
-    path = _photo(tmp_path / "p.png", 10, 6)
-    assert read_image(path, max_pixels=60).size == (10, 6)
-    assert read_image(path, max_pixels=None).size == (10, 6)
-    assert read_image(path).mode == "RGB"
-    with pytest.raises(TaskResError, match="60 pixels, more than the limit of 59"):
-        read_image(path, max_pixels=59)
-    assert DEFAULT_MAX_PIXELS == 64_000_000
-
-
-def test_bad_images_give_zeros_and_the_message(tmp_path, photos):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
-    data = ImageViews([photos[0], str(broken), str(tmp_path / "missing.png")], 16, MEAN, STD)
-    for k in (1, 2):
-        i, pixels, error = data[k]
-        assert i == k and torch.equal(pixels, torch.zeros(3, 16, 16)) and error
-    assert "cannot be decoded" in data[1][2] and "does not exist" in data[2][2]
-    assert data[0][2] == ""
-    with pytest.raises(TaskResError, match="one seed per image"):
-        ImageViews(photos, 16, MEAN, STD, seeds=[1])
-    too_big = ImageViews([photos[0]], 16, MEAN, STD, max_pixels=10)
-    assert "more than the limit" in too_big[0][2]
-
-
-def test_view_bank_visits_every_view_once_per_cycle():
-    V, N = 4, 7
-    views = torch.arange(V * N).float().reshape(V, N, 1)  # view v of image i holds N * v + i
-    bank = ViewBank(views, seed=5)
-    assert (bank.num_views, bank.num_samples) == (V, N)
-    seen = []
-    for epoch in range(3 * V):
-        feats = bank.epoch(epoch)[:, 0]
-        assert feats.shape == (N,)
-        assert torch.equal(feats.long() % N, torch.arange(N))  # image i reads one of its own views
-        seen.append(feats.long() // N)
-    seen = torch.stack(seen)  # (epochs, N) view indices
-    for cycle in range(3):
-        block = seen[cycle * V : (cycle + 1) * V]
-        assert torch.equal(block.sort(dim=0).values, torch.arange(V).unsqueeze(1).expand(V, N))
-    assert not torch.equal(seen[:V], seen[V : 2 * V])  # each cycle draws a new order
-    assert not torch.equal(seen[0], torch.zeros(N, dtype=torch.long))  # images do not move in lockstep
-    again = ViewBank(views, seed=5)
-    assert torch.equal(
-        torch.stack([again.epoch(e)[:, 0] for e in reversed(range(3 * V))]).flip(0).long() // N, seen
-    )  # the order is a function of (seed, epoch), not of the call history
-    other = ViewBank(views, seed=6)
-    assert not torch.equal(torch.stack([other.epoch(e)[:, 0] for e in range(3 * V)]).long() // N, seen)
-    assert torch.equal(bank.bank(), views)
-
-
-def test_view_bank_order_is_the_documented_seeded_draw():
-    bank = ViewBank(torch.zeros(3, 5, 2), seed=11)
-    digest = hashlib.sha256(b"views|11|2").digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
-    assert torch.equal(bank.order(2), torch.rand(5, 3, generator=g).argsort(dim=1))
-    assert torch.equal(bank.view_index(7), bank.order(2)[:, 1])
-
-
-def test_single_view_and_two_dimensional_features():
-    feats = torch.randn(5, 3)
-    bank = as_views(feats, seed=0)
-    assert bank.num_views == 1 and bank.num_samples == 5
-    for epoch in range(3):
-        assert torch.equal(bank.epoch(epoch), feats)
-    assert torch.equal(as_bank(feats, 4), feats.unsqueeze(0))
-    three = torch.randn(2, 5, 3)
-    assert as_bank(three, 4) is three
-    assert as_views(bank, 1) is bank
-
-
-def test_online_views_encode_the_seeded_draws(openai_rn_file, photos):
-    from taskres.backbones import load_backbone
-
-    tiny = load_backbone(str(openai_rn_file))
-    names = ["wide", "tall", "square"]
-    views = OnlineViews(tiny, photos, names, seed=4, batch_size=2)
-    assert views.num_samples == 3
-    e1 = views.epoch(1)
-    expected = tiny.encode_images(
-        torch.stack(
-            [
-                rrc_flip(Image.open(p).convert("RGB"), tiny.image_size, online_seed(4, 1, n))
-                for p, n in zip(photos, names)
-            ]
-        )
-    )
-    torch.testing.assert_close(e1, expected.cpu().float(), rtol=1e-4, atol=1e-4)
-    bank = views.bank(2)
-    expected_bank = tiny.encode_images(
-        torch.stack(
-            [
-                rrc_flip(Image.open(p).convert("RGB"), tiny.image_size, online_seed(4, -2, n))
-                for p, n in zip(photos, names)
-            ]
-        )
-    )
-    assert bank.shape == (2, 3, e1.shape[1])
-    torch.testing.assert_close(bank[1], expected_bank.cpu().float(), rtol=1e-4, atol=1e-4)
-    assert views.encoded == 9
-    with pytest.raises(TaskResError, match="one name per image"):
-        OnlineViews(tiny, photos, names[:2], seed=0)
-
-
-def test_a_folder_is_named_as_a_folder(tmp_path):
-    with pytest.raises(TaskResError, match="is a folder, not an image file"):
-        read_image(tmp_path)
-
-
-def test_pixel_limit_error_names_the_setting_and_the_memory(tmp_path):
-    path = tmp_path / "big.png"
-    Image.new("RGB", (512, 512)).save(path)  # 4 bytes a pixel: exactly 1 MiB decoded
-    with pytest.raises(
-        TaskResError,
-        match=r"is 512 x 512 = 262144 pixels, more than the limit of 1000 \(decoding it "
-        r"would take about 1 MiB\)",
-    ) as err:
-        read_image(path, max_pixels=1000)
-    assert err.value.param == "max_image_pixels"
-
-
-def test_a_missing_image_and_a_folder_get_the_whole_message_with_the_fix(tmp_path):
-    """The user reads the whole hint: where the paths come from and what to check."""
-    from taskres.data.images import read_image
-
-    missing = tmp_path / "gone.png"
-    with pytest.raises(TaskResError) as err:
-        read_image(missing)
-    assert str(err.value) == (
-        f"image {str(missing)!r} does not exist; check the data folder (--data/--root) and the split file's paths, "
-        "which are relative to it."
-    )
-    with pytest.raises(TaskResError) as err:
-        read_image(tmp_path)
-    assert str(err.value) == (
-        f"image {str(tmp_path)!r} is a folder, not an image file; check the data folder (--data/--root) and the "
-        "split file's paths."
-    )
 
 
 def _grey(img: Image.Image) -> list:
@@ -402,6 +270,31 @@ def test_an_empty_high_bit_depth_image_converts_to_an_empty_rgb_image():
         assert out.mode == "RGB" and out.size == (0, 0)
 
 
+# ---- reading: the pixel limit and unreadable images ----------------------------------------------------------------
+
+
+def test_pixel_limit_is_inclusive(tmp_path):
+    path = write_photo(tmp_path / "p.png", 10, 6)
+    assert read_image(path, max_pixels=60).size == (10, 6)
+    assert read_image(path, max_pixels=None).size == (10, 6)
+    assert read_image(path).mode == "RGB"
+    with pytest.raises(TaskResError, match="60 pixels, more than the limit of 59"):
+        read_image(path, max_pixels=59)
+    assert DEFAULT_MAX_PIXELS == 64_000_000
+
+
+def test_pixel_limit_error_names_the_setting_and_the_memory(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (512, 512)).save(path)  # 4 bytes a pixel: exactly 1 MiB decoded
+    with pytest.raises(
+        TaskResError,
+        match=r"is 512 x 512 = 262144 pixels, more than the limit of 1000 \(decoding it "
+        r"would take about 1 MiB\)",
+    ) as err:
+        read_image(path, max_pixels=1000)
+    assert err.value.param == "max_image_pixels"
+
+
 def test_the_pixel_limit_unreadable_and_undecodable_messages_are_whole(tmp_path, monkeypatch):
     import taskres.data.images as images
 
@@ -427,3 +320,35 @@ def test_the_pixel_limit_unreadable_and_undecodable_messages_are_whole(tmp_path,
     with pytest.raises(TaskResError) as err:
         read_image(path)
     assert str(err.value) == f"image {str(path)!r} cannot be read (Permission denied); fix its permissions."
+
+
+def test_a_missing_image_and_a_folder_get_the_whole_message_with_the_fix(tmp_path):
+    """The user reads the whole hint: where the paths come from and what to check."""
+    missing = tmp_path / "gone.png"
+    with pytest.raises(TaskResError) as err:
+        read_image(missing)
+    assert str(err.value) == (
+        f"image {str(missing)!r} does not exist; check the data folder (--data/--root) and the split file's paths, "
+        "which are relative to it."
+    )
+    with pytest.raises(TaskResError) as err:
+        read_image(tmp_path)
+    assert str(err.value) == (
+        f"image {str(tmp_path)!r} is a folder, not an image file; check the data folder (--data/--root) and the "
+        "split file's paths."
+    )
+
+
+def test_bad_images_give_zeros_and_the_message(tmp_path, photos):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    data = ImageViews([photos[0], str(broken), str(tmp_path / "missing.png")], 16, MEAN, STD)
+    for k in (1, 2):
+        i, pixels, error = data[k]
+        assert i == k and torch.equal(pixels, torch.zeros(3, 16, 16)) and error
+    assert "cannot be decoded" in data[1][2] and "does not exist" in data[2][2]
+    assert data[0][2] == ""
+    with pytest.raises(TaskResError, match="one seed per image"):
+        ImageViews(photos, 16, MEAN, STD, seeds=[1])
+    too_big = ImageViews([photos[0]], 16, MEAN, STD, max_pixels=10)
+    assert "more than the limit" in too_big[0][2]
