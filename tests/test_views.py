@@ -1,20 +1,16 @@
 """Training views (taskres.views): cached views come from a bank whose seeded order visits every view once a cycle;
 online views encode fresh, seeded augmentations every epoch, honour the crop scale and the pixel limit they are given,
-stop on the first unreadable image with its own message, and an empty set of images is an empty (0, 0) tensor; a
-copied dataset trains to the same classifier. Expected features come from the RandomResizedCrop + flip written out in
-tests/test_images.py, run through the tiny backbone of tests/conftest.py (docs/mutation.md)."""
+stop on the first unreadable image with its own message, and an empty set of images is an empty (0, 0) tensor.
+Expected features come from the RandomResizedCrop + flip written out in tests/test_images.py, run through the tiny
+backbone of tests/conftest.py (docs/mutation.md). `train --views` end to end: tests/test_cli_views.py."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
 
 import pytest
 import torch
-from conftest import run_cli as run
 from PIL import Image
-from safetensors import safe_open
 from test_images import rrc_flip, write_photo
 
 from taskres.data.images import online_seed, read_image
@@ -226,98 +222,3 @@ def test_online_views_of_no_images_are_an_empty_tensor(tiny):
     out = views.epoch(0)
     assert isinstance(out, torch.Tensor) and out.shape == (0, 0)
     assert views.encoded == 0
-
-
-# ---- through the CLI -----------------------------------------------------------------------------------------------
-
-
-def classifier(run_dir):
-    with safe_open(str(run_dir / "classifier.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-@pytest.mark.parametrize("views", ["2", "online"])
-def test_a_copied_dataset_gives_identical_results(env, capsys, views):
-    tmp, base, image_dir = env
-    copy = tmp / "copy"
-    shutil.copytree(image_dir.parent, copy)
-    moved = [str(copy / "images") if a == str(image_dir) else a for a in base]
-    moved = [str(copy / "split_zhou_Tiny.json") if a.endswith("split_zhou_Tiny.json") else a for a in moved]
-    for name, args in (("a", base), ("b", moved)):
-        code, _, err = run(
-            [
-                "train",
-                *args,
-                "--shots",
-                "2",
-                "--seed",
-                "1",
-                "--epochs",
-                "4",
-                "--views",
-                views,
-                "--out",
-                str(tmp / name),
-            ],
-            capsys,
-        )
-        assert code == 0, err
-    a, b = classifier(tmp / "a"), classifier(tmp / "b")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_online_training_end_to_end(env, capsys):
-    tmp, base, _ = env
-    code, out, err = run(
-        ["train", *base, "--shots", "2", "--seed", "1", "--epochs", "3", "--views", "online", "--out", str(tmp / "on")],
-        capsys,
-    )
-    assert code == 0, err
-    config = json.loads((tmp / "on" / "config.json").read_text())
-    metrics = json.loads((tmp / "on" / "metrics.json").read_text())
-    assert config["views"] == "online"
-    assert metrics["train_encoder_passes"] == 3 * 6  # 3 epochs x 2 shots x 3 classes
-    code, out, err = run(
-        [
-            "train",
-            *base,
-            "--shots",
-            "2",
-            "--seed",
-            "2",
-            "--epochs",
-            "3",
-            "--views",
-            "online",
-            "--out",
-            str(tmp / "on2"),
-        ],
-        capsys,
-    )
-    assert not torch.equal(
-        classifier(tmp / "on")["text_feature_residuals"], classifier(tmp / "on2")["text_feature_residuals"]
-    )
-
-
-@pytest.mark.parametrize("method", ["tip-adapter", "linear-probe"])
-def test_online_views_refused_for_methods_that_do_not_train_on_augmentations(env, capsys, method):
-    tmp, base, _ = env
-    code, _, err = run(
-        [
-            "train",
-            *base,
-            "--shots",
-            "2",
-            "--seed",
-            "1",
-            "--method",
-            method,
-            "--views",
-            "online",
-            "--out",
-            str(tmp / "x"),
-        ],
-        capsys,
-    )
-    assert code == 2 and "Traceback" not in err
-    assert "--views online draws a fresh augmentation" in err and method in err
