@@ -16,7 +16,7 @@ PY=${PYTHON:-python}
 CHILDREN=${MUTMUT_CHILDREN:-2}
 
 FAST=(taskres.data.sampling taskres.data.images taskres.views taskres.engine taskres.evaluate
-      taskres.methods.base taskres.methods.taskres)
+      taskres.methods.base taskres.methods._fused taskres.methods.taskres)
 FULL=("${FAST[@]}" taskres.text taskres.cache taskres.safe_load taskres.data.benchmarks)
 
 case "${1:-fast}" in
