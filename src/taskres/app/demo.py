@@ -2,7 +2,8 @@
 
 Zero-shot and TaskRes at 1, 2, 4, 8, 16 shots on every task, as a sweep (the `taskres sweep` code path: split files
 on disk, the backbone loader, the feature cache, the engine, one run folder per cell under ``OUT/runs``), then the
-table, ``results.json`` and the plots from the run folders (the `taskres report` reader). A rerun resumes.
+table, ``results.json`` and the plots from the run folders with `taskres report`'s reader, summaries (mean and
+numpy std, ddof=0, over seeds) and figures. A rerun resumes.
 """
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskres.app.report import collect
-from taskres.app.reports import accuracy_table, plot_accuracy_vs_shots, plot_residual_vs_difficulty
+from taskres.app.report import (
+    ZERO_SHOT,
+    collect,
+    console_table,
+    difficulty_points,
+    plot_accuracy,
+    plot_difficulty,
+    summarise,
+)
 from taskres.app.sweep import DatasetRef, Grid, run_sweep
 from taskres.atomic import write_text
 from taskres.demo.synthetic import write_demo_tasks
@@ -36,6 +43,7 @@ class DemoConfig:
     shots: tuple[int, ...] = SHOTS
     views: int = 10
     data_seed: int = 0
+    tasks: tuple[str, ...] | None = None  # a subset of the generated tasks (default all six)
 
 
 def demo_grid(tasks: list[dict], config: DemoConfig) -> Grid:
@@ -68,7 +76,7 @@ def run_demo(
     tasks = None
     if cluster.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        tasks = write_demo_tasks(out / "tasks", seed=config.data_seed)
+        tasks = write_demo_tasks(out / "tasks", seed=config.data_seed, tasks=config.tasks)
         echo(f"generated {len(tasks)} tasks in {time.perf_counter() - t0:.1f} s under {out / 'tasks'}")
     tasks = cluster.gather(tasks, "writing the demo tasks")[0]
     setup = Setup(device=device, cache_dir=str(out / "cache"), quiet=True)
@@ -77,55 +85,68 @@ def run_demo(
         return {}
     if counts["failed"]:
         raise TaskResError(f"{counts['failed']} demo run(s) failed; see {out / 'failures.jsonl'}.")
-    runs = [r for r in collect(out) if not r["eval_dataset"]]
-    names = {t["name"] for t in tasks}
-    runs = [
-        r
-        for r in runs
-        if r["dataset"] in names
-        and r["method"] in ("zero-shot", "taskres")
-        and (r["method"] == "zero-shot" or (r["shots"] in config.shots and r["seed"] in config.seeds))
-    ]
-    order = {t["name"]: i for i, t in enumerate(tasks)}
-    runs.sort(key=lambda r: (order[r["dataset"]], r["method"] != "zero-shot", r["shots"], r["seed"] or 0))
-    records = [
-        {"task": r["dataset"], "method": r["method"], "shots": r["shots"], "seed": r["seed"], "accuracy": r["accuracy"]}
-        for r in runs
-    ]
-    residuals: dict[str, list[float]] = defaultdict(list)
-    for r in runs:
-        if r["method"] == "taskres" and r["shots"] == max(config.shots):
-            residuals[r["dataset"]].append(r["residual_mean_abs"])
-    zero = {r["dataset"]: r for r in runs if r["method"] == "zero-shot"}
-    points = []
-    for task in tasks:
-        zs = zero[task["name"]]
-        points.append(
-            {
-                "task": task["name"],
-                "role": task["role"],
-                "difficulty": (1.0 / zs["num_classes"]) / max(zs["accuracy"] / 100.0, 1e-6),
-                "residual": sum(residuals[task["name"]]) / len(residuals[task["name"]]),
-                "num_classes": zs["num_classes"],
-                "zero_shot_accuracy": zs["accuracy"],
-            }
-        )
-    results = {
-        "records": records,
+    runs = demo_runs(collect(out), tasks, config)
+    rows = summarise(runs)
+    results = _results(runs, tasks, config, t0)
+    write_text(out / "results.json", json.dumps(results, indent=2))
+    plot_accuracy(rows, out / "accuracy_vs_shots", suffixes=(".png",))
+    plot_difficulty(runs, out / "residual_vs_difficulty", suffixes=(".png",))
+    _print_results(echo, out, rows, results, tasks, config)
+    return results
+
+
+def _results(runs: list[dict], tasks: list[dict], config: DemoConfig, t0: float) -> dict:
+    """results.json: one record per run, the tasks, the Fig. 4 points, the settings and the wall time."""
+    keys = {"task": "dataset", "method": "method", "shots": "shots", "seed": "seed", "accuracy": "accuracy"}
+    return {
+        "records": [{k: r[field] for k, field in keys.items()} for r in runs],
         "tasks": [{k: str(v) if isinstance(v, Path) else v for k, v in t.items()} for t in tasks],
-        "transfer": points,
+        "transfer": transfer_points(runs, tasks),
         "config": {"seeds": list(config.seeds), "shots": list(config.shots), "views": config.views},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    write_text(out / "results.json", json.dumps(results, indent=2))
-    plot_accuracy_vs_shots(records, out / "accuracy_vs_shots.png")
-    plot_residual_vs_difficulty(points, out / "residual_vs_difficulty.png")
-    echo(accuracy_table(records, config.shots))
-    echo("\nrelative transfer difficulty and residual magnitude (16 shots):")
-    for p in sorted(points, key=lambda p: p["difficulty"]):
+
+
+def demo_runs(records: list[dict], tasks: list[dict], config: DemoConfig) -> list[dict]:
+    """The demo's records of the experiment folder: its tasks, zero-shot and TaskRes at its shots and seeds (a
+    rerun with fewer of them leaves the others' folders), in task order, then by method, shots and seed."""
+    names = {t["name"] for t in tasks}
+    runs = [
+        r
+        for r in records
+        if not r["eval_dataset"]
+        and r["dataset"] in names
+        and r["method"] in (ZERO_SHOT, "taskres")
+        and (r["method"] == ZERO_SHOT or (r["shots"] in config.shots and r["seed"] in config.seeds))
+    ]
+    order = {t["name"]: i for i, t in enumerate(tasks)}
+    return sorted(runs, key=lambda r: (order[r["dataset"]], r["method"] != ZERO_SHOT, r["shots"], r["seed"] or 0))
+
+
+def transfer_points(runs: list[dict], tasks: list[dict]) -> list[dict]:
+    """Per task: its relative transfer difficulty and TaskRes's mean |residual| at the largest shot count (the
+    report's Fig. 4 points), with the zero-shot run's accuracy and number of classes."""
+    points = {d: (x, y) for pts in difficulty_points(runs).values() for d, x, y in pts}
+    zero = {r["dataset"]: r for r in runs if r["method"] == ZERO_SHOT}
+    return [
+        {
+            "task": t["name"],
+            "role": t["role"],
+            "difficulty": points[t["name"]][0],
+            "residual": points[t["name"]][1],
+            "num_classes": zero[t["name"]]["num_classes"],
+            "zero_shot_accuracy": zero[t["name"]]["accuracy"],
+        }
+        for t in tasks
+    ]
+
+
+def _print_results(echo, out: Path, rows: list[dict], results: dict, tasks: list[dict], config: DemoConfig) -> None:
+    echo(console_table(rows, [t["name"] for t in tasks], config.shots))
+    echo(f"\nrelative transfer difficulty and residual magnitude ({max(config.shots)} shots):")
+    for p in sorted(results["transfer"], key=lambda p: p["difficulty"]):
         echo(f"  {p['task']:<18} difficulty {p['difficulty']:.3f}   mean |x| {p['residual']:.5f}")
     echo(
         f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'residual_vs_difficulty.png'} "
         f"in {results['seconds']:.0f} s"
     )
-    return results
