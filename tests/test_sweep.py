@@ -11,7 +11,7 @@ from conftest import run_cli as run
 from safetensors import safe_open
 
 from taskres.app import sweep as sweep_module
-from taskres.app.sweep import Cell, DatasetRef, Grid, parse_shard, shard_cells
+from taskres.app.grid import Cell, DatasetRef, Grid, parse_shard, shard_cells
 
 
 def grid_args(env, *extra):
