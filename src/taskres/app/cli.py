@@ -39,9 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskres", description="Task Residual tuning of CLIP on cached features.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add_command in (_zeroshot_parser, _train_parser, _import_parser, run_cli.add_parsers, _demo_parser):
-        add_command(sub)
-    sweep_cli.add_parsers(sub)
+    commands = (
+        _zeroshot_parser,
+        _train_parser,
+        _import_parser,
+        run_cli.add_parsers,
+        _demo_parser,
+        sweep_cli.add_parsers,
+    )
+    for add_commands in commands:
+        add_commands(sub)
     sub.add_parser("methods", help="list the methods").set_defaults(handler=_methods)
     p = sub.add_parser("datasets", help="list the benchmarks and, for a root, which are ready")
     p.add_argument("--root", help="the folder holding CoOp's dataset folders")

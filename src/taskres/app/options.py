@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -17,7 +18,8 @@ from typing import Any
 from taskres.errors import TaskResError
 
 Parser = Callable[[str], Any]
-PROTOCOLS = ("default", "official", "no-val")
+PROTOCOLS = ("default", "official", "no-val")  # TrainConfig.protocol's values
+PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIM_OPTIONS = ("lr", "epochs", "batch_size", "weight_decay")  # OptimConfig fields the command line sets
 
 
@@ -57,6 +59,7 @@ def choice(choices: Sequence[str]) -> Parser:
     return parse
 
 
+@functools.cache
 def value_parser(annotation: Any) -> Parser:
     """The parser of a config field's values from text: bool (true/false), a Literal's choices, Optional[X] as X,
     int, float (finite) or str. Errors are argparse.ArgumentTypeError, as argparse reports them."""
@@ -68,6 +71,8 @@ def value_parser(annotation: Any) -> Parser:
     if inner:  # Optional[X], X | None
         return value_parser(inner[0])
     parsers: dict[Any, Parser] = {int: integer, float: finite_float, str: str}
+    if annotation not in parsers:
+        raise TypeError(f"no command-line parser for {annotation!r}: use bool, a Literal, int, float, str or Optional")
     return parsers[annotation]
 
 
@@ -76,11 +81,9 @@ def argparse_kwargs(annotation: Any) -> dict:
     if annotation is bool:
         return {"action": "store_true"}
     kwargs: dict[str, Any] = {"type": value_parser(annotation)}
-    if typing.get_origin(annotation) is typing.Literal or any(
-        typing.get_origin(a) is typing.Literal for a in typing.get_args(annotation)
-    ):
-        literal = next(a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is typing.Literal)
-        kwargs["choices"] = list(typing.get_args(literal))
+    literals = [a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is typing.Literal]
+    if literals:
+        kwargs["choices"] = list(typing.get_args(literals[0]))
     return kwargs
 
 
@@ -137,9 +140,9 @@ FLAGS: dict[str, dict[str, Any]] = {
     ),
     "--backbone": dict(type=str, required=True, help=_BACKBONES),
     "--precision": dict(
-        type=choice(("fp32", "fp16", "bf16")),
+        type=choice(PRECISIONS),
         default="fp32",
-        choices=["fp32", "fp16", "bf16"],
+        choices=list(PRECISIONS),
         help="backbone precision for encoding (default fp32, as the protocol)",
     ),
     "--device": dict(help="torch device (default: cuda if available, else cpu)"),
@@ -191,8 +194,13 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--overwrite": dict(action="store_true", help="replace a finished run in --out"),
 }
 # The many form of a flag: comma-separated, each item read by the single flag's parser.
-_MANY = {"--dataset": "--dataset", "--backbone": "--backbone", "--method": "--methods", "--shots": "--shots"}
-_MANY["--seed"] = "--seeds"
+_MANY = {
+    "--dataset": "--dataset",
+    "--backbone": "--backbone",
+    "--method": "--methods",
+    "--shots": "--shots",
+    "--seed": "--seeds",
+}
 DATA = ("--data", "--split-file", "--dataset", "--root", "--template", "--skip-bad-images")
 ENCODING = (
     "--device",
