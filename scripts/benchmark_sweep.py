@@ -55,7 +55,8 @@ def main() -> None:
     cells = len(metrics)
 
     # The same grid in this process, the backbone already loaded: the per-cell cost alone.
-    from taskres.app.sweep import DatasetRef, Grid, _load, run_sweep
+    from taskres.app.grid import DatasetRef, Grid
+    from taskres.app.sweep import _load, run_sweep
     from taskres.workflow import Setup
 
     grid_obj = Grid(

@@ -244,7 +244,9 @@ def test_dassl_pickle_gives_the_same_images_as_the_draw(env, capsys, dassl_datum
         ],
         capsys,
     )
-    assert code == 2 and "--shots 4 disagrees with --fewshot-file" in err
+    assert (
+        code == 2 and "--shots must agree with the few-shot file, which holds up to 2 images per class; got 4." in err
+    )
 
 
 def test_dassl_pickle_with_other_labels_or_images_is_refused(env, capsys, dassl_datum, split_dataset):

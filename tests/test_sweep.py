@@ -11,7 +11,7 @@ from conftest import run_cli as run
 from safetensors import safe_open
 
 from taskres.app import sweep as sweep_module
-from taskres.app.sweep import Cell, DatasetRef, Grid, parse_shard, shard_cells
+from taskres.app.grid import Cell, DatasetRef, Grid, parse_shard, shard_cells
 
 
 def grid_args(env, *extra):
@@ -287,3 +287,19 @@ def test_a_no_val_grid_runs_every_cell(env, capsys):
     assert len(configs) == 5 and all(
         c["protocol"] == ("default" if c["kind"] == "zeroshot" else "no-val") for c in configs
     )
+
+
+def test_a_grid_the_library_refuses_is_refused_when_made():
+    """Every cell's settings are checked by TrainConfig when the grid is made, before anything runs."""
+    from taskres.errors import TaskResError
+
+    refs = (DatasetRef("a", root="/r"),)
+    with pytest.raises(TaskResError, match="method 'coop' has no official variant") as err:
+        Grid(refs, ("RN50",), ("taskres", "coop"), protocol="official")
+    assert err.value.method == "coop" and err.value.param == "protocol"
+    with pytest.raises(TaskResError, match=r"^seed must be an integer in \[0, "):
+        Grid(refs, ("RN50",), ("taskres",), seeds=(1, 2**70))
+    with pytest.raises(TaskResError, match=r"^lr must be a finite number > 0; got -1.0"):
+        Grid(refs, ("RN50",), ("taskres", "tip-adapter"), optim={"lr": -1.0})
+    # the grid's optimiser settings apply to the methods that train
+    assert len(Grid(refs, ("RN50",), ("tip-adapter",), optim={"lr": -1.0}).cells()) == 1 + 5 * 3
