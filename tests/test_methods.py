@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import cluster_context
 
 from taskres.backbones import load_backbone
+from taskres.config import TrainConfig
 from taskres.engine import OptimConfig, fit, iteration_lr
 from taskres.errors import TaskResError
 from taskres.methods import METHODS, get_method
@@ -34,7 +35,6 @@ from taskres.methods.tip_adapter import TipAdapterConfig, TipAdapterHead, fit_ti
 from taskres.methods.tip_adapter_f import fit_tip_adapter_f
 from taskres.text import build_base_classifier
 from taskres.text_tower import pooled_text, projection
-from taskres.workflow import TrainConfig
 
 
 def context(**kw) -> FitContext:
@@ -64,6 +64,7 @@ def test_registry_lists_every_method_with_a_summary():
         "lp++",
         "zs-lp",
         "clap",
+        "zero-shot",
     }
     assert all(spec.summary and spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TaskResError, match="unknown method 'tip-adaptr'; did you mean 'tip-adapter'"):

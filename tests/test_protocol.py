@@ -17,10 +17,11 @@ from safetensors import safe_open
 
 from taskres.backbones import load_backbone
 from taskres.cache import FeatureCache
+from taskres.config import Setup
 from taskres.data.sampling import sample_fewshot
 from taskres.data.sources import open_dataset
 from taskres.methods.taskres import TaskResConfig, TaskResHead
-from taskres.workflow import Setup, zeroshot
+from taskres.workflow import zeroshot
 
 
 def tensors(path):

@@ -75,7 +75,7 @@ def test_bad_config_names_the_parameter_and_is_a_value_error():
 
 
 def test_paper_presets_per_dataset():
-    from taskres.workflow import TrainConfig
+    from taskres.config import TrainConfig
 
     pets = TrainConfig.preset("taskres", shots=16, seed=1, dataset="oxford_pets")
     assert (pets.optim.lr, pets.optim.epochs, pets.method_config.alpha) == (2e-3, 200, 0.5)

@@ -276,8 +276,8 @@ def _views_arg(value: str):
 
 
 def _setup(args: argparse.Namespace):
+    from taskres.config import Setup
     from taskres.data.images import DEFAULT_MAX_PIXELS
-    from taskres.workflow import Setup
 
     if args.encode_batch_size < 1:  # Setup's batch_size; --batch-size is the training batch
         raise TaskResError(f"--encode-batch-size must be >= 1; got {args.encode_batch_size}.")
@@ -296,7 +296,7 @@ def _setup(args: argparse.Namespace):
 
 
 def _dataset(args: argparse.Namespace, required: bool = True):
-    from taskres.workflow import open_dataset
+    from taskres.data.sources import open_dataset
 
     if not required and args.data is None and args.dataset is None and args.split_file is None:
         return None
@@ -395,7 +395,7 @@ def _run(args: argparse.Namespace) -> int:
         setup = _setup(args) if args.command == "sweep" else None
         return run_command(args, setup, {flag: _dest(flag) for flag in _option_table()})
     if args.command == "predict":
-        from taskres.workflow import predict
+        from taskres.reuse import predict
 
         results = predict(args.run, args.images, _setup(args), top_k=args.top_k)
         if args.json:
@@ -407,7 +407,7 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"  {t['prob']:7.2%}  {t['class']}")
         return 0
     if args.command == "eval":
-        from taskres.workflow import evaluate_run
+        from taskres.reuse import evaluate_run
 
         metrics = evaluate_run(args.run, _setup(args), dataset=_dataset(args, required=False), out=args.out)
         _print_metrics(metrics, ["dataset", "accuracy", "n_test", "mean_per_class_accuracy", "skipped_images"])
@@ -428,7 +428,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics = zeroshot(backbone, dataset, setup, out=args.out, overwrite=args.overwrite, protocol=args.protocol)
         _print_metrics(metrics, ["accuracy", "n_test", "skipped_images"])
     elif args.command == "import-official":
-        from taskres.workflow import import_official
+        from taskres.methods.taskres_official import import_official
 
         _, metrics = import_official(
             args.checkpoint, backbone, dataset, setup, alpha=args.alpha, out=args.out, overwrite=args.overwrite
@@ -564,8 +564,8 @@ def _shots_and_seed(args: argparse.Namespace, dataset) -> None:
 
 def _train_config(args: argparse.Namespace, dataset_name: str = ""):
     """The method's preset for the dataset, with the options given on the command line."""
+    from taskres.config import TrainConfig
     from taskres.methods import get_method
-    from taskres.workflow import TrainConfig
 
     spec = get_method(args.method)
     values = {}

@@ -18,9 +18,9 @@ from taskres.app.report import collect
 from taskres.app.reports import accuracy_table, plot_accuracy_vs_shots, plot_residual_vs_difficulty
 from taskres.app.sweep import DatasetRef, Grid, run_sweep
 from taskres.atomic import write_text
+from taskres.config import Setup
 from taskres.demo.synthetic import write_demo_tasks
 from taskres.errors import TaskResError
-from taskres.workflow import Setup
 
 logger = logging.getLogger(__name__)
 
