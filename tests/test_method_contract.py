@@ -86,6 +86,14 @@ def test_export_round_trip_and_class_selection(method, tiny):
     assert torch.equal(head.select_classes([2, 0])(x), logits[:, [2, 0]])
 
 
+def test_the_context_carries_its_features_and_shows_test_only_for_public_selection(tiny):
+    ctx = make_context("taskres", tiny)
+    assert ctx.train_views is ctx.features.train_views and ctx.val_features is ctx.features.val
+    assert ctx.test_features is None and ctx.test_labels is None and ctx.full_val_features is None
+    ctx.public_selection = True  # the official protocol of a method whose public code selects on test
+    assert ctx.test_features is ctx.features.test and ctx.test_labels is ctx.features.test_labels
+
+
 def test_zero_shot_is_the_base_classifier_as_it_is(tiny):
     ctx = make_context(ZERO_SHOT, tiny)
     fitted = METHODS[ZERO_SHOT].fit(ctx, config_for(ZERO_SHOT))
