@@ -57,7 +57,7 @@ def main() -> None:
     # The same grid in this process, the backbone already loaded: the per-cell cost alone.
     from taskres.app.grid import DatasetRef, Grid
     from taskres.app.sweep import _load, run_sweep
-    from taskres.workflow import Setup
+    from taskres.config import Setup
 
     grid_obj = Grid(
         (DatasetRef(task["name"], data=str(task["image_dir"]), split_file=str(task["split_file"])),),

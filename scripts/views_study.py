@@ -41,11 +41,13 @@ def run_unit(unit: tuple[str, str, str, int, int]) -> list[dict]:
     torch.set_num_threads(1)
     from taskres.backbones import load_backbone
     from taskres.cache import FeatureCache
+    from taskres.config import Setup, TrainConfig
     from taskres.data.sampling import sample_fewshot
     from taskres.data.sources import open_dataset
     from taskres.evaluate import evaluate
+    from taskres.features import encode_features, train_encoder_passes
     from taskres.text import build_base_classifier
-    from taskres.workflow import Setup, TrainConfig, encode_features, fit_method, train_encoder_passes
+    from taskres.workflow import fit_method
 
     task, image_dir, split_file, shots, seed = unit
     backbone = load_backbone("taskres-demo")

@@ -132,11 +132,21 @@ def run_cli(argv, capsys):
     return code, out, err
 
 
+def fit_context(train_views, train_labels, val_features=None, val_labels=None, **kw):
+    """A FitContext over the given training views and few-shot val split (and an empty test split: a fit is shown
+    none outside the official protocol); ``kw``: the other FitContext fields."""
+    from taskres.features import Features
+    from taskres.methods.base import FitContext
+
+    empty_test = torch.zeros(0, kw["base"].shape[1]), torch.zeros(0, dtype=torch.long)
+    features = Features(train_views, train_labels, val_features, val_labels, *empty_test)
+    return FitContext(features=features, **kw)
+
+
 def cluster_context(c=3, d=16, shots=8, views=3, val=4, seed=0, **kw):
     """A FitContext over class clusters in feature space, with a base classifier that is a noisy view of the cluster
     centres (what the method tests train on)."""
     from taskres.engine import OptimConfig
-    from taskres.methods.base import FitContext
 
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(c, d, generator=g) * 2
@@ -159,7 +169,7 @@ def cluster_context(c=3, d=16, shots=8, views=3, val=4, seed=0, **kw):
         templates=["a photo of a {}."],
         quiet=True,
     )
-    return FitContext(**{**defaults, **kw})
+    return fit_context(**{**defaults, **kw})
 
 
 @pytest.fixture(scope="module")

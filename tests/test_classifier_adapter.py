@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from conftest import fit_context
 
 from taskres.engine import OptimConfig
-from taskres.methods.base import FitContext, cosine_logits
+from taskres.methods.base import cosine_logits
 from taskres.methods.classifier_adapter import ClassifierAdapterConfig, ClassifierAdapterHead, fit_classifier_adapter
 
 
@@ -13,7 +14,7 @@ def context(seed=0):
     base = torch.randn(4, 16, generator=g)
     labels = torch.arange(4).repeat_interleave(3)
     feats = base[labels] * 0.2 + torch.randn(12, 16, generator=g)
-    return FitContext(
+    return fit_context(
         base=base,
         logit_scale=50.0,
         train_views=feats,

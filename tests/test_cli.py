@@ -51,6 +51,37 @@ def test_zeroshot_train_eval_predict(env, capsys):
     assert preds[0]["top"][0]["prob"] >= preds[0]["top"][1]["prob"]
 
 
+def test_zero_shot_runs_hold_the_zero_shot_method_and_older_ones_still_load(env, capsys):
+    """A zero-shot run's classifier is the zero-shot method's: the base t and the logit scale. One written by an
+    older taskres, as a TaskRes head with a zero residual, evaluates and predicts exactly as the new one."""
+    from taskres.methods.taskres import TaskResHead
+    from taskres.runs import read_classifier, save_classifier
+
+    tmp, base, image_dir = env
+    assert run(["zeroshot", *base, "--out", str(tmp / "zs")], capsys)[0] == 0
+    method, tensors, meta, classnames, class_ids = read_classifier(tmp / "zs" / "classifier.safetensors")
+    assert method == "zero-shot" and set(tensors) == {"base_text_features"} and set(meta) == {"logit_scale"}
+    assert json.loads((tmp / "zs" / "config.json").read_text())["method"] == "zero-shot"
+
+    old = tmp / "zs-old"
+    old.mkdir()
+    for name in ("config.json", "metrics.json"):
+        (old / name).write_bytes((tmp / "zs" / name).read_bytes())
+    head = TaskResHead(tensors["base_text_features"], meta["logit_scale"])
+    save_classifier(old / "classifier.safetensors", "taskres", head, classnames, class_ids)
+    assert read_classifier(old / "classifier.safetensors")[0] == "taskres"
+
+    img = str(image_dir / "test" / "red_0.png")
+    results = []
+    for name in ("zs", "zs-old"):
+        assert run(["eval", "--run", str(tmp / name), "--quiet", "--out", str(tmp / f"{name}-ev")], capsys)[0] == 0
+        code, out, _ = run(["predict", "--run", str(tmp / name), "--json", "--top-k", "3", img], capsys)
+        assert code == 0
+        metrics = json.loads((tmp / f"{name}-ev" / "metrics.json").read_text())
+        results.append(({k: v for k, v in metrics.items() if k != "run"}, json.loads(out)))
+    assert results[0] == results[1]
+
+
 def test_views_zero_full_batch_is_deterministic(env, capsys):
     tmp, base, _ = env
     outs = []

@@ -13,13 +13,16 @@ import torch
 from conftest import make_split_dataset, run_cli
 
 from taskres.backbones import load_backbone
+from taskres.config import Setup, TrainConfig
 from taskres.data.images import ImageViews
+from taskres.data.sources import open_dataset
 from taskres.errors import TaskResError
 from taskres.export import PROBS_ATOL, export_run, read_metadata
 from taskres.methods import Fitted
 from taskres.methods.base import CosineHead
 from taskres.methods.registry import METHODS, Method, discover
-from taskres.workflow import Setup, TrainConfig, open_dataset, predict, train
+from taskres.reuse import predict
+from taskres.workflow import train
 
 TRAINED = {
     "taskres": dict(optim={"epochs": 2}, views=1),

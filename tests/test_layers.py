@@ -42,6 +42,22 @@ def test_library_modules_do_not_import_the_app_print_or_set_a_backend():
 
 
 def test_runs_and_the_engine_know_nothing_of_methods():
-    for name in ("runs.py", "engine.py", "cache.py", "evaluate.py"):
+    for name in ("runs.py", "run_writer.py", "engine.py", "cache.py", "evaluate.py", "features.py"):
         modules = [m for kind, m in calls_and_imports(PACKAGE / name) if kind == "import"]
         assert not any(m.startswith("taskres.methods") for m in modules), name
+
+
+def test_only_the_taskres_method_knows_taskres():
+    """The workflow, its configuration and the other methods go through the registry: TaskRes's module and its
+    classes are named only by TaskRes's own files (and the public API's lazy table in ``taskres/__init__.py``)."""
+    own = {"methods/taskres.py", "methods/taskres_official.py", "__init__.py"}
+    offences = []
+    for path in LIBRARY:
+        if path.relative_to(PACKAGE).as_posix() in own:
+            continue
+        for kind, name in calls_and_imports(path):
+            if kind == "import" and name == "taskres.methods.taskres":
+                offences.append(f"{path.name} imports {name}")
+        if "TaskResHead" in path.read_text() or "TaskResConfig" in path.read_text():
+            offences.append(f"{path.name} names TaskResHead or TaskResConfig")
+    assert offences == []

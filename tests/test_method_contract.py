@@ -3,11 +3,14 @@ line to NEEDS (what its fit needs) below, or none.
 
 - identity with zero-shot CLIP at initialisation, for methods that promise it (``init_head``);
 - the export round trip gives the same logits, class selection gives the selected columns;
-- training changes the method's own tensors only: the frozen base classifier and the backbone stay as they were.
+- training changes the method's own tensors only: the frozen base classifier and the backbone stay as they were;
+- what it learned beats zero-shot CLIP on a separable set; zero-shot CLIP itself, the baseline (a registered method
+  that learns nothing), gives exactly the base classifier's logits instead.
 """
 
 import pytest
 import torch
+from conftest import fit_context
 
 from taskres.engine import OptimConfig
 from taskres.methods import METHODS, FitContext, cosine_logits
@@ -17,6 +20,8 @@ from taskres.text import build_base_classifier
 NEEDS = {
     "coop": {"backbone": True, "config": {"n_ctx": 4}},
 }
+ZERO_SHOT = "zero-shot"  # the baseline: it learns nothing, by definition
+LEARNING = sorted(m for m in METHODS if m != ZERO_SHOT)
 
 
 def make_context(method, backbone, seed=0) -> FitContext:
@@ -32,7 +37,7 @@ def make_context(method, backbone, seed=0) -> FitContext:
     val_labels = torch.arange(3).repeat_interleave(2)
     val = centres[val_labels] + torch.randn(6, 32, generator=g)
     optim = OptimConfig(lr=5e-2, epochs=3, batch_size=4) if METHODS[method].trained else None
-    return FitContext(
+    return fit_context(
         base=base,
         logit_scale=100.0,
         train_views=views,
@@ -81,7 +86,23 @@ def test_export_round_trip_and_class_selection(method, tiny):
     assert torch.equal(head.select_classes([2, 0])(x), logits[:, [2, 0]])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_context_carries_its_features_and_shows_test_only_for_public_selection(tiny):
+    ctx = make_context("taskres", tiny)
+    assert ctx.train_views is ctx.features.train_views and ctx.val_features is ctx.features.val
+    assert ctx.test_features is None and ctx.test_labels is None and ctx.full_val_features is None
+    ctx.public_selection = True  # the official protocol of a method whose public code selects on test
+    assert ctx.test_features is ctx.features.test and ctx.test_labels is ctx.features.test_labels
+
+
+def test_zero_shot_is_the_base_classifier_as_it_is(tiny):
+    ctx = make_context(ZERO_SHOT, tiny)
+    fitted = METHODS[ZERO_SHOT].fit(ctx, config_for(ZERO_SHOT))
+    assert not METHODS[ZERO_SHOT].trained and fitted.info == {} and fitted.artifacts == []
+    assert torch.equal(fitted.head(ctx.val_features), cosine_logits(ctx.val_features, ctx.base, 100.0))
+    assert torch.equal(fitted.head.export()[0]["base_text_features"], ctx.base)
+
+
+@pytest.mark.parametrize("method", LEARNING)
 def test_training_changes_only_the_methods_own_tensors(method, tiny):
     ctx = make_context(method, tiny)
     backbone_before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
@@ -96,7 +117,7 @@ def test_training_changes_only_the_methods_own_tensors(method, tiny):
     assert not torch.equal(head(ctx.val_features), cosine_logits(ctx.val_features, base_before, 100.0))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", LEARNING)
 def test_tuned_beats_zero_shot_on_a_separable_set(method, tiny):
     """Well-separated class clusters and a base that ignores them: every method ends above zero-shot on held-out
     points of the clusters."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from conftest import cluster_context
 
 from taskres.backbones import load_backbone
+from taskres.config import TrainConfig
 from taskres.engine import OptimConfig, fit
 from taskres.errors import TaskResError, TaskResValueError
 from taskres.methods import METHODS, get_method, registry
@@ -50,7 +51,6 @@ from taskres.methods.tip_adapter_f import fit_tip_adapter_f
 from taskres.methods.zs_lp import ZSLPHead
 from taskres.text import build_base_classifier
 from taskres.text_tower import check_text_tower, pooled_text, projection
-from taskres.workflow import TrainConfig
 
 
 def context(**kw) -> FitContext:
@@ -254,6 +254,7 @@ def test_registry_lists_every_method_with_a_summary():
         "lp++",
         "zs-lp",
         "clap",
+        "zero-shot",
     }
     assert all(spec.summary and spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TaskResError, match="unknown method 'tip-adaptr'; did you mean 'tip-adapter'"):

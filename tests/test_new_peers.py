@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import cluster_context
 from conftest import run_cli as run
 
+from taskres.config import TrainConfig
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResError
 from taskres.methods import METHODS, get_method
@@ -18,7 +19,6 @@ from taskres.methods.base import FitContext, cosine_logits
 from taskres.methods.clap import CLAPConfig, class_penalty, fit_clap, penalty_weights
 from taskres.methods.lp_plus_plus import LPPConfig, LPPHead, fit_lpp, initial_alpha, step_size_alpha, step_size_w
 from taskres.methods.zs_lp import ZSLPConfig, ZSLPHead, batches_per_epoch, fit_zs_lp
-from taskres.workflow import TrainConfig
 
 
 def context(d=8, shots=4, views=1, val=3, optim=None, **kw) -> FitContext:

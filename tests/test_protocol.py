@@ -17,10 +17,12 @@ from safetensors import safe_open
 
 from taskres.backbones import load_backbone
 from taskres.cache import FeatureCache
+from taskres.config import Setup
 from taskres.data.sampling import sample_fewshot
 from taskres.data.sources import open_dataset
+from taskres.errors import TaskResError
 from taskres.methods.taskres import TaskResConfig, TaskResHead
-from taskres.workflow import Setup, zeroshot
+from taskres.workflow import zeroshot
 
 
 def tensors(path):
@@ -63,6 +65,32 @@ def test_official_zero_shot_is_coops_zeroshot_clip(underscored, openai_rn_file, 
     assert not torch.allclose(F.normalize(saved, dim=-1), t, atol=1e-4)  # the underscore is kept there
     assert json.loads((tmp_path / "zs" / "config.json").read_text())["protocol"] == "official"
     assert default["protocol"] == "default"
+
+
+def test_zero_shot_is_a_method_that_train_runs_as_zeroshot_does(underscored, openai_rn_file, tmp_path):
+    """The registered zero-shot method, trained (nothing is learned), is the `zeroshot` run: the same base under
+    either protocol (its official variant: CoOp's ZeroshotCLIP), the same test accuracy."""
+    from taskres.config import TrainConfig
+    from taskres.workflow import train
+
+    image_dir, split_file = underscored
+    backbone = load_backbone(str(openai_rn_file))
+    data = open_dataset(image_dir, split_file, ["a photo of a {}.", "a {} thing."])
+    setup = Setup(cache_dir=str(tmp_path / "cache"), quiet=True)
+    for protocol in ("default", "official"):
+        config = TrainConfig.resolve("zero-shot", 2, 1, protocol=protocol)
+        assert config.optim is None and config.views == 0
+        head, metrics = train(backbone, data, config, setup, out=tmp_path / f"train-{protocol}")
+        alone = zeroshot(backbone, data, setup, out=tmp_path / f"zs-{protocol}", protocol=protocol)
+        assert metrics["accuracy"] == alone["accuracy"] == metrics["zero_shot_accuracy"]
+        trained = tensors(tmp_path / f"train-{protocol}" / "classifier.safetensors")["base_text_features"]
+        assert torch.equal(
+            trained, tensors(tmp_path / f"zs-{protocol}" / "classifier.safetensors")["base_text_features"]
+        )
+        record = json.loads((tmp_path / f"train-{protocol}" / "config.json").read_text())
+        assert record["method"] == "zero-shot" and record["method_config"] == {} and record["base"] is None
+    with pytest.raises(TaskResError, match="method 'zero-shot' is training-free"):
+        TrainConfig.resolve("zero-shot", 2, 1, optim={"lr": 1e-3})
 
 
 def test_imagenet_official_zero_shot_uses_one_template():
@@ -388,6 +416,29 @@ def test_no_val_protocol_draws_no_val_shots_and_uses_fixed_values(env, capsys):
         config["method_config"]["init_alpha"],
         config["method_config"]["init_beta"],
     )
+
+
+def test_no_val_defaults_and_refusals_come_from_each_methods_registry_entry(tmp_path):
+    """Under no-val a method that searches on val takes its fixed values (``Method.no_val_options``): TaskRes only
+    with its enhanced base; a config set to search on val is refused, naming the method's option
+    (``Method.val_option``). The enhanced base is config.json's "base" (``Method.base_record``), and a missing
+    --base-weights file is refused before any encoding (``Method.check_files``)."""
+    from taskres.config import TrainConfig
+
+    def resolve(method, **options):
+        return TrainConfig.resolve(method, 2, 1, options=options, protocol="no-val")
+
+    assert resolve("taskres").method_config.search is None and resolve("taskres").record()["base"] is None
+    star = resolve("taskres", enhance_base=True)
+    assert star.method_config.search == "none" and star.record()["base"]["search"] == "none"
+    assert resolve("linear-probe", c=1.0).method_config.search == "none"
+    assert resolve("tip-adapter").method_config.search == "none"
+    with pytest.raises(TaskResError, match="no-val selects nothing.*set `search` none") as err:
+        resolve("taskres", enhance_base=True, search="val")
+    assert err.value.param == "search"
+    missing = TrainConfig.resolve("taskres", 2, 1, options={"base_weights": str(tmp_path / "none.safetensors")})
+    with pytest.raises(TaskResError, match="does not exist"):
+        missing.check_files()
 
 
 @pytest.mark.parametrize(

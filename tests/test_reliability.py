@@ -50,7 +50,7 @@ def edit_split(base, change):
 # ---- run folders as transactions ------------------------------------------------------------------------------
 
 LOCK_HOLDER = (
-    "import sys; from pathlib import Path; from taskres.runs import RunLock; "
+    "import sys; from pathlib import Path; from taskres.run_writer import RunLock; "
     "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); sys.stdin.read()"
 )
 
@@ -142,7 +142,7 @@ def test_ctrl_c_leaves_the_target_as_it_was(env, capsys, monkeypatch):
 
 
 def test_what_a_killed_writer_left_is_cleared_or_restored(tmp_path):
-    from taskres.runs import RunWriter
+    from taskres.run_writer import RunWriter
 
     out = tmp_path / "r"
     aside = tmp_path / ".r.taskres-old-abc"  # killed between the two renames of a commit
@@ -464,12 +464,12 @@ def test_unusable_cache_dir_is_exit_2_before_encoding(env, capsys, case):
 
 
 def test_eval_out_that_is_a_file_is_refused_before_evaluating(env, capsys, monkeypatch):
-    import taskres.workflow as workflow
+    import taskres.reuse as reuse
 
     tmp, base, _ = env
     assert run(["zeroshot", *base, "--out", str(tmp / "zs")], capsys)[0] == 0
     (tmp / "file").write_text("x")
-    monkeypatch.setattr(workflow, "encode_split", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    monkeypatch.setattr(reuse, "encode_split", lambda *a, **k: pytest.fail("evaluated before checking --out"))
     exit_2(
         *run(["eval", "--run", str(tmp / "zs"), "--quiet", "--out", str(tmp / "file")], capsys)[::2],
         "--out .*file' exists and is not a folder",

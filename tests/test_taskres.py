@@ -14,6 +14,7 @@ import torch
 from conftest import cluster_context
 from safetensors import safe_open
 
+from taskres.config import TrainConfig
 from taskres.engine import OptimConfig, fit
 from taskres.errors import TaskResError
 from taskres.methods import get_method
@@ -29,7 +30,6 @@ from taskres.methods.taskres import (
     optim_preset,
 )
 from taskres.text_tower import pooled_text, projection
-from taskres.workflow import TrainConfig
 
 
 def cos_logits(z, t, tau):

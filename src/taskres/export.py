@@ -41,11 +41,12 @@ import taskres
 from taskres.atomic import atomic_path
 from taskres.backbones import file_sha256
 from taskres.cache import FeatureCache
+from taskres.config import Setup
 from taskres.data.images import DEFAULT_MAX_PIXELS, ImageViews
 from taskres.errors import TaskResError, TaskResValueError, check_choice, invalid
 from taskres.evaluate import predict_logits
+from taskres.reuse import load_run_backbone, load_run_head
 from taskres.runs import CLASSIFIER, read_classifier, read_run
-from taskres.workflow import Setup, load_run_backbone, load_run_head
 
 logger = logging.getLogger(__name__)
 

@@ -141,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _import_official(args: argparse.Namespace) -> int:
-    from taskres.workflow import import_official
+    from taskres.methods.taskres_official import import_official
 
     setup = setup_from_args(args)
     dataset = dataset_from_args(args)
@@ -219,8 +219,8 @@ def _shots_and_seed(args: argparse.Namespace, dataset) -> None:
 def _train_config(args: argparse.Namespace, dataset_name: str = ""):
     """The method's preset for the dataset, with the options given on the command line (as `taskres sweep`'s
     cells: TrainConfig.resolve)."""
+    from taskres.config import TrainConfig
     from taskres.methods import get_method
-    from taskres.workflow import TrainConfig
 
     spec = get_method(args.method)
     values = {}

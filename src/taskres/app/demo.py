@@ -25,9 +25,9 @@ from taskres.app.report import (
 )
 from taskres.app.sweep import DatasetRef, Grid, run_sweep
 from taskres.atomic import write_text
+from taskres.config import Setup
 from taskres.demo.synthetic import write_demo_tasks
 from taskres.errors import TaskResError
-from taskres.workflow import Setup
 
 logger = logging.getLogger(__name__)
 

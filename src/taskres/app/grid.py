@@ -151,8 +151,8 @@ class Grid:
     def config(self, cell: Cell, dataset_name: str):
         """A trained cell's TrainConfig: the method's preset for the dataset with the grid's settings; the
         optimiser options apply to the methods that train, the views to those that train on augmented views."""
+        from taskres.config import TrainConfig
         from taskres.methods import get_method
-        from taskres.workflow import TrainConfig
 
         spec = get_method(self.base_method(cell.method))
         views_apply = self.views is not None and not spec.test_view_only and (spec.trained or self.views != "online")

@@ -334,8 +334,8 @@ def default_device() -> str:
 
 def setup_from_args(args: argparse.Namespace):
     """The Setup of the encoding flags (``add_common``)."""
+    from taskres.config import Setup
     from taskres.data.images import DEFAULT_MAX_PIXELS
-    from taskres.workflow import Setup
 
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache())
     try:
@@ -357,7 +357,7 @@ def setup_from_args(args: argparse.Namespace):
 
 
 def dataset_from_args(args: argparse.Namespace, required: bool = True):
-    from taskres.workflow import open_dataset
+    from taskres.data.sources import open_dataset
 
     if not required and args.data is None and args.dataset is None and args.split_file is None:
         return None

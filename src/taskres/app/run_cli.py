@@ -66,7 +66,7 @@ def _export_parser(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from taskres.workflow import evaluate_run
+    from taskres.reuse import evaluate_run
 
     metrics = evaluate_run(
         args.run, setup_from_args(args), dataset=dataset_from_args(args, required=False), out=args.out
@@ -76,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from taskres.workflow import predict
+    from taskres.reuse import predict
 
     results = predict(args.run, args.images, setup_from_args(args), top_k=args.top_k)
     if args.json:

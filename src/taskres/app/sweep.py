@@ -169,7 +169,8 @@ def _encode_cells(cells: Sequence[Cell], grid: Grid, setup, cache) -> None:
     """Every feature the cells read, encoded collectively (the ranks of a torchrun job share each split's images).
     A cell whose settings or data are invalid is left to fail, and be recorded, when it runs; those checks come
     before any encoding, so every rank skips the same cells."""
-    from taskres.workflow import encode_features, encode_split, prepare_training
+    from taskres.features import encode_features, encode_split
+    from taskres.workflow import prepare_training
 
     for (backbone_name, dataset_name), group in _groups(cells):
         try:
@@ -261,7 +262,8 @@ def _load(backbone_name: str, dataset_name: str, grid: Grid, setup):
 
 
 def _run_cell(exp: Path, cell: Cell, grid: Grid, backbone, dataset, setup, cache) -> None:
-    from taskres.workflow import evaluate_run, train, zeroshot
+    from taskres.reuse import evaluate_run
+    from taskres.workflow import train, zeroshot
 
     run = exp / "runs" / cell.folder
     if cell.method == ZERO_SHOT:

@@ -22,7 +22,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from taskres.backbones import Backbone
 from taskres.engine import OptimConfig, autograd_step, fit
 from taskres.methods._fused import column_cosine
 from taskres.views import TrainViews
+
+if TYPE_CHECKING:
+    from taskres.features import Features
 
 
 def option(flag: str, help: str, **argparse_kwargs: Any) -> dict:
@@ -223,16 +226,12 @@ class CosineHead(Head):
 
 @dataclass
 class FitContext:
-    """What a method's fit receives."""
+    """What a method's fit receives: the run's features (``taskres.features.Features``) and its settings."""
 
     base: torch.Tensor  # (C, D) base classifier: mean un-normalised text embedding over templates
     logit_scale: float  # tau = exp(logit_scale) of the backbone
-    # the few-shot images' features per epoch: a (V, N, D) tensor or ViewBank of cached views (V = 1: the test
-    # transform), or OnlineViews (fresh augmentations, encoded each epoch); see taskres.views
-    train_views: torch.Tensor | TrainViews
-    train_labels: torch.Tensor  # (N,)
-    val_features: torch.Tensor | None  # (M, D) few-shot validation features (test transform), or None
-    val_labels: torch.Tensor | None  # (M,)
+    # the training views (see taskres.views) with their (N,) labels, the few-shot val split, the test split
+    features: Features
     optim: OptimConfig | None  # None for training-free methods
     seed: int
     classnames: Sequence[str] = ()
@@ -243,12 +242,44 @@ class FitContext:
     device: str = "cpu"
     quiet: bool = False
     on_epoch: Callable[[dict], None] | None = None
-    # protocol "official": the method runs as its public code (Method.official); the splits it may select on then
+    # protocol "official": the method runs as its public code (Method.official); with ``public_selection`` (its
+    # public code selects on other splits) the fit is shown the test split and the dataset's whole val split
     protocol: str = "default"
-    full_val_features: torch.Tensor | None = None  # (M, D) the dataset's whole val split
-    full_val_labels: torch.Tensor | None = None
-    test_features: torch.Tensor | None = None  # (T, D) the test split, for public code that selects on it
-    test_labels: torch.Tensor | None = None
+    public_selection: bool = False
+
+    @property
+    def train_views(self) -> torch.Tensor | TrainViews:
+        """The few-shot images' features per epoch: a (V, N, D) tensor or ViewBank of cached views (V = 1: the
+        test transform), or OnlineViews (fresh augmentations, encoded each epoch)."""
+        return self.features.train_views
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.features.train_labels  # (N,)
+
+    @property
+    def val_features(self) -> torch.Tensor | None:
+        return self.features.val  # (M, D) few-shot validation features (test transform), or None
+
+    @property
+    def val_labels(self) -> torch.Tensor | None:
+        return self.features.val_labels  # (M,)
+
+    @property
+    def test_features(self) -> torch.Tensor | None:
+        return self.features.test if self.public_selection else None  # (T, D)
+
+    @property
+    def test_labels(self) -> torch.Tensor | None:
+        return self.features.test_labels if self.public_selection else None
+
+    @property
+    def full_val_features(self) -> torch.Tensor | None:
+        return self.features.full_val if self.public_selection else None  # (M, D) the dataset's whole val split
+
+    @property
+    def full_val_labels(self) -> torch.Tensor | None:
+        return self.features.full_val_labels if self.public_selection else None
 
     @property
     def has_val(self) -> bool:

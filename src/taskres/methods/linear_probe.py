@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 
 from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.methods.base import FitContext, Fitted, Head, option
-from taskres.methods.registry import Method, register_method
+from taskres.methods.registry import Method, register_method, search_none, searches_on_val
 from taskres.views import as_bank
 
 logger = logging.getLogger(__name__)
@@ -164,5 +164,7 @@ register_method(
         fit_linear_probe,
         views=0,
         test_view_only=True,
+        val_option=searches_on_val,
+        no_val_options=search_none,
     )
 )

@@ -42,7 +42,7 @@ from torch import nn
 
 from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.methods.base import FitContext, Fitted, Head, option
-from taskres.methods.registry import Method, register_method
+from taskres.methods.registry import Method, register_method, search_none, searches_on_val
 from taskres.views import as_bank
 
 logger = logging.getLogger(__name__)
@@ -302,5 +302,7 @@ register_method(
         LPPHead,
         fit_lpp,
         views=1,
+        val_option=searches_on_val,
+        no_val_options=search_none,
     )
 )

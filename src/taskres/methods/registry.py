@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,13 +23,15 @@ class OfficialVariant:
 
     ``views``: "online" (a fresh augmentation per epoch) or a number of cached views at ``view_scale``;
     ``base``: "fp16_text" (the mean text embedding, computed in fp16) or "normalized_templates" (per-template
-    normalised, "_" replaced); ``selection``: "public" gives the fit the splits the public code selects on (the full
-    val split, and the test split where the public code uses it), and the fit reports ``test_selected``.
+    normalised, "_" replaced); ``templates``: "dataset" (the dataset's) or "coop_zeroshot" (CoOp's one template per
+    benchmark, as its ``ZeroshotCLIP``); ``selection``: "public" gives the fit the splits the public code selects on
+    (the full val split, and the test split where the public code uses it), and the fit reports ``test_selected``.
     """
 
     views: int | Literal["online"] = "online"
     view_scale: tuple[float, float] = (0.08, 1.0)
     base: Literal["fp16_text", "normalized_templates"] = "fp16_text"
+    templates: Literal["dataset", "coop_zeroshot"] = "dataset"
     selection: Literal["none", "public"] = "none"
 
 
@@ -42,6 +44,14 @@ class Method:
     default number of augmented views per training image; ``test_view_only``: it trains on the test-transform
     features only (views = 0). ``init_head(ctx, config)``, where given, is the head before training, for methods
     that promise to start as zero-shot CLIP; ``files`` the names of the files its fit may add to a run folder.
+
+    What the workflow asks of a config, each a function of it (None: nothing to ask): ``check_files(config)`` raises
+    if a file it names is unusable, before any image is encoded; ``base_record(config)`` gives config.json's "base",
+    the settings of a base that the method builds in place of the text classifier (None: the text classifier). For
+    ``protocol="no-val"``, which selects nothing on a validation split: ``val_option(config)`` names the option by
+    which ``config`` selects on the few-shot val split (None: it does not), which no-val refuses; and
+    ``no_val_options(preset, options)`` the option values that make the method use its fixed values instead, which
+    ``TrainConfig.resolve`` sets under no-val unless the user's ``options`` set them.
     """
 
     name: str
@@ -57,6 +67,10 @@ class Method:
     init_head: Callable[[FitContext, Any], Head] | None = None
     files: tuple[str, ...] = ()  # files its fit may add to a run folder (Artifact names)
     official: OfficialVariant | None = None  # how --protocol official runs it; None: no official variant
+    check_files: Callable[[Any], None] | None = None
+    base_record: Callable[[Any], dict | None] | None = None
+    val_option: Callable[[Any], str | None] | None = None
+    no_val_options: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
 
     @property
     def trained(self) -> bool:
@@ -79,6 +93,17 @@ class Method:
                 param=unknown[0],
             )
         return dataclasses.replace(config, **values) if values else config
+
+
+def searches_on_val(config: Any) -> str | None:
+    """``Method.val_option`` of a method whose ``search`` option selects on the few-shot val split ("val") or uses
+    fixed values ("none")."""
+    return "search" if config.search == "val" else None
+
+
+def search_none(preset: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``Method.no_val_options`` of such a method: ``search`` none, its fixed values."""
+    return {"search": "none"}
 
 
 METHODS: dict[str, Method] = {}
@@ -106,6 +131,11 @@ def discover() -> dict[str, Method]:
             importlib.import_module(f"{__package__}.{name}")
         _discovered = True
     return METHODS
+
+
+def method_files() -> list[str]:
+    """The names of the files that any method's fit may add to a run folder."""
+    return [name for method in discover().values() for name in method.files]
 
 
 def option_flags() -> dict[str, tuple[str, tuple[str, ...]]]:

@@ -13,7 +13,8 @@ up to 4 shots and 200 above; alpha 0.5 (1.0 on Flowers102).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -30,7 +31,7 @@ from taskres.methods.enhanced_base import (
     load_projection,
     projection_artifact,
 )
-from taskres.methods.registry import Method, OfficialVariant, register_method
+from taskres.methods.registry import Method, OfficialVariant, register_method, searches_on_val
 
 Variant = Literal["text", "image", "both"]
 VARIANTS: tuple[str, ...] = ("text", "image", "both")
@@ -194,6 +195,17 @@ def fit_taskres(ctx: FitContext, config: TaskResConfig) -> Fitted:
     return Fitted(head.cpu(), info, extra_heads, artifacts)
 
 
+def base_record(config: TaskResConfig) -> dict | None:
+    """config.json's "base": TaskRes*'s enhanced base settings, or None for the text classifier."""
+    return asdict(config.enhanced_base) if config.enhanced_base is not None else None
+
+
+def no_val_options(preset: TaskResConfig, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Under no-val, TaskRes*'s enhanced base takes its fixed lr (``search`` none); plain TaskRes selects nothing."""
+    star = preset.search is not None or options.get("enhance_base") or options.get("base_weights")
+    return {"search": "none"} if star else {}
+
+
 register_method(
     Method(
         "taskres",
@@ -208,5 +220,9 @@ register_method(
         files=(PROJECTION_FILE,),
         # The official trainer: a fresh augmentation every epoch, the base from the fp16 text encoder.
         official=OfficialVariant(views="online", base="fp16_text"),
+        check_files=TaskResConfig.check,
+        base_record=base_record,
+        val_option=searches_on_val,
+        no_val_options=no_val_options,
     )
 )

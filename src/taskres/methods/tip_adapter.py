@@ -24,7 +24,7 @@ from torch import nn
 
 from taskres.errors import TaskResValueError, check_choice
 from taskres.methods.base import CosineHead, FitContext, Fitted, cosine_logits, option
-from taskres.methods.registry import Method, OfficialVariant, register_method
+from taskres.methods.registry import Method, OfficialVariant, register_method, search_none, searches_on_val
 from taskres.views import TrainViews, as_bank
 
 # Tip-Adapter's configs/<dataset>.yaml: (init_beta, init_alpha, search_scale [beta, alpha]), keyed by our names.
@@ -261,5 +261,7 @@ register_method(
         config_preset=TipAdapterConfig.for_dataset,
         official=PUBLIC,
         views=10,
+        val_option=searches_on_val,
+        no_val_options=search_none,
     )
 )  # the public cache: 10 augmented epochs

@@ -18,7 +18,7 @@ import torch
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError
 from taskres.methods.base import FitContext, Fitted
-from taskres.methods.registry import Method, register_method
+from taskres.methods.registry import Method, register_method, search_none, searches_on_val
 from taskres.methods.tip_adapter import (
     PUBLIC,
     TipAdapterConfig,
@@ -97,5 +97,7 @@ register_method(
         config_preset=TipAdapterConfig.for_dataset,
         official=PUBLIC,
         views=10,
+        val_option=searches_on_val,
+        no_val_options=search_none,
     )
 )  # the public cache: 10 augmented epochs

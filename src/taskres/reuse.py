@@ -1,0 +1,193 @@
+"""Re-using a finished run: its head and backbone loaded back and checked, evaluated again (on its own test split or
+another dataset's), or asked for the classes of new images.
+
+    load_run_head(run)                 -> (head, class names, class ids)
+    load_run_backbone(config, setup)   -> the backbone the run used, checked to be the same weights
+    evaluate_run(run, setup, ...)      -> metrics (``taskres eval``)
+    predict(run, images, setup, top_k) -> top-k classes per image (``taskres predict``)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from taskres.atomic import write_json
+from taskres.backbones import Backbone, BackboneIdentity, load_backbone
+from taskres.cache import FeatureCache, check_writable_dir
+from taskres.config import Setup
+from taskres.data.sources import reopen_dataset
+from taskres.data.splits import DatasetSource, DatasetSplits
+from taskres.errors import TaskResValueError, invalid
+from taskres.evaluate import evaluate, predict_logits
+from taskres.features import encode_split, helper_rank
+from taskres.methods import Head, get_method
+from taskres.runs import CLASSIFIER, CONFIG, METRICS, read_classifier, read_run
+
+__all__ = ["evaluate_run", "load_run_backbone", "load_run_head", "predict"]
+
+
+def load_run_backbone(config: dict, setup: Setup, precision: str | None = None) -> Backbone:
+    """Reload the backbone a run used (a Hub model at the commit it used) and check it is the same weights; at the
+    run's precision unless ``precision`` is given."""
+    try:
+        recorded = BackboneIdentity.from_json(config["backbone"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise TaskResValueError(
+            f"the run's config.json has a damaged backbone record ({type(err).__name__}: "
+            f"{err}); it was edited. Re-run training.",
+            param="run",
+        ) from None
+    backbone = load_backbone(
+        recorded.reload_spec(),
+        device=setup.device,
+        precision=precision or recorded.precision,
+        weights_dir=setup.weights_dir,
+    )
+    difference = backbone.identity.difference(recorded)
+    if difference is not None:
+        raise TaskResValueError(
+            f"the backbone {recorded.spec!r} on this machine differs from the one the run used ({difference}).",
+            param="backbone",
+        )
+    return backbone
+
+
+def load_run_head(run: Path) -> tuple[Head, list[str], list[str]]:
+    """(head, class names, class ids or []) of a run's classifier.safetensors, rebuilt by its method."""
+    method, tensors, meta, classnames, class_ids = read_classifier(run / CLASSIFIER)
+    try:
+        head = get_method(method).head_cls.from_export(tensors, meta)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        if isinstance(err, TaskResValueError):
+            raise
+        raise TaskResValueError(
+            f"classifier file {str(run / CLASSIFIER)!r} cannot be rebuilt as a {method} head "
+            f"({type(err).__name__}: {err}); its metadata was edited or damaged. Re-run "
+            "training.",
+            param="run",
+        ) from None
+    return head, classnames, class_ids
+
+
+def evaluate_run(
+    run: str | Path,
+    setup: Setup,
+    dataset: DatasetSplits | None = None,
+    out: str | Path | None = None,
+    backbone: Backbone | None = None,
+    cache: FeatureCache | None = None,
+) -> dict:
+    """Re-evaluate a run's classifier on its own test split, or on ``dataset``'s."""
+    run, config = read_run(run)
+    if helper_rank(cache):
+        out = None  # under torchrun, rank 0 alone writes
+    if out is not None:  # before the evaluation, which may take minutes
+        _check_eval_out(Path(out), run)
+    head, classnames, class_ids = load_run_head(run)
+    if dataset is None:
+        dataset = _recorded_dataset(run, config)
+    head = _head_for(head, classnames, class_ids, dataset, run, config)
+    if backbone is None:
+        backbone = load_run_backbone(config, setup)
+    elif (difference := backbone.identity.difference(BackboneIdentity.from_json(config["backbone"]))) is not None:
+        raise TaskResValueError(
+            f"the backbone given differs from the one run {str(run)!r} used ({difference}).", param="backbone"
+        )
+    test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
+    metrics = evaluate(head, test, labels, dataset.classnames)
+    metrics.update(skipped_images=len(skipped), run=str(run), dataset=dataset.name)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out) / METRICS, metrics)
+    return metrics
+
+
+def _check_eval_out(out: Path, run: Path) -> None:
+    """``out`` can take the evaluation's metrics.json: a new or existing folder, not a run folder."""
+    if (out / CONFIG).exists():
+        raise TaskResValueError(
+            f"out {str(out)!r} is a run folder; its metrics.json would be replaced. Write the "
+            f"evaluation elsewhere, e.g. {str(Path(run) / 'eval')}.",
+            param="out",
+        )
+    if out.exists() and not out.is_dir():
+        raise TaskResValueError(
+            f"out {str(out)!r} exists and is not a folder; choose another path for metrics.json.", param="out"
+        )
+    check_writable_dir(out, "out")
+
+
+def _recorded_dataset(run: Path, config: dict) -> DatasetSplits:
+    """The dataset the run was trained on, reopened from its record, with the same split entries."""
+    recorded = config["dataset"]
+    try:
+        dataset = reopen_dataset(DatasetSource.from_json(recorded), recorded["templates"])
+        split_hash = recorded["split_hash"]
+    except (KeyError, TypeError) as err:
+        raise TaskResValueError(
+            f"run {str(run)!r}: config.json has a damaged dataset record ({type(err).__name__}"
+            f": {err}); it was edited. Re-run training.",
+            param="run",
+        ) from None
+    if dataset.split_hash != split_hash:
+        raise TaskResValueError(
+            f"the dataset of run {str(run)!r} has changed since it was trained (its split "
+            "entries differ from the ones recorded); pass --data/--split-file or "
+            "--dataset/--root to evaluate on the dataset as it is now, knowingly.",
+            param="dataset",
+        )
+    return dataset
+
+
+def _head_for(
+    head: Head, classnames: list[str], class_ids: list[str], dataset: DatasetSplits, run: Path, config: dict
+) -> Head:
+    """The run's head over ``dataset``'s classes: its own, or the rows of an ImageNet variant's (by WordNet id)."""
+    if class_ids and dataset.class_ids and list(dataset.class_ids) != class_ids:
+        from taskres.data.benchmarks import map_class_rows
+
+        # Domain generalisation: keep the rows of the target's classes, matched by WordNet id
+        # (docs/protocol.md#evaluation).
+        return head.select_classes(
+            map_class_rows(class_ids, dataset.class_ids, config["dataset"]["name"], dataset.name)
+        )
+    if list(dataset.classnames) != list(classnames):
+        raise TaskResValueError(
+            f"dataset {dataset.name!r} has classes {list(dataset.classnames)[:5]}... but run "
+            f"{str(run)!r} was trained on {classnames[:5]}...; evaluate on a dataset with the "
+            "same classes in the same order (or an ImageNet variant for an ImageNet run).",
+            param="dataset",
+        )
+    return head
+
+
+def predict(run: str | Path, images: Sequence[str | Path], setup: Setup, top_k: int = 5) -> list[dict]:
+    """Top-k classes with probabilities for each image: ``[{"image", "top": [{"class", "prob"}, ...]}, ...]``."""
+    run, config = read_run(run)
+    if top_k < 1:
+        raise invalid("top_k", "be >= 1", top_k)
+    head, classnames, _ = load_run_head(run)
+    backbone = load_run_backbone(config, setup)
+    feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True, max_pixels=setup.max_image_pixels).features(
+        backbone, images
+    )
+    probs = predict_logits(head, feats).softmax(dim=1)  # (N, C)
+    if probs.shape[1] != len(classnames):
+        raise TaskResValueError(
+            f"run {str(run)!r}: the classifier has {probs.shape[1]} classes but its metadata "
+            f"names {len(classnames)}; the file was edited or damaged. Re-run training.",
+            param="run",
+        )
+    k = min(top_k, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    return [
+        {
+            "image": str(img),
+            "top": [
+                {"class": classnames[j], "prob": float(p)}
+                for p, j in zip(top.values[i].tolist(), top.indices[i].tolist())
+            ],
+        }
+        for i, img in enumerate(images)
+    ]
