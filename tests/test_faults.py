@@ -113,6 +113,36 @@ def test_export_to_a_full_disk_is_exit_2_and_leaves_nothing(tip_run, tmp_path, c
     assert list(folder.iterdir()) == []
 
 
+def limit_file_size(limit: int) -> None:
+    """In the child: files may not grow past ``limit`` bytes; a write beyond it fails with EFBIG (the signal the
+    kernel sends first is ignored, as a shell's ``ulimit -f`` with a trap would)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("format", ["torchscript", "onnx"])
+def test_export_past_a_real_write_limit_is_exit_2_not_an_abort(tip_run, tmp_path, format):
+    """A real write failure from the kernel (no monkeypatching): torch's C++ writer used to abort the process
+    (SIGABRT) and leave its hidden temporary file; the ONNX file's failure was called a tracing failure."""
+    import subprocess
+    import sys
+
+    code = "import sys; from taskres.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["export", "--run", str(tip_run), "--format", format, "--out", str(tmp_path / "m.pt")]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        preexec_fn=lambda: limit_file_size(200_000),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    exit_2(proc.returncode, proc.stderr, "File too large", f"folder {str(tmp_path)!r}", "'m.pt'", "ulimit -f")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_exporters_own_full_disk_is_not_called_a_tracing_failure(tip_run, tmp_path, monkeypatch):
     import taskres.export as export
 

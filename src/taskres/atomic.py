@@ -1,8 +1,9 @@
 """Atomic writes: a file appears complete under its name or not at all (temporary file in the same folder, then
 ``os.replace``). Every artefact the library writes (run files, cache chunks, projections, exports) goes through here.
 
-A full disk (``ENOSPC``) or an exhausted quota (``EDQUOT``) is a ``DiskFullError`` that names the folder and, when
-known, the size of the file; the temporary file is removed, so nothing is left behind.
+A full disk (``ENOSPC``), an exhausted quota (``EDQUOT``) or a file larger than the file system or ``ulimit -f``
+allows (``EFBIG``) is a ``DiskFullError`` that names the folder and, when known, the size of the file; the temporary
+file is removed, so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any
 
 from taskres.errors import TaskResError
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class DiskFullError(TaskResError, OSError):
-    """No space left (or the quota used up) where a file was being written. Also an ``OSError`` with the kernel's
-    ``errno``, so that ``except OSError`` catches it as before."""
+    """No space left (or the quota used up, or a file too large) where a file was being written. Also an ``OSError``
+    with the kernel's ``errno``, so that ``except OSError`` catches it as before."""
 
     def __init__(self, message: str, cause: OSError):
         super().__init__(message)
@@ -47,10 +48,14 @@ def human_size(n: int) -> str:
 def disk_full_error(path: Path, err: OSError, size: int | None = None) -> DiskFullError:
     """The message of a write to ``path`` that met a full disk: the folder, the file and the space it needs."""
     need = f"; it needs {human_size(size)}" if size is not None else ""
+    fix = (
+        "the file system (or ulimit -f) allows no file this large; write to another disk or raise the limit"
+        if err.errno == errno.EFBIG
+        else "free some space on that disk (or raise your quota) and run again, or write to another disk"
+    )
     return DiskFullError(
         f"cannot write {path.name!r} in folder {str(path.parent)!r}: {err.strerror or os.strerror(err.errno or 0)}"
-        f"{need}. No partial file was left; free some space on that disk (or raise your quota) and run again, or "
-        "write to another disk.",
+        f"{need}. No partial file was left; {fix}.",
         err,
     )
 
