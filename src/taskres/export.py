@@ -16,7 +16,8 @@ SHA-256 and the backbone's identity), ``input``, ``outputs``, ``preprocessing``,
 The parity check runs the exported file on a few test images and compares it with what ``predict`` computes for
 them (the run's head on the backbone's features): the largest difference may be ``PROBS_ATOL`` on the probabilities
 and ``LOGITS_RTOL`` times the largest logit on the logits; beyond that the file is not written. The file is written
-atomically.
+atomically, once the check has passed: on a full disk
+nothing is left behind.
 
 ONNX needs the optional packages of ``pip install 'taskres[export]'`` (onnx, onnxruntime, and onnxscript, which
 torch's exporter uses); TorchScript needs nothing beyond torch.
@@ -24,13 +25,12 @@ torch's exporter uses); TorchScript needs nothing beyond torch.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
+import os
 import re
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,23 @@ import torch
 from torch import nn
 
 import taskres
-from taskres.atomic import atomic_path
+from taskres.atomic import is_disk_full, write_bytes
 from taskres.backbones import file_sha256
 from taskres.cache import FeatureCache
 from taskres.config import Setup
 from taskres.data.images import DEFAULT_MAX_PIXELS, ImageViews
-from taskres.errors import TaskResError, TaskResValueError, check_choice, invalid
+from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError, check_choice, invalid
 from taskres.evaluate import predict_logits
+from taskres.export_formats import (
+    METADATA_FILE,
+    decode,
+    is_zip,
+    onnx_bytes,
+    quiet_exporters,
+    run_onnx,
+    run_torchscript,
+    torchscript_bytes,
+)
 from taskres.reuse import load_run_backbone, load_run_head
 from taskres.runs import CLASSIFIER, read_classifier, read_run
 
@@ -53,7 +63,6 @@ logger = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 EXTRA_INSTALL = "pip install 'taskres[export]'"
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch.onnx.export's exporter
-METADATA_FILE = "taskres.json"  # the TorchScript extra file
 EXPORT_FORMAT = "taskres-export-1"
 PROBS_ATOL = 1e-3  # largest difference of a probability
 LOGITS_RTOL = 1e-3  # largest difference of a logit, relative to the largest |logit| (at least 1)
@@ -98,7 +107,7 @@ def export_run(
     run, config = read_run(run)
     head, classnames, class_ids = load_run_head(run)
     method = read_classifier(run / CLASSIFIER)[0]
-    backbone = load_run_backbone(config, _fp32_cpu_setup(weights_dir, max_image_pixels), precision="fp32")
+    backbone = _run_backbone(run, config, _fp32_cpu_setup(weights_dir, max_image_pixels))
     images = [str(p) for p in check_images] if check_images else _test_images(run, config, n_check)
     head = head.cpu().eval()
     reference = _reference(run, head, backbone, images, len(classnames), max_image_pixels)
@@ -109,10 +118,10 @@ def export_run(
     module = ExportedClassifier(backbone.model.visual, head).eval()
     example = _trace_example(len(images), backbone.image_size)
     what = f"run {str(run)!r}: method {method!r}"
-    with atomic_path(out) as tmp:
-        logits, probs = _export_and_run(module, example, tmp, metadata, pixels, format, what)
-        parity = _compare(logits, probs, reference)
-        _check_parity(parity, run, format, method, len(images))
+    data, logits, probs = _export_and_run(module, example, metadata, pixels, format, what)
+    parity = _compare(logits, probs, reference)
+    _check_parity(parity, run, format, method, len(images))
+    write_bytes(out, data)  # the file as checked, or nothing (a full disk is a DiskFullError naming the folder)
     n, d_logits, d_probs = len(images), parity["max_abs_logits"], parity["max_abs_probs"]
     logger.info("exported %s to %s (parity on %d images: logits %.2g, probs %.2g)", run, out, n, d_logits, d_probs)
     return {
@@ -143,14 +152,14 @@ def require_onnx() -> None:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of an exported file (ONNX or TorchScript), JSON values decoded."""
     path = Path(path)
-    if _is_zip(path):  # a TorchScript archive
+    if is_zip(path):  # a TorchScript archive
         files = {METADATA_FILE: ""}
-        with _quiet_exporters():
+        with quiet_exporters():
             torch.jit.load(str(path), map_location="cpu", _extra_files=files)
         return json.loads(files[METADATA_FILE])
     import onnx
 
-    return {p.key: _decode(p.value) for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return {p.key: decode(p.value) for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 # ---- internals ---------------------------------------------------------------------------------------------------
@@ -172,6 +181,34 @@ def _check_out(out: Path, overwrite: bool) -> Path:
             f"out {str(out)!r}: its folder cannot be created ({err.strerror or err}).", param="out"
         ) from None
     return out
+
+
+def _run_backbone(run: Path, config: dict, setup: Setup):
+    """The run's backbone, float32 on the CPU; a backbone file that is gone is named, with what to do (export has no
+    --backbone to point elsewhere)."""
+    try:
+        return load_run_backbone(config, setup, precision="fp32")
+    except TaskResError:
+        missing = missing_backbone_file(config)
+        if missing is None:
+            raise
+    where = " (a path relative to the folder taskres was run from)" if not os.path.isabs(missing) else ""
+    raise TaskResFileNotFoundError(
+        f"run {str(run)!r} was trained with the backbone file {missing!r}{where}, which is not there any more; put "
+        "it back at that path (config.json records its SHA-256, which is checked), then run again.",
+        param="run",
+    ) from None
+
+
+def missing_backbone_file(config: dict) -> str | None:
+    """The weights file a run's backbone record names (an OpenAI-format file, or open_clip's MODEL:FILE) when it
+    does not exist, else None."""
+    record = config.get("backbone")
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), str):
+        return None
+    spec, kind = record["spec"], record.get("kind")
+    path = spec if kind == "file" else spec.split(":", 1)[1] if kind == "open_clip_file" and ":" in spec else None
+    return path if path is not None and not Path(path).expanduser().is_file() else None
 
 
 def _test_images(run: Path, config: dict, n: int) -> list[str]:
@@ -235,17 +272,22 @@ def _trace_example(n_check: int, size: int) -> torch.Tensor:
 
 
 def _export_and_run(
-    module: nn.Module, example: torch.Tensor, path: Path, metadata: dict, pixels: torch.Tensor, format: str, what: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``module`` to ``path`` as ``format`` and run the file on ``pixels``: (logits, probs). An exporter's
-    failure is a TaskResValueError that names ``what`` is exported and the way out."""
+    module: nn.Module, example: torch.Tensor, metadata: dict, pixels: torch.Tensor, format: str, what: str
+) -> tuple[bytes, torch.Tensor, torch.Tensor]:
+    """``module`` as the bytes of a ``format`` file, and what that file computes for ``pixels``: (bytes, logits,
+    probs). An exporter's failure is a TaskResValueError that names ``what`` is exported and the way out."""
     try:
-        with _quiet_exporters():
-            (_write_onnx if format == "onnx" else _write_torchscript)(module, example, path, metadata)
-            return (_run_onnx if format == "onnx" else _run_torchscript)(path, pixels)
+        with quiet_exporters():
+            data = (onnx_bytes if format == "onnx" else torchscript_bytes)(module, example, metadata)
+            return data, *(run_onnx if format == "onnx" else run_torchscript)(data, pixels)
     except (TaskResError, MemoryError):
         raise
     except Exception as err:  # torch's exporters raise many types (export, dynamo, tracer, ONNX checker)
+        if isinstance(err, OSError) and is_disk_full(err):  # an exporter's own temporary file: not a tracing failure
+            raise TaskResValueError(
+                f"{what} cannot be exported to {format}: {err.strerror} while the exporter wrote "
+                f"{err.filename or 'a temporary file'}; free some space and run again."
+            ) from None
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch colours its messages
         first = text.splitlines()[0] if text else ""
         raise TaskResValueError(
@@ -303,79 +345,6 @@ def _metadata(
         "preprocessing": PREPROCESSING,
         "taskres_version": taskres.__version__,
     }
-
-
-def _encode(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def _decode(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
-
-
-def _is_zip(path: Path) -> bool:
-    import zipfile
-
-    return zipfile.is_zipfile(path)
-
-
-@contextlib.contextmanager
-def _quiet_exporters() -> Iterator[None]:
-    """torch's exporters warn about their own deprecations and tracing, and onnxscript logs its graph optimisation;
-    none of it is the user's to act on."""
-    noisy = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
-    levels = [lg.level for lg in noisy]
-    try:
-        for lg in noisy:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(noisy, levels):
-            lg.setLevel(level)
-
-
-def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
-    batch = torch.export.Dim("batch")
-    with torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            (example,),
-            input_names=["image"],
-            output_names=["logits", "probs"],
-            dynamic_shapes={"image": {0: batch}},
-            dynamo=True,
-            verbose=False,
-        )
-    assert program is not None  # the dynamo exporter returns the program
-    for key, value in metadata.items():
-        program.model.metadata_props[key] = _encode(value)
-    program.save(str(path), external_data=False)
-
-
-def _run_onnx(path: Path, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits, probs = session.run(["logits", "probs"], {"image": pixels.numpy()})
-    return torch.from_numpy(logits), torch.from_numpy(probs)
-
-
-def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
-    with torch.no_grad():
-        traced = torch.jit.trace(module, (example,), check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
-
-
-def _run_torchscript(path: Path, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    model = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        logits, probs = model(pixels)
-    return logits.float(), probs.float()
 
 
 def _compare(logits: torch.Tensor, probs: torch.Tensor, reference: torch.Tensor) -> dict:

@@ -9,9 +9,11 @@ by (run seed, epoch, name). So copying or moving a dataset gives the same pixels
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +93,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as 8-bit RGB (``to_rgb``); a missing, unreadable, undecodable or oversized file (more than
-    ``max_pixels`` pixels, None: no limit) is a TaskResError that names it."""
+    ``max_pixels`` pixels, None: no limit; PIL's own guard is off, so this is the limit in force) is a TaskResError
+    that names it."""
     path = str(path)
     if os.path.isdir(path):
         raise TaskResValueError(
@@ -105,7 +108,7 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             "file's paths, which are relative to it."
         )
     try:
-        with Image.open(path) as img:
+        with _our_pixel_limit(), Image.open(path) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 raise TaskResValueError(
@@ -124,6 +127,42 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             f"image {path!r} cannot be decoded ({err}); replace or remove the file, or pass "
             "--skip-bad-images to leave such images out."
         ) from None
+
+
+_pil_guard_lock = threading.Lock()
+_pil_guard_users = 0  # read_image calls in progress in this process (threads), which PIL's own guard leaves alone
+_pil_guard_saved: int | None = None
+
+
+@contextlib.contextmanager
+def _our_pixel_limit() -> Iterator[None]:
+    """PIL's own bomb guard off while we decode, so that ``max_pixels`` is the limit in force: PIL refuses images
+    above twice ``Image.MAX_IMAGE_PIXELS`` (about 179 million pixels) whatever limit the user set, and warns above
+    it. The guard is a module global: the calls in progress are counted so that threads do not restore it under
+    each other (DataLoader workers are processes, each with its own)."""
+    global _pil_guard_users, _pil_guard_saved
+    with _pil_guard_lock:
+        if _pil_guard_users == 0:
+            _pil_guard_saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _pil_guard_users += 1
+    try:
+        yield
+    finally:
+        with _pil_guard_lock:
+            _pil_guard_users -= 1
+            if _pil_guard_users == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_guard_saved
+
+
+def _reset_pil_guard_in_child() -> None:
+    """A forked child (a DataLoader worker) has none of the parent's other threads: none is reading."""
+    global _pil_guard_lock, _pil_guard_users
+    if _pil_guard_users:
+        Image.MAX_IMAGE_PIXELS = _pil_guard_saved
+    _pil_guard_lock, _pil_guard_users = threading.Lock(), 0
+
+
+os.register_at_fork(after_in_child=_reset_pil_guard_in_child)
 
 
 class ImageViews(torch.utils.data.Dataset):

@@ -157,6 +157,27 @@ def classnames_from_entries(entries: Sequence[Entry], where: str) -> tuple[str, 
     return tuple(names[i] for i in range(len(names)))
 
 
+def check_classnames(classnames: Sequence[str], where: str) -> None:
+    """A line break in a class name is an error; names that differ only in case or whitespace are a warning."""
+    for name in classnames:
+        if name and name.splitlines() != [name]:
+            raise TaskResValueError(
+                f"{where}: class name {name!r} holds a line break; class names are printed one to a line (predict, "
+                "reports, results.md) and go into the prompts. Remove it from the class name."
+            )
+    groups: dict[str, list[str]] = {}
+    for name in classnames:
+        groups.setdefault(" ".join(name.split()).casefold(), []).append(name)
+    for same in (g for g in groups.values() if len(g) > 1):
+        logger.warning(
+            "%s: class names %s differ only in case or whitespace; CLIP's tokenizer lowercases and collapses "
+            "whitespace, so their prompts are the same and the zero-shot classifier cannot tell them apart. Rename "
+            "one if they are different classes, or merge them.",
+            where,
+            " and ".join(repr(n) for n in same),
+        )
+
+
 def check_split_entries(splits: Mapping[str, Sequence[Entry]], where: str) -> None:
     """A path listed twice in one split is an error; one in both train and test is logged as a warning."""
     seen: dict[str, set[str]] = {}
@@ -224,6 +245,7 @@ def load_split_file(
         splits[key] = tuple(Entry.from_json(item, f"split file {str(split_file)!r} ({key})") for item in items)
     check_split_entries(splits, f"split file {str(split_file)!r}")
     classnames = classnames_from_entries(splits["train"] + splits["val"] + splits["test"], f"split file {split_file}")
+    check_classnames(classnames, f"split file {str(split_file)!r}")
     for key in ("train", "test"):
         if not splits[key]:
             raise TaskResValueError(f"split file {str(split_file)!r} has no '{key}' entries.")
@@ -268,6 +290,7 @@ def _load_image_folder(root: Path, train_dir: Path, templates: Sequence[str], na
     classnames = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
     if not classnames:
         raise TaskResValueError(f"{str(train_dir)!r} holds no class folders; expected train/<class>/<image>.")
+    check_classnames(classnames, f"ImageFolder {str(train_dir)!r}")
     splits = {}
     for split in ("train", "val", "test"):
         split_dir = root / split
