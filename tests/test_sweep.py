@@ -145,6 +145,7 @@ def test_report_means_and_stds_match_the_run_folders(env, capsys):
     "extra,match",
     [
         (["--methods", "taskres,tip-adaptr"], "unknown method 'tip-adaptr' in --methods; did you mean 'tip-adapter'"),
+        (["--methods", "taskres,zero-shot"], "zero-shot runs once per dataset and backbone in every sweep"),
         (["--shard", "3/2"], "--shard must be I/N with 1 <= I <= N"),
         (["--shard", "x"], "--shard must be I/N"),
         (["--lp-c", "1", "--methods", "taskres"], "--lp-c applies to linear-probe, none of which is in --methods"),

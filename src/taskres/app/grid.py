@@ -66,8 +66,13 @@ class Grid:
     def __post_init__(self) -> None:
         from taskres.methods import discover
 
-        known = list(discover()) + list(VARIANTS)
+        known = [m for m in discover() if m != ZERO_SHOT] + list(VARIANTS)
         for m in self.methods:
+            if m == ZERO_SHOT:
+                raise TaskResValueError(
+                    "zero-shot runs once per dataset and backbone in every sweep; drop it from `methods`.",
+                    param="methods",
+                )
             if m not in known:
                 raise TaskResValueError(
                     f"unknown method {m!r} in `methods`; {suggest(m, known)}known: {', '.join(known)}.", param="methods"
