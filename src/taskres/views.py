@@ -74,8 +74,8 @@ class ViewBank:
 class OnlineViews:
     """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached).
 
-    One decoding pool serves the whole run: its worker processes (``taskres.cache.loader_workers``; none for a
-    small set) start with the first epoch and stay until ``close`` (``fit`` closes it at its end; a later call
+    One decoding pool serves the whole run: its worker processes (``taskres.cache.loader_workers``; none when an
+    epoch fits in one encoder batch) start with the first epoch and stay until ``close`` (``fit`` closes it at its end; a later call
     starts a new one). An epoch that reads only some images (``rows``: the samples of the batches that training
     keeps) decodes and encodes only those. Each draw's seed is computed once, from (run seed, epoch, image name).
     """
@@ -147,9 +147,9 @@ class OnlineViews:
                 max_pixels=self.max_pixels,
                 augment=True,
             )
-            # the pool serves every epoch: sized for the run (two epochs' images at least), not for one epoch
-            images = 2 * self.num_samples
-            workers = loader_workers(self.workers, images, self.batch_size, self.backbone.device)
+            # started once for every epoch: a worker pays off as soon as an epoch holds two encoder batches (it
+            # decodes the next one while the encoder runs), which is loader_workers' rule for two epochs' images
+            workers = loader_workers(self.workers, 2 * self.num_samples, self.batch_size, self.backbone.device)
             self._pool = decoding_pool(data, self._plan, workers, self.backbone.device)
         return self._pool
 
