@@ -75,9 +75,10 @@ class OnlineViews:
     """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached).
 
     One decoding pool serves the whole run: its worker processes (``taskres.cache.loader_workers``; none when an
-    epoch fits in one encoder batch) start with the first epoch and stay until ``close`` (``fit`` closes it at its end; a later call
-    starts a new one). An epoch that reads only some images (``rows``: the samples of the batches that training
-    keeps) decodes and encodes only those. Each draw's seed is computed once, from (run seed, epoch, image name).
+    epoch fits in one encoder batch) start with the first epoch and stay until ``close`` (``fit`` closes it at its
+    end; a later call starts a new one). An epoch that reads only some images (``rows``: the samples of the batches
+    that training keeps) decodes and encodes only those. Each draw's seed is computed once, from (run seed, epoch,
+    image name).
     """
 
     def __init__(
