@@ -70,7 +70,7 @@ def build_base_classifier(
 
     Class names are used exactly as given (underscores kept), as the official code does. ``text_precision`` "fp16"
     runs the text encoder (and takes the mean) in half precision, as the official trainer, whose CLIP is fp16 when
-    the base is built (docs/protocol.md#images-and-transforms).
+    the base is built: the model converted as OpenAI's ``build_model`` converts it (docs/protocol.md#precision).
     """
     templates = check_templates(templates)
     check_prompts_fit(backbone, classnames, templates)

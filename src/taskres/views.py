@@ -74,11 +74,11 @@ class ViewBank:
 class OnlineViews:
     """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached).
 
-    One decoding pool serves the whole run: its worker processes (``taskres.cache.loader_workers``; none when an
-    epoch fits in one encoder batch) start with the first epoch and stay until ``close`` (``fit`` closes it at its
-    end; a later call starts a new one). An epoch that reads only some images (``rows``: the samples of the batches
-    that training keeps) decodes and encodes only those. Each draw's seed is computed once, from (run seed, epoch,
-    image name).
+    One decoding pool serves the whole run: its worker processes (``workers``; auto: none on a CPU, and on a GPU
+    ``taskres.cache.loader_workers``' count once an epoch holds two encoder batches) start with the first epoch and
+    stay until ``close`` (``fit`` closes it at its end; a later call starts a new one). An epoch that reads only
+    some images (``rows``: the samples of the batches that training keeps) decodes and encodes only those. Each
+    draw's seed is computed once, from (run seed, epoch, image name).
     """
 
     def __init__(
@@ -148,9 +148,12 @@ class OnlineViews:
                 max_pixels=self.max_pixels,
                 augment=True,
             )
-            # started once for every epoch: a worker pays off as soon as an epoch holds two encoder batches (it
-            # decodes the next one while the encoder runs), which is loader_workers' rule for two epochs' images
-            workers = loader_workers(self.workers, 2 * self.num_samples, self.batch_size, self.backbone.device)
+            workers = self.workers
+            if workers is None and self.backbone.device.type == "cpu":
+                workers = 0  # a decoding process beside the encoder's threads slows a CPU pass (docs/performance.md)
+            # on a GPU: started once for every epoch, workers pay off as soon as an epoch holds two encoder batches
+            # (they decode the next ones while the encoder runs), loader_workers' rule for two epochs' images
+            workers = loader_workers(workers, 2 * self.num_samples, self.batch_size, self.backbone.device)
             self._pool = decoding_pool(data, self._plan, workers, self.backbone.device)
         return self._pool
 
