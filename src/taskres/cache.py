@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -333,7 +333,14 @@ def encode_batches(
         pin_memory=backbone.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    with tqdm(total=len(data), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+    yield from encode_loader(backbone, loader, len(data), desc, quiet)
+
+
+def encode_loader(
+    backbone: Backbone, loader: Iterable, total: int, desc: str = "encoding", quiet: bool = True
+) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
+    """``encode_batches`` over the batches of a DataLoader of ``ImageViews`` (``total`` images in all)."""
+    with tqdm(total=total, desc=desc, unit="img", disable=quiet, leave=False) as bar:
         for idx, pixels, errors in loader:
             yield idx.tolist(), backbone.encode_images(pixels).cpu(), list(errors)
             bar.update(len(idx))
@@ -353,6 +360,22 @@ def _rows(
         elif k in bad:
             skipped.append(p)
     return out, skipped
+
+
+def decoding_pool(data: ImageViews, batches: Iterable[list], workers: int, device: torch.device):
+    """A DataLoader of ``data`` that reads, each time it is iterated, the batches that ``batches`` yields then (a
+    batch is a list of items, e.g. ``(index, seed)``). Its ``workers`` processes start once and serve every
+    iteration (persistent workers); pinned memory on CUDA. Its own generator: iterating it leaves the global RNG
+    alone."""
+    return torch.utils.data.DataLoader(
+        data,
+        batch_sampler=batches,  # any iterable of index lists, read again at each iteration
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
+        generator=torch.Generator(),
+    )
 
 
 def _digest(t: torch.Tensor, keys: str) -> str:

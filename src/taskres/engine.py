@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from taskres.errors import TaskResValueError, check_choice, invalid
-from taskres.views import TrainViews, ViewBank, as_views
+from taskres.views import OnlineViews, TrainViews, ViewBank, as_views
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +232,12 @@ def fit(
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
-        feats = source.epoch(epoch).to(device)
-        order = torch.randperm(n, generator=generator).to(device)
+        order = torch.randperm(n, generator=generator)
+        if isinstance(source, OnlineViews):  # only the samples of the kept batches: a dropped batch is not encoded
+            feats = source.epoch(epoch, order[:stop]).to(device)
+        else:
+            feats = source.epoch(epoch).to(device)
+        order = order.to(device)
         # kept on the device and read once per epoch: a read per step would wait for the GPU every step
         losses, predictions = [], []
         for step, start in enumerate(range(0, stop, config.batch_size)):
@@ -259,5 +263,7 @@ def fit(
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+    if isinstance(source, OnlineViews):
+        source.close()  # the decoding pool's processes
     head.eval()
     return history

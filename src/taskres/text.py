@@ -5,7 +5,6 @@ See docs/protocol.md#base-classifier.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Literal
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from taskres.backbones import Backbone
+from taskres.backbones.official import fp16_backbone
 from taskres.errors import TaskResValueError, check_choice
 
 
@@ -70,22 +70,25 @@ def build_base_classifier(
 
     Class names are used exactly as given (underscores kept), as the official code does. ``text_precision`` "fp16"
     runs the text encoder (and takes the mean) in half precision, as the official trainer, whose CLIP is fp16 when
-    the base is built (docs/protocol.md#images-and-transforms).
+    the base is built: the model converted as OpenAI's ``build_model`` converts it (docs/protocol.md#precision).
     """
     templates = check_templates(templates)
     check_prompts_fit(backbone, classnames, templates)
     check_choice("text_precision", text_precision, ("fp32", "fp16"))
-    encode = backbone.encode_text if text_precision == "fp32" else _half_text_encoder(backbone)
+    if text_precision == "fp16":  # as the official trainer: the classes' (T, D) embeddings stacked, mean in fp16
+        encode = _half_text_encoder(backbone)
+        return torch.stack([encode([t.format(name) for t in templates]) for name in classnames]).mean(1).float().cpu()
     rows = []
     for name in classnames:
-        emb = encode([t.format(name) for t in templates])  # (T, D)
+        emb = backbone.encode_text([t.format(name) for t in templates])  # (T, D)
         rows.append(emb.mean(dim=0))
     return torch.stack(rows).float().cpu()  # (C, D)
 
 
 def _half_text_encoder(backbone: Backbone):
-    """``texts -> (T, D)`` fp16 features from a half-precision copy of the backbone's model (the backbone stays)."""
-    model = copy.deepcopy(backbone.model).half()
+    """``texts -> (T, D)`` fp16 features from a copy of the backbone's model converted as OpenAI's ``build_model``
+    converts CLIP (taskres.backbones.official; the backbone stays as it is)."""
+    model = fp16_backbone(backbone).model
 
     def encode(texts: list[str]) -> torch.Tensor:
         return model.encode_text(backbone.tokenizer(texts).to(backbone.device))
@@ -105,3 +108,27 @@ def normalized_text_classifier(backbone: Backbone, classnames: Sequence[str], te
         emb = backbone.encode_text([t.format(name.replace("_", " ")) for t in templates])  # (T, D)
         rows.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=-1))
     return torch.stack(rows).cpu()  # (C, D)
+
+
+@torch.no_grad()
+def zeroshot_clip_classifier(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(C, D) float32 holding fp16 values: CoOp's ``ZeroshotCLIP`` text classifier as CoOp computes it, with the
+    model converted as OpenAI's ``build_model`` leaves it (``taskres.backbones.official.fp16_backbone``; encode the
+    test images with that backbone too). Class names with "_" replaced by a space; one template: each prompt's
+    feature normalised in fp16; several (``ZeroshotCLIP2``'s form): the per-template normalised features summed in
+    fp16, divided by their number and normalised again (docs/protocol.md#coop-zero-shot-clip)."""
+    templates = check_templates(templates)
+    check_prompts_fit(backbone, classnames, templates, replace_underscores=True)
+    fp16 = fp16_backbone(backbone)
+    per_template = []
+    for template in templates:  # all the classes' prompts in one batch per template, as CoOp tokenizes them
+        tokens = fp16.tokenizer([template.format(name.replace("_", " ")) for name in classnames]).to(fp16.device)
+        feats = fp16.model.encode_text(tokens)  # (C, D) fp16
+        per_template.append(feats / feats.norm(dim=-1, keepdim=True))
+    if len(per_template) == 1:
+        return per_template[0].float().cpu()
+    total = per_template[0]
+    for feats in per_template[1:]:
+        total = total + feats
+    mean = total / len(per_template)
+    return (mean / mean.norm(dim=-1, keepdim=True)).float().cpu()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -72,7 +72,14 @@ class ViewBank:
 
 
 class OnlineViews:
-    """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached)."""
+    """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached).
+
+    One decoding pool serves the whole run: its worker processes (``workers``; auto: none on a CPU, and on a GPU
+    ``taskres.cache.loader_workers``' count once an epoch holds two encoder batches) start with the first epoch and
+    stay until ``close`` (``fit`` closes it at its end; a later call starts a new one). An epoch that reads only
+    some images (``rows``: the samples of the batches that training keeps) decodes and encodes only those. Each
+    draw's seed is computed once, from (run seed, epoch, image name).
+    """
 
     def __init__(
         self,
@@ -91,38 +98,77 @@ class OnlineViews:
         self.batch_size, self.workers, self.scale, self.max_pixels = batch_size, workers, scale, max_pixels
         self.num_samples = len(self.paths)
         self.encoded = 0  # images run through the encoder (encoder passes)
+        self._plan = _Plan()  # the batches the pool reads when it is next iterated
+        self._pool: Any = None
 
-    def _encode(self, seeds: list[int]) -> torch.Tensor:
-        from taskres.cache import encode_batches
+    def epoch(self, epoch: int, rows: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """(N, D): a fresh augmentation of every image, or of ``rows`` only (the other rows are zeros)."""
+        return self._encode(epoch, rows)
 
-        data = ImageViews(
-            self.paths,
-            self.backbone.image_size,
-            self.backbone.mean,
-            self.backbone.std,
-            seeds,
-            self.scale,
-            max_pixels=self.max_pixels,
-        )
+    def bank(self, count: int) -> torch.Tensor:
+        """``count`` augmented draws of every image, (count, N, D), from a stream apart from the epochs'."""
+        return torch.stack([self._encode(-1 - v) for v in range(count)])
+
+    def close(self) -> None:
+        """Stop the decoding pool's worker processes (a later epoch starts a new pool)."""
+        pool, self._pool = self._pool, None
+        iterator = getattr(pool, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+
+    def _encode(self, stream: int, rows: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """The features of draw ``stream`` (an epoch, or -1 - v for bank view v) of ``rows`` (default: all)."""
+        from taskres.cache import encode_loader
+
+        picked = range(self.num_samples) if rows is None else sorted(set(torch.as_tensor(rows).tolist()))
+        items = [(i, online_seed(self.seed, stream, self.names[i])) for i in picked]
+        self._plan.batches = [items[s : s + self.batch_size] for s in range(0, len(items), self.batch_size)]
         out = None
-        for idx, feats, errors in encode_batches(self.backbone, data, self.batch_size, self.workers):
+        for idx, feats, errors in encode_loader(self.backbone, self._decoder(), len(items)):
             first_error = next((e for e in errors if e), "")
             if first_error:
                 raise TaskResValueError(first_error)
             if out is None:
-                out = torch.empty(self.num_samples, feats.shape[1])
+                out = torch.zeros(self.num_samples, feats.shape[1])
             out[idx] = feats
             self.encoded += len(idx)
         return out if out is not None else torch.zeros(0, 0)
 
-    def epoch(self, epoch: int) -> torch.Tensor:
-        return self._encode([online_seed(self.seed, epoch, n) for n in self.names])  # (N, D)
+    def _decoder(self):
+        """The run's decoding pool (started on first use): a DataLoader that reads ``self._plan``."""
+        if self._pool is None:
+            from taskres.cache import decoding_pool, loader_workers
 
-    def bank(self, count: int) -> torch.Tensor:
-        """``count`` augmented draws of every image, (count, N, D), from a stream apart from the epochs'."""
-        return torch.stack(
-            [self._encode([online_seed(self.seed, -1 - v, n) for n in self.names]) for v in range(count)]
-        )
+            data = ImageViews(
+                self.paths,
+                self.backbone.image_size,
+                self.backbone.mean,
+                self.backbone.std,
+                scale=self.scale,
+                max_pixels=self.max_pixels,
+                augment=True,
+            )
+            workers = self.workers
+            if workers is None and self.backbone.device.type == "cpu":
+                workers = 0  # a decoding process beside the encoder's threads slows a CPU pass (docs/performance.md)
+            # on a GPU: started once for every epoch, workers pay off as soon as an epoch holds two encoder batches
+            # (they decode the next ones while the encoder runs), loader_workers' rule for two epochs' images
+            workers = loader_workers(workers, 2 * self.num_samples, self.batch_size, self.backbone.device)
+            self._pool = decoding_pool(data, self._plan, workers, self.backbone.device)
+        return self._pool
+
+
+class _Plan:
+    """The batches a decoding pool reads when it is iterated: lists of (index, seed) items, set before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def as_views(views: torch.Tensor | TrainViews, seed: int) -> TrainViews:

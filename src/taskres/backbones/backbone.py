@@ -41,6 +41,9 @@ class BackboneIdentity:
     tag: str | None = None  # the open_clip tag, for kind "open_clip"
     repo: str | None = None  # ORG/NAME, for kind "hf_hub"
     revision: str | None = None  # the snapshot's commit hash, for kind "hf_hub"
+    # run as the official code runs OpenAI's CLIP (taskres.backbones.official): "trainer" (the TaskRes trainer's image
+    # encoder: fp16-rounded pixels for a ResNet) or "fp16" (the model as OpenAI's build_model converts it)
+    official: str | None = None
 
     def to_json(self) -> dict:
         """The record in config.json (fields that do not apply are left out)."""
@@ -91,6 +94,7 @@ class Backbone:
     dtype: torch.dtype = torch.float32
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
+    pixel_dtype: torch.dtype | None = None  # pixels are rounded to it before the encoder (None: to ``dtype`` only)
 
     @cached_property
     def embed_dim(self) -> int:
@@ -101,7 +105,8 @@ class Backbone:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised pixels -> (N, D) float32 image features (pinned pixels are copied to a GPU
         without blocking)."""
-        return self.model.encode_image(images.to(self.device, self.dtype, non_blocking=True)).float()
+        images = images.to(self.device, self.pixel_dtype or self.dtype, non_blocking=True)
+        return self.model.encode_image(images.to(self.dtype)).float()
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -170,7 +170,9 @@ class ImageViews(torch.utils.data.Dataset):
     a missing or undecodable one it is the message, and the pixels are zeros. The caller decides whether to raise,
     in the main process, so that the message reaches the user intact even from a worker process.
 
-    ``seeds`` None: the test transform. Otherwise one seed per path for its train-transform draw.
+    ``seeds`` None: the test transform, unless ``augment``. Otherwise one seed per path for its train-transform
+    draw. With ``augment`` and no seeds, each item is asked for as ``(index, seed)``: the decoding pool of online
+    views (taskres.views) reads a new draw of the same images every epoch without being rebuilt.
     """
 
     def __init__(
@@ -182,23 +184,42 @@ class ImageViews(torch.utils.data.Dataset):
         seeds: Sequence[int] | None = None,
         scale: tuple[float, float] = TRAIN_SCALE,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        augment: bool | None = None,
     ):
         self.paths, self.seeds, self.size = list(paths), None if seeds is None else list(seeds), image_size
         self.max_pixels = max_pixels
         if self.seeds is not None and len(self.seeds) != len(self.paths):
             raise TaskResValueError(f"one seed per image: {len(self.seeds)} seeds for {len(self.paths)} paths.")
-        self.transform = build_transform(image_size, mean, std, self.seeds is not None, scale)
+        self.augment = self.seeds is not None if augment is None else augment
+        self.transform = build_transform(image_size, mean, std, self.augment, scale)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list:
+        """A batch of items (the DataLoader asks for whole batches): the global RNG is saved and restored once per
+        batch, and each draw seeds the CPU generator alone (``torch.manual_seed`` would also seed every other
+        device, about a millisecond an image); the pixels are those of ``torch.manual_seed(seed)``."""
+        if not self.augment:
+            return [self._item(i, None) for i in keys]  # type: ignore[arg-type]  # the test transform: ints
+        with torch.random.fork_rng(devices=[]):
+            return [self._item(*self._draw(key)) for key in keys]
+
+    def _draw(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        if isinstance(key, tuple):
+            return key
+        if self.seeds is None:
+            raise TaskResValueError("augmented views without seeds are asked for as (index, seed).")
+        return key, self.seeds[key]
+
+    def _item(self, i: int, seed: int | None):
         try:
             img = read_image(self.paths[i], self.max_pixels)
         except TaskResError as err:
             return i, torch.zeros(3, self.size, self.size), str(err)
-        if self.seeds is None:
-            return i, self.transform(img), ""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[i])
-            return i, self.transform(img), ""
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+        return i, self.transform(img), ""
