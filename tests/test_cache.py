@@ -430,10 +430,10 @@ def test_the_pixel_limit_reaches_the_decoder(tiny, tmp_path):
 class _WorkerTaggingViews(ImageViews):
     """ImageViews that report, as the item's error, that they were decoded in a worker process."""
 
-    def __getitem__(self, i):
-        i, pixels, error = super().__getitem__(i)
+    def __getitems__(self, keys):  # the DataLoader asks for whole batches
         info = torch.utils.data.get_worker_info()
-        return i, pixels, error or (f"decoded in worker {info.id}" if info is not None else "")
+        tag = f"decoded in worker {info.id}" if info is not None else ""
+        return [(i, pixels, error or tag) for i, pixels, error in super().__getitems__(keys)]
 
 
 def test_the_given_worker_count_is_used(tiny, tmp_path, monkeypatch):
