@@ -93,7 +93,9 @@ def test_a_full_disk_under_the_feature_cache_is_exit_2(env, capsys, full_disk):
 def tip_run(tmp_path_factory, openai_rn_file):
     """A finished training-free tip-adapter run on a generated dataset with the tiny ResNet CLIP."""
     from taskres.backbones import load_backbone
-    from taskres.workflow import Setup, TrainConfig, open_dataset, train
+    from taskres.config import Setup, TrainConfig
+    from taskres.data.sources import open_dataset
+    from taskres.workflow import train
 
     root = tmp_path_factory.mktemp("faults")
     image_dir, split_file = make_split_dataset(root / "data")
