@@ -169,7 +169,7 @@ def _encode_cells(cells: Sequence[Cell], grid: Grid, setup, cache) -> None:
     """Every feature the cells read, encoded collectively (the ranks of a torchrun job share each split's images).
     A cell whose settings or data are invalid is left to fail, and be recorded, when it runs; those checks come
     before any encoding, so every rank skips the same cells."""
-    from taskres.features import encode_features, encode_split
+    from taskres.features import encode_split, training_features
     from taskres.workflow import prepare_training
 
     for (backbone_name, dataset_name), group in _groups(cells):
@@ -186,17 +186,7 @@ def _encode_cells(cells: Sequence[Cell], grid: Grid, setup, cache) -> None:
             except TaskResError:
                 continue
             if cell.method != ZERO_SHOT:
-                encode_features(
-                    backbone,
-                    dataset,
-                    fewshot,
-                    config.views,
-                    setup,
-                    seed=config.seed,
-                    scale=config.view_scale,
-                    cache=cache,
-                    full_val=config.selects_publicly,
-                )
+                training_features(backbone, dataset, config, fewshot, setup, cache)
             for target in targets:
                 encode_split(backbone, target, target.test, setup, cache, desc=f"test {target.name}")
 
