@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,39 @@ def test_the_official_modes_are_recorded_and_apply_to_openai_backbones_only(pair
 def test_the_trainer_leaves_backbones_the_official_code_cannot_run():
     demo = load_backbone("taskres-demo")  # an open_clip model, not an OpenAI-format one
     assert trainer_backbone(demo) is demo
+
+
+def test_official_taskres_encodes_records_and_reloads_as_the_trainer(pair, tmp_path):
+    """`train --protocol official` (TaskRes) encodes the training and test images with the trainer's encoder
+    (fp16-rounded pixels for a ResNet), records that mode, and eval and predict reload the backbone in it."""
+    from conftest import make_split_dataset
+
+    from taskres.cache import FeatureCache
+    from taskres.config import Setup, TrainConfig
+    from taskres.data.sources import open_dataset
+    from taskres.features import encode_split
+    from taskres.reuse import evaluate_run, load_run_backbone
+    from taskres.workflow import encode_training, train
+
+    ours, _, kind = pair
+    image_dir, split_file = make_split_dataset(tmp_path / "tiny", n_train=2, n_val=1, n_test=3)
+    data = open_dataset(image_dir, split_file, ["a photo of a {}."])
+    setup = Setup(cache_dir=str(tmp_path / "cache"), quiet=True)
+    config = TrainConfig.resolve("taskres", 1, 1, optim={"epochs": 1}, protocol="official")
+    encode_training(ours, data, config, setup)  # the encoding alone, as a sweep encodes its cells first
+    paths = [data.path(e) for e in data.test]
+    trainer, _ = FeatureCache(None).features(trainer_backbone(ours), paths)
+    plain, _ = FeatureCache(None).features(ours, paths)
+    assert torch.allclose(trainer, plain, atol=1e-2)
+    if kind == "rn":  # its pixels rounded to fp16 (a ViT runs sequence first, which may round alike)
+        assert not torch.equal(trainer, plain)
+    cached = setup.cache()
+    assert torch.equal(encode_split(with_official(ours, "trainer"), data, data.test, setup, cached)[0], trainer)
+    assert cached.encoded == 0  # what was encoded, read back from the cache under the trainer's key
+    _, metrics = train(ours, data, config, setup, out=tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["backbone"]["official"] == "trainer"
+    reloaded = load_run_backbone(record, setup)
+    assert reloaded.identity.official == "trainer" and reloaded.pixel_dtype == trainer_backbone(ours).pixel_dtype
+    assert load_run_backbone(record, setup, official=False).identity.official is None  # what export writes
+    assert evaluate_run(tmp_path / "run", setup)["n_correct"] == metrics["n_correct"]

@@ -16,12 +16,15 @@ from conftest import run_cli as run
 from safetensors import safe_open
 
 from taskres.backbones import load_backbone
+from taskres.backbones.official import fp16_backbone
 from taskres.cache import FeatureCache
 from taskres.config import Setup
 from taskres.data.sampling import sample_fewshot
 from taskres.data.sources import open_dataset
 from taskres.errors import TaskResError
 from taskres.methods.taskres import TaskResConfig, TaskResHead
+from taskres.reuse import evaluate_run
+from taskres.text import zeroshot_clip_classifier
 from taskres.workflow import zeroshot
 
 
@@ -55,11 +58,19 @@ def test_official_zero_shot_is_coops_zeroshot_clip(underscored, openai_rn_file, 
             backbone.tokenizer(["a photo of a dark red.", "a photo of a green.", "a photo of a blue."])
         )
     t = F.normalize(text.float(), dim=-1)
-    feats, _ = FeatureCache(None).features(backbone, [data.path(e) for e in data.test])
+    # ... all in fp16, as CoOp's ZeroshotCLIP (bit for bit against the clip package: test_official_details.py).
+    saved = tensors(tmp_path / "zs" / "classifier.safetensors")["base_text_features"]
+    assert torch.equal(saved, zeroshot_clip_classifier(backbone, data.classnames, ["a photo of a {}."]))
+    assert torch.allclose(saved, t, atol=2e-3) and not torch.equal(saved, t)  # fp16 values
+    half = fp16_backbone(backbone)
+    feats, _ = FeatureCache(None).features(half, [data.path(e) for e in data.test])
     labels = torch.tensor([e.label for e in data.test])
-    pred = (backbone.logit_scale * F.normalize(feats, dim=-1) @ t.t()).argmax(1)
+    pred = (backbone.logit_scale * F.normalize(feats, dim=-1) @ saved.t()).argmax(1)
     assert official["n_correct"] == int((pred == labels).sum())
-    assert torch.allclose(tensors(tmp_path / "zs" / "classifier.safetensors")["base_text_features"], t, atol=1e-6)
+    record = json.loads((tmp_path / "zs" / "config.json").read_text())
+    assert record["backbone"]["official"] == "fp16"  # eval and predict run the run's model as it ran
+    again = evaluate_run(tmp_path / "zs", setup)
+    assert again["n_correct"] == official["n_correct"]
     default = zeroshot(backbone, data, setup, out=tmp_path / "zs-default")
     saved = tensors(tmp_path / "zs-default" / "classifier.safetensors")["base_text_features"]
     assert not torch.allclose(F.normalize(saved, dim=-1), t, atol=1e-4)  # the underscore is kept there

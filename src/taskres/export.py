@@ -187,7 +187,7 @@ def _run_backbone(run: Path, config: dict, setup: Setup):
     """The run's backbone, float32 on the CPU; a backbone file that is gone is named, with what to do (export has no
     --backbone to point elsewhere)."""
     try:
-        return load_run_backbone(config, setup, precision="fp32")
+        return load_run_backbone(config, setup, precision="fp32", official=False)
     except TaskResError:
         missing = missing_backbone_file(config)
         if missing is None:

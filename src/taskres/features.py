@@ -17,6 +17,7 @@ import torch
 
 from taskres import distributed
 from taskres.backbones import Backbone
+from taskres.backbones.official import official_image_backbone
 from taskres.cache import FeatureCache
 from taskres.data.images import TRAIN_SCALE
 from taskres.data.splits import DatasetSplits, Entry
@@ -207,9 +208,10 @@ def training_features(
     cache: FeatureCache | None = None,
 ) -> Features:
     """The features that training with ``config`` reads: its views at its scale, with the splits its method's
-    public code selects on under the official protocol."""
+    public code selects on under the official protocol, encoded as that code encodes them."""
+    official_base = config.official.base if config.official is not None else None
     return encode_features(
-        backbone,
+        official_image_backbone(backbone, official_base),
         dataset,
         fewshot,
         config.views,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from taskres.atomic import write_json
 from taskres.backbones import Backbone, BackboneIdentity, load_backbone
+from taskres.backbones.official import with_official
 from taskres.cache import FeatureCache, check_writable_dir
 from taskres.config import Setup
 from taskres.data.sources import reopen_dataset
@@ -27,9 +28,10 @@ from taskres.runs import CLASSIFIER, CONFIG, METRICS, read_classifier, read_run
 __all__ = ["evaluate_run", "load_run_backbone", "load_run_head", "predict"]
 
 
-def load_run_backbone(config: dict, setup: Setup, precision: str | None = None) -> Backbone:
+def load_run_backbone(config: dict, setup: Setup, precision: str | None = None, official: bool = True) -> Backbone:
     """Reload the backbone a run used (a Hub model at the commit it used) and check it is the same weights; at the
-    run's precision unless ``precision`` is given."""
+    run's precision unless ``precision`` is given, run as the official code runs it where the run was (its recorded
+    ``official`` mode) unless ``official`` is False (the plain model, as ``export`` writes it)."""
     try:
         recorded = BackboneIdentity.from_json(config["backbone"])
     except (KeyError, TypeError, ValueError) as err:
@@ -50,7 +52,7 @@ def load_run_backbone(config: dict, setup: Setup, precision: str | None = None) 
             f"the backbone {recorded.spec!r} on this machine differs from the one the run used ({difference}).",
             param="backbone",
         )
-    return backbone
+    return with_official(backbone, recorded.official) if official else backbone
 
 
 def load_run_head(run: Path) -> tuple[Head, list[str], list[str]]:
@@ -90,10 +92,13 @@ def evaluate_run(
     head = _head_for(head, classnames, class_ids, dataset, run, config)
     if backbone is None:
         backbone = load_run_backbone(config, setup)
-    elif (difference := backbone.identity.difference(BackboneIdentity.from_json(config["backbone"]))) is not None:
-        raise TaskResValueError(
-            f"the backbone given differs from the one run {str(run)!r} used ({difference}).", param="backbone"
-        )
+    else:
+        recorded = BackboneIdentity.from_json(config["backbone"])
+        if (difference := backbone.identity.difference(recorded)) is not None:
+            raise TaskResValueError(
+                f"the backbone given differs from the one run {str(run)!r} used ({difference}).", param="backbone"
+            )
+        backbone = with_official(backbone, recorded.official)
     test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
     metrics = evaluate(head, test, labels, dataset.classnames)
     metrics.update(skipped_images=len(skipped), run=str(run), dataset=dataset.name)

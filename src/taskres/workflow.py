@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from taskres.backbones import Backbone
+from taskres.backbones.official import official_image_backbone
 from taskres.cache import FeatureCache
 from taskres.config import Setup, TrainConfig
 from taskres.data.fewshot_file import load_fewshot_file
@@ -35,7 +36,12 @@ from taskres.methods.registry import method_files
 from taskres.methods.zero_shot import ZERO_SHOT, zero_shot_head
 from taskres.run_writer import open_run
 from taskres.runs import run_record
-from taskres.text import build_base_classifier, check_prompts_fit, normalized_text_classifier
+from taskres.text import (
+    build_base_classifier,
+    check_prompts_fit,
+    normalized_text_classifier,
+    zeroshot_clip_classifier,
+)
 
 __all__ = [
     "base_classifier",
@@ -64,10 +70,13 @@ def base_classifier(
     backbone: Backbone, dataset: DatasetSplits, official: OfficialVariant | None = None
 ) -> torch.Tensor:
     """The base classifier t (C, D): the mean text embedding over the dataset's templates, or what the method's
-    public code uses under the official protocol (the same in fp16, or per-template normalised with "_" replaced)."""
+    public code uses under the official protocol (the same in fp16, or per-template normalised with "_" replaced,
+    in fp32 or as CoOp's ``ZeroshotCLIP`` computes it in fp16)."""
     templates = base_templates(dataset, official)
     if official is not None and official.base == "normalized_templates":
         return normalized_text_classifier(backbone, dataset.classnames, templates)
+    if official is not None and official.base == "zeroshot_clip":
+        return zeroshot_clip_classifier(backbone, dataset.classnames, templates)
     precision: Literal["fp32", "fp16"] = "fp16" if official is not None and official.base == "fp16_text" else "fp32"
     return build_base_classifier(backbone, dataset.classnames, templates, text_precision=precision)
 
@@ -103,7 +112,7 @@ def prepare_training(
             param="dataset",
         )
     config.check_files()
-    normalized = config.official is not None and config.official.base == "normalized_templates"
+    normalized = config.official is not None and config.official.base in ("normalized_templates", "zeroshot_clip")
     templates = base_templates(dataset, config.official)
     check_prompts_fit(backbone, dataset.classnames, templates, replace_underscores=normalized)
     return draw_fewshot(dataset, config)
@@ -167,10 +176,11 @@ def zeroshot(
     paper's zero-shot row (one template per benchmark, "_" replaced by a space, each prompt's feature normalised).
     """
     check_choice("protocol", protocol, ("default", "official"))
+    official = get_method(ZERO_SHOT).official if protocol == "official" else None
+    backbone = official_image_backbone(backbone, official.base if official is not None else None)
     if helper_rank(cache):
         encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
         return {}
-    official = get_method(ZERO_SHOT).official if protocol == "official" else None
     with open_run(out, overwrite, method_files()) as writer:
         templates = base_templates(dataset, official)
         head = zero_shot_head(base_classifier(backbone, dataset, official), backbone.logit_scale)
@@ -204,8 +214,10 @@ def train(
 ) -> tuple[Head | None, dict]:
     """Sample K shots for the seed, fit the method on cached features, evaluate on test; return (head, metrics).
     ``cache``: a FeatureCache to share between runs (its features stay in memory); default ``setup.cache()``.
-    On the other ranks of a torchrun job: their share of the encoding only, and (None, {})."""
+    On the other ranks of a torchrun job: their share of the encoding only, and (None, {}). Under the TaskRes
+    trainer's official variant the images are encoded, and the backbone recorded, as that trainer encodes them."""
     fewshot, fewshot_info = prepare_training(backbone, dataset, config)
+    backbone = official_image_backbone(backbone, config.official.base if config.official is not None else None)
     if helper_rank(cache):
         training_features(backbone, dataset, config, fewshot, setup, cache)
         return None, {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 
 import torch
 from torch import nn
@@ -104,7 +105,23 @@ def trainer_backbone(backbone: Backbone) -> Backbone:
     identity = dataclasses.replace(backbone.identity, official="trainer")
     if isinstance(backbone.model.visual, ModifiedResNet):
         return dataclasses.replace(backbone, identity=identity, pixel_dtype=torch.float16)
-    return dataclasses.replace(backbone, model=sequence_first(copy.deepcopy(backbone.model)), identity=identity)
+    model = _SEQUENCE_FIRST.get(backbone.model)
+    if model is None:  # one copy per model, however many runs of a sweep ask for it
+        model = _SEQUENCE_FIRST[backbone.model] = sequence_first(copy.deepcopy(backbone.model))
+    return dataclasses.replace(backbone, model=model, identity=identity)
+
+
+# A frozen model's sequence-first copy, kept while the model lives.
+_SEQUENCE_FIRST: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def official_image_backbone(backbone: Backbone, official_base: str | None) -> Backbone:
+    """The backbone that encodes a run's images under a method's official variant (``OfficialVariant.base``): as
+    the TaskRes trainer encodes them ("fp16_text"), in fp16 as CoOp's ``ZeroshotCLIP`` ("zeroshot_clip"), else
+    unchanged."""
+    if official_base == "fp16_text":
+        return trainer_backbone(backbone)
+    return fp16_backbone(backbone) if official_base == "zeroshot_clip" else backbone
 
 
 def with_official(backbone: Backbone, mode: str | None) -> Backbone:

@@ -22,15 +22,17 @@ class OfficialVariant:
     classifier and its selection (docs/protocol.md).
 
     ``views``: "online" (a fresh augmentation per epoch) or a number of cached views at ``view_scale``;
-    ``base``: "fp16_text" (the mean text embedding, computed in fp16) or "normalized_templates" (per-template
-    normalised, "_" replaced); ``templates``: "dataset" (the dataset's) or "coop_zeroshot" (CoOp's one template per
-    benchmark, as its ``ZeroshotCLIP``); ``selection``: "public" gives the fit the splits the public code selects on
+    ``base``: "fp16_text" (the mean text embedding, computed in fp16 as the TaskRes trainer does, which also
+    encodes the images as that trainer does), "normalized_templates" (per-template normalised, "_" replaced) or
+    "zeroshot_clip" (that, with text and images encoded in fp16 as CoOp's ``ZeroshotCLIP`` does); ``templates``:
+    "dataset" (the dataset's) or "coop_zeroshot" (CoOp's one template per benchmark, as its ``ZeroshotCLIP``);
+    ``selection``: "public" gives the fit the splits the public code selects on
     (the full val split, and the test split where the public code uses it), and the fit reports ``test_selected``.
     """
 
     views: int | Literal["online"] = "online"
     view_scale: tuple[float, float] = (0.08, 1.0)
-    base: Literal["fp16_text", "normalized_templates"] = "fp16_text"
+    base: Literal["fp16_text", "normalized_templates", "zeroshot_clip"] = "fp16_text"
     templates: Literal["dataset", "coop_zeroshot"] = "dataset"
     selection: Literal["none", "public"] = "none"
 

@@ -45,7 +45,7 @@ register_method(
         views=0,
         test_view_only=True,
         init_head=lambda ctx, config: zero_shot_head(ctx.base, ctx.logit_scale),
-        # CoOp's ZeroshotCLIP: its one template per benchmark, each prompt's feature normalised.
-        official=OfficialVariant(views=0, base="normalized_templates", templates="coop_zeroshot"),
+        # CoOp's ZeroshotCLIP: its one template per benchmark, each prompt's feature normalised, all in fp16.
+        official=OfficialVariant(views=0, base="zeroshot_clip", templates="coop_zeroshot"),
     )
 )
