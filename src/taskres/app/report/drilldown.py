@@ -30,10 +30,11 @@ def class_sections(page: Page) -> str:
         "classes where tuning helped most come first, those where it hurt last. Click a column to sort.</p>"
     ]
     pairs = list(dict.fromkeys((r["backbone"], r["dataset"]) for r in runs))
+    out.append('<div class="grid2">')
     for i, (backbone, dataset) in enumerate(pairs):
         mine = [r for r in runs if (r["backbone"], r["dataset"]) == (backbone, dataset)]
-        out.append(_dataset_section(page, mine, f"classes-{i}"))
-    return "".join(out) + "</section>"
+        out.append(f"<div>{_dataset_section(page, mine, f'classes-{i}')}</div>")
+    return "".join(out) + "</div></section>"
 
 
 def _dataset_section(page: Page, mine: list[dict], table_id: str) -> str:

@@ -7,6 +7,7 @@ Drawn on a bare ``matplotlib.figure.Figure``: no pyplot, so no global backend or
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ def accuracy_figure(rows: list[dict]):
             ax.fill_between(k, mean - std, mean + std, color=f"C{j}", alpha=0.2)
         _zero_shot_line(ax, [index.get((d, ZERO_SHOT, 0)) for d in sources])
         ax.set_xscale("log", base=2)
+        shots = sorted({r["shots"] for r in few if r["shots"]})
+        ax.set_xticks(shots, [str(k) for k in shots])  # 1, 2, 4 rather than 2^0, 2^1, 2^2
+        ax.minorticks_off()
         ax.set_title(dataset)
         ax.set_xlabel("shots per class")
         ax.set_ylabel("accuracy (%)")
@@ -132,8 +136,8 @@ def save(fig, stem: Path, suffixes: tuple[str, ...] = BOTH) -> list[Path]:
 
 def svg_text(fig) -> str:
     """The figure as an ``<svg>`` element to inline in HTML (glyphs as paths: no font needed), without the XML
-    prolog."""
+    prolog and the creator metadata."""
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
     text = buf.getvalue()
-    return text[text.index("<svg") :]
+    return re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg") :], flags=re.S)
