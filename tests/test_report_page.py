@@ -211,7 +211,7 @@ def test_the_demo_page_in_headless_chromium(tmp_path):
 
     def act(page):
         cells = _dom_cells(page)
-        th = page.locator("#classes-0 thead th").nth(4)  # the Δ column
+        th = page.locator("#classes-0 thead th").nth(5)  # the Δ column
         th.click()
         th.click()
         deltas = page.eval_on_selector_all(

@@ -156,7 +156,8 @@ def _tables_section(page: Page) -> str:
         '<section id="tables"><h2>Tables</h2><p class="note">Top-1 accuracy (%) on the test split, mean ± std over '
         f"seeds (numpy std, ddof=0); the grid has {want} seed(s) per cell, <i>n=</i> where a cell has fewer, "
         "<i>one seed</i> where there is no spread to show. ↓ (red): below zero-shot (negative transfer); †: selected "
-        "on the test split. Click a column to sort; the links under a number open its runs' files.</p>"
+        "on the test split. Click a column to sort; under a number, its runs' metrics.json (s1: seed 1) and "
+        "config.json (cfg).</p>"
     ]
     for backbone in sorted({r["backbone"] for r in few}):
         out.append(_backbone_tables(page, [r for r in few if r["backbone"] == backbone], runs, want))
@@ -237,7 +238,7 @@ def _links(page: Page, runs: list[dict]) -> str:
         page.link(r["run"], "metrics.json", f"s{r['seed']}" if r["seed"] is not None else "metrics", "metrics.json")
         for r in runs
     )
-    return f'<span class="runs">{seeds} {page.link(runs[0]["run"], "config.json", "config", "config.json")}</span>'
+    return f'<span class="runs">{seeds} {page.link(runs[0]["run"], "config.json", "cfg", "config.json")}</span>'
 
 
 def _average_table(index: dict, datasets: list[str], methods: list[str], shots: list[int], want: int, head: str) -> str:

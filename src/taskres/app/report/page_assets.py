@@ -17,7 +17,7 @@ CSS = """
 * { box-sizing: border-box; }
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg); margin: 0;
        background: #f6f7f9; }
-main { max-width: 1180px; margin: 0 auto; padding: 18px 28px 40px; background: #fff; }
+main { max-width: 1240px; margin: 0 auto; padding: 18px 24px 40px; background: #fff; }
 header h1 { font-size: 22px; margin: 0 0 2px; }
 header p { margin: 0; color: var(--muted); }
 nav { position: sticky; top: 0; background: #fff; padding: 8px 0; border-bottom: 1px solid var(--line);
@@ -30,16 +30,19 @@ dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px;
 dl.facts dt { color: var(--muted); }
 dl.facts dd { margin: 0; }
 code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; }
-.grid2 { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 4px 28px; }
+.grid2 { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 4px 24px; }
 table { border-collapse: collapse; margin: 4px 0 10px; font-variant-numeric: tabular-nums; }
-th, td { padding: 3px 9px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
+th, td { padding: 3px 7px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
+td.cell, td:first-child { white-space: nowrap; }
+.grid2 table { font-size: 12.5px; }
+.grid2 th, .grid2 td { padding: 3px 5px; }
 th:first-child, td:first-child { text-align: left; }
 td.text, th.text { text-align: left; }
 thead th { background: #eef1f5; font-weight: 600; white-space: nowrap; }
 table.sortable thead th { cursor: pointer; user-select: none; }
 table.sortable thead th[data-dir="asc"]::after { content: " \\25B2"; font-size: 10px; }
 table.sortable thead th[data-dir="desc"]::after { content: " \\25BC"; font-size: 10px; }
-td .s { color: var(--muted); font-size: 12px; }
+td .s { color: var(--muted); font-size: 11px; }
 td .pub { display: block; color: var(--muted); font-size: 11px; }
 td .runs { display: block; font-size: 10px; }
 td .runs a { color: var(--accent); margin-right: 3px; }
