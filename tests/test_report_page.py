@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 EVIL = "<script>window.__injected = 1</script>"
 
 
-def _run(exp: Path, dataset: str, classes: list[str], method: str, shots: int, seed: int | None, rng, old=False):
+def _run(exp: Path, dataset: str, classes: list[str], method: str, shots: int, seed: int | None, rng, old, bb="bb"):
     """A finished run folder as taskres writes it (old=True: as an older taskres did, without the newer fields)."""
     zero = method == "zero-shot"
-    folder = exp / "runs" / dataset / "bb" / method / ("" if zero else f"{shots}shot-seed{seed}")
+    folder = exp / "runs" / dataset / bb.replace("/", "-") / method / ("" if zero else f"{shots}shot-seed{seed}")
     folder.mkdir(parents=True)
     config = {
         "kind": "zeroshot" if zero else "train",
-        "backbone": {"spec": "bb", "sha256": "ab" * 32},
+        "backbone": {"spec": bb, "sha256": "ab" * 32},
         "dataset": {"name": dataset, "num_classes": len(classes)},
         "method": method,
         "protocol": "default",
@@ -57,13 +57,13 @@ def _run(exp: Path, dataset: str, classes: list[str], method: str, shots: int, s
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
-def _experiment(exp: Path, datasets: dict[str, list[str]], shots=(1, 4), seeds=(1, 2), old=False) -> Path:
+def _experiment(exp: Path, datasets: dict[str, list[str]], shots=(1, 4), seeds=(1, 2), old=False, bb="bb") -> Path:
     rng = np.random.default_rng(0)
     for d, classes in datasets.items():
-        _run(exp, d, classes, "zero-shot", 0, None, rng, old)
+        _run(exp, d, classes, "zero-shot", 0, None, rng, old, bb)
         for k in shots:
             for s in seeds:
-                _run(exp, d, classes, "taskres", k, s, rng, old)
+                _run(exp, d, classes, "taskres", k, s, rng, old, bb)
     return exp
 
 
@@ -172,6 +172,16 @@ def test_one_dataset_has_no_correlation_and_an_average_of_one(tmp_path):
     assert "average over 1 datasets" in text and "Pearson" not in text
 
 
+def test_published_numbers_beside_ours_with_the_difference(tmp_path):
+    exp = _experiment(tmp_path / "exp", {"caltech101": ["face", "leopard"]}, shots=(1,), bb="RN50")
+    write_report(exp, compare_published=True)
+    text, parsed = _page(exp / "report")
+    [mean] = {float(c["data-mean"]) for c in parsed.cells if c["data-method"] == "taskres"}
+    assert f"pub 89.49 ({mean - 89.49:+.2f})" in text and "Homology Consistency" in text
+    write_report(exp)
+    assert "pub 89.49" not in _page(exp / "report")[0]
+
+
 def _browser():
     spec = importlib.util.spec_from_file_location("report_screenshot", ROOT / "scripts" / "report_screenshot.py")
     module = importlib.util.module_from_spec(spec)
@@ -201,7 +211,7 @@ def test_the_demo_page_in_headless_chromium(tmp_path):
     out = tmp_path / "demo"
     run_demo(
         out,
-        DemoConfig(seeds=(1, 2), shots=(1, 4), views=1, tasks=("new_shapes", "noisy_shapes")),
+        DemoConfig(seeds=(1, 2), shots=(2,), views=1, tasks=("new_shapes", "noisy_shapes")),
         quiet=True,
         echo=lambda *_: None,
     )
@@ -217,7 +227,8 @@ def test_the_demo_page_in_headless_chromium(tmp_path):
         deltas = page.eval_on_selector_all(
             "#classes-0 tbody tr", "rs => rs.map(r => parseFloat(r.cells[5].dataset.sort))"
         )
-        page.fill("[data-table=classes-0] input[type=search]", "circle")
+        name = page.eval_on_selector("#classes-0 tbody tr", "r => r.dataset.name")
+        page.fill("[data-table=classes-0] input[type=search]", name)
         visible = page.eval_on_selector_all("#classes-0 tbody tr", "rs => rs.filter(r => !r.hidden).length")
         page.fill("[data-table=classes-0] input[type=search]", "")
         return cells, deltas, visible
