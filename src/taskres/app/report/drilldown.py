@@ -86,8 +86,8 @@ def _class_table(zero: list[dict], tuned: dict[str, list[dict]], table_id: str) 
             f"<td>{esc(zero[c]['class'])}</td><td>{zero[c]['label']}</td><td>{zero[c]['n']}</td>{''.join(cells)}</tr>"
         )
     show_all = (
-        f'<label><input type="checkbox"> show all {len(zero)} classes (the {SHOWN} most improved and the {SHOWN} '
-        "most hurt are shown)</label>"
+        f'<label><input type="checkbox"> show all {len(zero)} classes</label> <span class="s">(shown: the {SHOWN} '
+        f"most improved and the {SHOWN} most hurt; the search looks through all)</span>"
         if fold
         else ""
     )

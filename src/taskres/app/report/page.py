@@ -107,9 +107,8 @@ def _methods_table(trained: list[dict]) -> str:
     rows = []
     for m, r in first.items():
         mc = ", ".join(f"{k}={v}" for k, v in (r.get("method_config") or {}).items() if v is not None)
-        optim = ", ".join(
-            f"{k}={(r.get('optim') or {}).get(k)}" for k in ("lr", "epochs", "batch_size", "weight_decay")
-        )
+        o = r.get("optim") or {}
+        optim = ", ".join(f"{k}={o[k]}" for k in ("lr", "epochs", "batch_size", "weight_decay") if k in o)
         rows.append(f'<tr><td>{esc(m)}</td><td class="text">{esc(mc)}</td><td class="text">{esc(optim)}</td></tr>')
     head = '<tr><th>method</th><th class="text">settings</th><th class="text">optimiser (first run)</th></tr>'
     return f"<h3>Methods</h3><table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"

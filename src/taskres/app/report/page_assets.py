@@ -54,6 +54,7 @@ tr.mid.folded { display: none; }
 .figure svg { max-width: 100%; height: auto; }
 .controls { margin: 6px 0; }
 .controls input[type=search] { padding: 3px 6px; width: 240px; }
+.controls .s { color: var(--muted); font-size: 12px; }
 details { margin: 6px 0 12px; }
 summary { cursor: pointer; color: var(--accent); }
 table.confusion td, table.confusion th { padding: 2px 5px; font-size: 12px; }
