@@ -149,6 +149,15 @@ def test_runs_of_an_older_taskres_and_an_imported_run(tmp_path):
     assert out["files"][-1] == exp / "report" / "index.html"
 
 
+def test_runs_without_confusions_still_show_their_classes(tmp_path):
+    exp = _experiment(tmp_path / "exp", {"pets": ["a", "b", "c"]}, shots=(1,))
+    for path in (exp / "runs").rglob("metrics.json"):
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "confusions"}))
+    write_report(exp)
+    text, parsed = _page(exp / "report")
+    assert len(parsed.class_rows) == 3 and text.count("Not recorded by the taskres that wrote this run") == 2
+
+
 def test_a_1000_class_dataset_shows_its_ends_a_search_box_and_top_confusions(tmp_path):
     classes = [f"class {i:04d}" for i in range(1000)]
     exp = _experiment(tmp_path / "exp", {"imagenet": classes}, shots=(16,), seeds=(1, 2))
