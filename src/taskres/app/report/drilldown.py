@@ -145,7 +145,10 @@ def _matrix(classes: list[dict], pairs: list) -> str:
     for c, p in enumerate(classes):
         total = max(int(p["n"]), 1)
         cells = "".join(
-            f'<td style="background: rgba(47, 95, 158, {min(n / total, 1.0) * 0.6:.2f})">{n}</td>' for n in counts[c]
+            f'<td style="background: rgba(47, 95, 158, {min(n / total, 1.0) * 0.6:.2f})">{n}</td>'
+            if n
+            else "<td>·</td>"
+            for n in counts[c]
         )
         body.append(f"<tr><td>{esc(p['class'])} ({c})</td>{cells}</tr>")
     return f'<table class="confusion"><thead>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'

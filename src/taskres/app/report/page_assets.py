@@ -58,6 +58,7 @@ tr.mid.folded { display: none; }
 details { margin: 6px 0 12px; }
 summary { cursor: pointer; color: var(--accent); }
 table.confusion td, table.confusion th { padding: 2px 5px; font-size: 12px; }
+table.confusion td { color: var(--fg); }
 .error { color: #a12622; white-space: pre-wrap; }
 @media print {
   body { background: #fff; }
