@@ -64,7 +64,6 @@ table.confusion td { color: var(--fg); }
   body { background: #fff; }
   main { max-width: none; padding: 0; }
   nav, .controls, td .runs { display: none; }
-  tr.mid.folded { display: table-row; }
   h2 { break-after: avoid; }
   table, .figure { break-inside: avoid; }
 }
