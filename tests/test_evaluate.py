@@ -55,3 +55,29 @@ def test_predict_logits_batches_and_evaluate():
     assert predict_logits(head, feats[:0]).shape == (0, 0)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])
     assert evaluate(head, feats, labels, ["x", "y", "z"]) == accuracy_metrics(full, labels, ["x", "y", "z"])
+
+
+def test_confusions_count_every_misclassified_pair_by_brute_force():
+    g = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(60, 5, generator=g), torch.randint(0, 5, (60,), generator=g)
+    m = accuracy_metrics(logits, labels, list("abcde"))
+    pred = logits.argmax(1).tolist()
+    want: dict[tuple[int, int], int] = {}
+    for t, p in zip(labels.tolist(), pred):
+        if t != p:
+            want[(t, p)] = want.get((t, p), 0) + 1
+    assert {(t, p): n for t, p, n in m["confusions"]} == want and m["confusions_complete"]
+    assert [n for *_, n in m["confusions"]] == sorted(want.values(), reverse=True)
+    assert sum(want.values()) == m["n_test"] - m["n_correct"]
+
+
+def test_confusions_of_a_large_dataset_keep_the_most_frequent():
+    from taskres.evaluate import CONFUSIONS_KEPT
+
+    labels = torch.arange(1000).repeat(2)  # (2000,)
+    pred = (labels + 1) % 1000
+    pred[:3] = 7  # classes 0, 1, 2 -> 7 once each; class 7 -> 8 twice
+    logits = torch.nn.functional.one_hot(pred, 1000).float()
+    m = accuracy_metrics(logits, labels, [str(i) for i in range(1000)])
+    assert len(m["confusions"]) == CONFUSIONS_KEPT and not m["confusions_complete"]
+    assert all(n == 2 for *_, n in m["confusions"][:10]) and m["confusions"][0] == [3, 4, 2]

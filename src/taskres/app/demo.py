@@ -2,8 +2,8 @@
 
 Zero-shot and TaskRes at 1, 2, 4, 8, 16 shots on every task, as a sweep (the `taskres sweep` code path: split files
 on disk, the backbone loader, the feature cache, the engine, one run folder per cell under ``OUT/runs``), then the
-table, ``results.json`` and the plots from the run folders with `taskres report`'s reader, summaries (mean and
-numpy std, ddof=0, over seeds) and figures. A rerun resumes.
+table, ``results.json``, the plots and ``report/index.html`` from the run folders with `taskres report`'s reader,
+summaries (mean and numpy std, ddof=0, over seeds), figures and page. A rerun resumes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from taskres.app.report import (
     plot_accuracy,
     plot_difficulty,
     summarise,
+    write_html,
 )
 from taskres.app.sweep import DatasetRef, Grid, run_sweep
 from taskres.atomic import write_text
@@ -91,6 +92,8 @@ def run_demo(
     write_text(out / "results.json", json.dumps(results, indent=2))
     plot_accuracy(rows, out / "accuracy_vs_shots", suffixes=(".png",))
     plot_difficulty(runs, out / "residual_vs_difficulty", suffixes=(".png",))
+    (out / "report").mkdir(exist_ok=True)
+    write_html(out, out / "report", rows, runs)
     _print_results(echo, out, rows, results, tasks, config)
     return results
 
@@ -147,6 +150,6 @@ def _print_results(echo, out: Path, rows: list[dict], results: dict, tasks: list
     for p in sorted(results["transfer"], key=lambda p: p["difficulty"]):
         echo(f"  {p['task']:<18} difficulty {p['difficulty']:.3f}   mean |x| {p['residual']:.5f}")
     echo(
-        f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'residual_vs_difficulty.png'} "
-        f"in {results['seconds']:.0f} s"
+        f"\nwrote {out / 'results.json'}, {out / 'accuracy_vs_shots.png'}, {out / 'residual_vs_difficulty.png'}, "
+        f"{out / 'report' / 'index.html'} in {results['seconds']:.0f} s"
     )

@@ -6,6 +6,8 @@ Drawn on a bare ``matplotlib.figure.Figure``: no pyplot, so no global backend or
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,11 @@ BOTH = (".png", ".svg")
 
 def plot_accuracy(rows: list[dict], stem: Path, suffixes: tuple[str, ...] = BOTH) -> list[Path]:
     """Fig. 3 from the summary rows of the first backbone, saved as ``stem`` + each suffix."""
+    return save(accuracy_figure(rows), stem, suffixes)
+
+
+def accuracy_figure(rows: list[dict]):
+    """Fig. 3 from the summary rows of the first backbone: one panel per dataset plus their average."""
     few = [r for r in rows if not r["eval_dataset"]]
     backbone = sorted({r["backbone"] for r in few})[0]
     few = [r for r in few if r["backbone"] == backbone]
@@ -41,6 +48,9 @@ def plot_accuracy(rows: list[dict], stem: Path, suffixes: tuple[str, ...] = BOTH
             ax.fill_between(k, mean - std, mean + std, color=f"C{j}", alpha=0.2)
         _zero_shot_line(ax, [index.get((d, ZERO_SHOT, 0)) for d in sources])
         ax.set_xscale("log", base=2)
+        shots = sorted({r["shots"] for r in few if r["shots"]})
+        ax.set_xticks(shots, [str(k) for k in shots])  # 1, 2, 4 rather than 2^0, 2^1, 2^2
+        ax.minorticks_off()
         ax.set_title(dataset)
         ax.set_xlabel("shots per class")
         ax.set_ylabel("accuracy (%)")
@@ -48,7 +58,7 @@ def plot_accuracy(rows: list[dict], stem: Path, suffixes: tuple[str, ...] = BOTH
         if i == 0:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    return save(fig, stem, suffixes)
+    return fig
 
 
 def _points(index: dict, dataset: str, method: str, shots: list[int]) -> list[tuple[Any, Any, Any]]:
@@ -80,9 +90,15 @@ def _zero_shot_line(ax, zero_shot: list[dict | None]) -> None:
 def plot_difficulty(records: list[dict], stem: Path, suffixes: tuple[str, ...] = BOTH) -> list[Path]:
     """Fig. 4: mean |residual| of TaskRes at the largest shot count against (1/C) / zero-shot accuracy, one colour
     per (backbone, TaskRes label) with its correlations; nothing when no run has a residual."""
+    fig = difficulty_figure(records)
+    return [] if fig is None else save(fig, stem, suffixes)
+
+
+def difficulty_figure(records: list[dict]):
+    """The Fig. 4 figure, or None when no run has a residual."""
     sets = difficulty_points(records)
     if not sets:
-        return []
+        return None
     stats = {c["label"]: c for c in correlations(records)}
     fig = _figure(6.5, 4.5)
     ax = fig.add_subplot()
@@ -98,7 +114,7 @@ def plot_difficulty(records: list[dict], stem: Path, suffixes: tuple[str, ...] =
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save(fig, stem, suffixes)
+    return fig
 
 
 def _figure(width: float, height: float):
@@ -116,3 +132,12 @@ def save(fig, stem: Path, suffixes: tuple[str, ...] = BOTH) -> list[Path]:
         else:
             fig.savefig(path)
     return paths
+
+
+def svg_text(fig) -> str:
+    """The figure as an ``<svg>`` element to inline in HTML (glyphs as paths: no font needed), without the XML
+    prolog and the creator metadata."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    text = buf.getvalue()
+    return re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg") :], flags=re.S)

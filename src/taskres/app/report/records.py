@@ -85,12 +85,65 @@ def _run_records(folder: Path, config: dict, metrics: dict, options: list) -> li
             "zero_shot_accuracy": metrics.get("zero_shot_accuracy"),
             "residual_mean_abs": metrics.get("residual_mean_abs"),
             "test_selected": bool(metrics.get("test_selected", False)),
+            **_details(config, metrics),
         }
     ]
     for ev in sorted(folder.glob("eval-*/metrics.json")):
         m = json.loads(ev.read_text())
         records.append({**base, "eval_dataset": m.get("dataset", ev.parent.name[5:]), "accuracy": m["accuracy"]})
     return records
+
+
+def _details(config: dict, metrics: dict) -> dict:
+    """What the HTML page shows beyond the accuracy; None where a run from an older taskres lacks it."""
+    seconds = [metrics[k] for k in ("seconds_features", "seconds_train") if isinstance(metrics.get(k), (int, float))]
+    return {
+        "per_class": metrics.get("per_class_accuracy"),
+        "confusions": metrics.get("confusions"),
+        "confusions_complete": bool(metrics.get("confusions_complete", False)),
+        "seconds": sum(seconds) if seconds else None,
+        "taskres_version": config.get("taskres_version"),
+        "torch_version": config.get("torch_version"),
+        "backbone_sha256": (config.get("backbone") or {}).get("sha256"),
+        "method_config": config.get("method_config"),
+        "optim": config.get("optim"),
+        "views": config.get("views"),
+    }
+
+
+def imported_runs(exp: str | Path) -> list[dict]:
+    """The imported official checkpoints under EXP/runs (`taskres import`): listed by the HTML page, outside the grid
+    (they have no shots or seed)."""
+    out = []
+    for config_file in sorted((Path(exp) / "runs").rglob("config.json")):
+        metrics_file = config_file.parent / "metrics.json"
+        config = json.loads(config_file.read_text())
+        if config.get("kind") == "import" and metrics_file.is_file():
+            out.append(
+                {
+                    "dataset": config["dataset"]["name"],
+                    "backbone": config["backbone"]["spec"],
+                    "checkpoint": config.get("checkpoint", ""),
+                    "accuracy": json.loads(metrics_file.read_text())["accuracy"],
+                    "run": str(config_file.parent),
+                }
+            )
+    return out
+
+
+def failures(exp: str | Path) -> list[dict]:
+    """The last failure of every cell in EXP/failures.jsonl whose run folder has no metrics.json (a cell that
+    failed and then finished on a rerun is not missing)."""
+    path = Path(exp) / "failures.jsonl"
+    last: dict[str, dict] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed writer
+        if isinstance(record, dict) and isinstance(record.get("cell"), str):
+            last[record["cell"]] = record
+    return [r for c, r in sorted(last.items()) if not (Path(exp) / "runs" / c / "metrics.json").is_file()]
 
 
 def _text(value: Any) -> str:

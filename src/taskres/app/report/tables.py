@@ -89,10 +89,16 @@ class _Panel:
     index: dict[tuple, dict]
 
 
+def wanted_seeds(rows: list[dict], grid: dict) -> int:
+    """The seeds a trained cell should have: the grid's (EXP/sweep.json), else the most any cell has."""
+    few = [r for r in rows if not r["eval_dataset"] and r["shots"]]
+    return len(grid.get("seeds") or []) or max((r["n_seeds"] for r in few), default=1)
+
+
 def markdown(rows: list[dict], records: list[dict], grid: dict, published: dict) -> tuple[str, list[str]]:
     """results.md and the summary lines `taskres report` prints."""
     few = [r for r in rows if not r["eval_dataset"]]
-    want_seeds = len(grid.get("seeds") or []) or max((r["n_seeds"] for r in few if r["shots"]), default=1)
+    want_seeds = wanted_seeds(rows, grid)
     lines = _preamble(grid.get("protocol", "default"), want_seeds, records, published)
     selected = {(r["dataset"], r["backbone"], r["method"], r["shots"]) for r in records if r.get("test_selected")}
     ctx = _Context(want_seeds, published, selected)
