@@ -28,32 +28,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-# (classes, test images) of the 11 benchmarks, as CoOp's split files give them (Zhou et al., IJCV 2022, Table 7).
-BENCHMARKS = {
-    "imagenet": (1000, 50000),
-    "caltech101": (100, 2465),
-    "oxford_pets": (37, 3669),
-    "stanford_cars": (196, 8041),
-    "oxford_flowers": (102, 2463),
-    "food101": (101, 30300),
-    "fgvc_aircraft": (100, 3333),
-    "sun397": (397, 19850),
-    "dtd": (47, 1692),
-    "eurosat": (10, 8100),
-    "ucf101": (101, 3783),
-}
+from taskres.app.presets import preset
+from taskres.data.benchmarks import get_benchmark
+
 SHOTS, SEEDS = (1, 2, 4, 8, 16), (1, 2, 3)
 
 BARE = """
@@ -61,8 +52,9 @@ import sys, time, torch
 from open_clip.model import build_model_from_openai_state_dict
 t0 = time.perf_counter()
 model = build_model_from_openai_state_dict(torch.load(sys.argv[1], map_location="cpu")).float().eval()
-model.to(sys.argv[3])
-x = torch.randn(32, 3, 224, 224, device=sys.argv[3])
+dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[sys.argv[4]]
+model.to(sys.argv[3], dtype)
+x = torch.randn(32, 3, 224, 224, device=sys.argv[3], dtype=dtype)
 n, total = 0, int(sys.argv[2])
 with torch.no_grad():
     while n < total:
@@ -79,14 +71,14 @@ def _timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t
 
 
-def extraction(images: int, device: str, rounds: int = 2) -> dict:
+def extraction(images: int, device: str, rounds: int = 2, arch: str = "RN50", precision: str = "fp32") -> dict:
     import open_clip
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
-        model = open_clip.create_model("RN50-quickgelu", pretrained=None)
-        weights = tmp / "RN50-random.pt"
+        model = open_clip.create_model(f"{arch}-quickgelu", pretrained=None)
+        weights = tmp / f"{arch}-random.pt"
         torch.save({k: v.half() for k, v in model.state_dict().items()}, weights)  # fp16, as OpenAI ships it
         del model
         rng = np.random.default_rng(0)
@@ -104,7 +96,9 @@ def extraction(images: int, device: str, rounds: int = 2) -> dict:
         env = dict(os.environ)
         bare, ours = [], []
         for r in range(rounds):
-            bare.append(_timed([sys.executable, str(tmp / "bare.py"), str(weights), str(images), device], env))
+            bare.append(
+                _timed([sys.executable, str(tmp / "bare.py"), str(weights), str(images), device, precision], env)
+            )
             cache = tmp / f"cache{r}"  # cold every time
             ours.append(
                 _timed(
@@ -121,6 +115,8 @@ def extraction(images: int, device: str, rounds: int = 2) -> dict:
                         str(cache),
                         "--device",
                         device,
+                        "--precision",
+                        precision,
                         "--quiet",
                         "--out",
                         str(tmp / f"zs{r}"),
@@ -221,25 +217,150 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def encoder_passes(views: int = 50) -> tuple[int, int]:
-    """(official, ours) image-encoder passes for the few-shot benchmark grid on one backbone."""
-    official = ours = 0
-    for classes, test in BENCHMARKS.values():
-        ours += test
-        for shots in SHOTS:
-            epochs = 100 if shots <= 4 else 200  # TaskRes's configs
-            n = shots * classes
-            per_epoch = n - n % 256 if n >= 256 else n  # Dassl drops the partial batch when a full one exists
-            official += len(SEEDS) * (epochs * per_epoch + test)
-            ours += len(SEEDS) * (views * n + min(shots, 4) * classes)
-    return official, ours
+# ---- the whole grid's encoder budget ----------------------------------------------------------------------------
+# Each official code base's image-encoder passes for one (dataset, shots, seed) run, as its public configuration
+# runs it (docs/performance.md, "The whole grid's encoder budget", cites the files): the augmented passes of its
+# training epochs, the augmented views it caches once per run, and the val and test images it encodes.
 
 
-def extraction_rows(images: int, device: str) -> list[tuple[str, str, str, str]]:
-    e = extraction(images, device)
+def _epoch_images(n: int, batch: int) -> int:
+    """Images a Dassl epoch encodes: the partial batch is dropped when a full one exists."""
+    return n - n % batch if n >= batch else n
+
+
+def _coop_epochs(shots: int) -> int:  # CoOp's rn50_ep50 / rn50_ep100 / rn50 configs
+    return 50 if shots == 1 else 100 if shots <= 4 else 200
+
+
+def official_run(method: str, dataset: str, shots: int) -> tuple[int, int, int]:
+    """(training passes, val passes, whether the test split is encoded: 1 or 0) of one official run."""
+    spec = get_benchmark(dataset)
+    classes, n = spec.published.classes, shots * spec.published.classes
+    few_val = 0 if dataset == "imagenet" else min(shots, 4) * classes  # ImageNet draws no few-shot val
+    if method in ("taskres", "taskres*"):  # online views, batch 256, 100/200 epochs, test after the last epoch
+        return (100 if shots <= 4 else 200) * _epoch_images(n, 256), 0, 1
+    if method in ("coop", "clip-adapter"):  # online views, batch 32; CoOp runs ImageNet with rn50_ep50
+        epochs = 50 if method == "coop" and dataset == "imagenet" else _coop_epochs(shots)
+        return epochs * _epoch_images(n, 32), 0, 1
+    if method == "tip-adapter-f":  # a cache of 10 augmented epochs, then 20 (EuroSAT 100) re-encoded epochs
+        return (10 + (100 if dataset == "eurosat" else 20)) * n, few_val, 1
+    if method in ("zs-lp", "clap"):  # a pool of 20 augmented views of the support set, encoded once per run
+        return 20 * n, 0, 1
+    if method == "lp++":  # one augmented view per task, a K-shot val; the test split once per process (below)
+        return n, 0 if dataset == "imagenet" else shots * classes, 0
+    raise KeyError(method)
+
+
+def official_grid(
+    methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int], seeds: int, eval_on: Sequence[str] = ()
+) -> dict[str, int]:
+    """Passes of the official code bases over a grid, per method (zero-shot: once per dataset)."""
+    totals: dict[str, int] = {"zero-shot": 0}
+    for dataset in datasets:
+        pub = get_benchmark(dataset).published
+        tests = pub.test + sum(get_benchmark(v).published.test for v in eval_on)  # each run evaluates them all
+        totals["zero-shot"] += tests  # CoOp's zero-shot evaluation, once per dataset
+        for method in methods:
+            if method == "linear-probe":  # lpclip: whole train, val and test splits once per dataset
+                val = pub.val if pub.val is not None else pub.test  # CoOp's ImageNet aliases val to test
+                totals[method] = totals.get(method, 0) + (pub.train or 0) + val + tests
+                continue
+            for k in shots:
+                train, val, test = official_run(method, dataset, k)
+                once = tests if method == "lp++" else 0  # LP++ encodes the test split once per process
+                totals[method] = totals.get(method, 0) + seeds * (train + val + test * tests) + once
+    return totals
+
+
+def ours_grid(
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    shots: Sequence[int],
+    seeds: int,
+    views: int,
+    eval_on: Sequence[str] = (),
+) -> int:
+    """Passes of one shared feature cache: each test split once, every drawn val image once (test transform), every
+    drawn training image once per view of the bank and once with the test transform (the probes' view 0). Draws of
+    different seeds and shot counts are counted as if they never overlapped (an upper bound), capped by the split."""
+    bank = max(views if m not in ("linear-probe", "zs-lp", "clap", "lp++") else 0 for m in methods)
+    if any(m in ("zs-lp", "clap") for m in methods):
+        bank = max(bank, 20)  # their pool of 20 views, the bank's first 20
+    test_view = 1 if "linear-probe" in methods else 0
+    total = 0
+    for dataset in datasets:
+        pub = get_benchmark(dataset).published
+        drawn = min(seeds * sum(shots) * pub.classes, pub.train or 0)
+        val = 0 if pub.val is None else min(seeds * sum(min(k, 4) for k in shots) * pub.classes, pub.val)
+        total += pub.test + sum(get_benchmark(v).published.test for v in eval_on) + val + drawn * (bank + test_view)
+    return total
+
+
+def budget_rows(name: str, views: Sequence[int] = (50, 20)) -> list[tuple[str, str, str, str]]:
+    """The encoder passes of ``--preset name`` (one backbone): each official code base's, and one shared cache's."""
+    grid = preset(name, root="benchmarks", backbones=())
+    args = ([d.name for d in grid.datasets], grid.shots, len(grid.seeds))
+    official = official_grid(grid.methods, *args, eval_on=grid.eval_on)
+    total = sum(official.values())
+    rows = [(f"encoder passes, --preset {name}, one backbone", f"{total:,} official, all methods", "", "")]
+    rows += [(f"  official {method}", f"{passes:,}", "", "") for method, passes in official.items()]
+    for v in views:
+        ours = ours_grid(grid.methods, *args, views=v, eval_on=grid.eval_on)
+        rows.append((f"  ours, one cache, {v} views", f"{ours:,}", f"{total / ours:.1f}x fewer", ""))
+    return rows
+
+
+def _cpu_seconds(cmd: list[str]) -> float:
+    """user + sys CPU seconds of one whole child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def startup(rounds: int) -> dict:
+    """CPU time of ``taskres predict`` of one image with a finished run (the demo backbone, a generated 3-class
+    ImageFolder) against ``python -c "import torch"``, whole processes, alternated."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rng = np.random.default_rng(0)
+        for split in ("train", "test"):
+            for name in ("cat", "dog", "fish"):
+                folder = tmp / "data" / split / name
+                folder.mkdir(parents=True)
+                for i in range(3):
+                    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+        taskres = [sys.executable, "-m", "taskres"]
+        subprocess.run([*taskres, "train", "--data", str(tmp / "data"), "--backbone", "taskres-demo", "--shots", "2",
+                        "--seed", "1", "--epochs", "2", "--no-cache", "--quiet", "--device", "cpu", "--out",
+                        str(tmp / "run")], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        predict = [*taskres, "predict", "--run", str(tmp / "run"), str(tmp / "data" / "test" / "cat" / "0.jpg"),
+                   "--no-cache", "--quiet", "--device", "cpu"]  # fmt: skip
+        torch_only, ours = [], []
+        for _ in range(rounds):
+            torch_only.append(_cpu_seconds([sys.executable, "-c", "import torch"]))
+            ours.append(_cpu_seconds(predict))
+    return {"torch": statistics.median(torch_only), "ours": statistics.median(ours), "all_torch": torch_only,
+            "all_ours": ours}  # fmt: skip
+
+
+def startup_rows(rounds: int) -> list[tuple[str, str, str, str]]:
+    st = startup(rounds)
+    every = " ".join(f"{o:.1f}/{t:.1f}" for o, t in zip(st["all_ours"], st["all_torch"]))
+    return [
+        (f"start-up: taskres predict, 1 image, CPU time, median of {rounds}",
+         f"{st['ours']:.2f} s vs {st['torch']:.2f} s (import torch)", f"{st['ours'] / st['torch']:.2f}", "<= 2"),
+        ("  every round (predict / import torch, s)", every, "", ""),
+    ]  # fmt: skip
+
+
+def extraction_rows(
+    images: int, device: str, arch: str = "RN50", precision: str = "fp32", rounds: int = 2
+) -> list[tuple[str, str, str, str]]:
+    e = extraction(images, device, rounds, arch=arch, precision=precision)
     every = " ".join(f"{o:.1f}/{b:.1f}" for o, b in zip(e["all_ours"], e["all_bare"]))
     return [
-        (f"extraction, RN50, {images} JPEGs, whole process", f"{e['ours']:.1f} s vs {e['bare']:.1f} s",
+        (f"extraction, {arch} {precision}, {images} JPEGs, whole process", f"{e['ours']:.1f} s vs {e['bare']:.1f} s",
          f"{e['ours'] / e['bare']:.3f}", "<= 1.10"),
         ("  every round (ours / bare, s)", every, "", ""),
     ]  # fmt: skip
@@ -270,10 +391,14 @@ def main() -> None:
     parser.add_argument("--online-epochs", type=int, default=30)
     parser.add_argument("--online-workers", type=int, default=None, help="decoding processes (default: auto)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arch", choices=("RN50", "ViT-B-16"), default="RN50", help="extraction: the encoder")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="extraction")
     parser.add_argument("--skip-extract", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-online", action="store_true")
-    parser.add_argument("--only", choices=("extraction", "training", "online"), default=None)
+    parser.add_argument("--startup-rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="extraction: alternated rounds of each process")
+    parser.add_argument("--only", choices=("extraction", "training", "online", "budget", "startup"), default=None)
     args = parser.parse_args()
     run = {
         "extraction": not args.skip_extract and args.only in (None, "extraction"),
@@ -282,21 +407,15 @@ def main() -> None:
     }
     rows = [("machine", f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", "", "")]
     if run["extraction"]:
-        rows += extraction_rows(args.images, args.device)
+        rows += extraction_rows(args.images, args.device, args.arch, args.precision, args.rounds)
     if run["training"]:
         rows += training_rows(args.device, args.epochs)
     if run["online"]:
         rows += online_rows(args.device, args.online_epochs, args.online_workers)
-    if args.only is None:
-        official, ours = encoder_passes()
-        rows.append(
-            (
-                "encoder passes, 11 datasets x 5 shots x 3 seeds",
-                f"{official:,} official vs {ours:,} ours (V=50)",
-                f"{official / ours:.1f}x fewer",
-                "",
-            )
-        )
+    if args.only in (None, "startup"):
+        rows += startup_rows(args.startup_rounds)
+    if args.only in (None, "budget"):
+        rows += budget_rows("paper-fewshot") + budget_rows("paper-dg")
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print(
         f"{'what':<{widths[0]}}  {'figure':<{widths[1]}}  {'ratio':>{max(widths[2], 5)}}  target   (device "
