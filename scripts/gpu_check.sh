@@ -5,6 +5,7 @@
 #   scripts/gpu_check.sh --dry-run    the same steps on the CPU at toy sizes, so that the script cannot rot
 #                                     (tests/test_gpu_check.py runs it)
 #
+# The dry run keeps its steps short: one device test, one extraction at 4 images, 20 classes of training, no demo.
 # Steps: the device tests on CUDA (tests/test_device.py with TASKRES_TEST_DEVICE=cuda: the device placement that
 # mutation testing cannot check on a CPU, docs/mutation.md); the demo on CUDA; extraction at real size (RN50 and
 # ViT-B/16 with random weights, generated JPEGs, fp32 and fp16; scripts/benchmark.py, whole processes against a
@@ -24,10 +25,10 @@ case "${1:-}" in
 esac
 
 if [[ $DRY == 1 ]]; then
-    DEV=cpu IMAGES=8 EPOCHS=2 DEMO=() TIMEOUT=300
+    DEV=cpu IMAGES=4 EPOCHS=2 CLASSES=20 DEMO=() TIMEOUT=600 TESTS=(-k closed-form)
     EXTRACT=("RN50 fp32")
 else
-    DEV=cuda IMAGES=2000 EPOCHS=200 DEMO=(demo) TIMEOUT=150
+    DEV=cuda IMAGES=2000 EPOCHS=200 CLASSES=1000 DEMO=(demo) TIMEOUT=150 TESTS=()
     EXTRACT=("RN50 fp32" "RN50 fp16" "ViT-B-16 fp32" "ViT-B-16 fp16")
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu_check: torch sees no GPU; run on a GPU machine, or pass --dry-run for the CPU parts." >&2
@@ -73,7 +74,7 @@ for split in ("train", "test"):
 EOF
 
 step "device tests ($DEV)" "passed|failed" \
-    env TASKRES_TEST_DEVICE=$DEV "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py
+    env TASKRES_TEST_DEVICE=$DEV "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py "${TESTS[@]}"
 if [[ ${#DEMO[@]} -gt 0 ]]; then
     step "demo ($DEV, 1 seed)" "." "$PY" -m taskres demo --device $DEV --seeds 1 --quiet --out "$OUT/demo"
 fi
@@ -83,7 +84,8 @@ for spec in "${EXTRACT[@]}"; do
         --images $IMAGES --rounds 1 --arch "$arch" --precision "$precision"
 done
 step "training, $EPOCHS epochs" "^training" \
-    "$PY" scripts/benchmark.py --only training --device $DEV --epochs $EPOCHS
+    "$PY" scripts/benchmark.py --only training --device $DEV --epochs $EPOCHS \
+    --train-classes $CLASSES
 step "torchrun 1 process ($([[ $DEV == cuda ]] && echo NCCL || echo gloo))" "accuracy" \
     "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m taskres zeroshot \
     --data "$OUT/images" --backbone taskres-demo --device $DEV --cache-dir "$OUT/cache" --out "$OUT/zs"
