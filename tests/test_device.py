@@ -60,6 +60,7 @@ def test_fit_trains_on_the_device_and_matches_the_cpu(device, config, optim):
         torch.testing.assert_close(trained[device.type][key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_train_and_eval_on_the_device(env, capsys, device):
     tmp, base, _ = env
     args = [a if a != "cpu" else str(device) for a in base]  # the fixture's "--device cpu"
@@ -82,6 +83,7 @@ def test_cli_train_and_eval_on_the_device(env, capsys, device):
     assert json.loads((tmp / "ev" / "metrics.json").read_text())["accuracy"] == pytest.approx(dev["accuracy"])
 
 
+@pytest.mark.slow
 def test_cli_half_precision_on_a_gpu(env, capsys, device):
     """fp16 runs the text encoder in half precision on the backbone's device (a GPU only)."""
     if device.type != "cuda":
