@@ -9,7 +9,6 @@ pooling, so ``pooled_text(model, tokens) @ projection(model)`` is ``model.encode
 from __future__ import annotations
 
 import torch
-from open_clip.model import text_global_pool
 
 from taskres.backbones import Backbone, ClipModel
 from taskres.errors import TaskResValueError
@@ -44,6 +43,8 @@ def projection(model: ClipModel) -> torch.Tensor:
 def pooled_text(model: ClipModel, tokens: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
     """(N, L) token ids [and (N, L, W) token embeddings that replace the looked-up ones] -> (N, W) pre-projection
     features at the pooling position chosen by the ids (the end-of-text token for CLIP)."""
+    from open_clip.model import text_global_pool  # here: commands that never encode text skip open_clip
+
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens) if embeddings is None else embeddings
     x = x.to(cast) + model.positional_embedding.to(cast)

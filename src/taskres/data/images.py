@@ -13,17 +13,15 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms as T
 
 from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError
 
-BICUBIC = T.InterpolationMode.BICUBIC
 TRAIN_SCALE = (0.08, 1.0)  # Dassl's RRCROP_SCALE default
 # Larger images are refused (a decoded RGB image takes 3-4 bytes a pixel, more in the resize): 64 MP covers
 # the photos of today's cameras and phones (~50 MP).
@@ -50,7 +48,10 @@ def build_transform(
     std: Sequence[float],
     augment: bool,
     scale: tuple[float, float] = TRAIN_SCALE,
-) -> T.Compose:
+) -> Callable[[Image.Image], torch.Tensor]:
+    from torchvision import transforms as T  # here, not at import: torchvision pulls in torch._dynamo (seconds)
+
+    BICUBIC = T.InterpolationMode.BICUBIC
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     if not augment:
         return T.Compose([T.Resize(image_size, interpolation=BICUBIC), T.CenterCrop(image_size), *normalize])

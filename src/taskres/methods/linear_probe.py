@@ -20,8 +20,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from taskres.errors import TaskResValueError, check_choice, invalid
 from taskres.methods.base import FitContext, Fitted, Head, option
@@ -89,6 +87,9 @@ def fit_logistic(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, c: float, max_iter: int = 1000
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W (C, D), b (C,)) of scikit-learn's logistic regression; classes absent from ``labels`` get bias -inf."""
+    from sklearn.exceptions import ConvergenceWarning  # here: scikit-learn and scipy take seconds to import
+    from sklearn.linear_model import LogisticRegression
+
     x, y = features.double().numpy(), labels.numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # lpclip runs C = 1e6 at max_iter 1000 too
