@@ -514,9 +514,11 @@ def test_the_progress_bar_counts_images_under_its_label_and_is_cleared(tiny, tmp
 @dataclass(frozen=True)
 class ScriptedCluster(Cluster):
     """Rank ``rank`` of a ``world_size``-rank torchrun job in one process: ``others[what](value)`` plays the other
-    ranks of the collective ``what`` and returns every rank's value in rank order (default: all hold ``value``)."""
+    ranks of the collective ``what`` and returns every rank's value in rank order (default: all hold ``value``);
+    ``barriers[what]()`` plays what they do before they reach the barrier ``what``."""
 
     others: dict = field(default_factory=dict, compare=False)
+    barriers: dict = field(default_factory=dict, compare=False)
     log: list = field(default_factory=list, compare=False)
 
     def gather(self, value, what):
@@ -526,6 +528,8 @@ class ScriptedCluster(Cluster):
 
     def barrier(self, what):
         self.log.append(what)
+        if what in self.barriers:
+            self.barriers[what]()
 
 
 def _digest(value) -> str:

@@ -6,9 +6,15 @@ it holds."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +22,14 @@ import torch
 from conftest import COLOURS, write_pngs
 from conftest import run_cli as run
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
+from test_cache import ScriptedCluster
 
 import taskres.cache_keys as cache_keys
 from taskres.cache import FORMAT, FeatureCache
-from taskres.cache_keys import feature_key, file_digest, image_key
+from taskres.cache_keys import DigestIndex, feature_key, file_digest, image_key
+from taskres.errors import TaskResValueError
 
 LATIN1 = b"\xe9"  # 'e' acute in Latin-1: not valid UTF-8 on its own
 
@@ -184,3 +193,266 @@ def test_an_old_format_cache_is_ignored_and_left_in_place(tiny, tmp_path):
     cache.features(tiny, paths)
     assert cache.encoded == 2 and (old / "chunk-0.safetensors").read_bytes() == b"an earlier format's chunk"
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["v3", "v4"]
+
+
+# ---- the index of file identities ----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def settled(monkeypatch):
+    """Files count as settled at once (the tests' files are fresh), so that the index records them."""
+    monkeypatch.setattr(cache_keys, "SETTLE_NS", 0)
+
+
+def _index_files(cache_dir) -> list:
+    return sorted((cache_dir / f"v{FORMAT}" / "index").glob("digests-*.json"))
+
+
+def _cache_keys_logs(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "taskres.cache_keys"]
+
+
+def test_unchanged_files_are_read_once_and_a_rewritten_file_again(tiny, tmp_path, settled):
+    paths = write_pngs(tmp_path / "img", 3)
+    first = FeatureCache(tmp_path / "c", quiet=True)
+    feats, _ = first.features(tiny, paths)
+    first.features(tiny, paths, view=0)  # another namespace, the same files: known to this object
+    assert first.hashed == 3 and len(_index_files(tmp_path / "c")) == 1
+    index = json.loads(_index_files(tmp_path / "c")[0].read_text())
+    st = paths[0].stat()
+    assert index["entries"][str(paths[0])] == [
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        hashlib.sha256(paths[0].read_bytes()).hexdigest(),
+    ]
+    assert index["sha256"] == hashlib.sha256(json.dumps(index["entries"], sort_keys=True).encode()).hexdigest()
+    second = FeatureCache(tmp_path / "c", quiet=True)
+    assert torch.equal(second.features(tiny, paths)[0], feats) and (second.hashed, second.encoded) == (0, 0)
+    paths[1].write_bytes(paths[1].read_bytes())  # the same bytes written again: a new identity, the same key
+    third = FeatureCache(tmp_path / "c", quiet=True)
+    assert torch.equal(third.features(tiny, paths)[0], feats) and (third.hashed, third.encoded) == (1, 0)
+
+
+def test_a_file_changed_just_before_it_was_hashed_is_not_recorded(tiny, tmp_path):
+    # a second write within the same clock tick would leave the identity as it was: such a file is read every time
+    paths = write_pngs(tmp_path / "img", 2)
+    old = 1_600_000_000 * 10**9
+    os.utime(paths[0], ns=(old, old))  # an old modification time; its change time is now
+    for _ in range(2):
+        cache = FeatureCache(tmp_path / "c", quiet=True)
+        cache.features(tiny, paths)
+        assert cache.hashed == 2
+    assert _index_files(tmp_path / "c") == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "checksum", "not_a_dict", "bad_entry", "folder"])
+def test_a_damaged_index_file_is_a_miss_never_a_wrong_hit(tiny, tmp_path, settled, caplog, damage):
+    paths = write_pngs(tmp_path / "img", 2)
+    feats, _ = FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths)
+    (path,) = _index_files(tmp_path / "c")
+    data = json.loads(path.read_text())
+    wrong = hashlib.sha256(b"another image").hexdigest()
+    if damage == "truncated":
+        path.write_text(path.read_text()[:-20])
+    elif damage == "checksum":  # another image's digest for image 0: a wrong hit, if it were believed
+        data["entries"][str(paths[0])][5] = wrong
+        path.write_text(json.dumps(data))
+    elif damage == "not_a_dict":
+        path.write_text("[]")
+    elif damage == "bad_entry":  # well formed, its checksum right, an entry that is not one
+        entries = {str(paths[0]): ["not", "an", "identity"]}
+        path.write_text(json.dumps({"entries": entries, "sha256": cache_keys._checksum(entries)}))
+    else:
+        path.unlink()
+        path.mkdir()
+    cache = FeatureCache(tmp_path / "c", quiet=True)
+    with caplog.at_level(logging.WARNING):
+        again, _ = cache.features(tiny, paths)
+    assert torch.equal(again, feats) and (cache.hashed, cache.encoded) == (2, 0)
+    (message,) = _cache_keys_logs(caplog)
+    assert message.startswith(f"feature cache index file {path} is damaged (")
+    assert message.endswith("); ignoring it, its images will be hashed again")
+    assert path.is_dir() if damage == "folder" else not path.exists()  # deleted; a folder is the user's
+    assert len(_index_files(tmp_path / "c")) == (2 if damage == "folder" else 1)  # the new one
+
+
+def test_concurrent_writers_each_write_their_own_index_file_and_readers_merge_them(
+    tiny, tmp_path, settled, monkeypatch
+):
+    monkeypatch.setattr(cache_keys, "MAX_FILES", 2)
+    paths = write_pngs(tmp_path / "img", 3)
+    writers = [FeatureCache(tmp_path / "c", quiet=True) for _ in paths]
+    for writer in writers:
+        writer.features(tiny, [])  # each has read the (empty) index before any other writes
+    for writer, path in zip(writers, paths):
+        writer.features(tiny, [path])
+    assert len(_index_files(tmp_path / "c")) == 3  # nobody overwrote anybody's entries
+    reader = FeatureCache(tmp_path / "c", quiet=True)
+    reader.features(tiny, paths)
+    assert reader.hashed == 0
+    (merged,) = _index_files(tmp_path / "c")  # more than MAX_FILES: merged into one, the merged ones deleted
+    assert sorted(json.loads(merged.read_text())["entries"]) == sorted(str(p) for p in paths)
+    late = FeatureCache(tmp_path / "c", quiet=True)
+    late.features(tiny, paths)
+    assert late.hashed == 0
+
+
+def test_an_index_file_merged_away_while_it_is_read_is_no_warning(tiny, tmp_path, settled, monkeypatch, caplog):
+    paths = write_pngs(tmp_path / "img", 2)
+    FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths)
+    real = Path.read_text
+
+    def merged_by_another_process_first(self, *args, **kwargs):
+        if self.name.startswith("digests-"):
+            self.unlink()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", merged_by_another_process_first)
+    cache = FeatureCache(tmp_path / "c", quiet=True)
+    with caplog.at_level(logging.WARNING):
+        cache.features(tiny, paths)
+    assert cache.hashed == 2 and _cache_keys_logs(caplog) == []
+
+
+def test_an_index_that_cannot_be_written_is_a_warning_and_changes_no_result(tiny, tmp_path, settled, caplog):
+    paths = write_pngs(tmp_path / "img", 2)
+    (tmp_path / "c" / f"v{FORMAT}").mkdir(parents=True)
+    (tmp_path / "c" / f"v{FORMAT}" / "index").write_text("a file in the way")
+    expected, _ = FeatureCache(None, quiet=True).features(tiny, paths)
+    cache = FeatureCache(tmp_path / "c", quiet=True)
+    with caplog.at_level(logging.WARNING):
+        feats, _ = cache.features(tiny, paths)
+    assert torch.equal(feats, expected)
+    index = tmp_path / "c" / f"v{FORMAT}" / "index"
+    assert _cache_keys_logs(caplog) == [
+        f"cannot write the feature cache index {index} ({os.strerror(errno.EEXIST)}); the images will be hashed "
+        "again next time"
+    ]
+    again = FeatureCache(tmp_path / "c", quiet=True)
+    assert torch.equal(again.features(tiny, paths)[0], expected) and (again.hashed, again.encoded) == (2, 0)
+
+
+def test_a_file_that_cannot_be_hashed_is_left_to_the_decoder_and_not_cached(tiny, tmp_path):
+    (good,) = write_pngs(tmp_path / "img", 1)
+    folder = tmp_path / "img" / "a-folder.png"
+    folder.mkdir()
+    with pytest.raises(TaskResValueError, match="is a folder, not an image file"):
+        FeatureCache(tmp_path / "c", quiet=True).features(tiny, [good, folder])
+    feats, skipped = FeatureCache(tmp_path / "c", quiet=True).features(tiny, [good, folder], skip_bad=True)
+    assert skipped == [str(folder)] and torch.equal(feats[1], torch.zeros(32))
+    keys = []
+    for chunk in sorted((tmp_path / "c").rglob("chunk-*.safetensors")):
+        with safe_open(str(chunk), "pt") as f:
+            keys.append(json.loads(f.metadata()["keys"]))
+    assert keys == [[image_key(good)]]  # the folder's key of place is never written
+
+
+def test_the_ranks_of_a_job_share_the_hashing(tiny, tmp_path, monkeypatch):
+    paths = write_pngs(tmp_path / "img", 5)
+    expected, _ = FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths)  # cached; files too fresh to index
+    monkeypatch.setattr(cache_keys, "SETTLE_NS", 0)
+    index = tmp_path / "c" / f"v{FORMAT}" / "index"
+
+    def rank_1_hashes_its_share():  # every other file, from the second on
+        other = DigestIndex(index)
+        for path in paths[1::2]:
+            other.digest(str(path))
+        other.save()
+
+    cluster = ScriptedCluster(0, 2, barriers={"hashing the images (x)": rank_1_hashes_its_share})
+    cache = FeatureCache(tmp_path / "c", quiet=True, cluster=cluster)
+    feats, _ = cache.features(tiny, paths, desc="x")
+    assert torch.equal(feats, expected) and (cache.hashed, cache.encoded) == (3, 0)
+    assert cluster.log == ["checking the cache folder"] * 3 + [
+        "hashing the images (x)",
+        "the images still to encode (x)",  # nothing (every rank holds the same, by default)
+    ]
+
+
+# ---- a cache folder that can be read but not written ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def read_only():
+    """Make a folder tree read-only for this process: modes without write bits and, for root (whom modes do not stop),
+    the immutable attribute too (chattr +i); the test is skipped where neither stops a write."""
+    made: list[Path] = []
+
+    def make(folder: Path) -> None:
+        dirs = [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]
+        for d in dirs:
+            d.chmod(0o555)
+            made.append(d)
+            if os.geteuid() == 0 and shutil.which("chattr"):
+                subprocess.run(["chattr", "+i", str(d)], capture_output=True)
+        try:
+            (folder / ".write-test").write_text("x")
+        except OSError:
+            return
+        (folder / ".write-test").unlink()
+        pytest.skip("cannot make a folder read-only here (root without chattr)")
+
+    yield make
+    for d in reversed(made):
+        if os.geteuid() == 0 and shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(d)], capture_output=True)
+        d.chmod(0o755)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"" for p in sorted(folder.rglob("*"))}
+
+
+def test_a_read_only_cache_serves_what_it_holds_and_names_itself_for_the_rest(tiny, tmp_path, read_only, settled):
+    paths = write_pngs(tmp_path / "img", 3)
+    feats, _ = FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths[:2])
+    before = _tree(tmp_path / "c")
+    read_only(tmp_path / "c")
+    cache = FeatureCache(tmp_path / "c", quiet=True)
+    assert cache.read_only is not None  # the reason, e.g. "Permission denied"
+    again, _ = cache.features(tiny, paths[:2])
+    assert torch.equal(again, feats) and (cache.encoded, cache.hashed) == (0, 0)  # the index is read too
+    with pytest.raises(TaskResValueError) as err:
+        cache.features(tiny, paths, desc="test")
+    assert err.value.param == "cache_dir" and cache.encoded == 0  # before encoding
+    assert str(err.value) == (
+        f"cache_dir {str(tmp_path / 'c')!r} is not a writable folder ({cache.read_only}) and 1 image(s) (test) are "
+        "not in it; make it writable, choose another folder, or encode without the cache."
+    )
+    with pytest.raises(TaskResValueError, match="is not a writable folder"):  # torchrun's ranks write to it
+        FeatureCache(tmp_path / "c", quiet=True, cluster=ScriptedCluster(0, 2))
+    assert _tree(tmp_path / "c") == before
+
+
+def test_a_namespace_folder_that_cannot_be_written_is_named_before_encoding(tiny, tmp_path, read_only):
+    paths = write_pngs(tmp_path / "img", 2)
+    FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths[:1])
+    (folder,) = [p.parent for p in (tmp_path / "c").rglob("namespace.json")]
+    read_only(folder)  # the cache folder itself stays writable
+    cache = FeatureCache(tmp_path / "c", quiet=True)
+    assert cache.read_only is None
+    assert cache.features(tiny, paths[:1])[0].shape == (1, 32)
+    with pytest.raises(TaskResValueError) as err:
+        cache.features(tiny, paths)
+    assert cache.encoded == 0
+    assert str(err.value).startswith(f"cache_dir {str(tmp_path / 'c')!r}: {str(folder)!r} cannot be written (")
+    assert str(err.value).endswith("); fix or remove it, or choose another cache folder.")
+
+
+def test_eval_reads_a_read_only_warm_cache_and_training_that_must_encode_is_exit_2(env, capsys, read_only):
+    tmp, base, _ = env
+    assert run(["zeroshot", *base, "--out", str(tmp / "zs")], capsys)[0] == 0
+    read_only(tmp / "cache")
+    code, _, err = run(["eval", "--run", str(tmp / "zs"), "--quiet", "--cache-dir", str(tmp / "cache")], capsys)
+    assert code == 0, err
+    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", "--views", "0", "--out", str(tmp / "r")], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert re.search(
+        rf"taskres: error: --cache-dir '{re.escape(str(tmp / 'cache'))}' is not a writable folder \(.+\) and \d+ "
+        r"image\(s\) \(.+\) are not in it; make it writable",
+        err,
+    ), err
+    assert not (tmp / "r").exists() and [p.name for p in tmp.iterdir() if p.name.startswith(".r.")] == []

@@ -16,6 +16,8 @@ from conftest import run_cli as run
 from PIL import Image
 from safetensors import safe_open
 
+from taskres.cache import FORMAT
+
 TRAIN = ["--shots", "2", "--seed", "1", "--epochs", "2", "--views", "0"]
 
 
@@ -456,7 +458,7 @@ def test_unusable_cache_dir_is_exit_2_before_encoding(env, capsys, case):
         cache = Path("/proc/taskres-cache")  # not writable, even by root
     else:
         cache.mkdir()
-        (cache / "v3").write_text("a file where the format folder belongs")
+        (cache / f"v{FORMAT}").write_text("a file where the format folder belongs")
     argv = ["zeroshot", *base, "--out", str(tmp / "zs")]
     argv[argv.index("--cache-dir") + 1] = str(cache)
     exit_2(*run(argv, capsys)[::2], r"--cache-dir .* is not a writable folder")
