@@ -371,6 +371,11 @@ def test_the_ranks_of_a_job_share_the_hashing(tiny, tmp_path, monkeypatch):
         "the images still to encode (x)",  # nothing (every rank holds the same, by default)
     ]
 
+    cache.cluster = None  # as a sweep does once every cell's features are encoded: each rank then runs alone
+    cluster.log.clear()
+    cache.features(tiny, paths, desc="alone")
+    assert cluster.log == []  # no collective: the other ranks are not there to meet
+
 
 # ---- a cache folder that can be read but not written ---------------------------------------------------------------
 

@@ -11,13 +11,14 @@ Chunks are written to a temporary file and renamed; each carries its image keys 
 checked on load. Under torchrun, a cache given the job's ``Cluster`` works collectively: each rank hashes and encodes
 its share of the images into its own index files and chunks, then reads the others' (``taskres.distributed``).
 An interrupted extraction keeps its finished chunks and resumes; a corrupt chunk is reported, deleted, re-encoded.
-A cache folder that can be read but not written (outside torchrun) serves what it holds; an image missing from it
-is an error naming the folder, before anything is encoded. Older formats are ignored, not read (``v3`` keyed images
-by name, size and mtime, which say nothing sure about the pixels): their images are encoded again into ``v4``.
+A cache folder that can be read but not written (outside torchrun) serves what it holds; an image missing from it is
+an error naming the folder, before anything is encoded. Older formats are ignored, not read (``v3`` keyed images by
+name, size and mtime, which say nothing sure about the pixels): their images are encoded again into ``v4``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -102,8 +103,7 @@ class FeatureCache:
                 )
             check_shared_folder(self.cluster, self.root, "cache_dir")
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
-        index = self.root / "index" if self.root is not None else None
-        self._keys = ImageKeys(index, self.read_only is None, self.cluster)  # image keys, by their bytes
+        self._keys = ImageKeys(self.root and self.root / "index", self.read_only is None)
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}
         self._chunks: dict[Path, set[str]] = {}  # namespace folder -> names of the chunk files read or written
 
@@ -138,7 +138,7 @@ class FeatureCache:
         """
         files = [str(p) for p in paths]
         names = [os.path.abspath(p) for p in files] if names is None else [str(n) for n in names]
-        keys = self._keys(files, names, view is not None, desc)
+        keys = self._keys(files, names, view is not None, desc, self.cluster)
         ns = self.namespace(backbone, view, scale)
         folder = self._folder(ns)
         store = self._store(folder)
@@ -281,10 +281,8 @@ class FeatureCache:
             logger.warning("feature cache file %s is corrupt (%s); ignoring it (read-only cache folder)", chunk, err)
             return
         logger.warning("feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded", chunk, err)
-        try:
+        with contextlib.suppress(OSError):  # a folder that cannot be written: named when a chunk is written
             chunk.unlink(missing_ok=True)
-        except OSError:  # the write of its replacement names the folder
-            pass
 
     def _encode(
         self,

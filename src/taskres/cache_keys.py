@@ -215,35 +215,36 @@ class DigestIndex:
 
 class ImageKeys:
     """The keys of images, by their bytes, with the digests remembered in the index folder ``folder`` (None: no
-    cache folder, keys of place). In a torchrun job (``cluster``) the ranks share the hashing."""
+    cache folder, keys of place)."""
 
-    def __init__(self, folder: Path | None, writable: bool = True, cluster: Cluster | None = None):
+    def __init__(self, folder: Path | None, writable: bool = True):
         self.index = DigestIndex(folder, writable) if folder is not None else None
-        self.cluster = cluster
 
     @property
     def hashed(self) -> int:
         return self.index.hashed if self.index is not None else 0
 
-    def __call__(self, files: list[str], names: list[str], view: bool, desc: str) -> list[str]:
+    def __call__(
+        self, files: list[str], names: list[str], view: bool, desc: str, cluster: Cluster | None = None
+    ) -> list[str]:
         """Each image's ``feature_key`` (with its name for a ``view``); a key of place without an index folder, and
-        for a file that cannot be read."""
-        digests = self._digests(files, desc) if self.index is not None else [None] * len(files)
+        for a file that cannot be read. In a torchrun job (``cluster``) the ranks share the hashing."""
+        digests = self._digests(files, desc, cluster) if self.index is not None else [None] * len(files)
         return [
             place_key(f, n) if d is None else feature_key(d, n if view else None)
             for f, n, d in zip(files, names, digests)
         ]
 
-    def _digests(self, files: list[str], desc: str) -> list[str | None]:
+    def _digests(self, files: list[str], desc: str, cluster: Cluster | None) -> list[str | None]:
         """SHA-256 of each file (None: unreadable), from the index where the file is unchanged. In a torchrun job
         each rank first hashes every N-th file into its own index file, and the others read it from there."""
         assert self.index is not None
         self.index.load()
-        if self.cluster is not None:
-            for file in self.cluster.share(files):
+        if cluster is not None:
+            for file in cluster.share(files):
                 self._digest(file)
             self.index.save()
-            self.cluster.barrier(f"hashing the images ({desc})")
+            cluster.barrier(f"hashing the images ({desc})")
             self.index.load()
         known: dict[str, str | None] = {}
         for file in files:
