@@ -19,7 +19,9 @@ import torch
 from conftest import make_image_folder, make_split_dataset, run_cli
 from PIL import Image
 
+from taskres import cache_keys
 from taskres.atomic import write_bytes
+from taskres.cache import FORMAT
 from taskres.data.images import read_image
 from taskres.errors import TaskResError
 
@@ -80,11 +82,21 @@ def test_a_full_disk_is_a_taskres_error_naming_the_folder_and_the_size(tmp_path,
     assert list(folder.iterdir()) == []  # no temporary file, no partial file
 
 
-def test_a_full_disk_under_the_feature_cache_is_exit_2(env, capsys, full_disk):
+@pytest.mark.parametrize("names", ["chunk-", "digests-"])
+def test_a_full_disk_under_the_feature_cache_is_exit_2(env, capsys, caplog, full_disk, names, monkeypatch):
+    """The disk fills up when the features are written ("chunk-"), or already when the index of file digests is
+    written, before them ("digests-": then the index is a warning and the chunks are still written)."""
     tmp, base, _ = env
-    cache = full_disk(tmp / "cache", names="chunk-")  # the disk fills up when the features are written
+    monkeypatch.setattr(cache_keys, "SETTLE_NS", 0)  # the images were just made: record them in the index anyway
+    cache = full_disk(tmp / "cache", names=names)
     code, _, err = run_cli(["zeroshot", *base, "--out", str(tmp / "zs")], capsys)
-    exit_2(code, err, "No space left on device", f"folder {str(cache / 'v3')!r}"[:-1], "chunk-", "needs")
+    if names == "digests-":
+        assert code == 0 and "Traceback" not in err, err
+        assert "cannot write the feature cache index" in caplog.text and "No space left on device" in caplog.text
+        assert list(cache.rglob("chunk-*")) and not list(cache.rglob("digests-*")), err
+        assert hidden_leftovers(cache) == []
+        return
+    exit_2(code, err, "No space left on device", f"folder {str(cache / f'v{FORMAT}')!r}"[:-1], "chunk-", "needs")
     assert hidden_leftovers(cache) == [] and not list(cache.rglob("chunk-*"))
     assert not (tmp / "zs").exists()
 
