@@ -186,9 +186,29 @@ def predict(
     paths = [str(p) for p in images]
     errors = unreadable_files(paths) if bad_images == "report" else {}
     readable = [p for p in paths if p not in errors]
+    found = _top_classes(head, classnames, run, backbone, readable, setup, top_k, skip_bad=bad_images == "report")
+    errors.update(decode_errors(sorted(set(readable) - set(found)), setup.max_image_pixels))
+    return [
+        {"image": p, "error": errors[p], "top": []} if p in errors else {"image": p, "top": found[p]} for p in paths
+    ]
+
+
+def _top_classes(
+    head: Head,
+    classnames: Sequence[str],
+    run: Path,
+    backbone: Backbone,
+    paths: list[str],
+    setup: Setup,
+    top_k: int,
+    skip_bad: bool,
+) -> dict[str, list[dict]]:
+    """path -> its top-k ``{"class", "prob"}``, for the images that could be decoded (all of them, or an error,
+    unless ``skip_bad``)."""
+    if not paths:
+        return {}
     cache = FeatureCache(None, batch_size=setup.batch_size, quiet=True, max_pixels=setup.max_image_pixels)
-    feats, skipped = cache.features(backbone, readable, skip_bad=bad_images == "report")
-    errors.update(decode_errors(skipped, setup.max_image_pixels))
+    feats, skipped = cache.features(backbone, paths, skip_bad=skip_bad)
     probs = predict_logits(head, feats).softmax(dim=1)  # (N, C)
     if probs.shape[1] != len(classnames):
         raise TaskResValueError(
@@ -197,10 +217,9 @@ def predict(
             param="run",
         )
     top = probs.topk(min(top_k, probs.shape[1]), dim=1)
-    found = {
+    bad = set(skipped)
+    return {
         p: [{"class": classnames[j], "prob": float(v)} for v, j in zip(values, indices)]
-        for p, values, indices in zip(readable, top.values.tolist(), top.indices.tolist())
+        for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist())
+        if p not in bad
     }
-    return [
-        {"image": p, "error": errors[p], "top": []} if p in errors else {"image": p, "top": found[p]} for p in paths
-    ]
