@@ -221,7 +221,36 @@ def test_report_on_a_full_disk_keeps_the_old_report(exp, capsys):
     """
     env = {**os.environ, "PYTHONPATH": SRC, "MPLCONFIGDIR": str(exp.parent / "mpl")}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True)
-    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]  # joblib may warn first that it cannot make its semaphores
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert last.startswith("taskres: error: cannot write 'results.md' in folder " + repr(str(report))), last
+    assert "File too large" in last and "ulimit -f" in last, last
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == old
+
+
+@pytest.mark.parametrize("names", ["results.csv", "results.md", "accuracy_vs_shots"])
+def test_report_on_a_full_disk_is_exit_2_naming_the_folder(exp, capsys, monkeypatch, full_disk, names):
+    """ENOSPC met by results.csv, results.md or a figure (matplotlib writes through a Python file object, not
+    os.write: its savefig is made to meet the full disk): exit 2 naming the folder; the old report stays whole."""
+    import matplotlib.figure
+
+    exp, _ = exp
+    assert run(["report", str(exp)], capsys)[0] == 0
+    report = exp / "report"
+    old = {p.name: p.read_bytes() for p in report.iterdir()}
+    full_disk(report, names=names)
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(self, fname, **kw):
+        if names in Path(fname).name:
+            raise OSError(28, "No space left on device", str(fname))
+        return real(self, fname, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    code, _, err = run(["report", str(exp)], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"in folder {str(report)!r}: No space left on device" in err and "free some space" in err, err
+    assert f"cannot write '{names}" in err, err
     assert {p.name: p.read_bytes() for p in report.iterdir()} == old
 
 
