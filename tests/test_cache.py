@@ -29,10 +29,11 @@ from test_images import rrc_flip, write_photo
 
 import taskres.cache as cache_module
 from taskres.backbones import load_backbone
-from taskres.cache import FORMAT, FeatureCache, check_writable_dir, encode_batches, loader_workers
+from taskres.cache import FORMAT, FeatureCache, check_writable_dir
 from taskres.cache_keys import image_key
 from taskres.data.images import ImageViews, view_seed
 from taskres.distributed import Cluster
+from taskres.encoding import encode_batches, loader_workers
 from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError
 
 
