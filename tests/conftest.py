@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,39 @@ def write_pngs(folder: Path, n: int = 4) -> list[Path]:
         Image.fromarray(rng.integers(0, 255, (30, 34, 3), dtype=np.uint8)).save(p)
         paths.append(p)
     return paths
+
+
+@pytest.fixture()
+def full_disk(monkeypatch):
+    """``fill(folder, code=ENOSPC, names="")``: from now on a write into a file under ``folder`` whose name holds
+    ``names`` fails as the kernel reports a full disk (or quota), after the file was created: what a file system
+    with free inodes and no free blocks does. Files under other folders are written as usual."""
+    real_write, real_pwrite = os.write, os.pwrite
+
+    def fill(folder: Path, code: int = errno.ENOSPC, names: str = "") -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        root = str(folder.resolve()) + os.sep
+
+        def refuse(fd):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                target = ""
+            if target.startswith(root) and names in os.path.basename(target):
+                raise OSError(code, os.strerror(code))
+
+        def write(fd, data):
+            refuse(fd)
+            return real_write(fd, data)
+
+        def pwrite(fd, data, offset):
+            refuse(fd)
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        return folder
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to tell which file a write goes to")
+    return fill

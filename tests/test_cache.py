@@ -29,9 +29,11 @@ from test_images import rrc_flip, write_photo
 
 import taskres.cache as cache_module
 from taskres.backbones import load_backbone
-from taskres.cache import FORMAT, FeatureCache, check_writable_dir, encode_batches, image_key, loader_workers
+from taskres.cache import FORMAT, FeatureCache, check_writable_dir
+from taskres.cache_keys import image_key
 from taskres.data.images import ImageViews, view_seed
 from taskres.distributed import Cluster
+from taskres.encoding import encode_batches, loader_workers
 from taskres.errors import TaskResError, TaskResFileNotFoundError, TaskResValueError
 
 
@@ -84,13 +86,15 @@ def images(tmp_path):
 def test_image_key_is_the_documented_hash(tmp_path):
     path = tmp_path / "a.png"
     path.write_bytes(b"123456")
+    digest = hashlib.sha256(b"123456").hexdigest()
+    assert image_key(path) == digest[:32]  # the test transform: the bytes alone
+    # a view, whose crop the name seeds: the bytes' digest and the name
+    assert image_key(path, "train/a.png") == hashlib.sha256(f"{digest}|train/a.png".encode()).hexdigest()[:32]
     st = os.stat(path)
-    expected = hashlib.sha256(f"train/a.png|6|{st.st_mtime_ns}".encode()).hexdigest()[:32]
-    assert image_key(path, "train/a.png") == expected
-    absolute = hashlib.sha256(f"{os.path.abspath(path)}|6|{st.st_mtime_ns}".encode()).hexdigest()[:32]
-    assert image_key(path) == absolute
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
-    assert image_key(path, "train/a.png") != expected  # a touched file is a new key
+    assert image_key(path) == digest[:32]  # a touched file keeps its key ...
+    path.write_bytes(b"123457")
+    assert image_key(path) == hashlib.sha256(b"123457").hexdigest()[:32]  # ... a changed byte is a new one
     with pytest.raises(TaskResError, match="does not exist"):
         image_key(tmp_path / "missing.png")
 
@@ -209,7 +213,7 @@ def test_cache_namespaces_keep_transforms_apart_and_reuse_the_same(tiny, tmp_pat
     view0, _ = cache.features(tiny, paths, view=0, names=names)
     small, _ = cache.features(tiny, paths, view=0, names=names, scale=(0.5, 0.6))
     assert cache.encoded == 12 and not torch.allclose(test, view0) and not torch.allclose(view0, small)
-    folders = sorted(p for p in cache.root.iterdir() if p.is_dir())
+    folders = sorted(p for p in cache.root.iterdir() if p.is_dir() and p.name != "index")
     assert len(folders) == 3
     described = [json.loads((f / "namespace.json").read_text()) for f in folders]
     assert all(d["format"] == FORMAT and d["backbone"] == tiny.identity.weights_key() for d in described)
@@ -221,9 +225,10 @@ def test_cache_namespaces_keep_transforms_apart_and_reuse_the_same(tiny, tmp_pat
         )
         assert torch.equal(feats, expected.flip(0)) and skipped == []
     assert again.encoded == 0
-    renamed, _ = again.features(tiny, paths, names=["x" + n for n in names])  # names are part of the key
-    assert again.encoded == 4
-    torch.testing.assert_close(renamed, test)
+    renamed, _ = again.features(tiny, paths, names=["x" + n for n in names])  # the test transform: bytes only
+    assert again.encoded == 0 and torch.equal(renamed, test)
+    renamed, _ = again.features(tiny, paths, view=0, names=["x" + n for n in names])  # a view: the name seeds it
+    assert again.encoded == 4 and not torch.allclose(renamed, view0)
     no_cache = FeatureCache(None, quiet=True)
     torch.testing.assert_close(no_cache.features(tiny, paths, names=names)[0], test)
     assert no_cache.encoded == 4 and no_cache.root is None
@@ -256,11 +261,11 @@ def test_cached_views_do_not_depend_on_where_the_dataset_lies(tiny, split_datase
     shutil.copytree(image_dir, kept)  # as `cp -p`: modification times kept
     names = ["train/red_0.png", "train/blue_1.png"]
     feats = []
-    for root, encoded in ((image_dir, 2), (copy, 2), (kept, 0)):
+    for root, encoded in ((image_dir, 2), (copy, 0), (kept, 0)):
         cache = FeatureCache(tmp_path / "cache", quiet=True)
         f, _ = cache.features(tiny, [root / n for n in names], view=3, names=names)
         feats.append(f)
-        assert cache.encoded == encoded  # a new file identity is encoded again (to the same features)
+        assert cache.encoded == encoded  # the same bytes under the same name: the same key, wherever they lie
     assert torch.equal(feats[0], feats[1]) and torch.equal(feats[0], feats[2])
     other_view, _ = FeatureCache(None).features(tiny, [image_dir / n for n in names], view=4, names=names)
     assert not torch.allclose(other_view, feats[0])
@@ -302,7 +307,7 @@ def test_chunks_hold_chunk_size_images_with_their_keys_and_checksum(tiny, tmp_pa
     names = [f"train/{p.name}" for p in paths]
     cache = FeatureCache(tmp_path / "c", quiet=True, batch_size=2, chunk_size=4, cluster=Cluster())
     feats, _ = cache.features(tiny, paths, names=names)
-    keys = [image_key(p, n) for p, n in zip(paths, names)]
+    keys = [image_key(p) for p in paths]
     chunks = sorted(_chunks(tmp_path / "c"), key=lambda c: len(c[1]), reverse=True)
     # flushed once 4 images are pending (after the 2nd batch of 2), the rest when the encoding ends
     assert [json.loads(meta["keys"]) for meta, _ in chunks] == [keys[:4], keys[4:]]
@@ -331,8 +336,8 @@ def test_default_batches_of_32_and_chunks_of_1024(tiny, tmp_path):
             return pixels.flatten(1)[:, :32].float()
 
     counting = CountingBackbone(tiny)
-    n = 1100  # one file under 1100 names: 1100 keys
-    FeatureCache(tmp_path / "c", workers=0).features(counting, [path] * n, names=[f"n{i}" for i in range(n)])
+    n = 1100  # one file under 1100 names: 1100 keys for a view (the names seed its crops)
+    FeatureCache(tmp_path / "c", workers=0).features(counting, [path] * n, view=0, names=[f"n{i}" for i in range(n)])
     assert counting.batches == [32] * 34 + [12]
     assert sorted(len(t) for _, t in _chunks(tmp_path / "c")) == [76, 1024]
     counting.batches.clear()
@@ -510,9 +515,11 @@ def test_the_progress_bar_counts_images_under_its_label_and_is_cleared(tiny, tmp
 @dataclass(frozen=True)
 class ScriptedCluster(Cluster):
     """Rank ``rank`` of a ``world_size``-rank torchrun job in one process: ``others[what](value)`` plays the other
-    ranks of the collective ``what`` and returns every rank's value in rank order (default: all hold ``value``)."""
+    ranks of the collective ``what`` and returns every rank's value in rank order (default: all hold ``value``);
+    ``barriers[what]()`` plays what they do before they reach the barrier ``what``."""
 
     others: dict = field(default_factory=dict, compare=False)
+    barriers: dict = field(default_factory=dict, compare=False)
     log: list = field(default_factory=list, compare=False)
 
     def gather(self, value, what):
@@ -522,6 +529,8 @@ class ScriptedCluster(Cluster):
 
     def barrier(self, what):
         self.log.append(what)
+        if what in self.barriers:
+            self.barriers[what]()
 
 
 def _digest(value) -> str:
@@ -537,14 +546,14 @@ def job(tiny, tmp_path):
     FeatureCache(tmp_path / "c", quiet=True).features(tiny, paths[:1], names=names[:1])
     (first,) = (tmp_path / "c").rglob("chunk-*.safetensors")
     first.rename(first.with_name("chunk-0.safetensors"))
-    keys = [image_key(p, n) for p, n in zip(paths, names)]
+    keys = [image_key(p) for p in paths]
     return paths, names, keys
 
 
 def test_two_ranks_share_the_missing_images_and_read_each_others_chunks(tiny, tmp_path, job):
     paths, names, _ = job
     paths[4].write_bytes(b"not a png")  # in rank 1's share: skipped on both ranks
-    keys = [image_key(p, n) for p, n in zip(paths, names)]
+    keys = [image_key(p) for p in paths]
     expected, _ = FeatureCache(None, quiet=True).features(tiny, paths, names=names, skip_bad=True)
     agreed = _digest([_test_namespace(tiny), keys[1:]])  # rank 1 holds the same namespace and missing images
 
@@ -561,7 +570,7 @@ def test_two_ranks_share_the_missing_images_and_read_each_others_chunks(tiny, tm
     torch.testing.assert_close(feats, expected)  # encoded in other batches: equal up to rounding
     assert skipped == [str(paths[4])] and torch.equal(feats[4], torch.zeros(32))
     assert cache.encoded == 2  # images 1 and 3
-    assert cluster.log == ["checking the cache folder"] * 3 + list(what)
+    assert cluster.log == ["checking the cache folder"] * 3 + ["hashing the images (train)", *what]
     own = [meta for meta, _ in _chunks(tmp_path / "c") if "rank" in meta]
     assert [(m["rank"], json.loads(m["keys"])) for m in own] == [("0/2", [keys[1], keys[3]])]
 

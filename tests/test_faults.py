@@ -19,7 +19,9 @@ import torch
 from conftest import make_image_folder, make_split_dataset, run_cli
 from PIL import Image
 
+from taskres import cache_keys
 from taskres.atomic import write_bytes
+from taskres.cache import FORMAT
 from taskres.data.images import read_image
 from taskres.errors import TaskResError
 
@@ -38,34 +40,6 @@ def hidden_leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.is_file())
 
 
-@pytest.fixture()
-def full_disk(monkeypatch):
-    """``fill(folder, code=ENOSPC, names="")``: from now on a write into a file under ``folder`` whose name holds
-    ``names`` fails as the kernel reports a full disk (or quota), after the file was created: what a file system
-    with free inodes and no free blocks does. Files under other folders are written as usual."""
-    real_write = os.write
-
-    def fill(folder: Path, code: int = errno.ENOSPC, names: str = "") -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        root = str(folder.resolve()) + os.sep
-
-        def write(fd, data):
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                target = ""
-            if target.startswith(root) and names in os.path.basename(target):
-                raise OSError(code, os.strerror(code))
-            return real_write(fd, data)
-
-        monkeypatch.setattr(os, "write", write)
-        return folder
-
-    if not os.path.isdir("/proc/self/fd"):
-        pytest.skip("needs /proc/self/fd to tell which file a write goes to")
-    return fill
-
-
 # ---- a full disk -------------------------------------------------------------------------------------------------
 
 
@@ -80,11 +54,21 @@ def test_a_full_disk_is_a_taskres_error_naming_the_folder_and_the_size(tmp_path,
     assert list(folder.iterdir()) == []  # no temporary file, no partial file
 
 
-def test_a_full_disk_under_the_feature_cache_is_exit_2(env, capsys, full_disk):
+@pytest.mark.parametrize("names", ["chunk-", "digests-"])
+def test_a_full_disk_under_the_feature_cache_is_exit_2(env, capsys, caplog, full_disk, names, monkeypatch):
+    """The disk fills up when the features are written ("chunk-"), or already when the index of file digests is
+    written, before them ("digests-": then the index is a warning and the chunks are still written)."""
     tmp, base, _ = env
-    cache = full_disk(tmp / "cache", names="chunk-")  # the disk fills up when the features are written
+    monkeypatch.setattr(cache_keys, "SETTLE_NS", 0)  # the images were just made: record them in the index anyway
+    cache = full_disk(tmp / "cache", names=names)
     code, _, err = run_cli(["zeroshot", *base, "--out", str(tmp / "zs")], capsys)
-    exit_2(code, err, "No space left on device", f"folder {str(cache / 'v3')!r}"[:-1], "chunk-", "needs")
+    if names == "digests-":
+        assert code == 0 and "Traceback" not in err, err
+        assert "cannot write the feature cache index" in caplog.text and "No space left on device" in caplog.text
+        assert list(cache.rglob("chunk-*")) and not list(cache.rglob("digests-*")), err
+        assert hidden_leftovers(cache) == []
+        return
+    exit_2(code, err, "No space left on device", f"folder {str(cache / f'v{FORMAT}')!r}"[:-1], "chunk-", "needs")
     assert hidden_leftovers(cache) == [] and not list(cache.rglob("chunk-*"))
     assert not (tmp / "zs").exists()
 
@@ -315,3 +299,63 @@ def test_a_line_break_in_a_class_folder_name_is_an_error(tmp_path):
         (root / split / "green").rename(root / split / "gre\nen")
     with pytest.raises(TaskResError, match=r"class name 'gre\\nen' .* line break"):
         load_image_folder(root)
+
+
+# ---- a full disk under a run folder -------------------------------------------------------------------------------
+
+TRAIN = ["--shots", "1", "--seed", "1", "--epochs", "2", "--views", "1"]
+
+
+@pytest.mark.parametrize("names", [".taskres-lock", "fewshot_split", ""])
+def test_overwrite_on_a_full_disk_is_exit_2_and_leaves_the_run_and_no_lock(env, capsys, full_disk, names):
+    """``train --overwrite`` with no space left: the lock file beside the run folder used to be left behind empty
+    (its holder could not be written) after an OSError traceback."""
+    tmp, base, _ = env
+    out = tmp / "runs" / "r"
+    assert run_cli(["train", *base, *TRAIN, "--out", str(out)], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    full_disk(tmp / "runs", names=names)
+    code, _, err = run_cli(["train", *base, *TRAIN, "--lr", "1e-2", "--overwrite", "--out", str(out)], capsys)
+    exit_2(code, err, f"cannot write the run folder {str(out)!r}", "No space left on device", "is as it was")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r"]  # no lock, no temporary folder
+
+
+def test_overwrite_past_a_real_write_limit_is_exit_2_and_leaves_no_lock(env, capsys):
+    """The kernel's own refusal (``ulimit -f 0``: no file may grow), in a subprocess: the lock file's holder cannot
+    be written; it used to be left beside the run folder, empty, after an OSError traceback."""
+    import subprocess
+    import sys
+
+    tmp, base, _ = env
+    out = tmp / "runs" / "r"
+    assert run_cli(["train", *base, *TRAIN, "--out", str(out)], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code = "import sys; from taskres.app.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["train", *base, *TRAIN, "--no-cache", "--overwrite", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        preexec_fn=lambda: limit_file_size(0),
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = proc.stderr.strip().splitlines()[-1]  # joblib warns first that it cannot make its semaphores
+    exit_2(proc.returncode, last, f"cannot write the run folder {str(out)!r}", "'.r.taskres-lock'", "File too large")
+    assert "Traceback" not in proc.stderr and "ulimit -f" in last
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r"]
+
+
+def test_the_epoch_log_on_a_full_disk_is_a_disk_full_error():
+    """log.jsonl is appended to through a buffered file, which no atomic helper sees; /dev/full is the kernel's
+    own full disk (every write: ENOSPC)."""
+    from taskres.run_writer import EpochLog
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    log = EpochLog(Path("/dev/full"))
+    with pytest.raises(TaskResError, match=r"cannot write 'full' in folder '/dev': No space left on device"):
+        log({"epoch": 0, "loss": 1.0})
+    log.close()  # nothing left to flush: no second error

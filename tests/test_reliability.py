@@ -16,6 +16,8 @@ from conftest import run_cli as run
 from PIL import Image
 from safetensors import safe_open
 
+from taskres.cache import FORMAT
+
 TRAIN = ["--shots", "2", "--seed", "1", "--epochs", "2", "--views", "0"]
 
 
@@ -309,8 +311,10 @@ def test_images_above_the_pixel_limit_are_refused_with_the_flag_named(env, capsy
 def test_a_folder_passed_as_an_image_is_called_a_folder(env, capsys):
     tmp, base, image_dir = env
     assert run(["zeroshot", *base, "--out", str(tmp / "zs")], capsys)[0] == 0
-    code, _, err = run(["predict", "--run", str(tmp / "zs"), "--quiet", str(image_dir)], capsys)
-    exit_2(code, err, "is a folder, not an image file")
+    code, out, err = run(["predict", "--run", str(tmp / "zs"), "--quiet", str(image_dir)], capsys)
+    # predict gives each image its entry (issue 27): the folder's says why, and the exit status is 1
+    assert code == 1 and "Traceback" not in err and "1 of 1 images could not be read" in err, err
+    assert f"error: image {str(image_dir)!r} is a folder, not an image file" in out, out
 
 
 # ---- split files ----------------------------------------------------------------------------------------------
@@ -456,7 +460,7 @@ def test_unusable_cache_dir_is_exit_2_before_encoding(env, capsys, case):
         cache = Path("/proc/taskres-cache")  # not writable, even by root
     else:
         cache.mkdir()
-        (cache / "v3").write_text("a file where the format folder belongs")
+        (cache / f"v{FORMAT}").write_text("a file where the format folder belongs")
     argv = ["zeroshot", *base, "--out", str(tmp / "zs")]
     argv[argv.index("--cache-dir") + 1] = str(cache)
     exit_2(*run(argv, capsys)[::2], r"--cache-dir .* is not a writable folder")

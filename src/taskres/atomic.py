@@ -26,9 +26,10 @@ class DiskFullError(TaskResError, OSError):
     """No space left (or the quota used up, or a file too large) where a file was being written. Also an ``OSError``
     with the kernel's ``errno``, so that ``except OSError`` catches it as before."""
 
-    def __init__(self, message: str, cause: OSError):
+    def __init__(self, message: str, cause: OSError, size: int | None = None):
         super().__init__(message)
         self.errno, self.strerror, self.filename = cause.errno, cause.strerror, cause.filename
+        self.size = size  # the bytes the file needed, when known
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -48,16 +49,21 @@ def human_size(n: int) -> str:
 def disk_full_error(path: Path, err: OSError, size: int | None = None) -> DiskFullError:
     """The message of a write to ``path`` that met a full disk: the folder, the file and the space it needs."""
     need = f"; it needs {human_size(size)}" if size is not None else ""
-    fix = (
-        "the file system (or ulimit -f) allows no file this large; write to another disk or raise the limit"
-        if err.errno == errno.EFBIG
-        else "free some space on that disk (or raise your quota) and run again, or write to another disk"
-    )
-    return DiskFullError(
+    error = DiskFullError(
         f"cannot write {path.name!r} in folder {str(path.parent)!r}: {err.strerror or os.strerror(err.errno or 0)}"
-        f"{need}. No partial file was left; {fix}.",
+        f"{need}. No partial file was left; {disk_full_advice(err)}.",
         err,
+        size,
     )
+    error.filename = str(path)
+    return error
+
+
+def disk_full_advice(err: OSError) -> str:
+    """What to do about a write that met a full disk, a quota, or a file-size limit (``EFBIG``)."""
+    if err.errno == errno.EFBIG:
+        return "the file system (or ulimit -f) allows no file this large; write to another disk or raise the limit"
+    return "free some space on that disk (or raise your quota) and run again, or write to another disk"
 
 
 @contextlib.contextmanager

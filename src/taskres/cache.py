@@ -2,71 +2,73 @@
 
 Layout: ``<cache_dir>/v<FORMAT>/<namespace>/chunk-*.safetensors``. The namespace hashes the backbone identity
 (weights hash or open_clip name and tag, architecture, precision), the transform and view, and the format version.
-Inside a namespace, each image's key hashes its name (the path relative to the dataset's image folder; the absolute
-path for a loose image), size and mtime, so a changed file is a miss and a copied dataset (``cp -p``) is a hit.
+Inside a namespace, an image's key is the SHA-256 of the file's bytes, and for an augmented view of its name too (the
+path relative to the dataset's image folder, which seeds the crop): a changed file is a miss whatever its times, a
+dataset copied anywhere a hit. ``taskres.cache_keys`` keeps the digests by file identity (path, inode, size, times)
+so that unchanged files are not read again. Without a cache folder, images are keyed by their place, for one call.
 
 Chunks are written to a temporary file and renamed; each carries its image keys and a SHA-256 of its tensor bytes,
-checked on load. Under torchrun, a cache given the job's ``Cluster`` encodes collectively: each rank encodes its
-share of the missing images into its own chunks, then reads the others' (``taskres.distributed``).
-An interrupted extraction keeps its finished chunks and resumes from there; a corrupt or truncated chunk is
-reported, deleted and re-encoded.
+checked on load. Under torchrun, a cache given the job's ``Cluster`` works collectively: each rank hashes and encodes
+its share of the images into its own index files and chunks, then reads the others' (``taskres.distributed``).
+An interrupted extraction keeps its finished chunks and resumes; a corrupt chunk is reported, deleted, re-encoded.
+A cache folder that can be read but not written (outside torchrun) serves what it holds; an image missing from it is
+an error naming the folder, before anything is encoded. Older formats are ignored, not read (``v3`` keyed images by
+name, size and mtime, which say nothing sure about the pixels): their images are encoded again into ``v4``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from taskres.atomic import write_safetensors, write_text
 from taskres.backbones import Backbone
+from taskres.cache_keys import PLACE, ImageKeys
 from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE, ImageViews, transform_spec, view_seed
 from taskres.distributed import Cluster, check_shared_folder
-from taskres.errors import TaskResFileNotFoundError, TaskResValueError
+from taskres.encoding import encode_batches
+from taskres.errors import TaskResError, TaskResValueError
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 3  # 3: images keyed by their path relative to the dataset folder
-
-
-def image_key(path: str | Path, name: str | None = None) -> str:
-    """Identity of an image file's content: its name (default: the absolute path), size and modification time."""
-    path = os.path.abspath(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise TaskResFileNotFoundError(
-            f"image {path!r} does not exist; check the data folder (--data/--root) "
-            "and the split "
-            "file's paths, which are relative to it."
-        ) from None
-    return hashlib.sha256(f"{name or path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+FORMAT = 4  # 4: images keyed by the SHA-256 of their bytes (3: by name, size and mtime; ignored, not read)
 
 
 def check_writable_dir(folder: Path, param: str, shown: Path | None = None) -> None:
     """Create ``folder`` if needed and check that a file can be written in it (a probe file, removed); raise a
     TaskResValueError naming ``param`` otherwise. Checked before any image is encoded."""
-    shown = shown if shown is not None else folder
+    reason = _write_probe(folder)
+    if reason is not None:
+        raise _not_writable(param, shown if shown is not None else folder, reason)
+
+
+def _write_probe(folder: Path) -> str | None:
+    """Why a file cannot be written in ``folder`` (made if needed), or None when one can (a probe file, removed)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
             pass
     except (OSError, ValueError) as err:
-        reason = getattr(err, "strerror", None) or str(err)
-        raise TaskResValueError(
-            f"{param} {str(shown)!r} is not a writable folder ({reason}); choose another "
-            "folder, or encode without the cache.",
-            param=param,
-        ) from None
+        return getattr(err, "strerror", None) or str(err)
+    return None
+
+
+def _not_writable(param: str, shown: Path, reason: str, why: str = "") -> TaskResValueError:
+    return TaskResValueError(
+        f"{param} {str(shown)!r} is not a writable folder ({reason}){why}; "
+        f"{'make it writable, ' if why else ''}choose another folder, or encode without the cache.",
+        param=param,
+    )
 
 
 class FeatureCache:
@@ -87,9 +89,11 @@ class FeatureCache:
         self.max_pixels = max_pixels
         # the torchrun job that encodes collectively through this cache (None or one process: alone)
         self.cluster = cluster if cluster is not None and cluster.active else None
+        self.read_only: str | None = None  # why the cache folder cannot be written, when it can only be read
         if self.root is not None:
             assert cache_dir is not None  # root is set from it
-            check_writable_dir(self.root, "cache_dir", Path(cache_dir))
+            self._shown = Path(cache_dir)
+            self.read_only = self._check_root()
         if self.cluster is not None:
             if self.root is None:
                 raise TaskResValueError(
@@ -99,9 +103,14 @@ class FeatureCache:
                 )
             check_shared_folder(self.cluster, self.root, "cache_dir")
         self.encoded = 0  # images run through the image encoder by this object (for tests and benchmarks)
+        self._keys = ImageKeys(self.root and self.root / "index", self.read_only is None)
         self._stores: dict[Path, dict[str, torch.Tensor]] = {}
         self._chunks: dict[Path, set[str]] = {}  # namespace folder -> names of the chunk files read or written
-        self._keys: dict[tuple[str, int, int], str] = {}  # (name, size, mtime) -> image key
+
+    @property
+    def hashed(self) -> int:
+        """Image files read and hashed by this object (the others' digests came from the index)."""
+        return self._keys.hashed
 
     def namespace(self, backbone: Backbone, view: int | None, scale: tuple[float, float] = TRAIN_SCALE) -> dict:
         return {
@@ -129,11 +138,12 @@ class FeatureCache:
         """
         files = [str(p) for p in paths]
         names = [os.path.abspath(p) for p in files] if names is None else [str(n) for n in names]
-        keys = [self._key(p, n) for p, n in zip(files, names)]
+        keys = self._keys(files, names, view is not None, desc, self.cluster)
         ns = self.namespace(backbone, view, scale)
         folder = self._folder(ns)
         store = self._store(folder)
         todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())  # one image per missing key
+        self._check_writable(folder, [keys[i] for i in todo], desc)
         mine = self._my_share(todo, keys, ns, desc)
         bad: set[str] = set()
         if mine:
@@ -143,17 +153,37 @@ class FeatureCache:
             bad = self._read_other_shares(folder, store, [(files[i], keys[i]) for i in todo], bad, desc)
         return _rows(files, keys, store, bad, backbone.embed_dim)
 
-    def _key(self, path: str, name: str) -> str:
-        """``image_key``: the file is checked (stat) on every call, so a changed file is a miss at once; the hash
-        of an unchanged identity is remembered, as one cache serves the many views and runs of a sweep."""
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return image_key(path, name)  # raises, naming the file
-        identity = (name, st.st_size, st.st_mtime_ns)
-        if identity not in self._keys:
-            self._keys[identity] = image_key(path, name)
-        return self._keys[identity]
+    def _check_root(self) -> str | None:
+        """None when the cache folder can be written. Alone (not in a torchrun job, whose ranks exchange features
+        through it), a folder that can only be read is used so: the reason is returned; else an error."""
+        assert self.root is not None
+        reason = _write_probe(self.root)
+        if reason is None:
+            return None
+        if self.cluster is not None or not (self.root.is_dir() and os.access(self.root, os.R_OK | os.X_OK)):
+            raise _not_writable("cache_dir", self._shown, reason)
+        logger.info("cache folder %s cannot be written (%s): its features are read, none added", self.root, reason)
+        return reason
+
+    def _check_writable(self, folder: Path | None, missing: list[str], desc: str) -> None:
+        """Before encoding the images of ``missing`` (keys): stop when their features cannot be written."""
+        missing = [k for k in missing if not k.startswith(PLACE)]  # never written
+        if folder is None or not missing:
+            return
+        if self.read_only is not None:
+            why = f" and {len(missing)} image(s) ({desc}) are not in it"
+            raise _not_writable("cache_dir", self._shown, self.read_only, why)
+        reason = _write_probe(folder)
+        if reason is not None:
+            raise self._cannot_write(folder, reason)
+
+    def _cannot_write(self, folder: Path, reason: str) -> TaskResValueError:
+        assert self.root is not None
+        return TaskResValueError(
+            f"cache_dir {str(self.root.parent)!r}: {str(folder)!r} cannot be written ({reason}); fix or remove it, "
+            "or choose another cache folder.",
+            param="cache_dir",
+        )
 
     # ---- internals --------------------------------------------------------------------------------------------
 
@@ -216,7 +246,7 @@ class FeatureCache:
             return None
         digest = hashlib.sha256(json.dumps(ns, sort_keys=True).encode()).hexdigest()[:24]
         folder = self.root / digest
-        if folder in self._stores:  # made and described when first used by this object
+        if folder in self._stores or self.read_only is not None:  # made when first used; or only read
             return folder
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -224,11 +254,7 @@ class FeatureCache:
             if not info.exists():
                 write_text(info, json.dumps(ns, indent=1, sort_keys=True))
         except OSError as err:
-            raise TaskResValueError(
-                f"cache_dir {str(self.root.parent)!r}: {str(folder)!r} cannot be written "
-                f"({err.strerror or err}); fix or remove it, or choose another cache folder.",
-                param="cache_dir",
-            ) from None
+            raise self._cannot_write(folder, err.strerror or str(err)) from None
         return folder
 
     def _read_chunks(self, folder: Path, store: dict[str, torch.Tensor]) -> None:
@@ -245,12 +271,18 @@ class FeatureCache:
                 if _digest(feats, meta["keys"]) != meta["sha256"] or len(keys) != feats.shape[0]:
                     raise ValueError("checksum mismatch")
             except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
-                logger.warning(
-                    "feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded", chunk, err
-                )
-                chunk.unlink(missing_ok=True)
+                self._drop(chunk, err)
                 continue
             store.update(zip(keys, feats))
+
+    def _drop(self, chunk: Path, err: Exception) -> None:
+        """A corrupt chunk: deleted, so that its images are encoded again; left in a folder that cannot be written."""
+        if self.read_only is not None:
+            logger.warning("feature cache file %s is corrupt (%s); ignoring it (read-only cache folder)", chunk, err)
+            return
+        logger.warning("feature cache file %s is corrupt (%s); deleting it, its images will be re-encoded", chunk, err)
+        with contextlib.suppress(OSError):  # a folder that cannot be written: named when a chunk is written
+            chunk.unlink(missing_ok=True)
 
     def _encode(
         self,
@@ -274,8 +306,9 @@ class FeatureCache:
                 for i, f, error in zip(idx, feats, errors):
                     if not error:
                         store[keys[i]] = f
-                        pending_keys.append(keys[i])
-                        pending.append(f)
+                        if not keys[i].startswith(PLACE):  # a key of place serves this object only
+                            pending_keys.append(keys[i])
+                            pending.append(f)
                     else:
                         bad.add(keys[i])
                         logger.warning("skipping undecodable image %s", data.paths[i])
@@ -294,56 +327,13 @@ class FeatureCache:
         if self.cluster is not None:  # which rank of the torchrun job encoded it
             meta["rank"] = f"{self.cluster.rank}/{self.cluster.world_size}"
         name = f"chunk-{uuid.uuid4().hex}.safetensors"
-        write_safetensors(folder / name, {"features": tensor}, meta)
+        try:
+            write_safetensors(folder / name, {"features": tensor}, meta)
+        except OSError as err:
+            if isinstance(err, TaskResError):
+                raise
+            raise self._cannot_write(folder, err.strerror or str(err)) from None
         self._chunks.setdefault(folder, set()).add(name)
-
-
-def loader_workers(workers: int | None, images: int, batch_size: int, device: torch.device) -> int:
-    """Image-decoding processes for ``images`` images: ``workers`` when given; else (auto) none for a job of at
-    most two batches (a worker's start costs more than it saves), one on the CPU (it decodes the next batch while
-    the encoder's threads run; decoding costs about a tenth of a CPU encoder pass), and up to 8 on a GPU, which
-    encodes faster than one process decodes."""
-    if workers is not None:
-        return workers
-    if images <= 2 * batch_size:
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cpus < 2:
-        return 0
-    return min(8, cpus - 1) if device.type == "cuda" else 1
-
-
-def encode_batches(
-    backbone: Backbone,
-    data: ImageViews,
-    batch_size: int = 32,
-    workers: int | None = None,
-    desc: str = "encoding",
-    quiet: bool = True,
-) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
-    """Run ``data`` through the image encoder in batches: (indices, (B, D) features on the CPU, error per item).
-    Worker processes (``loader_workers``) decode and transform the next batches while the encoder runs; on CUDA
-    the batches come in pinned memory and are copied without blocking."""
-    workers = loader_workers(workers, len(data), batch_size, backbone.device)
-    loader = torch.utils.data.DataLoader(
-        data,
-        batch_size=batch_size,
-        num_workers=workers,
-        shuffle=False,
-        pin_memory=backbone.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
-    yield from encode_loader(backbone, loader, len(data), desc, quiet)
-
-
-def encode_loader(
-    backbone: Backbone, loader: Iterable, total: int, desc: str = "encoding", quiet: bool = True
-) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
-    """``encode_batches`` over the batches of a DataLoader of ``ImageViews`` (``total`` images in all)."""
-    with tqdm(total=total, desc=desc, unit="img", disable=quiet, leave=False) as bar:
-        for idx, pixels, errors in loader:
-            yield idx.tolist(), backbone.encode_images(pixels).cpu(), list(errors)
-            bar.update(len(idx))
 
 
 def _rows(
@@ -360,22 +350,6 @@ def _rows(
         elif k in bad:
             skipped.append(p)
     return out, skipped
-
-
-def decoding_pool(data: ImageViews, batches: Iterable[list], workers: int, device: torch.device):
-    """A DataLoader of ``data`` that reads, each time it is iterated, the batches that ``batches`` yields then (a
-    batch is a list of items, e.g. ``(index, seed)``). Its ``workers`` processes start once and serve every
-    iteration (persistent workers); pinned memory on CUDA. Its own generator: iterating it leaves the global RNG
-    alone."""
-    return torch.utils.data.DataLoader(
-        data,
-        batch_sampler=batches,  # any iterable of index lists, read again at each iteration
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=workers > 0,
-        generator=torch.Generator(),
-    )
 
 
 def _digest(t: torch.Tensor, keys: str) -> str:

@@ -29,7 +29,7 @@ class Setup:
     precision: str = "fp32"
     cache_dir: str | None = None
     batch_size: int = 32
-    workers: int | None = None  # image-decoding processes; None: auto (taskres.cache.loader_workers)
+    workers: int | None = None  # image-decoding processes; None: auto (taskres.encoding.loader_workers)
     quiet: bool = False
     skip_bad_images: bool = False
     weights_dir: str | None = None

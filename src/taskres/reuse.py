@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from taskres.atomic import write_json
 from taskres.backbones import Backbone, BackboneIdentity, load_backbone
@@ -167,16 +168,52 @@ def _head_for(
     return head
 
 
-def predict(run: str | Path, images: Sequence[str | Path], setup: Setup, top_k: int = 5) -> list[dict]:
-    """Top-k classes with probabilities for each image: ``[{"image", "top": [{"class", "prob"}, ...]}, ...]``."""
+def predict(
+    run: str | Path,
+    images: Sequence[str | Path],
+    setup: Setup,
+    top_k: int = 5,
+    bad_images: Literal["raise", "report"] = "raise",
+) -> list[dict]:
+    """Top-k classes with probabilities for each image: ``[{"image", "top": [{"class", "prob"}, ...]}, ...]``.
+
+    An image that cannot be read raises; with ``bad_images="report"`` its entry is ``{"image", "error", "top": []}``
+    (``error`` says why) and the other images are predicted all the same."""
+    from taskres.image_errors import decode_errors, unreadable_files
+
     run, config = read_run(run)
     if top_k < 1:
         raise invalid("top_k", "be >= 1", top_k)
+    if bad_images not in ("raise", "report"):
+        raise invalid("bad_images", "be 'raise' or 'report'", bad_images)
     head, classnames, _ = load_run_head(run)
     backbone = load_run_backbone(config, setup)
-    feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True, max_pixels=setup.max_image_pixels).features(
-        backbone, images
-    )
+    paths = [str(p) for p in images]
+    errors = unreadable_files(paths) if bad_images == "report" else {}
+    readable = [p for p in paths if p not in errors]
+    found = _top_classes(head, classnames, run, backbone, readable, setup, top_k, skip_bad=bad_images == "report")
+    errors.update(decode_errors(sorted(set(readable) - set(found)), setup.max_image_pixels))
+    return [
+        {"image": p, "error": errors[p], "top": []} if p in errors else {"image": p, "top": found[p]} for p in paths
+    ]
+
+
+def _top_classes(
+    head: Head,
+    classnames: Sequence[str],
+    run: Path,
+    backbone: Backbone,
+    paths: list[str],
+    setup: Setup,
+    top_k: int,
+    skip_bad: bool,
+) -> dict[str, list[dict]]:
+    """path -> its top-k ``{"class", "prob"}``, for the images that could be decoded (all of them, or an error,
+    unless ``skip_bad``)."""
+    if not paths:
+        return {}
+    cache = FeatureCache(None, batch_size=setup.batch_size, quiet=True, max_pixels=setup.max_image_pixels)
+    feats, skipped = cache.features(backbone, paths, skip_bad=skip_bad)
     probs = predict_logits(head, feats).softmax(dim=1)  # (N, C)
     if probs.shape[1] != len(classnames):
         raise TaskResValueError(
@@ -184,15 +221,10 @@ def predict(run: str | Path, images: Sequence[str | Path], setup: Setup, top_k: 
             f"names {len(classnames)}; the file was edited or damaged. Re-run training.",
             param="run",
         )
-    k = min(top_k, probs.shape[1])
-    top = probs.topk(k, dim=1)
-    return [
-        {
-            "image": str(img),
-            "top": [
-                {"class": classnames[j], "prob": float(p)}
-                for p, j in zip(top.values[i].tolist(), top.indices[i].tolist())
-            ],
-        }
-        for i, img in enumerate(images)
-    ]
+    top = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    bad = set(skipped)
+    return {
+        p: [{"class": classnames[j], "prob": float(v)} for v, j in zip(values, indices)]
+        for p, values, indices in zip(paths, top.values.tolist(), top.indices.tolist())
+        if p not in bad
+    }

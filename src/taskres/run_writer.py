@@ -21,7 +21,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from taskres.atomic import atomic_path, write_json
+from taskres.atomic import (
+    DiskFullError,
+    atomic_path,
+    disk_full_advice,
+    disk_full_error,
+    human_size,
+    is_disk_full,
+    write_json,
+)
 from taskres.errors import TaskResValueError
 from taskres.runs import CLASSIFIER, CONFIG, LOG, METRICS, RUN_FILES, SPLIT, ExportableHead, save_classifier
 
@@ -34,14 +42,36 @@ class EpochLog:
     """Appends one JSON line per epoch to RUN/log.jsonl, flushed as it goes."""
 
     def __init__(self, path: Path):
+        self.path = path
         self.file = open(path, "a")
 
     def __call__(self, record: dict) -> None:
-        self.file.write(json.dumps(record, allow_nan=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as err:
+            with contextlib.suppress(OSError):  # its flush fails again; what it holds is lost with the run anyway
+                self.file.close()
+            if is_disk_full(err):
+                raise disk_full_error(self.path, err) from None
+            raise
 
     def close(self) -> None:
         self.file.close()
+
+
+def run_disk_full(out: Path, err: OSError) -> DiskFullError:
+    """A full disk met while the run folder ``out`` was written (the lock file beside it, or a file in the temporary
+    folder beside it): named by the run folder, which is as it was."""
+    where = f" (file {Path(err.filename).name!r})" if isinstance(err.filename, str) else ""
+    size = getattr(err, "size", None)
+    need = f"; that file needs {human_size(size)}" if size is not None else ""
+    return DiskFullError(
+        f"cannot write the run folder {str(out)!r}{where}: {err.strerror or os.strerror(err.errno or 0)}{need}. "
+        f"{str(out)!r} is as it was and nothing was left beside it; {disk_full_advice(err)}.",
+        err,
+        size,
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -112,14 +142,27 @@ class RunLock:
                 logger.warning(
                     "taking over the stale lock %s of pid %s on this host (%s)", self.path, previous["pid"], state
                 )
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            self._write_holder(fd, me)
             self.fd = fd
             return self
         raise TaskResValueError(
             f"could not lock {str(self.path)!r}: it keeps changing; is another process writing the same --out?",
             param="out",
         )
+
+    def _write_holder(self, fd: int, me: dict) -> None:
+        """Name this process in the lock file; on a full disk the lock is dropped and its file removed (an empty lock
+        file would name no holder), and the error names the run folder."""
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        except OSError as err:
+            self.path.unlink(missing_ok=True)  # while still held, as release does
+            os.close(fd)
+            if is_disk_full(err):
+                err.filename = str(self.path)
+                raise run_disk_full(self.target, err) from None
+            raise
 
     def _holder(self, fd: int | None = None) -> dict:
         try:
@@ -221,9 +264,11 @@ class RunWriter:
     def __enter__(self) -> RunWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, err, tb) -> None:
         if not self.finished:
             self.abort()
+            if isinstance(err, DiskFullError) and self.folder in Path(err.filename or "/").parents:
+                raise run_disk_full(self.target, err) from None
 
     def write_split(self, fewshot: Mapping[str, Sequence]) -> None:
         write_json(self.folder / SPLIT, {k: [e.to_json() for e in v] for k, v in fewshot.items()})

@@ -75,7 +75,7 @@ class OnlineViews:
     """Fresh augmentations of the training images, encoded when an epoch asks for them (nothing is cached).
 
     One decoding pool serves the whole run: its worker processes (``workers``; auto: none on a CPU, and on a GPU
-    ``taskres.cache.loader_workers``' count once an epoch holds two encoder batches) start with the first epoch and
+    ``taskres.encoding.loader_workers``' count once an epoch holds two encoder batches) start with the first epoch and
     stay until ``close`` (``fit`` closes it at its end; a later call starts a new one). An epoch that reads only
     some images (``rows``: the samples of the batches that training keeps) decodes and encodes only those. Each
     draw's seed is computed once, from (run seed, epoch, image name).
@@ -118,7 +118,7 @@ class OnlineViews:
 
     def _encode(self, stream: int, rows: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """The features of draw ``stream`` (an epoch, or -1 - v for bank view v) of ``rows`` (default: all)."""
-        from taskres.cache import encode_loader
+        from taskres.encoding import encode_loader
 
         picked = range(self.num_samples) if rows is None else sorted(set(torch.as_tensor(rows).tolist()))
         items = [(i, online_seed(self.seed, stream, self.names[i])) for i in picked]
@@ -137,7 +137,7 @@ class OnlineViews:
     def _decoder(self):
         """The run's decoding pool (started on first use): a DataLoader that reads ``self._plan``."""
         if self._pool is None:
-            from taskres.cache import decoding_pool, loader_workers
+            from taskres.encoding import decoding_pool, loader_workers
 
             data = ImageViews(
                 self.paths,

@@ -266,8 +266,12 @@ def _join_cluster(args: argparse.Namespace, argv: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports torch and the methods: seconds, during which Ctrl-C is likely
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("taskres: interrupted.", file=sys.stderr)
+        return 130
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         if not _join_cluster(args, argv):

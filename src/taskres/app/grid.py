@@ -66,6 +66,7 @@ class Grid:
     def __post_init__(self) -> None:
         from taskres.methods import discover
 
+        self._drop_repeats()
         known = [m for m in discover() if m != ZERO_SHOT] + list(VARIANTS)
         for m in self.methods:
             if m == ZERO_SHOT:
@@ -82,6 +83,8 @@ class Grid:
                 raise TaskResValueError(f"{name} must be a list of integers; got {list(values)!r}.", param=name)
         if not self.datasets or not self.backbones:
             raise TaskResValueError("a sweep needs at least one dataset and one backbone.", param="dataset")
+        if not self.methods:
+            raise TaskResValueError("methods must name at least one method (zero-shot runs with every grid).")
         self._check_options()
         for cell in self.cells():
             if cell.method != ZERO_SHOT:
@@ -89,6 +92,12 @@ class Grid:
                     self.config(cell, cell.dataset)
                 except TaskResError as err:
                     raise CellSettingsError(err, self.base_method(cell.method)) from None
+
+    def _drop_repeats(self) -> None:
+        """A value given twice (``alpha=0.5,0.50``, ``--seeds 1,1``) is one cell, run and counted once."""
+        for name in ("datasets", "backbones", "methods", "shots", "seeds", "eval_on"):
+            object.__setattr__(self, name, _unique(getattr(self, name)))
+        object.__setattr__(self, "grid", {k: _unique(v) for k, v in self.grid.items()})
 
     def _check_options(self) -> None:
         from taskres.methods.registry import option_flags
@@ -196,6 +205,15 @@ class Cell:
             method += "/" + ",".join(f"{n}={_value_text(v)}" for n, v in self.grid_values)
         tail = ZERO_SHOT if self.method == ZERO_SHOT else f"{method}/{self.shots}shot-seed{self.seed}"
         return f"{self.dataset}/{backbone}/{tail}"
+
+
+def _unique(values: Sequence) -> tuple:
+    """``values`` in order, each once (0.5 and 0.50 are one value; True and 1 are not)."""
+    out: list = []
+    for v in values:
+        if not any(v == u and type(v) is type(u) for u in out):
+            out.append(v)
+    return tuple(out)
 
 
 def _value_text(value: Any) -> str:

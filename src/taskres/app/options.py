@@ -10,7 +10,7 @@ import functools
 import math
 import os
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,14 @@ class CommaList:
     element: Parser
 
     def __call__(self, text: str) -> tuple:
-        return tuple(self.element(item.strip()) for item in text.split(",") if item.strip())
+        return self.items(text.split(","))
+
+    def items(self, texts: Iterable[str]) -> tuple:
+        """The items parsed (blank ones left out); none at all is refused rather than read as the default."""
+        values = tuple(self.element(t.strip()) for t in texts if t.strip())
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
 
 
 def views_value(text: str) -> int | str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from collections.abc import Sequence
 
 from taskres.app.options import add, add_common, choice, dataset_from_args, integer, setup_from_args
@@ -76,17 +78,31 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """Every image gets its entry; one that cannot be read gets its reason (JSON: ``error``) and the exit status
+    is 1, as a sweep with a failed cell."""
     from taskres.reuse import predict
 
-    results = predict(args.run, args.images, setup_from_args(args), top_k=args.top_k)
+    results = predict(args.run, args.images, setup_from_args(args), top_k=args.top_k, bad_images="report")
+    for r in results:
+        if "error" in r:  # parameters as the flags that set them, as in every other message
+            r["error"] = re.sub(r"`(\w+)`", lambda m: "--" + m.group(1).replace("_", "-"), r["error"])
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
             print(r["image"])
+            if "error" in r:
+                print(f"  error: {r['error']}")
             for t in r["top"]:
                 print(f"  {t['prob']:7.2%}  {t['class']}")
-    return 0
+    failed = sum("error" in r for r in results)
+    if failed:
+        print(
+            f"taskres: {failed} of {len(results)} images could not be read (each entry says why); the others are "
+            "predicted.",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -22,27 +22,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
+from taskres.app.experiment import FAILURES, GRID_FILE, check_failures_file, read_grid, set_aside_damaged
 from taskres.app.grid import ZERO_SHOT, Cell, DatasetRef, Grid, shard_cells
 from taskres.atomic import write_json
 from taskres.errors import TaskResError, TaskResValueError
 
 logger = logging.getLogger(__name__)
 
-GRID_FILE, FAILURES = "sweep.json", "failures.jsonl"
-
 
 def open_experiment(exp: Path, grid: Grid, extend: bool = False) -> None:
-    """Record the grid in EXP/sweep.json; an experiment of another grid is refused unless ``extend``."""
+    """Record the grid in EXP/sweep.json; an experiment of another grid is refused unless ``extend``, and one whose
+    sweep.json or failures.jsonl is damaged is refused naming the file."""
     exp.mkdir(parents=True, exist_ok=True)
-    path = exp / GRID_FILE
     record = grid.to_json()
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise TaskResValueError(
-                f"{str(path)!r} is not valid JSON; it is not a taskres experiment, or it was damaged.", param="exp"
-            ) from None
+    old = read_grid(exp)
+    check_failures_file(exp)
+    if old is not None:
         previous = {k: v for k, v in old.items() if k != "extended_from"}
         if previous == record:
             return  # the same grid, resumed (after an --extend too)
@@ -56,7 +51,7 @@ def open_experiment(exp: Path, grid: Grid, extend: bool = False) -> None:
                     param="exp",
                 )
             record = {**record, "extended_from": old}
-    write_json(path, record)
+    write_json(exp / GRID_FILE, record)
 
 
 def run_sweep(
@@ -68,7 +63,8 @@ def run_sweep(
     progress: bool = True,
     replace_stale: bool = False,
 ) -> dict:
-    """Run the grid's cells of this shard that are not finished. Returns counts: done (skipped), ran, failed.
+    """Run the grid's cells of this shard that are not finished. Returns counts: done (skipped), ran, failed, and
+    damaged (finished cells whose files could not be read back: set aside under EXP/damaged and run again).
 
     A finished cell whose run was made with other settings (an option, the views, the optimiser or the protocol
     changed since) is never reused: it fails, naming the difference, or with ``replace_stale`` it is run again.
@@ -79,12 +75,12 @@ def run_sweep(
 
     cluster = distributed.current()
     exp = Path(exp)
-    if cluster.is_main:
-        open_experiment(exp, grid, extend)
-    cluster.barrier("opening the experiment folder")
     cells = shard_cells(grid.cells(), shard)
+    damaged = _open(exp, grid, extend, cells) if cluster.is_main else []
+    cluster.barrier("opening the experiment folder")
     todo, stale = _triage(exp, cells, grid, replace_stale)
     counts = {"cells": len(cells), "skipped": len(cells) - len(todo) - len(stale), "ran": 0, "failed": len(stale)}
+    counts["damaged"] = len(damaged)
     cache = setup.cache()
     if cluster.active:  # torchrun: the ranks encode every cell's features together, then split the cells
         cluster.agree(
@@ -116,6 +112,12 @@ def run_sweep(
             skipped=counts["cells"] - sum(c["ran"] + c["failed"] for c in shares) + len(stale),
         )
     return counts
+
+
+def _open(exp: Path, grid: Grid, extend: bool, cells: Sequence[Cell]) -> list[Path]:
+    """Open the experiment (rank 0 alone) and set its damaged cells aside; returns where they went."""
+    open_experiment(exp, grid, extend)
+    return set_aside_damaged(exp, [c.folder for c in cells], grid.eval_on)
 
 
 def _triage(exp: Path, cells: Sequence[Cell], grid: Grid, replace_stale: bool) -> tuple[list[Cell], list[Cell]]:

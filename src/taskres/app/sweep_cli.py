@@ -156,9 +156,11 @@ def sweep_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     shard = parse_shard(args.shard)
     grid = grid_from_args(args, parser)
     counts = run_sweep(args.exp, grid, setup, shard=shard, extend=args.extend, progress=not args.quiet)
+    damaged = f", {counts['damaged']} damaged (set aside under {Path(args.exp) / 'damaged'})"
     print(
         f"sweep {args.exp}: {counts['cells']} cells in this shard: {counts['skipped']} already done, "
         f"{counts['ran']} run, {counts['failed']} failed"
+        + (damaged if counts.get("damaged") else "")
         + (f" (see {Path(args.exp) / 'failures.jsonl'})" if counts["failed"] else "")
     )
     return 1 if counts["failed"] else 0
@@ -261,8 +263,8 @@ def config_values(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         dest = options[key].dest if key in options else key
         try:
             values[dest] = _toml_grid(value) if key == "grid" else _toml_value(actions[dest], value)
-        except argparse.ArgumentTypeError as err:
-            raise TaskResValueError(f"config file {path!r}: {key}: {err}.") from None
+        except (argparse.ArgumentTypeError, TaskResError) as err:  # TaskResError: a grid option's own refusal
+            raise TaskResValueError(f"config file {path!r}: {key}: {str(err).rstrip('.')}.") from None
     return values
 
 
@@ -270,7 +272,7 @@ def _toml_value(action: argparse.Action, value: Any) -> Any:
     parse = boolean if isinstance(action, argparse._StoreTrueAction) else action.type or str
     assert callable(parse)
     if isinstance(parse, CommaList) and isinstance(value, list):
-        return tuple(parse.element(to_text(v)) for v in value)
+        return parse.items(to_text(v) for v in value)
     if isinstance(action, argparse._AppendAction):
         return [parse(to_text(v)) for v in (value if isinstance(value, list) else [value])]
     return parse(to_text(value))
@@ -282,7 +284,13 @@ def _toml_grid(value: Any) -> dict[str, tuple]:
         return {
             k: grid_values(k, [to_text(v) for v in (vs if isinstance(vs, list) else [vs])]) for k, vs in value.items()
         }
-    return parse_grid([to_text(v) for v in (value if isinstance(value, list) else [value])])
+    specs = value if isinstance(value, list) else [value]
+    for spec in specs:
+        if not isinstance(spec, str) or "=" not in spec:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=V1,V2,... (e.g. alpha=0.1,0.5,1.0) or a [grid] table; got {to_text(spec)!r}"
+            )
+    return parse_grid(specs)
 
 
 def sweep_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -61,7 +61,9 @@ def build_transform(
 
 
 def _seed(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    # a file name's byte that is not UTF-8 (a surrogate escape, as os.fsdecode gives) is hashed as that byte
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def view_seed(view: int, name: str) -> int:

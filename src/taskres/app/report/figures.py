@@ -15,6 +15,7 @@ import numpy as np
 
 from taskres.app.report.records import ZERO_SHOT
 from taskres.app.report.summary import correlations, difficulty_points
+from taskres.atomic import atomic_path
 
 BOTH = (".png", ".svg")
 
@@ -124,13 +125,15 @@ def _figure(width: float, height: float):
 
 
 def save(fig, stem: Path, suffixes: tuple[str, ...] = BOTH) -> list[Path]:
-    """``stem`` + each suffix; PNG at 110 dpi."""
+    """``stem`` + each suffix, each written atomically (the format named, as the temporary file's name has none);
+    PNG at 110 dpi."""
     paths = [stem.with_suffix(s) for s in suffixes]
     for path in paths:
-        if path.suffix == ".png":
-            fig.savefig(path, dpi=110)
-        else:
-            fig.savefig(path)
+        with atomic_path(path) as tmp:
+            if path.suffix == ".png":
+                fig.savefig(tmp, format="png", dpi=110)
+            else:
+                fig.savefig(tmp, format=path.suffix[1:])
     return paths
 
 

@@ -4,10 +4,23 @@ folder inside it). Records are plain dicts; every table and figure of the report
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from taskres.app.experiment import (
+    CONFIG,
+    FAILURES,
+    METRICS,
+    RUNS,
+    DamagedFile,
+    read_grid,
+    read_metrics,
+    read_run_files,
+)
 from taskres.errors import TaskResError
+
+logger = logging.getLogger(__name__)
 
 ZERO_SHOT = "zero-shot"
 
@@ -26,35 +39,46 @@ def grid_options(exp: Path) -> list[tuple[str, str, tuple[str, ...]]]:
     EXP/sweep.json."""
     from taskres.methods.registry import option_flags
 
-    path = exp / "sweep.json"
-    names = list(json.loads(path.read_text()).get("grid") or {}) if path.is_file() else []
+    names = list((read_grid(exp) or {}).get("grid") or {})
     flags = option_flags()
     return [(n, *flags["--" + n.replace("_", "-")]) for n in names if "--" + n.replace("_", "-") in flags]
 
 
 def collect(exp: str | Path) -> list[dict]:
-    """One record per finished run folder under EXP/runs (and one per eval-<dataset> folder inside it)."""
+    """One record per finished run folder under EXP/runs (and one per eval-<dataset> folder inside it). A run folder
+    whose files cannot be read back is left out with a warning naming the file."""
     options = grid_options(Path(exp))
-    runs = Path(exp) / "runs"
+    runs = Path(exp) / RUNS
     if not runs.is_dir():
         raise TaskResError(
             f"{str(exp)!r} is not an experiment folder (no runs/); pass a folder written by `taskres sweep`."
         )
     records = []
-    for metrics_file in sorted(runs.rglob("metrics.json")):
-        folder = metrics_file.parent
-        config_file = folder / "config.json"
-        if any(part.startswith(".") for part in folder.relative_to(runs).parts):
-            continue  # a run being written, or left by a killed writer (.RUN.taskres-tmp-*)
-        if not config_file.is_file():
-            continue  # an eval-<dataset> folder: read with its run
-        config = json.loads(config_file.read_text())
+    for folder in run_folders(runs):
+        try:
+            config, metrics = read_run_files(folder)
+        except DamagedFile as err:
+            logger.warning("%s; run folder %s is skipped", err, folder)
+            continue
         if config.get("kind") not in ("train", "zeroshot"):
             continue  # e.g. an imported official checkpoint: no shots or seed to place it in the grid
-        records += _run_records(folder, config, json.loads(metrics_file.read_text()), options)
+        records += _run_records(folder, config, metrics, options)
     if not records:
         raise TaskResError(f"experiment {str(exp)!r} has no finished runs yet; run `taskres sweep` first.")
     return records
+
+
+def run_folders(runs: Path) -> list[Path]:
+    """The folders under ``runs`` that hold a run's config.json or metrics.json, damaged or not. A folder inside a
+    run (eval-<dataset>) is read with its run; a hidden one is a run being written, or left by a killed writer
+    (.RUN.taskres-tmp-*)."""
+    found = {p.parent for name in (CONFIG, METRICS) for p in runs.rglob(name)}
+    return sorted(
+        f
+        for f in found
+        if not any(part.startswith(".") for part in f.relative_to(runs).parts)
+        and not any(parent in found for parent in f.parents)
+    )
 
 
 def _run_records(folder: Path, config: dict, metrics: dict, options: list) -> list[dict]:
@@ -89,8 +113,13 @@ def _run_records(folder: Path, config: dict, metrics: dict, options: list) -> li
         }
     ]
     for ev in sorted(folder.glob("eval-*/metrics.json")):
-        m = json.loads(ev.read_text())
-        records.append({**base, "eval_dataset": m.get("dataset", ev.parent.name[5:]), "accuracy": m["accuracy"]})
+        try:
+            m = read_metrics(ev)
+        except DamagedFile as err:
+            logger.warning("%s; this evaluation is skipped", err)
+            continue
+        name = m.get("dataset") if isinstance(m.get("dataset"), str) else ev.parent.name[5:]
+        records.append({**base, "eval_dataset": name, "accuracy": m["accuracy"]})
     return records
 
 
@@ -115,16 +144,18 @@ def imported_runs(exp: str | Path) -> list[dict]:
     """The imported official checkpoints under EXP/runs (`taskres import`): listed by the HTML page, outside the grid
     (they have no shots or seed)."""
     out = []
-    for config_file in sorted((Path(exp) / "runs").rglob("config.json")):
-        metrics_file = config_file.parent / "metrics.json"
-        config = json.loads(config_file.read_text())
-        if config.get("kind") == "import" and metrics_file.is_file():
+    for config_file in sorted((Path(exp) / RUNS).rglob(CONFIG)):
+        try:
+            config, metrics = read_run_files(config_file.parent)
+        except DamagedFile:
+            continue  # collect() warns about it, naming the file
+        if config.get("kind") == "import":
             out.append(
                 {
                     "dataset": config["dataset"]["name"],
                     "backbone": config["backbone"]["spec"],
                     "checkpoint": config.get("checkpoint", ""),
-                    "accuracy": json.loads(metrics_file.read_text())["accuracy"],
+                    "accuracy": metrics["accuracy"],
                     "run": str(config_file.parent),
                 }
             )
@@ -134,16 +165,16 @@ def imported_runs(exp: str | Path) -> list[dict]:
 def failures(exp: str | Path) -> list[dict]:
     """The last failure of every cell in EXP/failures.jsonl whose run folder has no metrics.json (a cell that
     failed and then finished on a rerun is not missing)."""
-    path = Path(exp) / "failures.jsonl"
+    path = Path(exp) / FAILURES
     last: dict[str, dict] = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a killed writer
         if isinstance(record, dict) and isinstance(record.get("cell"), str):
             last[record["cell"]] = record
-    return [r for c, r in sorted(last.items()) if not (Path(exp) / "runs" / c / "metrics.json").is_file()]
+    return [r for c, r in sorted(last.items()) if not (Path(exp) / RUNS / c / METRICS).is_file()]
 
 
 def _text(value: Any) -> str:

@@ -5,6 +5,7 @@ the rows of :func:`taskres.app.report.summary.summarise`."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 
 from taskres.app.report.records import ZERO_SHOT
 from taskres.app.report.summary import correlations
+from taskres.atomic import write_bytes
 
 PUBLISHED = Path(__file__).resolve().parents[2] / "assets" / "published.json"
 
@@ -37,12 +39,13 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     columns = ["dataset", "backbone", "method", *option_names, "shots", "n_seeds", "mean", "std"] + (
         ["eval_dataset"] if dg else []
     )
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for r in rows:
-            values = {**r, **dict(r.get("options") or ()), "method": r["method"].split(" (")[0]}
-            writer.writerow([f"{values[c]:.4f}" if c in ("mean", "std") else values[c] for c in columns])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for r in rows:
+        values = {**r, **dict(r.get("options") or ()), "method": r["method"].split(" (")[0]}
+        writer.writerow([f"{values[c]:.4f}" if c in ("mean", "std") else values[c] for c in columns])
+    write_bytes(path, text.getvalue().encode("utf-8"))
     return path
 
 
