@@ -3,6 +3,7 @@ another dataset's), or asked for the classes of new images.
 
     load_run_head(run)                 -> (head, class names, class ids)
     load_run_backbone(config, setup)   -> the backbone the run used, checked to be the same weights
+    run_encoder(run, config, backbone) -> the encoder the run's head reads (the backbone with CLIP-LoRA's adapters)
     evaluate_run(run, setup, ...)      -> metrics (``taskres eval``)
     predict(run, images, setup, top_k) -> top-k classes per image (``taskres predict``)
 """
@@ -24,7 +25,7 @@ from taskres.features import encode_split, helper_rank
 from taskres.methods import Head, get_method
 from taskres.runs import CLASSIFIER, CONFIG, METRICS, read_classifier, read_run
 
-__all__ = ["evaluate_run", "load_run_backbone", "load_run_head", "predict"]
+__all__ = ["evaluate_run", "load_run_backbone", "load_run_head", "predict", "run_encoder"]
 
 
 def load_run_backbone(config: dict, setup: Setup, precision: str | None = None) -> Backbone:
@@ -51,6 +52,14 @@ def load_run_backbone(config: dict, setup: Setup, precision: str | None = None) 
             param="backbone",
         )
     return backbone
+
+
+def run_encoder(run: Path, config: dict, backbone: Backbone) -> Backbone:
+    """The encoder whose features a run's head reads: the run's backbone, or, for a method that changed the encoder
+    (``Method.adapt_backbone``: CLIP-LoRA), the backbone rebuilt with the run's changes."""
+    method = config.get("method")
+    spec = get_method(method) if isinstance(method, str) else None
+    return spec.adapt_backbone(run, backbone) if spec is not None and spec.adapt_backbone is not None else backbone
 
 
 def load_run_head(run: Path) -> tuple[Head, list[str], list[str]]:
@@ -94,6 +103,7 @@ def evaluate_run(
         raise TaskResValueError(
             f"the backbone given differs from the one run {str(run)!r} used ({difference}).", param="backbone"
         )
+    backbone = run_encoder(run, config, backbone)
     test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
     metrics = evaluate(head, test, labels, dataset.classnames)
     metrics.update(skipped_images=len(skipped), run=str(run), dataset=dataset.name)
@@ -168,7 +178,7 @@ def predict(run: str | Path, images: Sequence[str | Path], setup: Setup, top_k: 
     if top_k < 1:
         raise invalid("top_k", "be >= 1", top_k)
     head, classnames, _ = load_run_head(run)
-    backbone = load_run_backbone(config, setup)
+    backbone = run_encoder(run, config, load_run_backbone(config, setup))
     feats, _ = FeatureCache(None, batch_size=setup.batch_size, quiet=True, max_pixels=setup.max_image_pixels).features(
         backbone, images
     )
