@@ -124,7 +124,7 @@ def _loop(training, views, labels, optim, iterations, seed, min_lr, on_epoch, qu
                 loss, logits = training.loss(pixels, targets)
                 loss.backward()
                 optimizer.step()
-                losses += float(loss) * len(idx)
+                losses += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(dim=1) == targets).sum())
                 seen, step = seen + len(idx), step + 1
                 bar.update(1)
