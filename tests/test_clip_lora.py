@@ -187,3 +187,23 @@ def test_out_of_memory_names_the_options_that_reduce_memory(demo, dataset, monke
     monkeypatch.setattr(training, "loss", no_memory)
     with pytest.raises(TaskResValueError, match="out of memory.*`batch_size`.*`checkpointing` true"):
         train_through_encoder(training, ctx.train_views, ctx.train_labels, ctx.optim, 2, 1, quiet=True)
+
+
+def test_sweep_runs_clip_lora_beside_zero_shot_and_the_report_shows_it(env, capsys):
+    tmp, base, _ = env
+    exp = tmp / "exp"
+    grid = ["--methods", "clip-lora", "--shots", "1", "--seeds", "1", "--lora-iterations", "2"]
+    code, out, err = run(["sweep", str(exp), *base, *grid, "--batch-size", "4", "--views", "online"], capsys)
+    assert code == 0, err + out
+    assert run(["report", str(exp)], capsys)[0] == 0
+    table = (exp / "report" / "results.md").read_text()
+    assert "clip-lora" in table and "zero-shot" in table
+
+
+def test_paper_fewshot_takes_clip_lora_only_behind_its_flag(tmp_path, capsys):
+    from taskres.app.presets import preset
+
+    assert "clip-lora" not in preset("paper-fewshot", str(tmp_path), ()).methods
+    assert preset("paper-fewshot", str(tmp_path), (), with_clip_lora=True).methods[-1] == "clip-lora"
+    code, _, err = run(["sweep", str(tmp_path / "exp"), "--with-clip-lora", "--dataset", "dtd"], capsys)
+    assert code == 2 and "--with-clip-lora adds clip-lora to --preset paper-fewshot" in err
