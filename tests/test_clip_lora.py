@@ -207,3 +207,30 @@ def test_paper_fewshot_takes_clip_lora_only_behind_its_flag(tmp_path, capsys):
     assert preset("paper-fewshot", str(tmp_path), (), with_clip_lora=True).methods[-1] == "clip-lora"
     code, _, err = run(["sweep", str(tmp_path / "exp"), "--with-clip-lora", "--dataset", "dtd"], capsys)
     assert code == 2 and "--with-clip-lora adds clip-lora to --preset paper-fewshot" in err
+
+
+def test_ctrl_c_mid_training_writes_nothing_and_closes_the_decoding_pool(env, capsys, monkeypatch):
+    from taskres import lora_training
+
+    tmp, base, _ = env
+    closed = []
+    real_close = lora_training.OnlineViews.close
+    monkeypatch.setattr(lora_training.OnlineViews, "close", lambda self: (closed.append(1), real_close(self)))
+
+    def interrupted(self, pixels, targets):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_training.EncoderTraining, "loss", interrupted)
+    args = ["--method", "clip-lora", "--lora-iterations", "4", "--out", str(tmp / "cut")]
+    code, _, err = run(["train", *base, "--shots", "2", "--seed", "1", *args], capsys)
+    assert code == 130 and not (tmp / "cut").exists() and closed
+
+
+def test_gradient_checkpointing_trains_the_same_adapters(vit, dataset):
+    trained = []
+    for checkpointing in (False, True):
+        ctx = context(vit, dataset)
+        training, adapters = _training(ctx, ClipLoRAConfig(checkpointing=checkpointing, dropout=0.0))
+        train_through_encoder(training, ctx.train_views, ctx.train_labels, ctx.optim, 2, ctx.seed, quiet=True)
+        trained.append(lora_tensors(adapters))
+    assert all(torch.allclose(trained[0][k], trained[1][k], atol=1e-6) for k in trained[0])
