@@ -140,7 +140,11 @@ def _attention_like(tower: nn.Module | None) -> list[str]:
     """Names and types of a tower's modules that look like attention (for the error when none can be adapted)."""
     if tower is None:
         return []
-    return [f"{n} ({type(m).__name__})" for n, m in tower.named_modules() if "attn" in n.lower() and "." not in n[-6:]]
+    return [
+        f"{n} ({type(m).__name__})"
+        for n, m in tower.named_modules()
+        if n.rsplit(".", 1)[-1].startswith("attn") or "Attention" in type(m).__name__
+    ]
 
 
 def check_layers(model: nn.Module, encoders: Sequence[str], backbone_name: str) -> dict[str, tuple[nn.Module, str]]:
