@@ -29,8 +29,8 @@ from taskres.errors import TaskResValueError
 from taskres.views import OnlineViews
 
 MEMORY_OPTIONS = (
-    "`batch_size` (default 32), `checkpointing` true (recompute activations in the backward), `amp` true on a "
-    "GPU (bf16 autocast), `encoders` text or vision (adapt one encoder), or a smaller backbone"
+    "`batch_size` (default 32), `checkpointing` true (recompute activations in the backward), `amp` bf16 on a "
+    "GPU (autocast), `encoders` text or vision (adapt one encoder), or a smaller backbone"
 )
 
 

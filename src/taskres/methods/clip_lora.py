@@ -66,7 +66,9 @@ class ClipLoRAConfig:
     checkpointing: bool = field(
         default=False, metadata=option("--lora-checkpointing", "gradient checkpointing of the towers (saves memory)")
     )
-    amp: bool = field(default=True, metadata=option("--lora-amp", "bf16 autocast on a GPU (default true)"))
+    amp: Literal["bf16", "off"] = field(
+        default="bf16", metadata=option("--lora-amp", "autocast on a GPU: bf16 (default) or off (no effect on a CPU)")
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -81,6 +83,8 @@ class ClipLoRAConfig:
             or len(set(self.projections)) != len(self.projections)
         ):
             raise invalid("projections", "be distinct letters of q, k, v, o (e.g. qkv)", self.projections)
+        if self.amp not in ("bf16", "off"):
+            raise invalid("amp", "be bf16 or off", self.amp)
         if self.iterations is not None and (isinstance(self.iterations, bool) or self.iterations < 1):
             raise invalid("iterations", "be an integer >= 1 (training steps)", self.iterations)
 
@@ -159,7 +163,14 @@ def _training(ctx: FitContext, config: ClipLoRAConfig) -> tuple[EncoderTraining,
         text = lambda: fixed  # noqa: E731
     params = [p for a in adapters.values() for p in a.updates.parameters()]
     training = EncoderTraining(
-        model, params, text, ctx.logit_scale, backbone.device, backbone.dtype, backbone.pixel_dtype, config.amp
+        model,
+        params,
+        text,
+        ctx.logit_scale,
+        backbone.device,
+        backbone.dtype,
+        backbone.pixel_dtype,
+        config.amp == "bf16",
     )
     return training, adapters
 
