@@ -255,6 +255,7 @@ def test_registry_lists_every_method_with_a_summary():
         "zs-lp",
         "clap",
         "zero-shot",
+        "clip-lora",
     }
     assert all(spec.summary and spec.name == name for name, spec in METHODS.items())
     with pytest.raises(TaskResError, match="unknown method 'tip-adaptr'; did you mean 'tip-adapter'"):

@@ -55,7 +55,7 @@ from taskres.export_formats import (
     run_torchscript,
     torchscript_bytes,
 )
-from taskres.reuse import load_run_backbone, load_run_head
+from taskres.reuse import load_run_backbone, load_run_head, run_encoder
 from taskres.runs import CLASSIFIER, read_classifier, read_run
 
 logger = logging.getLogger(__name__)
@@ -184,10 +184,10 @@ def _check_out(out: Path, overwrite: bool) -> Path:
 
 
 def _run_backbone(run: Path, config: dict, setup: Setup):
-    """The run's backbone, float32 on the CPU; a backbone file that is gone is named, with what to do (export has no
-    --backbone to point elsewhere)."""
+    """The run's backbone (with its method's encoder changes merged: CLIP-LoRA's adapters), float32 on the CPU; a
+    backbone file that is gone is named, with what to do (export has no --backbone to point elsewhere)."""
     try:
-        return load_run_backbone(config, setup, precision="fp32", official=False)
+        return run_encoder(run, config, load_run_backbone(config, setup, precision="fp32", official=False))
     except TaskResError:
         missing = missing_backbone_file(config)
         if missing is None:

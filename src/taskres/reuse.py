@@ -3,6 +3,7 @@ another dataset's), or asked for the classes of new images.
 
     load_run_head(run)                 -> (head, class names, class ids)
     load_run_backbone(config, setup)   -> the backbone the run used, checked to be the same weights
+    run_encoder(run, config, backbone) -> the encoder the run's head reads (the backbone with CLIP-LoRA's adapters)
     evaluate_run(run, setup, ...)      -> metrics (``taskres eval``)
     predict(run, images, setup, top_k) -> top-k classes per image (``taskres predict``)
 """
@@ -26,7 +27,7 @@ from taskres.features import encode_split, helper_rank
 from taskres.methods import Head, get_method
 from taskres.runs import CLASSIFIER, CONFIG, METRICS, read_classifier, read_run
 
-__all__ = ["evaluate_run", "load_run_backbone", "load_run_head", "predict"]
+__all__ = ["evaluate_run", "load_run_backbone", "load_run_head", "predict", "run_encoder"]
 
 
 def load_run_backbone(config: dict, setup: Setup, precision: str | None = None, official: bool = True) -> Backbone:
@@ -54,6 +55,14 @@ def load_run_backbone(config: dict, setup: Setup, precision: str | None = None, 
             param="backbone",
         )
     return with_official(backbone, recorded.official) if official else backbone
+
+
+def run_encoder(run: Path, config: dict, backbone: Backbone) -> Backbone:
+    """The encoder whose features a run's head reads: the run's backbone, or, for a method that changed the encoder
+    (``Method.adapt_backbone``: CLIP-LoRA), the backbone rebuilt with the run's changes."""
+    method = config.get("method")
+    spec = get_method(method) if isinstance(method, str) else None
+    return spec.adapt_backbone(run, backbone) if spec is not None and spec.adapt_backbone is not None else backbone
 
 
 def load_run_head(run: Path) -> tuple[Head, list[str], list[str]]:
@@ -100,6 +109,7 @@ def evaluate_run(
                 f"the backbone given differs from the one run {str(run)!r} used ({difference}).", param="backbone"
             )
         backbone = with_official(backbone, recorded.official)
+    backbone = run_encoder(run, config, backbone)
     test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, cache or setup.cache(), desc="test")
     metrics = evaluate(head, test, labels, dataset.classnames)
     metrics.update(skipped_images=len(skipped), run=str(run), dataset=dataset.name)
@@ -187,7 +197,7 @@ def predict(
     if bad_images not in ("raise", "report"):
         raise invalid("bad_images", "be 'raise' or 'report'", bad_images)
     head, classnames, _ = load_run_head(run)
-    backbone = load_run_backbone(config, setup)
+    backbone = run_encoder(run, config, load_run_backbone(config, setup))
     paths = [str(p) for p in images]
     errors = unreadable_files(paths) if bad_images == "report" else {}
     readable = [p for p in paths if p not in errors]

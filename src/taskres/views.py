@@ -13,7 +13,7 @@ Both give ``epoch(e)``: the (N, D) features of the N training images for epoch `
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -108,6 +108,20 @@ class OnlineViews:
     def bank(self, count: int) -> torch.Tensor:
         """``count`` augmented draws of every image, (count, N, D), from a stream apart from the epochs'."""
         return torch.stack([self._encode(-1 - v) for v in range(count)])
+
+    def pixel_batches(
+        self, epoch: int, batches: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The augmented pixels of epoch ``epoch``'s draw, batch by batch in the order given: ((B,) rows, (B, 3, S,
+        S) normalised pixels), for methods that train through the image encoder (CLIP-LoRA). The same draws, from
+        the same pool, as ``epoch`` encodes."""
+        self._plan.batches = [[(i, online_seed(self.seed, epoch, self.names[i])) for i in b] for b in batches]
+        for idx, pixels, errors in self._decoder():
+            first_error = next((e for e in errors if e), "")
+            if first_error:
+                raise TaskResValueError(first_error)
+            self.encoded += len(idx)
+            yield idx, pixels
 
     def close(self) -> None:
         """Stop the decoding pool's worker processes (a later epoch starts a new pool)."""

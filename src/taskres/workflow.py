@@ -4,6 +4,7 @@
     training_features(backbone, dataset, config, fewshot)   -> Features (taskres.features)
     base_classifier(backbone, dataset, official)            -> t (C, D)
     fit_method(config, features, base, ...)                 -> Fitted (head, info, extra heads, files)
+    adapted_features(encoder, dataset, fewshot, features)   -> Features through an adapted encoder (CLIP-LoRA)
     train_metrics(fitted, features, dataset, ...)           -> metrics.json of a trained run
     open_run (a RunWriter)                                  -> the run folder
 
@@ -14,6 +15,7 @@ finished run (``evaluate_run``, ``predict``) is ``taskres.reuse``; the configura
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -237,6 +239,8 @@ def train(
             if log is not None:
                 log.close()
         seconds_train = time.perf_counter() - t0
+        if fitted.backbone is not None:
+            features = adapted_features(fitted.backbone, dataset, fewshot, features, setup)
         metrics = train_metrics(fitted, features, dataset, zero_shot["accuracy"], seconds_train)
         metrics.update(protocol=config.protocol, test_selected=bool(metrics.get("test_selected", False)))
         if writer is not None:
@@ -249,6 +253,26 @@ def train(
                 record["fewshot_file_sha256"] = fewshot_info["fewshot_file_sha256"]
             writer.finish(record, fitted.head, config.method, dataset.classnames, dataset.class_ids, metrics)
         return fitted.head, metrics
+
+
+def adapted_features(
+    encoder: Backbone, dataset: DatasetSplits, fewshot: dict[str, list[Entry]], features: Features, setup: Setup
+) -> Features:
+    """``features`` with the test and few-shot val splits encoded again through the encoder a method adapted
+    (CLIP-LoRA's merged adapters), held in memory only: they belong to this run alone. The zero-shot accuracy
+    was read off the shared features before."""
+    t0 = time.perf_counter()
+    cache = FeatureCache(
+        None, batch_size=setup.batch_size, workers=setup.workers, quiet=setup.quiet, max_pixels=setup.max_image_pixels
+    )
+    test, test_labels, _ = encode_split(encoder, dataset, dataset.test, setup, cache, desc="test (adapted)")
+    val, val_labels = features.val, features.val_labels
+    if fewshot["val"]:
+        val, val_labels, _ = encode_split(encoder, dataset, fewshot["val"], setup, cache, desc="val (adapted)")
+    seconds = features.seconds + time.perf_counter() - t0
+    return dataclasses.replace(
+        features, test=test, test_labels=test_labels, val=val, val_labels=val_labels, seconds=seconds
+    )
 
 
 def train_metrics(

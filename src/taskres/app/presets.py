@@ -13,14 +13,21 @@ ABLATION_GRID = {"alpha": (0.1, 0.5, 1.0), "learn_alpha": (False, True), "adapte
 PRESETS = ("paper-fewshot", "paper-dg", "paper-ablations", "demo-ablations")
 
 
-def preset(name: str, root: str | None, backbones: Sequence[str], exp: str | Path | None = None) -> Grid:
+def preset(
+    name: str,
+    root: str | None,
+    backbones: Sequence[str],
+    exp: str | Path | None = None,
+    with_clip_lora: bool = False,
+) -> Grid:
     """The paper's grids: ``paper-fewshot`` (its Fig. 3: the 11 datasets, 1-16 shots, seeds 1-3, zero-shot, linear
     probe, CoOp, CLIP-Adapter, Tip-Adapter-F, TaskRes, TaskRes*, and the newer LP++, ZS-LP and CLAP),
     ``paper-dg`` (its Table 1: 16-shot ImageNet,
     evaluated on V2, Sketch, A and R), ``paper-ablations`` (its Tables 2 and 5 on ImageNet: TaskRes with alpha 0.1,
     0.5, 1.0, fixed or learned; the classifier adapters, residual and direct) and ``demo-ablations`` (the same grid on
     the shipped demo model and its six generated tasks, written under EXP/tasks, at 1, 4, 16 shots: minutes on a
-    CPU)."""
+    CPU). ``with_clip_lora`` adds CLIP-LoRA to ``paper-fewshot`` (``--with-clip-lora``): it trains through both
+    encoders on every step's images, far slower than the methods on cached features."""
     if name not in PRESETS:
         raise TaskResValueError(
             f"unknown preset {name!r}; {suggest(name, PRESETS)}known: {', '.join(PRESETS)}.", param="preset"
@@ -45,7 +52,8 @@ def preset(name: str, root: str | None, backbones: Sequence[str], exp: str | Pat
         return Grid(
             tuple(DatasetRef(d, root=root) for d in PAPER_DATASETS),
             backbones,
-            ("linear-probe", "coop", "clip-adapter", "tip-adapter-f", "taskres", "taskres*", "lp++", "zs-lp", "clap"),
+            ("linear-probe", "coop", "clip-adapter", "tip-adapter-f", "taskres", "taskres*", "lp++", "zs-lp", "clap")
+            + (("clip-lora",) if with_clip_lora else ()),
         )
     if name == "paper-ablations":
         return Grid(

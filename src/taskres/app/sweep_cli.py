@@ -24,6 +24,11 @@ def add_parsers(sub) -> None:
     o.add(p, "--precision")
     p.add_argument("--preset", default=None, help="paper-fewshot (the paper's Fig. 3 grid) or paper-dg (its Table 1)")
     p.add_argument(
+        "--with-clip-lora",
+        action="store_true",
+        help="--preset paper-fewshot: add clip-lora, which trains through the encoders (far slower than the others)",
+    )
+    p.add_argument(
         "--config", metavar="FILE.toml", help="the grid from a TOML file (same keys as the flags, with underscores)"
     )
     o.add(
@@ -82,6 +87,10 @@ def grid_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser):
         "views": values.get("views"),
         "protocol": values.get("protocol") or "default",
     }
+    if values.get("with_clip_lora") and values.get("preset") != "paper-fewshot":
+        raise TaskResError(
+            "--with-clip-lora adds clip-lora to --preset paper-fewshot; for another grid, add clip-lora to --method."
+        )
     if values.get("preset") is not None:
         return _preset_grid(values, settings, args.exp)
     datasets = _datasets(values)
@@ -112,7 +121,13 @@ def _preset_grid(values: dict[str, Any], settings: dict[str, Any], exp: str):
             f"--preset {values['preset']} sets the datasets; drop {', '.join(ignored)} (or "
             "drop --preset and give the grid with flags)."
         )
-    grid = preset(values["preset"], values.get("root"), values.get("backbone") or (), exp=exp)
+    grid = preset(
+        values["preset"],
+        values.get("root"),
+        values.get("backbone") or (),
+        exp=exp,
+        with_clip_lora=bool(values.get("with_clip_lora")),
+    )
     overrides: dict[str, Any] = {k: values[k] for k in ("shots", "seeds", "methods", "eval_on") if k in values}
     if values.get("grid"):
         overrides["grid"] = values["grid"]
@@ -229,6 +244,7 @@ CONFIG_KEYS = (
     "protocol",
     "eval_on",
     "grid",
+    "with_clip_lora",
 )
 
 

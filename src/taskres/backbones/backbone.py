@@ -44,6 +44,8 @@ class BackboneIdentity:
     # run as the official code runs OpenAI's CLIP (taskres.backbones.official): "trainer" (the TaskRes trainer's image
     # encoder: fp16-rounded pixels for a ResNet) or "fp16" (the model as OpenAI's build_model converts it)
     official: str | None = None
+    # the SHA-256 of low-rank adapters merged into the weights (a CLIP-LoRA run's encoder), None for the plain weights
+    adapter: str | None = None
 
     def to_json(self) -> dict:
         """The record in config.json (fields that do not apply are left out)."""

@@ -315,9 +315,13 @@ class Artifact:
 @dataclass
 class Fitted:
     """What a method's fit returns: the trained head, values for metrics.json (``info``), heads to evaluate on the
-    test split beside it (``f"{name}_accuracy"`` in metrics.json), and files for the run folder."""
+    test split beside it (``f"{name}_accuracy"`` in metrics.json), files for the run folder, and the adapted encoder
+    of a method that changes the encoder."""
 
     head: Head
     info: dict[str, Any] = field(default_factory=dict)
     extra_heads: dict[str, Head] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
+    # the encoder whose features the head reads, where the method changed it (CLIP-LoRA's adapters, merged): the
+    # run's test and val splits are encoded through it; None: the run's backbone
+    backbone: Backbone | None = None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from taskres.backbones import Backbone
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, suggest
 from taskres.methods.base import FitContext, Fitted, Head, config_options
@@ -53,7 +54,8 @@ class Method:
     ``protocol="no-val"``, which selects nothing on a validation split: ``val_option(config)`` names the option by
     which ``config`` selects on the few-shot val split (None: it does not), which no-val refuses; and
     ``no_val_options(preset, options)`` the option values that make the method use its fixed values instead, which
-    ``TrainConfig.resolve`` sets under no-val unless the user's ``options`` set them.
+    ``TrainConfig.resolve`` sets under no-val unless the user's ``options`` set them. ``adapt_backbone(run,
+    backbone)``: for a method that changes the encoder, the encoder its run's head reads.
     """
 
     name: str
@@ -64,7 +66,7 @@ class Method:
     optim_preset: Callable[[int, str], OptimConfig] | None = None
     config_preset: Callable[[str], Any] | None = None
     # 50: the smallest bank whose accuracy matched online augmentation in docs/views-study.md
-    views: int = 50
+    views: int | Literal["online"] = 50
     test_view_only: bool = False
     init_head: Callable[[FitContext, Any], Head] | None = None
     files: tuple[str, ...] = ()  # files its fit may add to a run folder (Artifact names)
@@ -73,6 +75,9 @@ class Method:
     base_record: Callable[[Any], dict | None] | None = None
     val_option: Callable[[Any], str | None] | None = None
     no_val_options: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
+    # a method that trains through the encoders (CLIP-LoRA): the backbone its run's head reads, rebuilt from the
+    # run folder and the run's backbone (eval, predict and export call it); None: the backbone as it is
+    adapt_backbone: Callable[[Path, Backbone], Backbone] | None = None
 
     @property
     def trained(self) -> bool:
