@@ -20,6 +20,7 @@ from taskres.errors import TaskResError
 Parser = Callable[[str], Any]
 PROTOCOLS = ("default", "official", "no-val")  # TrainConfig.protocol's values
 PRECISIONS = ("fp32", "fp16", "bf16")
+ENGINES = ("eager", "channels-last", "onnxruntime")  # taskres.backbones.engines.ENGINES (not imported: torch)
 OPTIM_OPTIONS = ("lr", "epochs", "batch_size", "weight_decay")  # OptimConfig fields the command line sets
 
 
@@ -145,6 +146,13 @@ FLAGS: dict[str, dict[str, Any]] = {
         choices=list(PRECISIONS),
         help="backbone precision for encoding (default fp32, as the protocol)",
     ),
+    "--engine": dict(
+        type=choice(ENGINES),
+        choices=list(ENGINES),
+        help="what runs the image encoder (default eager; eval, predict: the run's): channels-last (ResNets on the CPU"
+        "; no gain for a ViT) or onnxruntime (CPU, fp32; needs pip install 'taskres[export]'); features within 1e-4 "
+        "of eager's, cached apart (docs/performance.md)",
+    ),
     "--device": dict(help="torch device (default: cuda if available, else cpu)"),
     "--cache-dir": dict(help=f"feature cache folder (default ${CACHE_ENV} or ~/.cache/taskres/features)"),
     "--no-cache": dict(action="store_true", help="encode without reading or writing the feature cache"),
@@ -203,6 +211,7 @@ _MANY = {
 }
 DATA = ("--data", "--split-file", "--dataset", "--root", "--template", "--skip-bad-images")
 ENCODING = (
+    "--engine",
     "--device",
     "--cache-dir",
     "--no-cache",
@@ -342,6 +351,7 @@ def setup_from_args(args: argparse.Namespace):
         return Setup(
             device=device_from_args(args),
             precision=getattr(args, "precision", "fp32"),
+            engine=getattr(args, "engine", None),
             cache_dir=cache_dir,
             batch_size=args.encode_batch_size,
             workers=args.workers,
@@ -367,7 +377,8 @@ def dataset_from_args(args: argparse.Namespace, required: bool = True):
 def backbone_from_args(args: argparse.Namespace, setup):
     from taskres.backbones import load_backbone
 
-    return load_backbone(args.backbone, device=setup.device, precision=setup.precision, weights_dir=setup.weights_dir)
+    engine = setup.engine or "eager"
+    return load_backbone(args.backbone, setup.device, setup.precision, setup.weights_dir, engine)
 
 
 def device_from_args(args: argparse.Namespace) -> str:

@@ -3,6 +3,7 @@ makes its features what they are (``BackboneIdentity``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any
@@ -44,6 +45,8 @@ class BackboneIdentity:
     # run as the official code runs OpenAI's CLIP (taskres.backbones.official): "trainer" (the TaskRes trainer's image
     # encoder: fp16-rounded pixels for a ResNet) or "fp16" (the model as OpenAI's build_model converts it)
     official: str | None = None
+    # the engine that runs the image encoder (taskres.backbones.engines) when not PyTorch eager, e.g. "onnxruntime"
+    engine: str | None = None
 
     def to_json(self) -> dict:
         """The record in config.json (fields that do not apply are left out)."""
@@ -95,6 +98,8 @@ class Backbone:
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
     pixel_dtype: torch.dtype | None = None  # pixels are rounded to it before the encoder (None: to ``dtype`` only)
+    # runs the image encoder in place of ``model.encode_image`` (taskres.backbones.engines; None: eager)
+    image_engine: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @cached_property
     def embed_dim(self) -> int:
@@ -106,7 +111,8 @@ class Backbone:
         """(N, 3, H, W) normalised pixels -> (N, D) float32 image features (pinned pixels are copied to a GPU
         without blocking)."""
         images = images.to(self.device, self.pixel_dtype or self.dtype, non_blocking=True)
-        return self.model.encode_image(images.to(self.dtype)).float()
+        encode = self.image_engine or self.model.encode_image
+        return encode(images.to(self.dtype)).float()
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
