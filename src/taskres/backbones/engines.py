@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from taskres.backbones.backbone import Backbone, ClipModel
-from taskres.errors import TaskResError, TaskResValueError, check_choice
+from taskres.errors import TaskResValueError, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,9 @@ def _onnx_encoder(backbone: Backbone, weights_dir: Path) -> OnnxEncoder:
             encoder = OnnxEncoder(_session(path.read_bytes()))
             _check_parity(backbone, encoder)
             return encoder
-        except (TaskResError, OSError, RuntimeError, ValueError) as err:  # onnxruntime's errors are RuntimeErrors
+        except MemoryError:
+            raise
+        except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base but Exception
             logger.warning("the kept ONNX export %s is not usable (%s); exporting again", path, err)
     data = _export(backbone)
     encoder = OnnxEncoder(_session(data))
