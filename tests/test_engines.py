@@ -103,6 +103,8 @@ def test_the_onnx_export_is_kept_reused_and_replaced_when_damaged(openai_rn_file
 def test_onnxruntime_refuses_fp16_and_names_the_extra_when_missing(openai_rn_file, monkeypatch):
     with pytest.raises(TaskResValueError, match="runs the image encoder in fp32; got `precision` fp16"):
         load_backbone(str(openai_rn_file), precision="fp16", engine="onnxruntime")
+    with pytest.raises(TaskResValueError, match="on the CPU; the device is cuda:0. Use `engine` eager"):
+        engines.check_engine("onnxruntime", torch.device("cuda:0"), "fp32")  # before any GPU is touched
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
     with pytest.raises(TaskResValueError, match=r"needs the optional package\(s\) onnxruntime.*taskres\[export\]"):
         load_backbone(str(openai_rn_file), engine="onnxruntime")
