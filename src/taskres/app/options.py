@@ -149,9 +149,8 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--engine": dict(
         type=choice(ENGINES),
         choices=list(ENGINES),
-        help="what runs the image encoder (default eager; eval, predict: the run's): channels-last (ResNets on the CPU"
-        "; no gain for a ViT) or onnxruntime (CPU, fp32; needs pip install 'taskres[export]'); features within 1e-4 "
-        "of eager's, cached apart (docs/performance.md)",
+        help="image encoder: eager (default; eval, predict: the run's), channels-last (ResNets on the CPU; a ViT gains "
+        "nothing) or onnxruntime (CPU, fp32; pip install 'taskres[export]'); within 1e-4 of eager, cached apart",
     ),
     "--device": dict(help="torch device (default: cuda if available, else cpu)"),
     "--cache-dir": dict(help=f"feature cache folder (default ${CACHE_ENV} or ~/.cache/taskres/features)"),
@@ -377,8 +376,7 @@ def dataset_from_args(args: argparse.Namespace, required: bool = True):
 def backbone_from_args(args: argparse.Namespace, setup):
     from taskres.backbones import load_backbone
 
-    engine = setup.engine or "eager"
-    return load_backbone(args.backbone, setup.device, setup.precision, setup.weights_dir, engine)
+    return load_backbone(args.backbone, setup.device, setup.precision, setup.weights_dir, setup.engine or "eager")
 
 
 def device_from_args(args: argparse.Namespace) -> str:
