@@ -2,6 +2,7 @@
 adapters train, merged equals unmerged, the contract of the methods that train through the encoders (on a tiny ViT
 and on the demo's ResNet), the CLI run with eval, predict and export, and the bad inputs."""
 
+import copy
 import dataclasses
 import json
 import re
@@ -12,6 +13,7 @@ from conftest import TINY_VIT, make_split_dataset, tiny_clip
 from conftest import run_cli as run
 
 from taskres.backbones import load_backbone
+from taskres.backbones.engines import with_engine
 from taskres.config import Setup, TrainConfig
 from taskres.data.sources import open_dataset
 from taskres.errors import TaskResValueError
@@ -106,6 +108,12 @@ def test_only_the_adapters_train_and_the_merged_model_equals_the_unmerged(backbo
     merged_out = merged.encode_images(x), merged.encode_text(prompts(dataset.classnames))
     for a, b in zip(unmerged, merged_out):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    # an --engine runs the plain weights: the adapted encoder of a channels-last backbone is the merged model's
+    engined = with_engine(dataclasses.replace(backbone, model=copy.deepcopy(backbone.model)), "channels-last", None)
+    on_engine = adapted_backbone(engined, trained, config.scaling, "test")
+    assert on_engine.image_engine is None and on_engine.identity.engine is None
+    assert torch.allclose(on_engine.encode_images(x), merged_out[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(engined.encode_images(x), merged_out[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ENCODER_METHODS)

@@ -157,7 +157,7 @@ def test_every_flag_two_commands_share_parses_alike():
                     continue
                 first = seen.setdefault(flag, (command, kind))
                 assert first[1] is kind, (flag, first[0], command)
-    assert {"--lr", "--alpha", "--views", "--protocol", "--precision", "--backbone"} <= set(seen)
+    assert {"--lr", "--alpha", "--views", "--protocol", "--precision", "--engine", "--backbone"} <= set(seen)
 
 
 def test_the_four_config_file_refusals_exit_2_before_anything_is_written(tmp_path, capsys):

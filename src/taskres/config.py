@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal
 
 from taskres import distributed
+from taskres.backbones.engines import ENGINES
 from taskres.cache import FeatureCache
 from taskres.data.images import DEFAULT_MAX_PIXELS, TRAIN_SCALE
 from taskres.devices import parse_device
@@ -23,10 +24,13 @@ PROTOCOLS: Final = ("default", "official", "no-val")
 
 @dataclass(frozen=True)
 class Setup:
-    """How features are computed: device, precision, cache, encoder batch size, progress bars, bad images."""
+    """How features are computed: device, precision, image encoder engine, cache, encoder batch size, progress
+    bars, bad images."""
 
     device: str = "cpu"
     precision: str = "fp32"
+    # what runs the image encoder (taskres.backbones.engines); None: eager, or a reloaded run's recorded engine
+    engine: str | None = None
     cache_dir: str | None = None
     batch_size: int = 32
     workers: int | None = None  # image-decoding processes; None: auto (taskres.encoding.loader_workers)
@@ -43,6 +47,8 @@ class Setup:
         if self.workers is not None and self.workers < 0:
             raise invalid("workers", "be >= 0 (0 = load images in the main process)", self.workers)
         parse_device(self.device)
+        if self.engine is not None:
+            check_choice("engine", self.engine, ENGINES)
 
     def cache(self) -> FeatureCache:
         """The feature cache; under torchrun, the job's ranks encode through it together (taskres.distributed)."""

@@ -40,6 +40,7 @@ from torch import nn
 import taskres
 from taskres.atomic import is_disk_full, write_bytes
 from taskres.backbones import file_sha256
+from taskres.backbones.engines import EXTRA_INSTALL, ONNX_PACKAGES
 from taskres.cache import FeatureCache
 from taskres.config import Setup
 from taskres.data.images import DEFAULT_MAX_PIXELS, ImageViews
@@ -61,8 +62,6 @@ from taskres.runs import CLASSIFIER, read_classifier, read_run
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
-EXTRA_INSTALL = "pip install 'taskres[export]'"
-ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch.onnx.export's exporter
 EXPORT_FORMAT = "taskres-export-1"
 PROBS_ATOL = 1e-3  # largest difference of a probability
 LOGITS_RTOL = 1e-3  # largest difference of a logit, relative to the largest |logit| (at least 1)
@@ -187,7 +186,9 @@ def _run_backbone(run: Path, config: dict, setup: Setup):
     """The run's backbone (with its method's encoder changes merged: CLIP-LoRA's adapters), float32 on the CPU; a
     backbone file that is gone is named, with what to do (export has no --backbone to point elsewhere)."""
     try:
-        return run_encoder(run, config, load_run_backbone(config, setup, precision="fp32", official=False))
+        return run_encoder(
+            run, config, load_run_backbone(config, setup, precision="fp32", official=False, engine="eager")
+        )
     except TaskResError:
         missing = missing_backbone_file(config)
         if missing is None:

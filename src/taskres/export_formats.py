@@ -57,15 +57,19 @@ def quiet_exporters() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def onnx_bytes(module: nn.Module, example: torch.Tensor, metadata: dict) -> bytes:
+def onnx_bytes(
+    module: nn.Module, example: torch.Tensor, metadata: dict, outputs: tuple[str, ...] = ("logits", "probs")
+) -> bytes:
+    """``module`` (one input, ``image``, with a dynamic batch) as the bytes of an ONNX file whose outputs are named
+    ``outputs``, with ``metadata`` in its ``metadata_props``."""
     batch = torch.export.Dim("batch")
     with torch.no_grad():
         program = torch.onnx.export(
             module,
             (example,),
             input_names=["image"],
-            output_names=["logits", "probs"],
-            dynamic_shapes={"image": {0: batch}},
+            output_names=list(outputs),
+            dynamic_shapes=({0: batch},),  # by position: the forward's argument may have any name
             dynamo=True,
             verbose=False,
         )

@@ -30,10 +30,13 @@ from taskres.runs import CLASSIFIER, CONFIG, METRICS, read_classifier, read_run
 __all__ = ["evaluate_run", "load_run_backbone", "load_run_head", "predict", "run_encoder"]
 
 
-def load_run_backbone(config: dict, setup: Setup, precision: str | None = None, official: bool = True) -> Backbone:
+def load_run_backbone(
+    config: dict, setup: Setup, precision: str | None = None, official: bool = True, engine: str | None = None
+) -> Backbone:
     """Reload the backbone a run used (a Hub model at the commit it used) and check it is the same weights; at the
-    run's precision unless ``precision`` is given, run as the official code runs it where the run was (its recorded
-    ``official`` mode) unless ``official`` is False (the plain model, as ``export`` writes it)."""
+    run's precision unless ``precision`` is given, its images encoded by ``engine``, else ``setup.engine``, else the
+    run's recorded engine, run as the official code runs it where the run was (its recorded ``official`` mode)
+    unless ``official`` is False (the plain model, as ``export`` writes it)."""
     try:
         recorded = BackboneIdentity.from_json(config["backbone"])
     except (KeyError, TypeError, ValueError) as err:
@@ -47,6 +50,7 @@ def load_run_backbone(config: dict, setup: Setup, precision: str | None = None, 
         device=setup.device,
         precision=precision or recorded.precision,
         weights_dir=setup.weights_dir,
+        engine=engine or setup.engine or recorded.engine or "eager",
     )
     difference = backbone.identity.difference(recorded)
     if difference is not None:

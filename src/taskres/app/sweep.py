@@ -243,11 +243,12 @@ def _load(backbone_name: str, dataset_name: str, grid: Grid, setup):
     """The backbone (kept loaded for the sweep) and the dataset of a group of cells."""
     from taskres.backbones import load_backbone
 
-    key = f"{backbone_name}|{setup.device}|{setup.precision}|{setup.weights_dir}"
+    engine = setup.engine or "eager"
+    key = f"{backbone_name}|{setup.device}|{setup.precision}|{engine}|{setup.weights_dir}"
     if key not in _loaded:
         _loaded.clear()  # one backbone in memory at a time: groups come backbone by backbone
         _loaded[key] = load_backbone(
-            backbone_name, device=setup.device, precision=setup.precision, weights_dir=setup.weights_dir
+            backbone_name, device=setup.device, precision=setup.precision, weights_dir=setup.weights_dir, engine=engine
         )
     ref = next(d for d in grid.datasets if d.name == dataset_name)
     return _loaded[key], ref.open()

@@ -17,10 +17,12 @@ within seconds with a message that says where to put the file.
 
 Modules: ``backbone`` (Backbone, BackboneIdentity), ``load`` (load_backbone: which loader a spec goes to),
 ``openai_files`` (OpenAI names and files), ``openclip_pairs`` (MODEL:PRETRAINED pairs and the shipped models),
-``hf_hub`` (the Hugging Face cache), ``weights`` (the weights folder, hashing, the network probe).
+``hf_hub`` (the Hugging Face cache), ``engines`` (``--engine``: what runs the image encoder), ``weights`` (the
+weights folder, hashing, the network probe).
 """
 
 from taskres.backbones.backbone import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneIdentity, ClipModel
+from taskres.backbones.engines import ENGINES
 from taskres.backbones.hf_hub import hf_hub_cache_dir, parse_hf_hub_spec
 from taskres.backbones.load import PRECISIONS, known_backbones, load_backbone
 from taskres.backbones.openai_files import OPENAI_MODELS
@@ -28,6 +30,7 @@ from taskres.backbones.openclip_pairs import SHIPPED_MODELS
 from taskres.backbones.weights import default_weights_dir, file_sha256
 
 __all__ = [
+    "ENGINES",
     "OPENAI_MEAN",
     "OPENAI_MODELS",
     "OPENAI_STD",

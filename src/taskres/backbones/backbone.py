@@ -3,6 +3,7 @@ makes its features what they are (``BackboneIdentity``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any
@@ -46,6 +47,8 @@ class BackboneIdentity:
     official: str | None = None
     # the SHA-256 of low-rank adapters merged into the weights (a CLIP-LoRA run's encoder), None for the plain weights
     adapter: str | None = None
+    # the engine that runs the image encoder (taskres.backbones.engines) when not PyTorch eager, e.g. "onnxruntime"
+    engine: str | None = None
 
     def to_json(self) -> dict:
         """The record in config.json (fields that do not apply are left out)."""
@@ -97,6 +100,8 @@ class Backbone:
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
     pixel_dtype: torch.dtype | None = None  # pixels are rounded to it before the encoder (None: to ``dtype`` only)
+    # runs the image encoder in place of ``model.encode_image`` (taskres.backbones.engines; None: eager)
+    image_engine: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @cached_property
     def embed_dim(self) -> int:
@@ -108,7 +113,8 @@ class Backbone:
         """(N, 3, H, W) normalised pixels -> (N, D) float32 image features (pinned pixels are copied to a GPU
         without blocking)."""
         images = images.to(self.device, self.pixel_dtype or self.dtype, non_blocking=True)
-        return self.model.encode_image(images.to(self.dtype)).float()
+        encode = self.image_engine or self.model.encode_image
+        return encode(images.to(self.dtype)).float()
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from taskres.backbones.backbone import HF_HUB_PREFIX, OPENAI_MEAN, OPENAI_STD, Backbone, BackboneIdentity, ClipModel
+from taskres.backbones.engines import check_engine, with_engine
 from taskres.backbones.hf_hub import load_hf_hub
 from taskres.backbones.openai_files import OPENAI_MODELS, load_openai_file, load_openai_name
 from taskres.backbones.openclip_pairs import SHIPPED_MODELS, load_open_clip_pair, load_shipped
@@ -29,18 +30,24 @@ def known_backbones() -> list[str]:
 
 
 def load_backbone(
-    spec: str, device: str | torch.device = "cpu", precision: str = "fp32", weights_dir: str | Path | None = None
+    spec: str,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    weights_dir: str | Path | None = None,
+    engine: str = "eager",
 ) -> Backbone:
-    """Load a frozen backbone in eval mode (see the package docstring for what ``spec`` may be)."""
+    """Load a frozen backbone in eval mode (see the package docstring for what ``spec`` may be), its images encoded
+    by ``engine`` (``taskres.backbones.engines``: eager, channels-last or onnxruntime)."""
     check_choice("precision", precision, sorted(PRECISIONS))
     device = parse_device(device)
+    check_engine(engine, device, precision)
     weights_dir = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
     if "\0" in spec:
         raise TaskResValueError(
             f"backbone {spec!r} holds a NUL byte; pass a model name or a file path.", param="backbone"
         )
     try:
-        return _frozen(spec, *_load_model(spec, weights_dir), device, precision)
+        return with_engine(_frozen(spec, *_load_model(spec, weights_dir), device, precision), engine, weights_dir)
     except PermissionError as err:
         raise TaskResValueError(
             f"backbone {spec!r}: {err.filename!r} cannot be read ({err.strerror}); fix its permissions.",

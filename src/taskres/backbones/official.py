@@ -15,7 +15,10 @@ first, (L, N, D); open_clip's take it batch first, which rounds differently in f
   fp32 image instead (here: the fp32 ViT, sequence first). Only OpenAI-format backbones change: the official code
   runs no other.
 
-The mode is recorded in the backbone's identity (``official``), so runs and cached features keep them apart.
+The mode is recorded in the backbone's identity (``official``), so runs and cached features keep them apart. An
+image engine (``--engine``, ``taskres.backbones.engines``) runs a ResNet's "trainer" mode, the same model given
+fp16-rounded pixels; the other modes run their own copy of the model, in PyTorch eager (their identity records no
+engine).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def convert_weights(model: ClipModel) -> ClipModel:
     from open_clip.model import CLIP
     from open_clip.transformer import LayerNorm, LayerNormFp32, TextTransformer, VisionTransformer
 
-    model = sequence_first(copy.deepcopy(model).float())
+    model = sequence_first(_plain_copy(model).float())
     for module in model.modules():
         if type(module) in (nn.LayerNorm, LayerNorm):
             module.__class__ = LayerNormFp32  # the same parameters; forward: F.layer_norm(x.float()).to(x.dtype)
@@ -88,9 +91,10 @@ def fp16_backbone(backbone: Backbone) -> Backbone:
     return dataclasses.replace(
         backbone,
         model=convert_weights(backbone.model),
-        identity=dataclasses.replace(backbone.identity, official="fp16"),
+        identity=dataclasses.replace(backbone.identity, official="fp16", engine=None),
         dtype=torch.float16,
         pixel_dtype=None,
+        image_engine=None,
     )
 
 
@@ -103,12 +107,19 @@ def trainer_backbone(backbone: Backbone) -> Backbone:
     if backbone.identity.format != "openai" or backbone.identity.official == "trainer":
         return backbone
     identity = dataclasses.replace(backbone.identity, official="trainer")
-    if isinstance(backbone.model.visual, ModifiedResNet):
+    if isinstance(backbone.model.visual, ModifiedResNet):  # the same model: its engine (if any) runs it
         return dataclasses.replace(backbone, identity=identity, pixel_dtype=torch.float16)
     model = _SEQUENCE_FIRST.get(backbone.model)
     if model is None:  # one copy per model, however many runs of a sweep ask for it
-        model = _SEQUENCE_FIRST[backbone.model] = sequence_first(copy.deepcopy(backbone.model))
-    return dataclasses.replace(backbone, model=model, identity=identity)
+        model = _SEQUENCE_FIRST[backbone.model] = sequence_first(_plain_copy(backbone.model))
+    identity = dataclasses.replace(identity, engine=None)  # a copy of the model, run by PyTorch eager
+    return dataclasses.replace(backbone, model=model, identity=identity, image_engine=None)
+
+
+def _plain_copy(model: ClipModel) -> ClipModel:
+    """A copy of the model in PyTorch's default memory format (the channels-last engine converts the model it
+    runs in place)."""
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
 
 
 # A frozen model's sequence-first copy, kept while the model lives.

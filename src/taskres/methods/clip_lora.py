@@ -131,15 +131,16 @@ def prompts(classnames) -> list[str]:
 
 
 def adapted_backbone(backbone: Backbone, tensors: dict[str, torch.Tensor], scaling: float, what: str) -> Backbone:
-    """A copy of ``backbone`` with the updates merged into its weights; its identity names the adapters."""
+    """A copy of ``backbone`` with the updates merged into its weights, run by PyTorch (an ``--engine`` runs the
+    plain weights, not these); its identity names the adapters."""
     model = copy.deepcopy(backbone.model)
     merge_lora(model, tensors, scaling, what)
     digest = hashlib.sha256()
     for key in sorted(tensors):
         digest.update(key.encode() + tensors[key].numpy().tobytes())
     digest.update(repr(scaling).encode())
-    identity = dataclasses.replace(backbone.identity, adapter=digest.hexdigest())
-    return dataclasses.replace(backbone, model=model, identity=identity)
+    identity = dataclasses.replace(backbone.identity, adapter=digest.hexdigest(), engine=None)
+    return dataclasses.replace(backbone, model=model, identity=identity, image_engine=None)
 
 
 def _training(ctx: FitContext, config: ClipLoRAConfig) -> tuple[EncoderTraining, dict]:
