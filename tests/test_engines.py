@@ -3,6 +3,7 @@
 refusals (onnxruntime missing, or asked for fp16)."""
 
 import json
+import logging
 import sys
 
 import pytest
@@ -132,7 +133,7 @@ def test_official_modes_keep_the_engine_only_where_it_runs_the_same_model(openai
     assert torch.equal(fp16.encode_images(pixels), fp16_backbone(eager).encode_images(pixels))
 
 
-def test_a_channels_last_run_records_its_engine_and_eval_reloads_it(env, capsys):
+def test_a_channels_last_run_records_its_engine_and_eval_reloads_it(env, capsys, monkeypatch, caplog):
     tmp, base, _ = env
     train = ["train", *base, "--shots", "2", "--seed", "1", "--epochs", "3", "--views", "1"]
     assert run_cli([*train, "--engine", "channels-last", "--out", str(tmp / "cl")], capsys)[0] == 0
@@ -142,6 +143,12 @@ def test_a_channels_last_run_records_its_engine_and_eval_reloads_it(env, capsys)
     assert "engine" not in json.loads((tmp / "eager" / "config.json").read_text())["backbone"]
     assert load_run_backbone(config, Setup()).identity.engine == "channels-last"
     assert load_run_backbone(config, Setup(engine="eager")).identity.engine is None  # --engine overrides
+    # a recorded engine that cannot run here (onnxruntime without its packages): eager, with a warning, not a failure
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    elsewhere = {**config, "backbone": {**config["backbone"], "engine": "onnxruntime"}}
+    with caplog.at_level(logging.WARNING, logger="taskres.reuse"):
+        assert load_run_backbone(elsewhere, Setup()).identity.engine is None
+    assert "engine onnxruntime, which cannot run here" in caplog.text
     accuracy = json.loads((tmp / "cl" / "metrics.json").read_text())["accuracy"]
     cache = base[base.index("--cache-dir") + 1]
     code, out, _ = run_cli(

@@ -276,3 +276,27 @@ def test_a_large_page_with_hostile_class_names_in_headless_chromium(tmp_path):
     seen = browser.browse(exp / "report" / "index.html", tmp_path / "big.png", act=act)
     assert seen["errors"] == [] and seen["requests"] == []
     assert seen["result"] == (2 * SHOWN, 1, 1, True)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("per_class_accuracy", {}),
+        ("per_class_accuracy", ["a", "b", "c"]),
+        ("per_class_accuracy", [{"label": 0, "class": "a", "n": "x", "accuracy": 1.0}]),
+        ("confusions", [[99, 0, 3]]),
+        ("confusions", [[-1, 0, 3]]),
+        ("confusions", "abc"),
+    ],
+)
+def test_per_class_data_of_the_wrong_shape_is_shown_as_not_recorded(tmp_path, field, value):
+    """A metrics.json edited into valid JSON of the wrong shape: the page is still written, that part left out."""
+    exp = _experiment(tmp_path / "exp", {"pets": ["a", "b", "c"]}, shots=(1,))
+    for path in (exp / "runs").rglob("metrics.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    write_report(exp)
+    text, parsed = _page(exp / "report")
+    if field == "per_class_accuracy":
+        assert not parsed.class_rows and "Per-class accuracy is missing" in text
+    else:
+        assert len(parsed.class_rows) == 3 and "Not recorded by the taskres that wrote this run" in text

@@ -187,6 +187,29 @@ def test_a_finished_cell_made_with_other_settings_is_never_reused(env, capsys):
     assert config["method_config"]["alpha"] == 0.5  # left as it was
 
 
+def test_official_cells_of_an_older_taskres_are_not_mixed_with_new_ones(env, capsys):
+    """Runs made under --protocol official before the official encoders were recorded (no "official" in the
+    backbone record) are flagged as made with other settings, not reused beside new cells."""
+    tmp, base, _ = env
+    args = ["sweep", str(tmp / "exp"), *base, "--methods", "taskres", "--shots", "1", "--seeds", "1"]
+    args += ["--epochs", "2", "--protocol", "official"]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    for name in ("taskres", "zero-shot"):
+        path = next((tmp / "exp" / "runs").rglob(f"{name}/**/config.json"))
+        config = json.loads(path.read_text())
+        assert config["backbone"]["official"] == {"taskres": "trainer", "zero-shot": "fp16"}[name]
+        del config["backbone"]["official"]
+        path.write_text(json.dumps(config))
+    code, out, _ = run(args, capsys)
+    assert code == 1 and "2 failed" in out
+    errors = [json.loads(line)["error"] for line in (tmp / "exp" / "failures.jsonl").read_text().splitlines()]
+    assert sorted(e.split("(")[1].split(")")[0] for e in errors) == [
+        "official encoder: None in the run, 'fp16' now",
+        "official encoder: None in the run, 'trainer' now",
+    ]
+
+
 def test_config_file_with_an_unknown_key_is_refused(env, capsys):
     tmp, base, _ = env
     (tmp / "grid.toml").write_text('methods = "taskres"\nshots = [1]\nseeds = [1]\nalfa = 0.3\n')

@@ -10,22 +10,27 @@ another dataset's), or asked for the classes of new images.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from taskres.atomic import write_json
 from taskres.backbones import Backbone, BackboneIdentity, load_backbone
+from taskres.backbones.engines import check_engine
 from taskres.backbones.official import with_official
 from taskres.cache import FeatureCache, check_writable_dir
 from taskres.config import Setup
 from taskres.data.sources import reopen_dataset
 from taskres.data.splits import DatasetSource, DatasetSplits
-from taskres.errors import TaskResValueError, invalid
+from taskres.devices import parse_device
+from taskres.errors import TaskResError, TaskResValueError, invalid
 from taskres.evaluate import evaluate, predict_logits
 from taskres.features import encode_split, helper_rank
-from taskres.methods import Head, get_method
+from taskres.methods import METHODS, Head, get_method
 from taskres.runs import CLASSIFIER, CONFIG, METRICS, read_classifier, read_run
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate_run", "load_run_backbone", "load_run_head", "predict", "run_encoder"]
 
@@ -37,20 +42,16 @@ def load_run_backbone(
     run's precision unless ``precision`` is given, its images encoded by ``engine``, else ``setup.engine``, else the
     run's recorded engine, run as the official code runs it where the run was (its recorded ``official`` mode)
     unless ``official`` is False (the plain model, as ``export`` writes it)."""
-    try:
-        recorded = BackboneIdentity.from_json(config["backbone"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise TaskResValueError(
-            f"the run's config.json has a damaged backbone record ({type(err).__name__}: "
-            f"{err}); it was edited. Re-run training.",
-            param="run",
-        ) from None
+    recorded = recorded_identity(config)
+    precision = precision or recorded.precision
+    if engine is None and _adapts(config):
+        engine = "eager"  # the run's own encoder is the merged model, run by PyTorch (run_encoder)
     backbone = load_backbone(
         recorded.reload_spec(),
         device=setup.device,
-        precision=precision or recorded.precision,
+        precision=precision,
         weights_dir=setup.weights_dir,
-        engine=engine or setup.engine or recorded.engine or "eager",
+        engine=engine or setup.engine or _recorded_engine(recorded, setup, precision),
     )
     difference = backbone.identity.difference(recorded)
     if difference is not None:
@@ -59,6 +60,39 @@ def load_run_backbone(
             param="backbone",
         )
     return with_official(backbone, recorded.official) if official else backbone
+
+
+def recorded_identity(config: dict) -> BackboneIdentity:
+    """The backbone record of a run's config.json; a damaged one is an error saying so."""
+    try:
+        return BackboneIdentity.from_json(config["backbone"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise TaskResValueError(
+            f"the run's config.json has a damaged backbone record ({type(err).__name__}: "
+            f"{err}); it was edited. Re-run training.",
+            param="run",
+        ) from None
+
+
+def _recorded_engine(recorded: BackboneIdentity, setup: Setup, precision: str) -> str:
+    """The engine the run recorded where it can run here (device, precision, packages); else eager, with a
+    warning: the engine changes the features only in the last bits, and eval and predict must not fail on it."""
+    if not recorded.engine:
+        return "eager"
+    try:
+        check_engine(recorded.engine, parse_device(setup.device), precision)
+    except TaskResError as err:
+        logger.warning(
+            "the run encoded its images with engine %s, which cannot run here (%s); using eager", recorded.engine, err
+        )
+        return "eager"
+    return recorded.engine
+
+
+def _adapts(config: dict) -> bool:
+    """Whether the run's method changed the encoder (CLIP-LoRA), so its features come from its own encoder."""
+    method = config.get("method")
+    return isinstance(method, str) and method in METHODS and METHODS[method].adapt_backbone is not None
 
 
 def run_encoder(run: Path, config: dict, backbone: Backbone) -> Backbone:
@@ -107,7 +141,7 @@ def evaluate_run(
     if backbone is None:
         backbone = load_run_backbone(config, setup)
     else:
-        recorded = BackboneIdentity.from_json(config["backbone"])
+        recorded = recorded_identity(config)
         if (difference := backbone.identity.difference(recorded)) is not None:
             raise TaskResValueError(
                 f"the backbone given differs from the one run {str(run)!r} used ({difference}).", param="backbone"

@@ -79,13 +79,13 @@ def check_failures_file(exp: Path) -> None:
         raise TaskResValueError(f"{str(path)!r} cannot be written; fix its permissions and run again.", param="exp")
 
 
-def _number(value: Any, optional: bool = False) -> bool:
+def is_number(value: Any, optional: bool = False) -> bool:
     if value is None:
         return optional
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _integer(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -94,9 +94,9 @@ def read_metrics(path: Path) -> dict:
     metrics = read_json(path)
     if not isinstance(metrics, dict):
         raise DamagedFile(f"{str(path)!r} holds a JSON {type(metrics).__name__}, not the metrics' object")
-    if not _number(metrics.get("accuracy")):
+    if not is_number(metrics.get("accuracy")):
         raise DamagedFile(f"{str(path)!r} has no accuracy that is a number (accuracy: {metrics.get('accuracy')!r})")
-    bad = [k for k in ("zero_shot_accuracy", "residual_mean_abs") if not _number(metrics.get(k), optional=True)]
+    bad = [k for k in ("zero_shot_accuracy", "residual_mean_abs") if not is_number(metrics.get(k), optional=True)]
     if bad:
         raise DamagedFile(f"{str(path)!r} has {', '.join(bad)} that is not a number")
     return metrics
@@ -115,7 +115,7 @@ def read_run_files(folder: Path) -> tuple[dict, dict]:
         raise DamagedFile(f"{str(path)!r} has no backbone record with a spec")
     if config.get("kind") == "train":
         if not (
-            _integer(config.get("shots")) and _integer(config.get("seed")) and isinstance(config.get("method"), str)
+            is_integer(config.get("shots")) and is_integer(config.get("seed")) and isinstance(config.get("method"), str)
         ):
             raise DamagedFile(f"{str(path)!r} lacks the run's method, shots or seed")
         if not isinstance(config.get("method_config") or {}, dict):

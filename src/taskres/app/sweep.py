@@ -211,17 +211,33 @@ def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
     recorded = json.loads((exp / "runs" / cell.folder / "config.json").read_text())
     if cell.method == ZERO_SHOT:
         want = {"protocol": _zeroshot_protocol(grid)}
+        from taskres.methods import get_method
+
+        official = get_method(ZERO_SHOT).official if want["protocol"] == "official" else None
     else:
         try:
-            want = grid.config(cell, cell.dataset).record()
+            config = grid.config(cell, cell.dataset)
         except TaskResError as err:
             return f"the grid's settings are invalid: {err}"
-        want = {k: want[k] for k in ("method", "shots", "seed", "views", "method_config", "optim", "protocol")}
+        record, official = config.record(), config.official
+        want = {k: record[k] for k in ("method", "shots", "seed", "views", "method_config", "optim", "protocol")}
         want = json.loads(json.dumps(want))
     for key, value in want.items():
         if recorded.get(key, "default" if key == "protocol" else None) != value:
             return f"{key}: {recorded.get(key)!r} in the run, {value!r} in the grid"
+    backbone = recorded.get("backbone") if isinstance(recorded.get("backbone"), dict) else {}
+    mode = _official_mode(official.base if official is not None else None, backbone.get("format"))
+    if backbone.get("official") != mode:  # a run of an older taskres, before the official encoders
+        return f"official encoder: {backbone.get('official')!r} in the run, {mode!r} now"
     return None
+
+
+def _official_mode(base: str | None, backbone_format: str | None) -> str | None:
+    """The ``official`` mode that a run records in its backbone (taskres.backbones.official.official_image_backbone):
+    "trainer" for the TaskRes trainer's variant on an OpenAI-format backbone, "fp16" for CoOp's ZeroshotCLIP."""
+    if base == "fp16_text":
+        return "trainer" if backbone_format == "openai" else None
+    return "fp16" if base == "zeroshot_clip" else None
 
 
 def _zeroshot_protocol(grid: Grid) -> Literal["default", "official"]:

@@ -166,10 +166,14 @@ def _datasets(values: dict[str, Any]) -> tuple:
 def sweep_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from taskres.app.grid import parse_shard
     from taskres.app.sweep import run_sweep
+    from taskres.backbones.engines import check_engine
+    from taskres.devices import parse_device
 
     setup = o.setup_from_args(args)
     shard = parse_shard(args.shard)
     grid = grid_from_args(args, parser)
+    # an engine that cannot run here would fail every cell: refused once, before anything is written
+    check_engine(setup.engine or "eager", parse_device(setup.device), setup.precision)
     counts = run_sweep(args.exp, grid, setup, shard=shard, extend=args.extend, progress=not args.quiet)
     damaged = f", {counts['damaged']} damaged (set aside under {Path(args.exp) / 'damaged'})"
     print(

@@ -58,7 +58,7 @@ def convert_weights(model: ClipModel) -> ClipModel:
     from open_clip.model import CLIP
     from open_clip.transformer import LayerNorm, LayerNormFp32, TextTransformer, VisionTransformer
 
-    model = sequence_first(_plain_copy(model).float())
+    model = sequence_first(plain_copy(model).float())
     for module in model.modules():
         if type(module) in (nn.LayerNorm, LayerNorm):
             module.__class__ = LayerNormFp32  # the same parameters; forward: F.layer_norm(x.float()).to(x.dtype)
@@ -111,12 +111,12 @@ def trainer_backbone(backbone: Backbone) -> Backbone:
         return dataclasses.replace(backbone, identity=identity, pixel_dtype=torch.float16)
     model = _SEQUENCE_FIRST.get(backbone.model)
     if model is None:  # one copy per model, however many runs of a sweep ask for it
-        model = _SEQUENCE_FIRST[backbone.model] = sequence_first(_plain_copy(backbone.model))
+        model = _SEQUENCE_FIRST[backbone.model] = sequence_first(plain_copy(backbone.model))
     identity = dataclasses.replace(identity, engine=None)  # a copy of the model, run by PyTorch eager
     return dataclasses.replace(backbone, model=model, identity=identity, image_engine=None)
 
 
-def _plain_copy(model: ClipModel) -> ClipModel:
+def plain_copy(model: ClipModel) -> ClipModel:
     """A copy of the model in PyTorch's default memory format (the channels-last engine converts the model it
     runs in place)."""
     return copy.deepcopy(model).to(memory_format=torch.contiguous_format)

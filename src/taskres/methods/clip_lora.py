@@ -20,7 +20,6 @@ head: the class texts of the adapted text encoder. The test split is encoded thr
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -34,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 from taskres.atomic import write_safetensors
 from taskres.backbones import Backbone
+from taskres.backbones.official import plain_copy
 from taskres.engine import OptimConfig
 from taskres.errors import TaskResValueError, invalid
 from taskres.lora import PROJECTIONS, add_lora, check_layers, lora_tensors, merge_lora
@@ -133,7 +133,7 @@ def prompts(classnames) -> list[str]:
 def adapted_backbone(backbone: Backbone, tensors: dict[str, torch.Tensor], scaling: float, what: str) -> Backbone:
     """A copy of ``backbone`` with the updates merged into its weights, run by PyTorch (an ``--engine`` runs the
     plain weights, not these); its identity names the adapters."""
-    model = copy.deepcopy(backbone.model)
+    model = plain_copy(backbone.model)
     merge_lora(model, tensors, scaling, what)
     digest = hashlib.sha256()
     for key in sorted(tensors):
@@ -147,7 +147,7 @@ def _training(ctx: FitContext, config: ClipLoRAConfig) -> tuple[EncoderTraining,
     """The backbone's model copied with adapters installed (the shared backbone stays as it is)."""
     assert ctx.backbone is not None
     backbone = ctx.backbone
-    model = copy.deepcopy(backbone.model).eval()
+    model = plain_copy(backbone.model).eval()
     layers = check_layers(model, config.encoder_names, backbone.identity.spec)
     generator = torch.Generator().manual_seed(ctx.seed)
     adapters = add_lora(layers, config.projections, config.rank, config.scaling, config.dropout, generator)

@@ -83,7 +83,7 @@ def _class_table(zero: list[dict], tuned: dict[str, list[dict]], table_id: str) 
         fold_class = ' class="mid folded"' if mid else ""
         body.append(
             f'<tr data-name="{esc(str(zero[c]["class"]).lower())}"{fold_class}>'
-            f"<td>{esc(zero[c]['class'])}</td><td>{zero[c]['label']}</td><td>{zero[c]['n']}</td>{''.join(cells)}</tr>"
+            f"<td>{esc(zero[c]['class'])}</td><td>{int(zero[c]['label'])}</td><td>{int(zero[c]['n'])}</td>{''.join(cells)}</tr>"
         )
     show_all = (
         f'<label><input type="checkbox"> show all {len(zero)} classes</label> <span class="s">(shown: the {SHOWN} '

@@ -82,7 +82,7 @@ def _run_section(page: Page) -> str:
     hashes = {r["backbone"]: r.get("backbone_sha256") for r in runs}
     timed = [r["seconds"] for r in runs if r.get("seconds") is not None]
     facts = [
-        ("datasets", ", ".join(f"{esc(d)} ({c} classes)" for d, c in classes.items())),
+        ("datasets", ", ".join(f"{esc(d)} ({esc(c)} classes)" for d, c in classes.items())),
         ("backbones", ", ".join(f"{esc(b)} <code>sha256 {esc(h or 'not recorded')}</code>" for b, h in hashes.items())),
         ("shots", ", ".join(str(k) for k in sorted({r["shots"] for r in trained})) or "zero-shot only"),
         ("seeds", ", ".join(str(s) for s in sorted({r["seed"] for r in trained})) or "—"),

@@ -14,6 +14,8 @@ from taskres.app.experiment import (
     METRICS,
     RUNS,
     DamagedFile,
+    is_integer,
+    is_number,
     read_grid,
     read_metrics,
     read_run_files,
@@ -126,9 +128,10 @@ def _run_records(folder: Path, config: dict, metrics: dict, options: list) -> li
 def _details(config: dict, metrics: dict) -> dict:
     """What the HTML page shows beyond the accuracy; None where a run from an older taskres lacks it."""
     seconds = [metrics[k] for k in ("seconds_features", "seconds_train") if isinstance(metrics.get(k), (int, float))]
+    per_class = _per_class(metrics.get("per_class_accuracy"))
     return {
-        "per_class": metrics.get("per_class_accuracy"),
-        "confusions": metrics.get("confusions"),
+        "per_class": per_class,
+        "confusions": _confusions(metrics.get("confusions"), len(per_class) if per_class else 0),
         "confusions_complete": bool(metrics.get("confusions_complete", False)),
         "seconds": sum(seconds) if seconds else None,
         "taskres_version": config.get("taskres_version"),
@@ -175,6 +178,30 @@ def failures(exp: str | Path) -> list[dict]:
         if isinstance(record, dict) and isinstance(record.get("cell"), str):
             last[record["cell"]] = record
     return [r for c, r in sorted(last.items()) if not (Path(exp) / RUNS / c / METRICS).is_file()]
+
+
+def _per_class(value: Any) -> list[dict] | None:
+    """metrics.json's per_class_accuracy where it has the shape taskres writes (label order, each with a class, an
+    integer label and count, a number or None); else None, as for a run that lacks it."""
+    if not isinstance(value, list) or not value:
+        return None
+    for i, row in enumerate(value):
+        ok = isinstance(row, dict) and row.get("label") == i and is_integer(row.get("n")) and "class" in row
+        if not ok or not (row.get("accuracy") is None or is_number(row.get("accuracy"))):
+            return None
+    return value
+
+
+def _confusions(value: Any, classes: int) -> list | None:
+    """metrics.json's confusions where each is [true, predicted, count] with labels among the ``classes``."""
+    if not isinstance(value, list):
+        return None
+    for row in value:
+        if not (isinstance(row, list) and len(row) == 3 and all(is_integer(v) for v in row)):
+            return None
+        if not (0 <= row[0] < classes and 0 <= row[1] < classes and row[2] >= 0):
+            return None
+    return value
 
 
 def _text(value: Any) -> str:
