@@ -338,3 +338,17 @@ def test_enhance_base_writes_the_tuned_projection_with_its_run(tiny, tmp_path):
         )
     torch.testing.assert_close(fitted.extra_heads["enhanced_base"].base_text_features, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fitted.head.base_text_features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_text_projection_file_has_deterministic_bytes(tmp_path):
+    """An identical TaskRes* run writes an identical text_projection.safetensors (the safetensors library writes
+    its metadata in a random order)."""
+    from taskres.methods.enhanced_base import save_projection
+
+    proj = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    meta = {"backbone": "{}", "dataset": "d", "shots": "4", "seed": "1"}
+    files = []
+    for i in range(6):
+        save_projection(tmp_path / f"p{i}.safetensors", proj, dict(meta))
+        files.append((tmp_path / f"p{i}.safetensors").read_bytes())
+    assert len(set(files)) == 1

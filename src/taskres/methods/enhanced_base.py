@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from taskres.atomic import atomic_path
+from taskres.atomic import write_safetensors
 from taskres.backbones import Backbone
 from taskres.engine import OptimConfig, fit
 from taskres.errors import TaskResFileNotFoundError, TaskResValueError
@@ -133,12 +132,12 @@ def load_projection(path: str | Path) -> torch.Tensor:
 
 
 def save_projection(path: str | Path, proj: torch.Tensor, metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
-        save_file(
-            {"text_projection": proj.detach().float().contiguous().cpu()},
-            str(tmp),
-            metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection", **metadata},
-        )
+    """The projection as a safetensors file with deterministic bytes (an identical run writes an identical file)."""
+    write_safetensors(
+        path,
+        {"text_projection": proj.detach().float().contiguous().cpu()},
+        metadata={"format": "taskres-text-projection-1", "layout": "(W, D): pooled @ text_projection", **metadata},
+    )
 
 
 def projection_artifact(ctx: FitContext, proj: torch.Tensor) -> Artifact:
