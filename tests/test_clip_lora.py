@@ -164,6 +164,8 @@ def test_cli_run_eval_predict_and_export(env, capsys):
         (["--lora-iterations", "0"], "--lora-iterations.*>= 1"),
         (["--lora-rank", "70"], "--lora-rank 70 is larger than the q projection of layer text.0"),
         (["--lora-projections", "qx"], "--lora-projections"),
+        (["--epochs", "3"], "--epochs: method 'clip-lora' does not use it .*counts iterations.*--lora-iterations"),
+        (["--views", "3"], "set --views online .*; got 3"),
     ],
 )
 def test_bad_lora_options_exit_2_and_write_nothing(env, capsys, extra, match):
@@ -200,9 +202,15 @@ def test_out_of_memory_names_the_options_that_reduce_memory(demo, dataset, monke
 def test_sweep_runs_clip_lora_beside_zero_shot_and_the_report_shows_it(env, capsys):
     tmp, base, _ = env
     exp = tmp / "exp"
-    grid = ["--methods", "clip-lora", "--shots", "1", "--seeds", "1", "--lora-iterations", "2"]
-    code, out, err = run(["sweep", str(exp), *base, *grid, "--batch-size", "4", "--views", "online"], capsys)
+    grid = ["--methods", "clip-lora,taskres", "--shots", "1", "--seeds", "1", "--lora-iterations", "2"]
+    # --epochs and --views go to the methods that use them (taskres), as a method option goes to the ones it names
+    code, out, err = run(
+        ["sweep", str(exp), *base, *grid, "--batch-size", "4", "--views", "2", "--epochs", "2"], capsys
+    )
     assert code == 0, err + out
+    configs = {p.parent.parent.name: json.loads(p.read_text()) for p in (exp / "runs").rglob("1shot-seed1/config.json")}
+    assert configs["clip-lora"]["views"] == "online" and configs["clip-lora"]["optim"]["epochs"] == 1
+    assert configs["taskres"]["views"] == 2 and configs["taskres"]["optim"]["epochs"] == 2
     assert run(["report", str(exp)], capsys)[0] == 0
     table = (exp / "report" / "results.md").read_text()
     assert "clip-lora" in table and "zero-shot" in table

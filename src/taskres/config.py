@@ -123,6 +123,13 @@ class TrainConfig:
                 f"{', '.join(f'`{k}`' for k in optim)}: method {method!r} is training-free; drop the setting(s).",
                 param=next(iter(optim)),
             )
+        unused = [k for k in optim if k in spec.unused_optim]
+        if unused:
+            raise TaskResValueError(
+                f"{', '.join(f'`{k}`' for k in unused)}: method {method!r} does not use it "
+                f"({spec.unused_optim_reason}); drop the setting.",
+                param=unused[0],
+            )
         config = cls.preset(method, shots, seed, dataset)
         method_config = spec.configure(config.method_config, **options)
         optim_config = dataclasses.replace(config.optim, **optim) if config.optim is not None else None
@@ -155,6 +162,12 @@ class TrainConfig:
                 param="views",
             )
         self._check_protocol(spec)
+        if spec.adapt_backbone is not None and self.views != ONLINE:
+            raise TaskResValueError(
+                f"method {self.method!r} trains through the image encoder on a fresh augmentation of the images "
+                f"at every step; set `views` online (its default); got {self.views}.",
+                param="views",
+            )
         if spec.test_view_only and self.views != 0:
             raise TaskResValueError(
                 f"method {self.method!r} trains on the test-transform features of the few-shot "

@@ -170,13 +170,14 @@ class Grid:
 
         spec = get_method(self.base_method(cell.method))
         views_apply = self.views is not None and not spec.test_view_only and (spec.trained or self.views != "online")
+        views_apply = views_apply and spec.adapt_backbone is None  # it trains on online views only
         return TrainConfig.resolve(
             spec.name,
             cell.shots,
             cell.seed,
             dataset_name,
             options=self.method_options(cell.method, cell.grid_values),
-            optim=self.optim if spec.trained else {},
+            optim={k: v for k, v in self.optim.items() if k not in spec.unused_optim} if spec.trained else {},
             # the grid's values as given; TrainConfig checks them
             views=cast("int | Literal['online'] | None", self.views) if views_apply else None,
             protocol=cast("Literal['default', 'official', 'no-val']", self.protocol),

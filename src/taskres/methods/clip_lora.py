@@ -191,16 +191,7 @@ def fit_clip_lora(ctx: FitContext, config: ClipLoRAConfig) -> Fitted:
     if ctx.backbone is None:
         raise TaskResValueError("CLIP-LoRA trains through the encoders and needs the backbone.", param="backbone")
     views = ctx.train_views
-    if not isinstance(views, OnlineViews):
-        raise TaskResValueError(
-            "CLIP-LoRA trains on fresh augmentations of the images at every step; set `views` online (its default).",
-            param="views",
-        )
-    assert ctx.optim is not None
-    if ctx.optim.epochs != 1:
-        raise TaskResValueError(
-            "CLIP-LoRA counts iterations, not epochs; drop `epochs` and set `iterations` instead.", param="epochs"
-        )
+    assert isinstance(views, OnlineViews) and ctx.optim is not None  # TrainConfig: online views, no epochs
     iterations = config.iterations or ITERATIONS_PER_SHOT * ctx.shots
     training, adapters = _training(ctx, config)
     train_through_encoder(
@@ -250,5 +241,7 @@ register_method(
         views="online",
         files=(LORA_FILE,),
         adapt_backbone=load_adapted,
+        unused_optim=("epochs", "warmup_epochs"),
+        unused_optim_reason="it counts iterations, not epochs: set `iterations` instead",
     )
 )

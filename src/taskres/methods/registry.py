@@ -78,6 +78,10 @@ class Method:
     # a method that trains through the encoders (CLIP-LoRA): the backbone its run's head reads, rebuilt from the
     # run folder and the run's backbone (eval, predict and export call it); None: the backbone as it is
     adapt_backbone: Callable[[Path, Backbone], Backbone] | None = None
+    # optimiser settings the method does not read (CLIP-LoRA counts iterations, not epochs): refused by train with the
+    # reason, left out of its cells by a sweep's grid, as a method option goes to the methods that take it
+    unused_optim: tuple[str, ...] = ()
+    unused_optim_reason: str = ""
 
     @property
     def trained(self) -> bool:
