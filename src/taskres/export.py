@@ -25,7 +25,6 @@ torch's exporter uses); TorchScript needs nothing beyond torch.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from torch import nn
 import taskres
 from taskres.atomic import is_disk_full, write_bytes
 from taskres.backbones import file_sha256
-from taskres.backbones.engines import EXTRA_INSTALL, ONNX_PACKAGES
+from taskres.backbones.engines import EXTRA_INSTALL, missing_onnx_packages
 from taskres.cache import FeatureCache
 from taskres.config import Setup
 from taskres.data.images import DEFAULT_MAX_PIXELS, ImageViews
@@ -134,12 +133,7 @@ def export_run(
 
 def require_onnx() -> None:
     """Raise a TaskResValueError naming the install command unless the ONNX packages import."""
-    missing = []
-    for name in ONNX_PACKAGES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
+    missing = missing_onnx_packages()
     if missing:
         raise TaskResValueError(
             f"format onnx needs the optional package(s) {', '.join(missing)}, which are not "

@@ -38,6 +38,17 @@ EXPORT_VERSION = 1  # bump when the exported graph changes for the same weights
 PARITY_RTOL = 1e-4  # an export is used only if its features are this close to eager's (relative, per image)
 
 
+def missing_onnx_packages() -> list[str]:
+    """The packages of the export extra (ONNX export and ONNX Runtime) that do not import."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def check_engine(engine: str, device: torch.device, precision: str) -> None:
     """Refuse an unknown engine, or onnxruntime off the CPU, in another precision than fp32, or without its
     packages: before any weights are read."""
@@ -56,12 +67,7 @@ def check_engine(engine: str, device: torch.device, precision: str) -> None:
             "fp32, or `engine` eager for this precision.",
             param="engine",
         )
-    missing = []
-    for name in ONNX_PACKAGES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
+    missing = missing_onnx_packages()
     if missing:
         raise TaskResValueError(
             f"`engine` onnxruntime needs the optional package(s) {', '.join(missing)}, which are not installed; "
