@@ -16,7 +16,7 @@ from conftest import run_cli as run
 from safetensors import safe_open
 
 from taskres.backbones import load_backbone
-from taskres.backbones.official import fp16_backbone
+from taskres.backbones.official import fp16_backbone, trainer_backbone
 from taskres.cache import FeatureCache
 from taskres.config import Setup
 from taskres.data.sampling import sample_fewshot
@@ -364,9 +364,13 @@ def test_import_official_checkpoint_gives_a_run_that_eval_and_predict_use(env, c
     with torch.no_grad():
         head.text_feature_residuals.copy_(residual.half().float())
     data = open_dataset(image_dir, base_args[base_args.index("--split-file") + 1])
-    feats, _ = FeatureCache(None).features(backbone, [data.path(e) for e in data.test])
+    paths = [data.path(e) for e in data.test]
+    trainer = trainer_backbone(backbone)  # the official trainer's encoding: fp16-rounded pixels for a ResNet
+    feats, _ = FeatureCache(None).features(trainer, paths)
+    assert not torch.equal(feats, FeatureCache(None).features(backbone, paths)[0])
     labels = torch.tensor([e.label for e in data.test])
     assert metrics["n_correct"] == int((head(feats).argmax(1) == labels).sum())
+    assert json.loads((tmp / "imp" / "config.json").read_text())["backbone"]["official"] == "trainer"
     assert metrics["checkpoint_epoch"] == 200 and metrics["base_relative_difference"] < 1e-2
     code, _, err = run(["eval", "--run", str(tmp / "imp"), "--quiet", "--out", str(tmp / "imp-eval")], capsys)
     assert code == 0, err

@@ -4,7 +4,8 @@
 
 The official trainer (Dassl) saves ``prompt_learner/model.pth.tar-<epoch>``: a state_dict with the base t
 (``base_text_features``, (C, D)) and the residual x (``text_feature_residuals``, (C, D)), read safely. alpha is not in
-the file: the paper's, 0.5 (1.0 on Flowers102), unless given.
+the file: the paper's, 0.5 (1.0 on Flowers102), unless given. The test images are encoded as that trainer encodes
+them (``taskres.backbones.official.trainer_backbone``), and compared with the base ``--protocol official`` builds.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from taskres.backbones import Backbone
+from taskres.backbones.official import trainer_backbone
 from taskres.data.splits import DatasetSplits
 from taskres.errors import TaskResValueError
 from taskres.evaluate import evaluate
 from taskres.features import encode_split
-from taskres.methods.registry import method_files
+from taskres.methods.registry import get_method, method_files
 from taskres.methods.taskres import TaskResConfig, TaskResHead, config_preset
 from taskres.run_writer import open_run
 from taskres.runs import run_record
 from taskres.safe_load import load_checkpoint
-from taskres.text import build_base_classifier
 
 if TYPE_CHECKING:
     from taskres.config import Setup
@@ -46,6 +47,7 @@ def import_official(
     """A residual trained by the official code, as a TaskRes head evaluated on ``dataset``'s test split; a run
     folder for ``eval`` and ``predict`` when ``out`` is given. ``alpha`` defaults to the paper's for the dataset."""
     checkpoint = Path(checkpoint)
+    backbone = trainer_backbone(backbone)  # recorded in the run, so eval and predict encode as it did
     ckpt = load_checkpoint(checkpoint, "official checkpoint")
     base, residual = read_official(ckpt, checkpoint, backbone, dataset)
     config = TaskResConfig(alpha=alpha) if alpha is not None else config_preset(dataset.name)
@@ -98,10 +100,12 @@ def read_official(
 def evaluate_official(
     head: TaskResHead, base: torch.Tensor, backbone: Backbone, dataset: DatasetSplits, setup: Setup
 ) -> dict:
-    """The imported head's test metrics, beside the head at initialisation (zero-shot CLIP) on our base and on the
-    file's base t."""
+    """The imported head's test metrics, beside the head at initialisation (zero-shot CLIP) on our base (TaskRes's
+    under ``--protocol official``: the fp16 text encoder) and on the file's base t."""
+    from taskres.workflow import base_classifier  # here: taskres.workflow imports the method registry
+
     test, labels, skipped = encode_split(backbone, dataset, dataset.test, setup, setup.cache(), desc="test")
-    ours = build_base_classifier(backbone, dataset.classnames, dataset.templates)
+    ours = base_classifier(backbone, dataset, get_method("taskres").official)
 
     def accuracy(classifier: torch.Tensor) -> float:
         return evaluate(TaskResHead(classifier, backbone.logit_scale), test, labels, dataset.classnames)["accuracy"]
@@ -110,7 +114,7 @@ def evaluate_official(
     metrics.update(
         zero_shot_accuracy=accuracy(ours),
         imported_base_accuracy=accuracy(base),
-        # How far the file's base is from ours (fp16 text encoder, templates): a check of the setup.
+        # How far the file's base is from ours: a check of the setup (backbone, class names, templates).
         base_relative_difference=float((base - ours).norm() / ours.norm()),
         residual_mean_abs=head.residual_mean_abs(),
         skipped_images=len(skipped),
