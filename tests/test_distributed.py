@@ -250,3 +250,21 @@ def test_a_rank_killed_mid_way_stops_the_job_and_a_rerun_resumes_from_its_chunks
     alone = single(args[:-4] + ["--cache-dir", str(tmp / "c1"), "--out", str(tmp / "r1")], tmp)
     assert alone.returncode == 0, alone.stderr
     assert_same_run(tmp / "r1", tmp / "r")
+
+
+@pytest.mark.slow
+def test_an_official_sweep_under_torchrun_shares_the_splits_its_cells_encode(job):
+    """Under --protocol official the zero-shot cell encodes its test split with the fp16 model and TaskRes with the
+    trainer's encoding: the ranks encode exactly those splits together, and nothing else."""
+    tmp, common = job
+    args = ["--methods", "taskres", "--shots", "1", "--seeds", "1", "--epochs", "2", "--protocol", "official"]
+    for tag, run in (("2", torchrun), ("1", single)):
+        done = run(["sweep", str(tmp / f"exp{tag}"), *common, *args, "--cache-dir", str(tmp / f"c{tag}")], tmp)
+        assert done.returncode == 0, done.stderr
+    shared, own = chunks(tmp / "c2"), chunks(tmp / "c1")
+    assert sorted(shared) == sorted(own)  # no split encoded in a mode that no cell reads
+    for parts in shared.values():
+        keys = [k for _, ks in parts for k in ks]
+        assert len(keys) == len(set(keys))
+        if len(keys) > 1:  # encoded by both ranks, before the cells ran
+            assert {rank for rank, _ in parts} == {"0/2", "1/2"}

@@ -171,6 +171,7 @@ def _encode_cells(cells: Sequence[Cell], grid: Grid, setup, cache) -> None:
     """Every feature the cells read, encoded collectively (the ranks of a torchrun job share each split's images).
     A cell whose settings or data are invalid is left to fail, and be recorded, when it runs; those checks come
     before any encoding, so every rank skips the same cells."""
+    from taskres.backbones.official import official_image_backbone
     from taskres.features import encode_split, training_features
     from taskres.workflow import prepare_training
 
@@ -182,15 +183,18 @@ def _encode_cells(cells: Sequence[Cell], grid: Grid, setup, cache) -> None:
         for cell in group:
             try:
                 targets = [dataset] if cell.method == ZERO_SHOT else [_eval_target(name, grid) for name in grid.eval_on]
-                if cell.method != ZERO_SHOT:
-                    config = grid.config(cell, dataset.name)
+                config = None if cell.method == ZERO_SHOT else grid.config(cell, dataset.name)
+                if config is not None:
                     fewshot, _ = prepare_training(backbone, dataset, config)
             except TaskResError:
                 continue
-            if cell.method != ZERO_SHOT:
+            if config is not None:
                 training_features(backbone, dataset, config, fewshot, setup, cache)
+            # the test splits as the cell's run encodes them (zeroshot, and eval of the run, apply its official mode)
+            official = _cell_official(cell, grid, config)
+            encoder = official_image_backbone(backbone, official.base if official is not None else None)
             for target in targets:
-                encode_split(backbone, target, target.test, setup, cache, desc=f"test {target.name}")
+                encode_split(encoder, target, target.test, setup, cache, desc=f"test {target.name}")
 
 
 def _eval_target(name: str, grid: Grid):
@@ -209,19 +213,18 @@ def _finished(exp: Path, cell: Cell, grid: Grid) -> bool:
 def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
     """What differs between a finished cell's config.json and the settings the grid gives it, or None."""
     recorded = json.loads((exp / "runs" / cell.folder / "config.json").read_text())
+    config = None
     if cell.method == ZERO_SHOT:
         want = {"protocol": _zeroshot_protocol(grid)}
-        from taskres.methods import get_method
-
-        official = get_method(ZERO_SHOT).official if want["protocol"] == "official" else None
     else:
         try:
             config = grid.config(cell, cell.dataset)
         except TaskResError as err:
             return f"the grid's settings are invalid: {err}"
-        record, official = config.record(), config.official
+        record = config.record()
         want = {k: record[k] for k in ("method", "shots", "seed", "views", "method_config", "optim", "protocol")}
         want = json.loads(json.dumps(want))
+    official = _cell_official(cell, grid, config)
     for key, value in want.items():
         if recorded.get(key, "default" if key == "protocol" else None) != value:
             return f"{key}: {recorded.get(key)!r} in the run, {value!r} in the grid"
@@ -230,6 +233,16 @@ def _settings_difference(exp: Path, cell: Cell, grid: Grid) -> str | None:
     if backbone.get("official") != mode:  # a run of an older taskres, before the official encoders
         return f"official encoder: {backbone.get('official')!r} in the run, {mode!r} now"
     return None
+
+
+def _cell_official(cell: Cell, grid: Grid, config):
+    """The official variant a cell runs under (None: none): the zero-shot method's under ``--protocol official``,
+    else its TrainConfig's."""
+    if cell.method != ZERO_SHOT:
+        return config.official
+    from taskres.methods import get_method
+
+    return get_method(ZERO_SHOT).official if _zeroshot_protocol(grid) == "official" else None
 
 
 def _official_mode(base: str | None, backbone_format: str | None) -> str | None:
