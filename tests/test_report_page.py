@@ -11,6 +11,7 @@ import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 import pytest
@@ -132,6 +133,21 @@ def test_names_with_html_special_characters_are_escaped(tmp_path):
     assert "&lt;script&gt;window.__injected = 1&lt;/script&gt;" in text and "tom &amp; &quot;jerry&quot;" in text
     assert [r["data-name"] for r in parsed.class_rows if "jerry" in r["data-name"]] == ['tom & "jerry"']
     assert {c["data-dataset"] for c in parsed.cells} == {"d&<1>"}  # the parser unescapes what the page escaped
+
+
+def test_names_from_folders_that_are_not_utf8(tmp_path):
+    """An experiment folder and a dataset named by bytes that are not UTF-8: every file is written, the page is
+    valid UTF-8 (U+FFFD for the bytes), the tables keep the bytes and the page's links reach the run folders."""
+    exp = tmp_path / os.fsdecode(b"exp\xff")
+    _experiment(exp, {"pets": ["a", "b"], os.fsdecode(b"d\xfe"): ["a", "b"]}, shots=(2,), seeds=(1,))
+    assert main(["report", str(exp)]) == 0
+    out = exp / "report"
+    html = (out / "index.html").read_bytes().decode("utf-8")  # strict: the page is valid UTF-8
+    assert "<title>exp\ufffd: taskres report</title>" in html
+    assert b"d\xfe," in (out / "results.csv").read_bytes() and b"d\xfe" in (out / "results.md").read_bytes()
+    links = re.findall(r'href="(\.\./runs/d%FE/[^"]+)"', html)
+    assert links and all((out / os.fsdecode(unquote_to_bytes(link))).resolve().is_file() for link in links)
+    assert {p.name for p in out.iterdir()} >= {"accuracy_vs_shots.svg", "residual_vs_difficulty.png"}
 
 
 def test_runs_of_an_older_taskres_and_an_imported_run(tmp_path):

@@ -101,7 +101,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    write_bytes(path, text.encode())
+    """UTF-8; a name read from a folder that is not UTF-8 (Python's surrogate escapes) is written as its bytes."""
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:

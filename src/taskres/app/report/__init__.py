@@ -23,7 +23,7 @@ from taskres.app.report.page import Page, write_page
 from taskres.app.report.records import ZERO_SHOT, collect, failures, imported_runs, method_label
 from taskres.app.report.summary import correlations, difficulty_points, mean_std, summarise
 from taskres.app.report.tables import console_table, load_published, markdown, published_index, write_csv
-from taskres.atomic import write_bytes
+from taskres.atomic import write_text
 from taskres.errors import TaskResValueError
 
 __all__ = [
@@ -53,7 +53,7 @@ def write_report(exp: str | Path, out: str | Path | None = None, compare_publish
     files = [write_csv(rows, out / "results.csv")]
     published = published_index(load_published()) if compare_published else {}
     md, summary = markdown(rows, records, grid, published)
-    write_bytes(out / "results.md", md.encode("utf-8"))
+    write_text(out / "results.md", md)
     files.append(out / "results.md")
     files += plot_accuracy(rows, out / "accuracy_vs_shots")
     files += plot_difficulty(records, out / "residual_vs_difficulty")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from taskres.app.report.records import ZERO_SHOT
+from taskres.app.report.records import ZERO_SHOT, readable
 from taskres.app.report.summary import correlations, difficulty_points
 from taskres.atomic import atomic_path
 
@@ -45,14 +45,14 @@ def accuracy_figure(rows: list[dict]):
             if not pts:
                 continue
             k, mean, std = (np.array(v, dtype=float) for v in zip(*pts))
-            ax.plot(k, mean, marker="o", color=f"C{j}", label=m)
+            ax.plot(k, mean, marker="o", color=f"C{j}", label=readable(m))
             ax.fill_between(k, mean - std, mean + std, color=f"C{j}", alpha=0.2)
         _zero_shot_line(ax, [index.get((d, ZERO_SHOT, 0)) for d in sources])
         ax.set_xscale("log", base=2)
         shots = sorted({r["shots"] for r in few if r["shots"]})
         ax.set_xticks(shots, [str(k) for k in shots])  # 1, 2, 4 rather than 2^0, 2^1, 2^2
         ax.minorticks_off()
-        ax.set_title(dataset)
+        ax.set_title(readable(dataset))
         ax.set_xlabel("shots per class")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
@@ -106,10 +106,10 @@ def difficulty_figure(records: list[dict]):
     for j, ((backbone, label), points) in enumerate(sets.items()):
         c = stats.get(f"{backbone} {label}")
         legend = f"{backbone} {label}" + (f": r={c['pearson']:.2f}, rho={c['spearman']:.2f}, n={c['n']}" if c else "")
-        ax.scatter([p[1] for p in points], [p[2] for p in points], color=f"C{j % 10}", label=legend)
+        ax.scatter([p[1] for p in points], [p[2] for p in points], color=f"C{j % 10}", label=readable(legend))
         if j == 0:
             for d, x, y in points:
-                ax.annotate(d, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+                ax.annotate(readable(d), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("relative transfer difficulty = (1 / C) / zero-shot accuracy")
     ax.set_ylabel("mean |residual| at the largest shot count")
     ax.legend(fontsize=6)

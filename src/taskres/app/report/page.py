@@ -21,7 +21,7 @@ import taskres
 from taskres.app.report.drilldown import class_sections
 from taskres.app.report.figures import accuracy_figure, difficulty_figure, svg_text
 from taskres.app.report.page_assets import CSS, JS, esc
-from taskres.app.report.records import ZERO_SHOT
+from taskres.app.report.records import ZERO_SHOT, readable
 from taskres.app.report.summary import correlations
 from taskres.app.report.tables import wanted_seeds
 from taskres.atomic import write_text
@@ -45,13 +45,14 @@ class Page:
         """A relative link from the page to ``name`` in a run folder."""
         rel = os.path.relpath(Path(run).resolve() / name, self.out.resolve())
         tip = f' title="{esc(title)}"' if title else ""
-        return f'<a href="{esc(quote(Path(rel).as_posix()))}"{tip}>{esc(text)}</a>'
+        return f'<a href="{esc(quote(os.fsencode(Path(rel).as_posix())))}"{tip}>{esc(text)}</a>'
 
 
 def write_page(page: Page) -> Path:
     """Write ``page.out/index.html``."""
     path = page.out / "index.html"
-    write_text(path, render(page))
+    # a browser reads UTF-8: a name from a folder that is not UTF-8 shows U+FFFD (its links keep the bytes)
+    write_text(path, readable(render(page)))
     return path
 
 

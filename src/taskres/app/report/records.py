@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 ZERO_SHOT = "zero-shot"
 
 
+def readable(text: str) -> str:
+    """``text`` as valid Unicode for a page or a figure: the bytes of a name read from a folder that is not UTF-8
+    (Python's surrogate escapes) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def method_label(config: dict) -> str:
     """The grid's name of a run's method: TaskRes with the enhanced base is ``taskres*``."""
     method = config.get("method", "?")

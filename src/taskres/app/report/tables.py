@@ -14,7 +14,7 @@ import numpy as np
 
 from taskres.app.report.records import ZERO_SHOT
 from taskres.app.report.summary import correlations
-from taskres.atomic import write_bytes
+from taskres.atomic import write_text
 
 PUBLISHED = Path(__file__).resolve().parents[2] / "assets" / "published.json"
 
@@ -45,7 +45,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     for r in rows:
         values = {**r, **dict(r.get("options") or ()), "method": r["method"].split(" (")[0]}
         writer.writerow([f"{values[c]:.4f}" if c in ("mean", "std") else values[c] for c in columns])
-    write_bytes(path, text.getvalue().encode("utf-8"))
+    write_text(path, text.getvalue())
     return path
 
 
