@@ -117,6 +117,8 @@ def test_page_numbers_are_results_csv_with_one_seed_failures_and_links(tmp_path)
     text, parsed = _page(exp / "report")
     _assert_cells_equal_csv(exp / "report", parsed.cells)
     assert "one seed" in text and "± 0.00" not in text
+    md = (exp / "report" / "results.md").read_text()
+    assert "± 0.00" not in md and re.search(r"\| taskres \| [0-9.]+ \| [0-9.]+ \|", md)  # one seed: no ±
     assert "out of &lt;memory&gt;" in text and "transient" not in text  # the cell that finished later is not missing
     assert 'href="../runs/pets/bb/taskres/4shot-seed1/metrics.json"' in text
     assert (exp / "report" / "../runs/pets/bb/taskres/4shot-seed1/metrics.json").resolve().is_file()

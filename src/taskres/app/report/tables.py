@@ -120,7 +120,8 @@ def _preamble(protocol: str, want_seeds: int, records: list[dict], published: di
         "# Results",
         "",
         f"Top-1 accuracy (%) on the full test splits, mean ± std over seeds (numpy std, ddof=0, "
-        f"as CoOp's parse_test_res.py); a cell with fewer seeds than the grid's {want_seeds} says n=. Protocol: "
+        f"as CoOp's parse_test_res.py; none for a single seed); a cell with fewer seeds than the grid's {want_seeds} "
+        "says n=. Protocol: "
         f"**{protocol}** (selection on the few-shot validation split unless a run says test_selected).",
     ]
     if any(r.get("test_selected") for r in records):
@@ -181,7 +182,8 @@ def _dataset_cell(p: _Panel, dataset: str, m: str, k: int, ctx: _Context) -> str
 def _cell(row: dict | None, want_seeds: int, pub: dict | None) -> str:
     if row is None:
         return "—"
-    text = f"{row['mean']:.2f}" if row["shots"] == 0 else f"{row['mean']:.2f} ± {row['std']:.2f}"
+    one = row["shots"] == 0 or row["n_seeds"] < 2  # no spread to show: zero-shot, or a single seed
+    text = f"{row['mean']:.2f}" if one else f"{row['mean']:.2f} ± {row['std']:.2f}"
     if row["shots"] and row["n_seeds"] < want_seeds:
         text += f" (n={row['n_seeds']})"
     if pub is not None:
