@@ -4,9 +4,9 @@
                                       [--seeds 1,2,3] [--tasks color_shapes,...] [--device cpu] [--table-only]
 
 Runs (or resumes) the grid as ``taskres sweep`` does, on the shipped demo model, zero-shot beside every dataset; then
-prints one row per (method, shots): the mean test accuracy over the tasks and seeds that finished (and how many
-runs), and the median seconds per run (features + training, from each run's metrics.json). ``--table-only`` reads
-finished runs without running anything (several EXP folders may be given, comma-separated).
+prints one row per (method, shots): the test accuracy per task (the mean over the seeds that finished), the mean
+over the tasks, and the median seconds per run (features + training, from each run's metrics.json).
+``--table-only`` reads finished runs without running anything (several EXP folders may be given, comma-separated).
 """
 
 from __future__ import annotations
@@ -38,20 +38,30 @@ def run(exp: Path, methods, shots, seeds, tasks, device: str) -> None:
 
 
 def table(exps: list[Path]) -> str:
-    cells: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    """One row per (method, shots): the accuracy per task (the mean over its seeds), their mean over the tasks, and
+    the median seconds per run. A run found in several folders (zero-shot is in every one) counts once."""
+    runs: dict[tuple[str, int], dict[tuple[str, int | None], tuple[float, float]]] = defaultdict(dict)
     for exp in exps:
         for path in sorted((exp / "runs").rglob("metrics.json")):
             metrics = json.loads(path.read_text())
             config = json.loads((path.parent / "config.json").read_text())
-            method = config.get("method", "zero-shot")
-            shots = int(config.get("shots") or 0)
+            task = path.relative_to(exp / "runs").parts[0]
+            key = (config.get("method", "zero-shot"), int(config.get("shots") or 0))
             seconds = float(metrics.get("seconds_features", 0)) + float(metrics.get("seconds_train", 0))
-            cells[(method, shots)].append((float(metrics["accuracy"]), seconds))
-    lines = ["| method | shots | runs | mean accuracy | median s/run |", "| --- | --- | --- | --- | --- |"]
-    for (method, shots), values in sorted(cells.items()):
-        acc = statistics.fmean(a for a, _ in values)
-        secs = statistics.median(s for _, s in values)
-        lines.append(f"| {method} | {shots or '-'} | {len(values)} | {acc:.2f} | {secs:.1f} |")
+            runs[key].setdefault((task, config.get("seed")), (float(metrics["accuracy"]), seconds))
+    tasks = sorted({task for cell in runs.values() for task, _ in cell})
+    lines = [
+        "| method | shots | seeds | " + " | ".join(tasks) + " | mean over tasks | median s/run |",
+        "| --- " * (len(tasks) + 5) + "|",
+    ]
+    for (method, shots), cell in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        per_task = {t: [acc for (tt, _), (acc, _) in cell.items() if tt == t] for t in tasks}
+        means = [statistics.fmean(v) for v in per_task.values() if v]
+        seeds = ",".join(str(s) for s in sorted({s for _, s in cell if s is not None})) or "-"
+        row = [f"{statistics.fmean(v):.1f}" if v else "" for v in per_task.values()]
+        mean = f"{statistics.fmean(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
+        secs = statistics.median(s for _, s in cell.values())
+        lines.append(f"| {method} | {shots or '-'} | {seeds} | " + " | ".join(row) + f" | {mean} | {secs:.1f} |")
     return "\n".join(lines)
 
 
