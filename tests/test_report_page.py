@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -150,6 +152,11 @@ def test_names_from_folders_that_are_not_utf8(tmp_path):
     links = re.findall(r'href="(\.\./runs/d%FE/[^"]+)"', html)
     assert links and all((out / os.fsdecode(unquote_to_bytes(link))).resolve().is_file() for link in links)
     assert {p.name for p in out.iterdir()} >= {"accuracy_vs_shots.svg", "residual_vs_difficulty.png"}
+    # the command's own output, through a strict UTF-8 stdout (a UTF-8 locale): the name's bytes, no traceback
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-m", "taskres", "report", str(exp)], capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert os.fsencode(out / "index.html") in done.stdout
 
 
 def test_runs_of_an_older_taskres_and_an_imported_run(tmp_path):

@@ -6,6 +6,7 @@ handler that it sets as its default."""
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -264,8 +265,16 @@ def _join_cluster(args: argparse.Namespace, argv: Sequence[str]) -> bool:
     return True
 
 
+def _print_names_as_bytes() -> None:
+    """Let stdout print a path whose name is not UTF-8 as its bytes (as ls does), whatever the locale: Python reads
+    such bytes as surrogate escapes, which a strict stdout (PYTHONIOENCODING=utf-8, a UTF-8 locale) refuses."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="surrogateescape")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _print_names_as_bytes()
     try:
         parser = build_parser()  # imports torch and the methods: seconds, during which Ctrl-C is likely
         args = parser.parse_args(argv)
