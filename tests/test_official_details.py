@@ -169,6 +169,9 @@ def test_the_official_modes_are_recorded_and_apply_to_openai_backbones_only(pair
     assert with_official(ours, "fp16").identity == fp16.identity
     with pytest.raises(Exception, match="official"):
         with_official(ours, "fp8")
+    assert fp16_backbone(trainer).identity == fp16.identity  # the fp16 text encoder of a trainer run
+    with pytest.raises(ValueError, match="fp32 form"):  # the converted model is not the trainer's
+        trainer_backbone(fp16)
 
 
 def test_the_trainer_leaves_backbones_the_official_code_cannot_run():

@@ -366,8 +366,10 @@ def test_import_official_checkpoint_gives_a_run_that_eval_and_predict_use(env, c
     data = open_dataset(image_dir, base_args[base_args.index("--split-file") + 1])
     paths = [data.path(e) for e in data.test]
     trainer = trainer_backbone(backbone)  # the official trainer's encoding: fp16-rounded pixels for a ResNet
-    feats, _ = FeatureCache(None).features(trainer, paths)
+    feats, _ = FeatureCache(tmp / "trainer-cache").features(trainer, paths)
     assert not torch.equal(feats, FeatureCache(None).features(backbone, paths)[0])
+    written, trainers = ({q.name for q in (tmp / c).glob("v*/*") if q.is_dir()} for c in ("cache", "trainer-cache"))
+    assert written == trainers and len(written) == 1  # import-official's test features: the trainer's, alone
     labels = torch.tensor([e.label for e in data.test])
     assert metrics["n_correct"] == int((head(feats).argmax(1) == labels).sum())
     assert json.loads((tmp / "imp" / "config.json").read_text())["backbone"]["official"] == "trainer"

@@ -104,6 +104,8 @@ def trainer_backbone(backbone: Backbone) -> Backbone:
     backbone unchanged."""
     from open_clip.modified_resnet import ModifiedResNet
 
+    if backbone.identity.official == "fp16":  # its model is converted: the trainer's starts from the fp32 weights
+        raise ValueError("trainer_backbone needs a backbone in its fp32 form, not the fp16 one (fp16_backbone)")
     if backbone.identity.format != "openai" or backbone.identity.official == "trainer":
         return backbone
     identity = dataclasses.replace(backbone.identity, official="trainer")
