@@ -4,8 +4,9 @@
                                       [--seeds 1,2,3] [--tasks color_shapes,...] [--device cpu] [--table-only]
 
 Runs (or resumes) the grid as ``taskres sweep`` does, on the shipped demo model, zero-shot beside every dataset; then
-prints one row per (method, shots): the test accuracy per task (the mean over the seeds that finished), the mean
-over the tasks, and the median seconds per run (features + training, from each run's metrics.json).
+prints one row per method (with its grid options) and shots: the test accuracy per task (the mean over the seeds
+that finished), the mean over the tasks and that mean per seed, and the median seconds per run (features +
+training, from each run's metrics.json).
 ``--table-only`` reads finished runs without running anything (several EXP folders may be given, comma-separated).
 """
 
@@ -38,30 +39,54 @@ def run(exp: Path, methods, shots, seeds, tasks, device: str) -> None:
 
 
 def table(exps: list[Path]) -> str:
-    """One row per (method, shots): the accuracy per task (the mean over its seeds), their mean over the tasks, and
-    the median seconds per run. A run found in several folders (zero-shot is in every one) counts once."""
-    runs: dict[tuple[str, int], dict[tuple[str, int | None], tuple[float, float]]] = defaultdict(dict)
+    """One row per method (with its grid options) and shots: the accuracy per task (the mean over its seeds, with n=
+    where a task has fewer seeds than the row), their mean over the tasks, that mean per seed (seeds that every task
+    has), and the median seconds per run. A run folder found in several experiments (zero-shot is in every one)
+    counts once."""
+    runs: dict[str, dict] = {}  # the run folder under runs/ -> its figures; the first experiment's wins
     for exp in exps:
         for path in sorted((exp / "runs").rglob("metrics.json")):
-            metrics = json.loads(path.read_text())
+            rel = path.parent.relative_to(exp / "runs")
             config = json.loads((path.parent / "config.json").read_text())
-            task = path.relative_to(exp / "runs").parts[0]
-            key = (config.get("method", "zero-shot"), int(config.get("shots") or 0))
-            seconds = float(metrics.get("seconds_features", 0)) + float(metrics.get("seconds_train", 0))
-            runs[key].setdefault((task, config.get("seed")), (float(metrics["accuracy"]), seconds))
-    tasks = sorted({task for cell in runs.values() for task, _ in cell})
+            metrics = json.loads(path.read_text())
+            label = "/".join(rel.parts[2:-1] if config.get("seed") is not None else rel.parts[2:])
+            runs.setdefault(
+                rel.as_posix(),
+                {
+                    "row": (int(config.get("shots") or 0), label),
+                    "task": rel.parts[0],
+                    "seed": config.get("seed"),
+                    "accuracy": float(metrics["accuracy"]),
+                    "seconds": float(metrics.get("seconds_features", 0)) + float(metrics.get("seconds_train", 0)),
+                },
+            )
+    tasks = sorted({r["task"] for r in runs.values()})
+    rows: dict[tuple[int, str], list[dict]] = defaultdict(list)
+    for r in runs.values():
+        rows[r["row"]].append(r)
     lines = [
-        "| method | shots | seeds | " + " | ".join(tasks) + " | mean over tasks | median s/run |",
+        "| method | shots | " + " | ".join(tasks) + " | mean over tasks | per seed | median s/run |",
         "| --- " * (len(tasks) + 5) + "|",
     ]
-    for (method, shots), cell in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        per_task = {t: [acc for (tt, _), (acc, _) in cell.items() if tt == t] for t in tasks}
+    for (shots, label), found in sorted(rows.items()):
+        per_task = {t: [r["accuracy"] for r in found if r["task"] == t] for t in tasks}
+        most = max(len(v) for v in per_task.values())
+        cells = [
+            (f"{statistics.fmean(v):.1f}" + (f" (n={len(v)})" if len(v) < most else "")) if v else ""
+            for v in per_task.values()
+        ]
         means = [statistics.fmean(v) for v in per_task.values() if v]
-        seeds = ",".join(str(s) for s in sorted({s for _, s in cell if s is not None})) or "-"
-        row = [f"{statistics.fmean(v):.1f}" if v else "" for v in per_task.values()]
         mean = f"{statistics.fmean(means):.2f}" + ("" if len(means) == len(tasks) else f" ({len(means)} tasks)")
-        secs = statistics.median(s for _, s in cell.values())
-        lines.append(f"| {method} | {shots or '-'} | {seeds} | " + " | ".join(row) + f" | {mean} | {secs:.1f} |")
+        seeds = sorted({r["seed"] for r in found if r["seed"] is not None})
+        per_seed = [
+            f"{s}: {statistics.fmean(r['accuracy'] for r in found if r['seed'] == s):.2f}"
+            for s in seeds
+            if {r["task"] for r in found if r["seed"] == s} == set(tasks)
+        ]
+        secs = statistics.median(r["seconds"] for r in found)
+        lines.append(
+            f"| {label} | {shots or '-'} | " + " | ".join(cells) + f" | {mean} | {', '.join(per_seed)} | {secs:.1f} |"
+        )
     return "\n".join(lines)
 
 
