@@ -166,6 +166,7 @@ def test_cli_run_eval_predict_and_export(env, capsys):
         (["--lora-projections", "qx"], "--lora-projections"),
         (["--epochs", "3"], "--epochs: method 'clip-lora' does not use it .*counts iterations.*--lora-iterations"),
         (["--views", "3"], "set --views online .*; got 3"),
+        (["--lr", "1e38", "--lora-iterations", "4", "--batch-size", "1"], r"diverged by iteration \d of 4: .*adapters"),
     ],
 )
 def test_bad_lora_options_exit_2_and_write_nothing(env, capsys, extra, match):

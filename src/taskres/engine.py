@@ -119,14 +119,23 @@ def _fusable(params: list[torch.Tensor]) -> bool:
     )
 
 
-def check_finite(record: dict, params: Sequence[torch.Tensor], config: OptimConfig, epoch: int) -> None:
-    """Stop a diverged training: a non-finite learning rate, loss or trained tensor is an error, not a result."""
+def check_finite(
+    record: dict,
+    params: Sequence[torch.Tensor],
+    config: OptimConfig,
+    epoch: int,
+    when: str | None = None,
+    trained: str = "the trained parameters (residual)",
+) -> None:
+    """Stop a diverged training: a non-finite learning rate, loss or trained tensor is an error, not a result.
+    ``when`` says where training stopped (default: ``in epoch E of N``); ``trained`` names the parameters."""
     what = [k for k in ("lr", "loss") if not math.isfinite(record[k])]
     if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
-        what.append("the trained parameters (residual)")
+        what.append(trained)
     if what:
+        when = when or f"in epoch {epoch + 1} of {config.epochs}"
         raise TaskResValueError(
-            f"training diverged in epoch {epoch + 1} of {config.epochs}: {', '.join(what)} became non-finite "
+            f"training diverged {when}: {', '.join(what)} became non-finite "
             f"(nan or inf). Likely causes: `lr` {config.lr:g} too large, a residual scale (`alpha`) too large, or "
             f"`weight_decay` {config.weight_decay:g} too large; lower it and run again. No run was written.",
             param="lr",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskres.engine import OptimConfig, make_optimizer
+from taskres.engine import OptimConfig, check_finite, make_optimizer
 from taskres.errors import TaskResValueError
 from taskres.views import OnlineViews
 
@@ -64,18 +64,6 @@ def cosine_lr(optim: OptimConfig, step: int, total: int, min_lr: float) -> float
     """The learning rate of iteration ``step`` (0-based) of ``total``: torch's ``CosineAnnealingLR(T_max=total,
     eta_min=min_lr)`` stepped after every iteration."""
     return min_lr + (optim.lr - min_lr) * (1 + math.cos(math.pi * step / total)) / 2
-
-
-def _check_finite(record: dict, params: list[nn.Parameter], optim: OptimConfig, iterations: int) -> None:
-    bad = [k for k in ("lr", "loss") if not math.isfinite(record[k])]
-    if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
-        bad.append("the adapters' parameters")
-    if bad:
-        raise TaskResValueError(
-            f"training diverged by iteration {record['iterations']} of {iterations}: {', '.join(bad)} became "
-            f"non-finite (nan or inf). Lower `lr` ({optim.lr:g}) or `alpha`, and run again. No run was written.",
-            param="lr",
-        )
 
 
 def train_through_encoder(
@@ -130,7 +118,8 @@ def _loop(training, views, labels, optim, iterations, seed, min_lr, on_epoch, qu
                 bar.update(1)
             record = {"epoch": epoch, "iterations": step, "lr": lr, "loss": losses / seen}
             record["train_accuracy"] = 100.0 * correct / seen
-            _check_finite(record, training.params, optim, iterations)
+            where = f"by iteration {step} of {iterations}"
+            check_finite(record, training.params, optim, epoch, where, trained="the adapters' parameters")
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
