@@ -30,8 +30,8 @@ def _env() -> dict:
         for k, v in os.environ.items()
         if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     }
-    # PYTHONFAULTHANDLER: a rank that dies of a signal (one SIGABRT, "terminate called without an active exception",
-    # seen once in 25 torchrun sweeps on a heavily loaded machine, not reproduced) prints the Python stack it died in
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints the Python stack it died in (how the SIGABRT at exit
+    # that taskres.distributed.shutdown now avoids was found)
     env.update(OMP_NUM_THREADS="1", TASKRES_DIST_TIMEOUT="120", PYTHONFAULTHANDLER="1")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

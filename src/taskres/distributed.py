@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,10 @@ def _stopped(signum, frame) -> None:
 def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        # gloo's worker threads drop the tensors of the last collective (all_gather_object's) after it has returned,
+        # and need the GIL for it: at interpreter exit they cannot get it, and the process aborts ("terminate called
+        # without an active exception", SIGABRT, after the work was done). Let them have it before exiting.
+        time.sleep(0.1)
 
 
 def check_shared_folder(cluster: Cluster, folder: Path, param: str) -> None:
